@@ -1,0 +1,69 @@
+"""The replay buffer's logic, free of sockets: whole groups in FIFO order, a staleness bound,
+a capacity that pushes back instead of dropping."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from asyncrl.wire import TrajectoryGroup
+
+
+@dataclass
+class TakeResult:
+    groups: list[TrajectoryGroup]
+    stale_dropped_groups: int
+    stale_dropped_trajectories: int
+
+
+class ReplayBuffer:
+    """Holds whole GRPO groups (never splits one: its advantages need all its members).
+
+    A group sampled under version v is usable by a learner at version L while
+    L - v <= max_staleness; older groups are dropped and counted when the learner asks.
+    `add` is all-or-nothing: a message that would overflow `capacity_groups` is refused with
+    "busy" so that the generator waits and retries (back-pressure), and nothing is lost.
+    """
+
+    def __init__(self, capacity_groups: int, max_staleness: int):
+        self.capacity_groups = capacity_groups
+        self.max_staleness = max_staleness
+        self._groups: deque[TrajectoryGroup] = deque()
+        self.stale_dropped_groups_total = 0
+        self.stale_dropped_trajectories_total = 0
+        self.learner_version = 0
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    @property
+    def num_trajectories(self) -> int:
+        return sum(len(g.completions) for g in self._groups)
+
+    def add(self, groups: list[TrajectoryGroup]) -> bool:
+        """Append the groups, or refuse all of them (False) when they do not fit."""
+        if len(self._groups) + len(groups) > self.capacity_groups:
+            return False
+        self._groups.extend(groups)
+        return True
+
+    def drop_stale(self, learner_version: int) -> tuple[int, int]:
+        """Remove every group older than the staleness bound. Returns (groups, trajectories)."""
+        self.learner_version = max(self.learner_version, learner_version)
+        oldest_ok = self.learner_version - self.max_staleness
+        keep = [g for g in self._groups if g.policy_version >= oldest_ok]
+        dropped = [g for g in self._groups if g.policy_version < oldest_ok]
+        if dropped:
+            self._groups = deque(keep)
+        n_traj = sum(len(g.completions) for g in dropped)
+        self.stale_dropped_groups_total += len(dropped)
+        self.stale_dropped_trajectories_total += n_traj
+        return len(dropped), n_traj
+
+    def take(self, num_groups: int, learner_version: int) -> TakeResult:
+        """The oldest `num_groups` usable groups; none at all if fewer are available."""
+        g_drop, t_drop = self.drop_stale(learner_version)
+        if len(self._groups) < num_groups:
+            return TakeResult([], g_drop, t_drop)
+        out = [self._groups.popleft() for _ in range(num_groups)]
+        return TakeResult(out, g_drop, t_drop)

@@ -1,0 +1,157 @@
+"""The `asyncrl` command.
+
+    asyncrl run CONFIG [key=value ...]       everything: prepare the model, start all roles
+    asyncrl prepare CONFIG [key=value ...]   build the embedded default model (SFT) only
+    asyncrl buffer --config CONFIG           one role, e.g. on its own host
+    asyncrl generator --config CONFIG --index I
+    asyncrl learner --config CONFIG          wraps torchrun --nproc-per-node learner.nproc
+    asyncrl plot RUN_DIR                     redraw RUN_DIR/curves.png from metrics.jsonl
+
+Heavy modules (torch, vllm, transformers) are imported after argument parsing, so `--help`
+answers at once and a config error is reported before anything slow starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from asyncrl.config import ConfigError, RunConfig, load_config, save_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asyncrl", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, helptext in (("run", "prepare the model and run every role"),
+                           ("prepare", "build the embedded default model only")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("config", help="YAML file in configs/ (e.g. configs/default.yaml)")
+        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learner.lr=1e-4")
+    for name in ("buffer", "generator", "learner"):
+        s = sub.add_parser(name, help=f"run the {name} role alone")
+        s.add_argument("--config", required=True)
+        s.add_argument("overrides", nargs="*")
+        if name == "generator":
+            s.add_argument("--index", type=int, default=0)
+    s = sub.add_parser("plot", help="redraw RUN_DIR/curves.png")
+    s.add_argument("run_dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.cmd} %(name)s: %(message)s")
+    try:
+        if args.cmd == "plot":
+            from asyncrl.plots import plot_run
+
+            print(plot_run(Path(args.run_dir) / "metrics.jsonl", Path(args.run_dir) / "curves.png"))
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        return _COMMANDS[args.cmd](cfg, args)
+    except ConfigError as e:
+        print(f"asyncrl: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, TimeoutError, OSError) as e:
+        print(f"asyncrl {args.cmd}: {e}", file=sys.stderr)
+        return 1
+
+
+def resolve_model(cfg: RunConfig, progress=print) -> RunConfig:
+    """Replace a builtin model path by the built directory (building it once, cached)."""
+    if cfg.model.path.startswith("builtin:"):
+        from asyncrl.task.tiny_model import prepare_builtin
+
+        cfg.model.path = str(prepare_builtin(cfg, progress))
+    return cfg
+
+
+def _run_dir(cfg: RunConfig) -> Path:
+    if not cfg.run_dir:
+        cfg.run_dir = str(Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    path = Path(cfg.run_dir).resolve()
+    cfg.run_dir = str(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _cmd_prepare(cfg: RunConfig, args) -> int:
+    print(resolve_model(cfg).model.path)
+    return 0
+
+
+def _cmd_run(cfg: RunConfig, args) -> int:
+    from asyncrl.launcher import launch
+
+    run_dir = _run_dir(cfg)
+    if (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"run_dir {run_dir} already holds a run (metrics.jsonl); "
+                          "choose another run_dir")
+    print(f"[run] run directory {run_dir}")
+    resolve_model(cfg)
+    config_path = run_dir / "config.yaml"
+    save_config(cfg, config_path)
+    code = launch(cfg, run_dir, config_path)
+    _summary(run_dir)
+    return code
+
+
+def _summary(run_dir: Path) -> None:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    evals = [r for r in map(json.loads, path.read_text().splitlines()) if "eval_accuracy" in r]
+    if len(evals) >= 2:
+        a0, a1 = evals[0]["eval_accuracy"], evals[-1]["eval_accuracy"]
+        print(f"[run] held-out accuracy: SFT {a0:.1%} -> step {evals[-1]['step']} {a1:.1%} "
+              f"({(a1 - a0) * 100:+.1f} points)")
+    if (run_dir / "curves.png").exists():
+        print(f"[run] plot: {run_dir / 'curves.png'}")
+
+
+def _role_run_dir(cfg: RunConfig) -> Path:
+    if not cfg.run_dir:
+        raise ConfigError("run_dir must be set when a role is started on its own")
+    path = Path(cfg.run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _cmd_buffer(cfg: RunConfig, args) -> int:
+    from asyncrl.buffer.main import run
+
+    resolve_model(cfg)
+    vocab = json.loads((Path(cfg.model.path) / "config.json").read_text()).get("vocab_size")
+    run(cfg, vocab_size=vocab)
+    return 0
+
+
+def _cmd_generator(cfg: RunConfig, args) -> int:
+    from asyncrl.generator.main import run
+
+    if not 0 <= args.index < cfg.generator.num_generators:
+        raise ConfigError(f"--index {args.index} outside generator.num_generators="
+                          f"{cfg.generator.num_generators}")
+    resolve_model(cfg)
+    run(cfg, args.index, cfg.model.path, _role_run_dir(cfg))
+    return 0
+
+
+def _cmd_learner(cfg: RunConfig, args) -> int:
+    import subprocess
+
+    from asyncrl.launcher import learner_command
+
+    resolve_model(cfg)
+    run_dir = _role_run_dir(cfg)
+    path = run_dir / "config.yaml"
+    save_config(cfg, path)
+    return subprocess.call(learner_command(cfg, path))
+
+
+_COMMANDS = {"run": _cmd_run, "prepare": _cmd_prepare, "buffer": _cmd_buffer,
+             "generator": _cmd_generator, "learner": _cmd_learner}

@@ -1,0 +1,247 @@
+"""Typed run configuration: one dataclass per role, nested in `RunConfig`.
+
+YAML goes through `OmegaConf.structured` + merge + dot-list overrides, so an unknown or
+mistyped key fails when the config loads, naming the key. Cross-field checks live in
+`RunConfig.validate` and name the field to change. Derived values (ports, batch sizes) are
+properties computed here once, so no role recomputes them differently.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+BUILTIN_MODEL = "builtin:tiny-addition"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field or key at fault."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = BUILTIN_MODEL
+    """A hub-format model directory (config.json, safetensors, tokenizer), or
+    `builtin:tiny-addition` to build the tiny Llama + SFT warm start locally."""
+    dtype: str = "float32"
+    """Weights dtype in generator and learner. float32 on CPU (bf16 is slow and shifts logprobs)."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "addition"
+    """`addition`: the built-in synthetic task (a+b=, answer checked exactly)."""
+    digits: int = 2
+    """Digits of each operand (zero-padded to this width)."""
+    train_size: int = 5000
+    """Number of distinct training problems."""
+    eval_size: int = 256
+    """Number of held-out problems (disjoint from training) for eval_accuracy."""
+    seed: int = 1234
+
+
+@dataclass
+class WarmStartConfig:
+    steps: int = 400
+    """SFT optimizer steps for the built-in model before RL (0: RL from random init)."""
+    batch_size: int = 64
+    lr: float = 1e-3
+    cache_dir: str = "~/.cache/asyncrl"
+    """Where the built model is kept; reused when the same model/task/warm-start config recurs."""
+
+
+@dataclass
+class NetConfig:
+    bind_host: str = "127.0.0.1"
+    """Interface the servers (buffer, learner sync control, metrics) bind to. 0.0.0.0 for multi-host."""
+    buffer_host: str = "127.0.0.1"
+    """Address generators and learner use to reach the buffer."""
+    learner_host: str = "127.0.0.1"
+    """Address generators use to reach learner rank 0 (weight-sync control and process group)."""
+    base_port: int = 47100
+    """Every port is base_port + a fixed offset; see docs/architecture.md for the table."""
+    ready_timeout_s: float = 180.0
+    """How long a role waits for its peers to come up before failing with an error."""
+
+    @property
+    def buffer_ingest_port(self) -> int:
+        return self.base_port
+
+    @property
+    def buffer_learner_port(self) -> int:
+        return self.base_port + 1
+
+    @property
+    def sync_control_port(self) -> int:
+        return self.base_port + 2
+
+    @property
+    def sync_store_port(self) -> int:
+        return self.base_port + 3
+
+    @property
+    def buffer_metrics_port(self) -> int:
+        return self.base_port + 10
+
+    def generator_metrics_port(self, index: int) -> int:
+        return self.base_port + 20 + index
+
+    def learner_metrics_port(self, rank: int) -> int:
+        return self.base_port + 60 + rank
+
+
+@dataclass
+class GeneratorConfig:
+    num_generators: int = 1
+    """Number of generator processes (each one vLLM engine)."""
+    prompts_per_call: int = 8
+    """Prompts per vLLM generate call; weights can change between calls, never within one."""
+    group_size: int = 8
+    """Completions sampled per prompt (the GRPO group)."""
+    temperature: float = 1.0
+    max_tokens: int = 8
+    kv_cache_gib: int = 1
+    """VLLM_CPU_KVCACHE_SPACE on CPU (required there); ignored on GPU."""
+    gpu_memory_utilization: float = 0.85
+    threads: int = 1
+    """CPU threads for the engine (OMP); the learner gets the rest of the machine."""
+    seed: int = 0
+
+
+@dataclass
+class BufferConfig:
+    max_staleness: int = 1
+    """Drop trajectories more than this many policy versions behind the learner (0: on-policy only)."""
+    capacity_groups: int = 512
+    """Groups held at most; past it generators are told to wait (back-pressure), nothing is dropped."""
+
+
+@dataclass
+class LearnerConfig:
+    nproc: int = 1
+    """Learner processes (torchrun --nproc-per-node); DDP over gloo/NCCL when > 1."""
+    total_steps: int = 120
+    groups_per_step: int = 16
+    """Groups (prompts) per optimizer step across all ranks."""
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    normalize_adv_std: bool = True
+    """GRPO divides by the group's reward std; False gives Dr.GRPO's mean-only advantages."""
+    eval_interval: int = 10
+    """Evaluate held-out accuracy every this many steps (and at step 0, the SFT policy)."""
+    checkpoint_interval: int = 50
+    threads: int = 1
+    seed: int = 0
+
+
+@dataclass
+class SyncConfig:
+    interval: int = 1
+    """Broadcast new weights to the generators every this many learner steps."""
+    backend: str = "auto"
+    """`gloo`, `nccl` or `auto` (nccl when CUDA is available)."""
+    timeout_s: float = 300.0
+    """A weight broadcast or group formation that takes longer fails with an error naming the peer."""
+    probe_prompt: str = "12+34="
+    """After each weight load each generator records greedy logprobs for this prompt in
+    RUN_DIR/sync_probe.jsonl, so the learner/generator mismatch can be checked offline."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny-addition"
+    run_dir: str = ""
+    """Output directory; empty means runs/<name>-<timestamp> in the current directory."""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+
+    @property
+    def groups_per_rank(self) -> int:
+        return self.learner.groups_per_step // self.learner.nproc
+
+    def validate(self) -> None:
+        """Cross-field checks; each error names the field to change."""
+        checks = [
+            (self.task.name == "addition", f"task.name={self.task.name!r}: only 'addition'"),
+            (self.sync.backend in ("auto", "gloo", "nccl"),
+             f"sync.backend={self.sync.backend!r}: choose auto, gloo or nccl"),
+            (self.model.dtype in ("float32", "bfloat16", "float16"),
+             f"model.dtype={self.model.dtype!r}: choose float32, bfloat16 or float16"),
+            (self.generator.num_generators >= 1, "generator.num_generators must be >= 1"),
+            (self.generator.group_size >= 2,
+             "generator.group_size must be >= 2 (group-relative advantages need a group)"),
+            (self.generator.temperature > 0, "generator.temperature must be > 0"),
+            (self.learner.nproc >= 1, "learner.nproc must be >= 1"),
+            (self.learner.groups_per_step % self.learner.nproc == 0,
+             f"learner.groups_per_step={self.learner.groups_per_step} must be divisible by "
+             f"learner.nproc={self.learner.nproc}"),
+            (self.buffer.capacity_groups >= self.learner.groups_per_step,
+             "buffer.capacity_groups must be >= learner.groups_per_step or no batch ever fits"),
+            (self.sync.interval >= 1, "sync.interval must be >= 1"),
+            (self.buffer.max_staleness >= self.sync.interval - 1,
+             f"buffer.max_staleness={self.buffer.max_staleness} < sync.interval-1="
+             f"{self.sync.interval - 1}: generators hold version k*interval while the learner "
+             "reaches k*interval+interval-1, so every trajectory would be dropped. Raise "
+             "buffer.max_staleness or lower sync.interval"),
+            (self.buffer.max_staleness >= 0, "buffer.max_staleness must be >= 0"),
+            (0 <= self.learner.clip_low < 1 and self.learner.clip_high >= 0,
+             "learner.clip_low must be in [0, 1) and learner.clip_high >= 0"),
+            (0 < self.net.base_port < 65536 - 100, "net.base_port must leave room for 100 ports"),
+        ]
+        errors = [msg for ok, msg in checks if not ok]
+        if not self.model.path.startswith("builtin:"):
+            if not Path(self.model.path).expanduser().is_dir():
+                errors.append(f"model.path={self.model.path!r} is not a directory")
+            elif not (Path(self.model.path).expanduser() / "config.json").is_file():
+                errors.append(f"model.path={self.model.path!r} has no config.json (hub format?)")
+        elif self.model.path != BUILTIN_MODEL:
+            errors.append(f"model.path={self.model.path!r}: the only builtin is {BUILTIN_MODEL}")
+        if errors:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file (optional) + `key=value` overrides -> validated RunConfig."""
+    schema = OmegaConf.structured(RunConfig)
+    layers = [schema]
+    try:
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist")
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+            layers.append(OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(*layers)
+        cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"config error{where}: {_describe(e)}") from None
+    cfg.validate()
+    return cfg
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    first = str(e).splitlines()[0]
+    return f"key {key!r}: {first}" if key else first
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

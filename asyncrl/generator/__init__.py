@@ -1,0 +1,1 @@
+"""Generator role: sample completions with vLLM, score them, stream them to the buffer."""

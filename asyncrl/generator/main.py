@@ -1,0 +1,171 @@
+"""Generator process: sample GRPO groups with vLLM, score them, stream them to the buffer.
+
+Loop: apply a pending weight update (if learner rank 0 announced one), generate
+`prompts_per_call` prompts x `group_size` completions under the current policy version,
+reward each completion, send the groups to the buffer and wait for its ack. A "busy" ack means
+the buffer is full: wait and resend the same message (back-pressure), still serving weight
+updates meanwhile so the learner is never blocked on a waiting generator.
+
+Left out here: resend-after-restart idempotency and heartbeats (issue 4), prompt datasets
+other than the built-in task (issue 3).
+
+Run (normally started by `asyncrl run`):
+    python -m asyncrl generator --config RUN_DIR/config.yaml --index 0
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from asyncrl import wire
+from asyncrl.config import RunConfig
+from asyncrl.task import correctness_reward, encode_prompt, load_task
+
+log = logging.getLogger("asyncrl.generator")
+
+
+def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
+    from asyncrl.generator.engine import configure_cpu_env
+
+    configure_cpu_env(cfg.generator.kv_cache_gib, cfg.generator.threads)
+    from prometheus_client import CollectorRegistry
+    from transformers import AutoTokenizer
+
+    from asyncrl import metrics, transport
+    from asyncrl.generator.engine import VLLMEngine
+
+    name = f"gen{index}"
+    registry = CollectorRegistry()
+    m = metrics.GeneratorMetrics(registry)
+    metrics.serve(registry, cfg.net.bind_host, cfg.net.generator_metrics_port(index))
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    train, _ = load_task(cfg.task.name, cfg.task.digits, cfg.task.train_size,
+                         cfg.task.eval_size, cfg.task.seed)
+    problems = {p.id: p for p in train}
+    prompt_ids = {p.id: encode_prompt(tok, p.prompt) for p in train}
+    max_len = max(map(len, prompt_ids.values())) + cfg.generator.max_tokens + 8
+    engine = VLLMEngine(model_dir, cfg.model.dtype, cfg.generator.seed + index, max_len,
+                        cfg.generator.gpu_memory_utilization)
+
+    ctx = transport.context()
+    buffer = transport.Client(ctx, cfg.net.buffer_host, cfg.net.buffer_ingest_port, name)
+    control = transport.Client(ctx, cfg.net.learner_host, cfg.net.sync_control_port, name)
+    control.send(wire.encode("generator_hello", 0, sender=name, sync_rank=index + 1))
+    engine.init_sync(cfg.net.learner_host, cfg.net.sync_store_port, index + 1,
+                     cfg.generator.num_generators + 1, cfg.sync.backend, cfg.sync.timeout_s,
+                     prefix="asyncrl/sync/0")
+    log.info("%s: engine up, joined weight-sync group", name)
+
+    state = _State(name=name, version=0)
+    probe = _Probe(engine, encode_prompt(tok, cfg.sync.probe_prompt), cfg,
+                   run_dir / "sync_probe.jsonl")
+    probe.record(name, 0)
+    rng = random.Random(cfg.generator.seed * 1000 + index)
+    train_ids = list(prompt_ids)
+    seq = 0
+    while True:
+        _serve_control(control, engine, state, m, probe, timeout_s=0.0)
+        batch = rng.sample(train_ids, cfg.generator.prompts_per_call)
+        t0 = time.perf_counter()
+        samples = engine.generate([prompt_ids[i] for i in batch], cfg.generator.group_size,
+                                  cfg.generator.temperature, cfg.generator.max_tokens)
+        m.generate_seconds.observe(time.perf_counter() - t0)
+        groups = [_score(problems[i], prompt_ids[i], s, tok, state, name)
+                  for i, s in zip(batch, samples)]
+        m.generated_tokens.inc(sum(g.num_tokens for g in groups))
+        m.reward.set(float(np.mean([c.reward for g in groups for c in g.completions])))
+        seq += 1
+        payload = wire.encode("trajectories", state.version, sender=name, seq=seq, groups=groups)
+        _send_with_backpressure(buffer, payload, seq, control, engine, state, m, probe, cfg)
+        m.trajectories_sent.inc(sum(len(g.completions) for g in groups))
+
+
+class _State:
+    def __init__(self, name: str, version: int):
+        self.name = name
+        self.version = version
+
+
+def _score(problem, prompt, samples, tok, state: _State, name: str) -> wire.TrajectoryGroup:
+    comps = []
+    for s in samples:
+        text = tok.decode(s.tokens, skip_special_tokens=True)
+        comps.append(wire.Completion(np.asarray(s.tokens, np.int32),
+                                     np.asarray(s.logprobs, np.float32),
+                                     correctness_reward(text, problem.answer), s.finish_reason))
+    return wire.TrajectoryGroup(prompt_id=problem.id, prompt_tokens=np.asarray(prompt, np.int32),
+                                policy_version=state.version, completions=comps, generator=name,
+                                created_at=time.time())
+
+
+def _send_with_backpressure(buffer, payload, seq, control, engine, state, m, probe, cfg) -> None:
+    """Send until the buffer acks "ok". busy/timeout: wait (serving weight updates) and resend."""
+    deadline = time.monotonic() + cfg.net.ready_timeout_s
+    backoff = 0.05
+    while True:
+        reply = buffer.request(payload, timeout_s=min(10.0, cfg.net.ready_timeout_s))
+        if reply is not None:
+            try:
+                ack = wire.decode(reply, expect=("ack",))
+            except wire.MessageError as e:
+                log.warning("bad reply from buffer (%s); resending", e)
+                ack = None
+            if ack is not None and ack["seq"] == seq:
+                if ack["status"] == "ok":
+                    return
+                if ack["status"] == "rejected":
+                    m.rejected.inc()
+                    raise RuntimeError(f"buffer rejected our trajectories: {ack['reason']}")
+                m.busy_retries.inc()
+                deadline = time.monotonic() + cfg.net.ready_timeout_s  # buffer alive, just full
+        elif time.monotonic() > deadline:
+            raise TimeoutError(
+                f"no reply from the buffer at {cfg.net.buffer_host}:{cfg.net.buffer_ingest_port} "
+                f"for {cfg.net.ready_timeout_s:.0f}s (net.buffer_host / net.ready_timeout_s)")
+        _serve_control(control, engine, state, m, probe, timeout_s=backoff)
+        backoff = min(1.0, backoff * 2)
+
+
+def _serve_control(control, engine, state: _State, m, probe, timeout_s: float) -> None:
+    """Apply every weight update that is waiting (or arrives within timeout_s)."""
+    while (frame := control.poll(timeout_s)) is not None:
+        timeout_s = 0.0
+        try:
+            msg = wire.decode(frame, expect=("weights_update",))
+        except wire.MessageError as e:
+            log.warning("bad control frame from learner (%s); ignored", e)
+            continue
+        seconds, nbytes = engine.receive_weights(msg["tensors"])
+        state.version = msg["policy_version"]
+        m.policy_version.set(state.version)
+        m.sync_seconds.observe(seconds)
+        m.sync_bytes.inc(nbytes)
+        control.send(wire.encode("weights_loaded", state.version, sender=state.name,
+                                 seconds=seconds))
+        probe.record(state.name, state.version)
+        log.info("%s: loaded policy version %d (%.2fs, %.1f MB)", state.name, state.version,
+                 seconds, nbytes / 1e6)
+
+
+class _Probe:
+    """Records the engine's logprobs for a fixed prompt after every weight load, so the
+    generator/learner mismatch can be checked against a checkpoint of the same version."""
+
+    def __init__(self, engine, prompt: list[int], cfg: RunConfig, path: Path):
+        self.engine, self.prompt, self.cfg, self.path = engine, prompt, cfg, path
+
+    def record(self, name: str, version: int) -> None:
+        s = self.engine.generate([self.prompt], 1, self.cfg.generator.temperature,
+                                 self.cfg.generator.max_tokens, seed=0)[0][0]
+        with self.path.open("a") as f:
+            f.write(json.dumps({"generator": name, "policy_version": version,
+                                "prompt_tokens": self.prompt, "tokens": s.tokens,
+                                "logprobs": s.logprobs,
+                                "temperature": self.cfg.generator.temperature}) + "\n")

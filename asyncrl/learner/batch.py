@@ -1,0 +1,48 @@
+"""Turn trajectory groups into padded training tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from asyncrl.wire import TrajectoryGroup
+
+
+@dataclass
+class TrainBatch:
+    input_ids: torch.Tensor  # (B, L) prompt + completion, right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    completion_mask: torch.Tensor  # (B, L-1) 1 where position t predicts a completion token
+    behav_logprobs: torch.Tensor  # (B, L-1) generator logprobs, aligned with completion_mask
+    rewards: torch.Tensor  # (G, N)
+    versions: torch.Tensor  # (B,) policy version each sequence was sampled under
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return int(self.completion_mask.sum().item())
+
+
+def collate(groups: list[TrajectoryGroup], pad_id: int) -> TrainBatch:
+    """All groups must have the same size (GRPO advantages are computed per (G, N) row)."""
+    sizes = {len(g.completions) for g in groups}
+    if len(sizes) != 1:
+        raise ValueError(f"groups of different sizes {sorted(sizes)} in one batch")
+    seqs = [(g, c) for g in groups for c in g.completions]
+    width = max(len(g.prompt_tokens) + len(c.tokens) for g, c in seqs)
+    B = len(seqs)
+    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, width), dtype=torch.long)
+    completion_mask = torch.zeros((B, width - 1))
+    behav = torch.zeros((B, width - 1))
+    for i, (g, c) in enumerate(seqs):
+        P, T = len(g.prompt_tokens), len(c.tokens)
+        input_ids[i, :P] = torch.from_numpy(g.prompt_tokens.astype("int64"))
+        input_ids[i, P : P + T] = torch.from_numpy(c.tokens.astype("int64"))
+        attention_mask[i, : P + T] = 1
+        # Logits at position t predict token t+1: completion token j is predicted at P-1+j.
+        completion_mask[i, P - 1 : P - 1 + T] = 1
+        behav[i, P - 1 : P - 1 + T] = torch.from_numpy(c.logprobs.astype("float32"))
+    rewards = torch.tensor([[c.reward for c in g.completions] for g in groups])
+    versions = torch.tensor([g.policy_version for g, _ in seqs])
+    return TrainBatch(input_ids, attention_mask, completion_mask, behav, rewards, versions)

@@ -1,0 +1,67 @@
+"""The learner's view of the policy: a transformers causal LM, its token logprobs, greedy eval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from asyncrl.task import Problem, correctness_reward, encode_prompt
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_policy(path: str | Path, dtype: str = "float32"):
+    """(model, tokenizer) from a hub-format directory, with a clear error if it is not one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {path} has no config.json")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+    # Eager attention: the same numerics on every PyTorch build, and vLLM is compared against it.
+    model.config._attn_implementation = "eager"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+    """Logprob of each next token under softmax(logits / temperature): (B, T-1).
+
+    Dividing by the sampling temperature makes these the logprobs of the distribution the
+    generator sampled from (vLLM's processed logprobs), so the ratio starts at 1 on-policy.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
+    logits = logits.float() / temperature
+    targets = input_ids[:, 1:]  # (B, T-1)
+    return torch.gather(F.log_softmax(logits, dim=-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tok, problems: list[Problem], max_tokens: int,
+                    batch_size: int = 256) -> float:
+    """Fraction of problems whose greedy completion earns reward 1 (left-padded batches)."""
+    was_training = model.training
+    model.eval()
+    correct = 0.0
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i : i + batch_size]
+        prompts = [encode_prompt(tok, p.prompt) for p in chunk]
+        width = max(map(len, prompts))
+        ids = torch.full((len(chunk), width), tok.pad_token_id)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[j, width - len(p) :] = torch.tensor(p)
+            mask[j, width - len(p) :] = 1
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        for j, p in enumerate(chunk):
+            text = tok.decode(out[j, width:], skip_special_tokens=True)
+            correct += correctness_reward(text, p.answer)
+    model.train(was_training)
+    return correct / max(1, len(problems))

@@ -1,0 +1,96 @@
+"""Every Prometheus metric asyncrl exports, in one place, grouped by role.
+
+Names follow Prometheus conventions: `asyncrl_<role>_<what>_<unit>`, base units (seconds,
+bytes), `_total` for counters, bounded label values. Each process has its own registry and
+serves it on its own port (net.base_port + offset, see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_SYNC_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def serve(registry: CollectorRegistry, host: str, port: int) -> None:
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        raise OSError(f"cannot serve metrics on {host}:{port}: {e} "
+                      "(choose another net.base_port)") from None
+
+
+class GeneratorMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
+        self.generated_tokens = Counter("asyncrl_generator_generated_tokens_total",
+                                        "Completion tokens sampled", registry=r)
+        self.trajectories_sent = Counter("asyncrl_generator_trajectories_sent_total",
+                                         "Trajectories acknowledged by the buffer", registry=r)
+        self.busy_retries = Counter("asyncrl_generator_busy_retries_total",
+                                    "Sends the buffer refused as full (back-pressure)",
+                                    registry=r)
+        self.rejected = Counter("asyncrl_generator_rejected_total",
+                                "Sends the buffer rejected as invalid", registry=r)
+        self.generate_seconds = Histogram("asyncrl_generator_generate_seconds",
+                                          "Wall time of one vLLM generate call",
+                                          buckets=_STEP_BUCKETS, registry=r)
+        self.reward = Gauge("asyncrl_generator_reward_mean",
+                            "Mean reward of the last generate call", registry=r)
+        self.policy_version = Gauge("asyncrl_generator_policy_version",
+                                    "Policy version of the weights in the engine", registry=r)
+        self.sync_seconds = Histogram("asyncrl_sync_receive_seconds",
+                                      "Receive and load of one weight update in the engine",
+                                      buckets=_SYNC_BUCKETS, registry=r)
+        self.sync_bytes = Counter("asyncrl_sync_received_bytes_total",
+                                  "Weight bytes received", registry=r)
+
+
+class BufferMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
+        self.received = Counter("asyncrl_buffer_trajectories_received_total",
+                                "Trajectories accepted into the buffer", registry=r)
+        self.rejected = Counter("asyncrl_buffer_messages_rejected_total",
+                                "Frames rejected, by reason", ["reason"], registry=r)
+        self.busy = Counter("asyncrl_buffer_busy_replies_total",
+                            "Trajectory messages refused because the buffer was full", registry=r)
+        self.stale_dropped = Counter("asyncrl_buffer_stale_dropped_trajectories_total",
+                                     "Trajectories dropped as older than max_staleness",
+                                     registry=r)
+        self.served = Counter("asyncrl_buffer_trajectories_served_total",
+                              "Trajectories handed to the learner", registry=r)
+        self.occupancy = Gauge("asyncrl_buffer_occupancy_groups", "Groups held", registry=r)
+        self.occupancy_traj = Gauge("asyncrl_buffer_occupancy_trajectories",
+                                    "Trajectories held", registry=r)
+        self.learner_version = Gauge("asyncrl_buffer_learner_policy_version",
+                                     "Latest learner policy version seen", registry=r)
+
+
+class LearnerMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
+        self.steps = Counter("asyncrl_learner_steps_total", "Optimizer steps", registry=r)
+        self.step_seconds = Histogram("asyncrl_learner_step_seconds",
+                                      "Wall time of one learner step, waiting for data included",
+                                      buckets=_STEP_BUCKETS, registry=r)
+        self.wait_seconds = Counter("asyncrl_learner_data_wait_seconds_total",
+                                    "Time spent waiting for the buffer", registry=r)
+        self.trained_tokens = Counter("asyncrl_learner_trained_tokens_total",
+                                      "Completion tokens trained on", registry=r)
+        self.policy_version = Gauge("asyncrl_learner_policy_version",
+                                    "Current policy version (optimizer steps done)", registry=r)
+        self.reward = Gauge("asyncrl_learner_reward_mean", "Mean reward of the last batch",
+                            registry=r)
+        self.staleness = Histogram("asyncrl_learner_staleness_versions",
+                                   "Policy versions between a trajectory and the learner",
+                                   buckets=(0, 1, 2, 3, 4, 6, 8, 16, 32), registry=r)
+        self.eval_accuracy = Gauge("asyncrl_learner_eval_accuracy",
+                                   "Held-out accuracy at the last evaluation", registry=r)
+        self.loss = Gauge("asyncrl_learner_loss", "Policy loss of the last step", registry=r)
+        self.sync_seconds = Histogram("asyncrl_sync_broadcast_seconds",
+                                      "Weight sync: broadcast until every generator loaded",
+                                      buckets=_SYNC_BUCKETS, registry=r)
+        self.sync_bytes = Counter("asyncrl_sync_sent_bytes_total", "Weight bytes broadcast",
+                                  registry=r)

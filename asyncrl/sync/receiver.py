@@ -1,0 +1,31 @@
+"""The vLLM-side receiver, loaded into each vLLM worker as a worker extension.
+
+`LLM(worker_extension_cls="asyncrl.sync.receiver.WeightReceiver")` mixes this class into the
+worker; the generator calls its methods with `llm.collective_rpc(name, args=...)`. Only specs
+(plain lists) cross the RPC boundary: tensors do not survive vLLM's multiprocess engine, so the
+tensor data comes over the sync group instead. Loading uses `model_runner.reload_weights`,
+which works on CPU where `model.load_weights` fails on the repacked linear weights.
+"""
+
+from __future__ import annotations
+
+import time
+
+from asyncrl.sync import group, weights
+
+
+class WeightReceiver:
+    def asyncrl_init_sync(self, host: str, port: int, rank: int, world_size: int,
+                          backend: str, timeout_s: float, prefix: str) -> None:
+        self._asyncrl_pg = group.init_group(host, port, rank, world_size, backend, timeout_s,
+                                            prefix)
+
+    def asyncrl_receive_weights(self, specs: list[list]) -> tuple[float, int]:
+        """Receive one broadcast and load it in place. Returns (seconds, bytes)."""
+        t0 = time.perf_counter()
+        bufs = weights.empty_buffers(specs, self.device)
+        for dt in sorted(bufs):  # both ends broadcast dtypes in sorted order
+            group.broadcast(self._asyncrl_pg, bufs[dt], root=0)
+        self.model_runner.reload_weights(weights_iterator=weights.unpack(specs, bufs),
+                                         is_checkpoint_format=True)
+        return time.perf_counter() - t0, weights.nbytes(bufs)

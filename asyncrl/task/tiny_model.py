@@ -1,0 +1,142 @@
+"""Build the embedded default model: a tiny Llama, a byte-level tokenizer, and an SFT warm start.
+
+No model can be downloaded on the project's machines, so the default run makes its own: a
+4-layer Llama (hidden 256, head dim 64, which vLLM's CPU attention supports) with a byte-level
+BPE tokenizer without merges (one token per character, so digits are single tokens), trained
+briefly with SFT on the addition task so that RL starts from a partly-right policy. The result
+is a normal hub-format directory that vLLM and transformers load like any checkpoint, and it is
+cached under `warm_start.cache_dir` keyed by a hash of everything that shapes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from asyncrl.config import RunConfig
+from asyncrl.task import encode_prompt, load_task
+
+log = logging.getLogger(__name__)
+BUILD_VERSION = 1  # bump when the build recipe changes, to invalidate caches
+SPECIALS = ["<pad>", "<s>", "</s>"]
+
+
+def build_tokenizer(out_dir: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.save_pretrained(out_dir)
+
+
+def build_model(out_dir: Path, vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
+                seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id,
+        tie_word_embeddings=False, torch_dtype="float32",
+    )
+    return LlamaForCausalLM(config)
+
+
+def cache_key(cfg: RunConfig) -> str:
+    blob = json.dumps({"v": BUILD_VERSION, "task": asdict(cfg.task),
+                       "warm": {k: v for k, v in asdict(cfg.warm_start).items()
+                                if k != "cache_dir"}, "seed": cfg.seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def prepare_builtin(cfg: RunConfig, progress: Callable[[str], None] = print) -> Path:
+    """Return the directory of the built-in SFT model for this config, building it if needed."""
+    root = Path(cfg.warm_start.cache_dir).expanduser()
+    out = root / f"tiny-addition-{cache_key(cfg)}"
+    if (out / "asyncrl_build.json").is_file():
+        progress(f"[prepare] reusing built model {out}")
+        return out
+    tmp = out.with_name(out.name + f".tmp{random.randrange(1 << 30)}")
+    tmp.mkdir(parents=True)
+    try:
+        _build(cfg, tmp, progress)
+        if out.exists():  # another process won the race; keep theirs
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _build(cfg: RunConfig, out: Path, progress: Callable[[str], None]) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    t0 = time.time()
+    build_tokenizer(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = build_model(out, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+                        cfg.seed)
+    train, held_out = load_task(cfg.task.name, cfg.task.digits, cfg.task.train_size,
+                                cfg.task.eval_size, cfg.task.seed)
+    ws = cfg.warm_start
+    progress(f"[prepare] building tiny Llama ({sum(p.numel() for p in model.parameters())/1e6:.1f}M"
+             f" params), SFT {ws.steps} steps x {ws.batch_size} on {len(train)} problems")
+    opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+    rng = random.Random(cfg.seed)
+    model.train()
+    for step in range(ws.steps):
+        batch = rng.sample(train, ws.batch_size)
+        ids, labels = _sft_batch(tok, batch)
+        loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(),
+                     labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % 50 == 0 or step + 1 == ws.steps:
+            progress(f"[prepare] sft step {step + 1}/{ws.steps} loss {loss.item():.3f} "
+                     f"({time.time() - t0:.0f}s)")
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "asyncrl_build.json").write_text(json.dumps(
+        {"build_version": BUILD_VERSION, "key": cache_key(cfg), "sft_steps": ws.steps,
+         "seconds": round(time.time() - t0, 1)}))
+    progress(f"[prepare] model ready ({time.time() - t0:.0f}s)")
+
+
+def _sft_batch(tok, problems):
+    import torch
+
+    seqs, labels = [], []
+    for p in problems:
+        prompt = encode_prompt(tok, p.prompt)
+        answer = tok.encode(p.answer, add_special_tokens=False) + [tok.eos_token_id]
+        seqs.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tok.pad_token_id)
+    lab = torch.full((len(seqs), width), -100)
+    for i, (s, lb) in enumerate(zip(seqs, labels)):
+        ids[i, : len(s)] = torch.tensor(s)
+        lab[i, : len(lb)] = torch.tensor(lb)
+    return ids, lab  # (B, T) each
