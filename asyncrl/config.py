@@ -46,7 +46,7 @@ class TaskConfig:
 
 @dataclass
 class WarmStartConfig:
-    steps: int = 400
+    steps: int = 800
     """SFT optimizer steps for the built-in model before RL (0: RL from random init)."""
     batch_size: int = 64
     lr: float = 1e-3
@@ -116,8 +116,13 @@ class GeneratorConfig:
 class BufferConfig:
     max_staleness: int = 1
     """Drop trajectories more than this many policy versions behind the learner (0: on-policy only)."""
+    admit_steps: int = 1
+    """Learner steps' worth of groups the buffer admits before answering "busy": how far the
+    generators may run ahead. Consumption is FIFO, so in steady state staleness is about this
+    many versions; more admits smooth out bursts, fewer keep data fresh."""
     capacity_groups: int = 512
-    """Groups held at most; past it generators are told to wait (back-pressure), nothing is dropped."""
+    """Hard cap on groups held (memory bound). Past the admission limit generators wait
+    (back-pressure); nothing is dropped but stale data."""
 
 
 @dataclass
@@ -170,6 +175,12 @@ class RunConfig:
     sync: SyncConfig = field(default_factory=SyncConfig)
 
     @property
+    def admit_groups(self) -> int:
+        """Groups the buffer holds before it answers "busy" (see BufferConfig.admit_steps)."""
+        return min(self.buffer.capacity_groups,
+                   self.buffer.admit_steps * self.learner.groups_per_step)
+
+    @property
     def groups_per_rank(self) -> int:
         return self.learner.groups_per_step // self.learner.nproc
 
@@ -198,6 +209,7 @@ class RunConfig:
              "reaches k*interval+interval-1, so every trajectory would be dropped. Raise "
              "buffer.max_staleness or lower sync.interval"),
             (self.buffer.max_staleness >= 0, "buffer.max_staleness must be >= 0"),
+            (self.buffer.admit_steps >= 1, "buffer.admit_steps must be >= 1"),
             (0 <= self.learner.clip_low < 1 and self.learner.clip_high >= 0,
              "learner.clip_low must be in [0, 1) and learner.clip_high >= 0"),
             (0 < self.net.base_port < 65536 - 100, "net.base_port must leave room for 100 ports"),

@@ -31,7 +31,7 @@ def run(cfg: RunConfig, vocab_size: int | None = None) -> None:
     registry = CollectorRegistry()
     m = metrics.BufferMetrics(registry)
     metrics.serve(registry, cfg.net.bind_host, cfg.net.buffer_metrics_port)
-    store = ReplayBuffer(cfg.buffer.capacity_groups, cfg.buffer.max_staleness)
+    store = ReplayBuffer(cfg.admit_groups, cfg.buffer.max_staleness)
     ctx = transport.context()
     ingest = transport.Server(ctx, cfg.net.bind_host, cfg.net.buffer_ingest_port)
     learner = transport.Server(ctx, cfg.net.bind_host, cfg.net.buffer_learner_port)

@@ -1,0 +1,151 @@
+"""The whole loop with the real parts: vLLM engine (CPU), ZeroMQ sockets, torchrun (2 ranks)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from asyncrl.learner.model import load_policy, token_logprobs
+from tests.conftest import ROOT, free_base_port
+
+pytestmark = pytest.mark.e2e
+
+STEPS = 4
+
+
+def _overrides(model_cache, run_dir, base_port, **extra):
+    o = {"warm_start.steps": 60, "warm_start.cache_dir": model_cache, "run_dir": run_dir,
+         "net.base_port": base_port, "learner.total_steps": STEPS, "learner.nproc": 2,
+         "learner.groups_per_step": 4, "generator.group_size": 4,
+         "generator.prompts_per_call": 4, "generator.temperature": 0.7,
+         "buffer.max_staleness": 0, "sync.interval": 1, "learner.eval_interval": 2,
+         "task.eval_size": 32, "net.ready_timeout_s": 120, "sync.timeout_s": 120}
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def _start(args):
+    return subprocess.Popen([sys.executable, "-m", "asyncrl", "run", "configs/default.yaml", *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _scrape(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def _scrape_when_up(port, deadline):
+    while time.monotonic() < deadline:
+        try:
+            return _scrape(port)
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"no /metrics on port {port}")
+
+
+@pytest.fixture(scope="module")
+def finished_run(model_cache, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    base = free_base_port()
+    proc = _start(_overrides(model_cache, run_dir, base))
+    deadline = time.monotonic() + 300
+    ports = {"buffer": base + 10, "gen0": base + 20, "learner0": base + 60, "learner1": base + 61}
+    expositions = {name: _scrape_when_up(port, deadline) for name, port in ports.items()}
+    out, _ = proc.communicate(timeout=600)
+    return {"code": proc.returncode, "out": out, "run_dir": run_dir, "metrics": expositions}
+
+
+def _rows(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_finishes_with_every_step_logged(finished_run):
+    assert finished_run["code"] == 0, finished_run["out"]
+    rows = _rows(finished_run["run_dir"])
+    assert [r["step"] for r in rows] == list(range(STEPS + 1))
+    assert rows[0]["policy_version"] == 0 and "eval_accuracy" in rows[0]
+    for r in rows[1:]:
+        assert {"policy_version", "reward_mean", "staleness_mean"} <= r.keys()
+        assert r["policy_version"] == r["step"]
+    assert "eval_accuracy" in rows[2] and "eval_accuracy" in rows[STEPS]
+    assert (finished_run["run_dir"] / "curves.png").stat().st_size > 10_000
+    assert "[step 0/4] SFT policy" in finished_run["out"]
+
+
+def test_on_policy_mode_never_trains_on_stale_data(finished_run):
+    rows = _rows(finished_run["run_dir"])[1:]
+    assert all(r["staleness_max"] == 0 for r in rows)
+
+
+def test_generators_report_each_version_they_load(finished_run):
+    probes = [json.loads(x) for x in (finished_run["run_dir"] / "sync_probe.jsonl").read_text().splitlines()]
+    assert [p["policy_version"] for p in probes] == list(range(STEPS + 1))
+
+
+def test_generator_logprobs_match_learner_after_sync(finished_run):
+    run_dir = finished_run["run_dir"]
+    probes = {p["policy_version"]: p for p in map(json.loads, (run_dir / "sync_probe.jsonl").read_text().splitlines())}
+    model, _ = load_policy(run_dir / "checkpoints" / f"step_{STEPS}")
+    model.eval()
+
+    def learner_logprobs(probe):
+        ids = torch.tensor([probe["prompt_tokens"] + probe["tokens"]])
+        with torch.no_grad():
+            lp = token_logprobs(model, ids, torch.ones_like(ids), probe["temperature"])
+        return lp[0, len(probe["prompt_tokens"]) - 1 :]
+
+    final = probes[STEPS]
+    assert len(final["tokens"]) > 0
+    diff = (learner_logprobs(final) - torch.tensor(final["logprobs"])).abs().max().item()
+    assert diff < 1e-4, diff
+    before = probes[0]  # the engine's logprobs before any sync, vs the final learner model
+    diff0 = (learner_logprobs(before) - torch.tensor(before["logprobs"])).abs().max().item()
+    assert diff0 > 1e-3, diff0
+
+
+REQUIRED = {
+    "buffer": ["asyncrl_buffer_trajectories_received", "asyncrl_buffer_occupancy_groups",
+               "asyncrl_buffer_stale_dropped_trajectories"],
+    "gen0": ["asyncrl_generator_generated_tokens", "asyncrl_generator_trajectories_sent",
+             "asyncrl_generator_policy_version", "asyncrl_generator_reward_mean",
+             "asyncrl_sync_receive_seconds"],
+    "learner0": ["asyncrl_learner_steps", "asyncrl_learner_step_seconds",
+                 "asyncrl_learner_policy_version", "asyncrl_learner_reward_mean",
+                 "asyncrl_sync_broadcast_seconds"],
+    "learner1": ["asyncrl_learner_steps"],
+}
+
+
+@pytest.mark.parametrize("role", sorted(REQUIRED))
+def test_every_process_serves_valid_prometheus_exposition(finished_run, role):
+    text = finished_run["metrics"][role]
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    missing = [n for n in REQUIRED[role] if n not in families]
+    assert not missing, missing
+
+
+def test_killed_role_stops_the_run_with_its_error_and_leaves_no_orphans(model_cache, tmp_path):
+    base = free_base_port()
+    proc = _start(_overrides(model_cache, tmp_path, base, **{"learner.total_steps": 1000}))
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "metrics.jsonl").exists() or len(_rows(tmp_path)) < 3:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.5)
+    launcher = psutil.Process(proc.pid)
+    family = launcher.children(recursive=True)
+    gen = next(p for p in family if "generator" in " ".join(p.cmdline()))
+    gen.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "gen0 exited with code -9" in out
+    time.sleep(0.5)
+    alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [p.cmdline() for p in alive]

@@ -1,0 +1,70 @@
+import pytest
+
+from asyncrl.config import ConfigError, RunConfig, load_config, save_config
+
+
+def test_default_config_loads_and_validates():
+    cfg = load_config("configs/default.yaml")
+    assert isinstance(cfg, RunConfig)
+    assert cfg.learner.groups_per_step == 16
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["learner.lr=0.5", "generator.group_size=4"])
+    assert cfg.learner.lr == 0.5 and cfg.generator.group_size == 4
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("learner.lrr=1", "learner.lrr"),
+    ("learner.lr=fast", "learner.lr"),
+    ("nosuchsection.x=1", "nosuchsection"),
+])
+def test_unknown_or_mistyped_keys_fail_naming_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("learner:\n  totl_steps: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "totl_steps" in str(e.value) and str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["buffer.max_staleness=0", "sync.interval=2"], "buffer.max_staleness"),
+    (["learner.nproc=3", "learner.groups_per_step=16"], "learner.groups_per_step"),
+    (["generator.group_size=1"], "generator.group_size"),
+    (["sync.backend=mpi"], "sync.backend"),
+    (["model.path=/no/such/model"], "model.path"),
+])
+def test_cross_field_checks_name_the_field(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert needle in str(e.value)
+
+
+def test_missing_config_file_is_a_clear_error():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/nope.yaml")
+
+
+def test_hub_model_dir_without_config_json_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="config.json"):
+        load_config(None, [f"model.path={tmp_path}"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["learner.lr=0.25", "run_dir=/x"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg
+
+
+def test_admission_limit_is_derived_from_steps_ahead():
+    cfg = load_config(None, ["buffer.admit_steps=3", "learner.groups_per_step=8"])
+    assert cfg.admit_groups == 24
+    cfg = load_config(None, ["buffer.admit_steps=100", "buffer.capacity_groups=40"])
+    assert cfg.admit_groups == 40

@@ -1,0 +1,132 @@
+import math
+
+import msgpack
+import numpy as np
+import pytest
+
+from asyncrl import wire
+
+
+def _group(version=3, n=2, T=4):
+    comps = [wire.Completion(np.arange(T, dtype=np.int32) + i, -np.linspace(0.1, 2, T).astype(np.float32),
+                             float(i % 2), "stop") for i in range(n)]
+    return wire.TrajectoryGroup(prompt_id=7, prompt_tokens=np.array([1, 2, 3], np.int32),
+                                policy_version=version, completions=comps, generator="gen0",
+                                created_at=123.5)
+
+
+def test_round_trip_keeps_every_field_and_array_bytes():
+    g = _group()
+    msg = wire.decode(wire.encode("trajectories", 3, sender="gen0", seq=9, groups=[g]))
+    assert (msg["kind"], msg["policy_version"], msg["sender"], msg["seq"]) == ("trajectories", 3, "gen0", 9)
+    out = msg["groups"][0]
+    assert out.prompt_id == 7 and out.policy_version == 3 and out.created_at == 123.5
+    np.testing.assert_array_equal(out.prompt_tokens, g.prompt_tokens)
+    for a, b in zip(out.completions, g.completions):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        assert a.logprobs.dtype == np.float32
+        np.testing.assert_array_equal(a.logprobs, b.logprobs)
+        assert (a.reward, a.finish_reason) == (b.reward, b.finish_reason)
+
+
+def test_arrays_travel_as_raw_bytes_not_lists():
+    frame = wire.encode("trajectories", 0, sender="g", seq=1, groups=[_group(T=1000)])
+    raw = msgpack.unpackb(frame, raw=False)  # no ext_hook: arrays stay opaque extension objects
+    tokens = raw["groups"][0]["completions"][0]["tokens"]
+    assert isinstance(tokens, msgpack.ExtType) and len(tokens.data) >= 4000
+
+
+def test_every_kind_round_trips():
+    cases = {
+        "ack": dict(seq=1, status="busy", reason="full"),
+        "batch_request": dict(rank=0, num_groups=4),
+        "batch": dict(status="ok", groups=[_group()], stale_dropped_total=5),
+        "generator_hello": dict(sender="gen0", sync_rank=1),
+        "weights_update": dict(tensors=[["w", "float32", [2, 3]]]),
+        "weights_loaded": dict(sender="gen0", seconds=0.5),
+        "error": dict(reason="x"),
+    }
+    for kind, fields in cases.items():
+        assert wire.decode(wire.encode(kind, 2, **fields))["kind"] == kind
+    assert set(cases) | {"trajectories"} == set(wire.KINDS)
+
+
+def _raw(msg):
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def _good_dict():
+    return msgpack.unpackb(wire.encode("trajectories", 1, sender="g", seq=1, groups=[_group()]),
+                           raw=False, ext_hook=lambda c, d: msgpack.ExtType(c, d))
+
+
+@pytest.mark.parametrize("frame,reason", [
+    (b"\xc1garbage", "not_msgpack"),
+    (b"", "not_msgpack"),
+    (_raw([1, 2]), "not_a_map"),
+    (_raw({"kind": "nope", "schema": 1, "policy_version": 0}), "unknown_kind"),
+    (_raw({"kind": "ack", "schema": 99, "policy_version": 0, "seq": 1, "status": "ok", "reason": ""}), "schema_version"),
+    (_raw({"kind": "ack", "schema": 1, "policy_version": -1, "seq": 1, "status": "ok", "reason": ""}), "bad_version"),
+    (_raw({"kind": "ack", "schema": 1, "policy_version": 0, "status": "ok", "reason": ""}), "missing_field"),
+    (_raw({"kind": "ack", "schema": 1, "policy_version": 0, "seq": "1", "status": "ok", "reason": ""}), "bad_type"),
+    (_raw({"kind": "ack", "schema": 1, "policy_version": 0, "seq": 1, "status": "maybe", "reason": ""}), "bad_value"),
+])
+def test_malformed_frames_are_rejected_with_a_reason(frame, reason):
+    with pytest.raises(wire.MessageError) as e:
+        wire.decode(frame)
+    assert e.value.reason == reason
+
+
+def _mutated(mutate):
+    g = _group()
+    mutate(g)
+    return wire.encode("trajectories", 1, sender="g", seq=1, groups=[g])
+
+
+@pytest.mark.parametrize("mutate,reason", [
+    (lambda g: setattr(g.completions[0], "logprobs", g.completions[0].logprobs[:-1]), "inconsistent"),
+    (lambda g: g.completions[0].logprobs.__setitem__(0, 0.5), "bad_logprob"),
+    (lambda g: g.completions[0].logprobs.__setitem__(0, np.nan), "bad_logprob"),
+    (lambda g: setattr(g.completions[0], "reward", math.inf), "bad_reward"),
+    (lambda g: setattr(g.completions[0], "tokens", np.zeros((2, 2), np.int32)), "bad_array"),
+    (lambda g: setattr(g, "completions", []), "inconsistent"),
+    (lambda g: setattr(g, "policy_version", -3), "bad_version"),
+])
+def test_semantically_wrong_trajectories_are_rejected(mutate, reason):
+    with pytest.raises(wire.MessageError) as e:
+        wire.decode(_mutated(mutate))
+    assert e.value.reason == reason
+
+
+def test_token_ids_outside_vocab_are_rejected_when_vocab_is_known():
+    frame = wire.encode("trajectories", 1, sender="g", seq=1, groups=[_group(T=4)])
+    wire.decode(frame, vocab_size=100)
+    with pytest.raises(wire.MessageError) as e:
+        wire.decode(frame, vocab_size=4)
+    assert e.value.reason == "bad_token"
+
+
+def test_truncated_array_payload_is_rejected():
+    frame = bytearray(wire.encode("trajectories", 1, sender="g", seq=1, groups=[_group(T=50)]))
+    for cut in (len(frame) // 2, len(frame) - 7):
+        with pytest.raises(wire.MessageError):
+            wire.decode(bytes(frame[:cut]))
+
+
+def test_unexpected_kind_is_refused():
+    with pytest.raises(wire.MessageError) as e:
+        wire.decode(wire.encode("error", 0, reason="x"), expect=("ack",))
+    assert e.value.reason == "unexpected_kind"
+
+
+def test_random_garbage_never_raises_anything_but_message_error():
+    rng = np.random.default_rng(0)
+    good = wire.encode("trajectories", 1, sender="g", seq=1, groups=[_group()])
+    for _ in range(2000):
+        b = bytearray(good)
+        for _ in range(rng.integers(1, 6)):
+            b[rng.integers(len(b))] = rng.integers(256)
+        try:
+            wire.decode(bytes(b), vocab_size=300)
+        except wire.MessageError:
+            pass
