@@ -21,7 +21,7 @@ STEPS = 4
 
 
 def _overrides(model_cache, run_dir, base_port, **extra):
-    o = {"warm_start.steps": 60, "warm_start.cache_dir": model_cache, "run_dir": run_dir,
+    o = {"warm_start.cache_dir": model_cache, "learner.lr": 1e-3, "run_dir": run_dir,
          "net.base_port": base_port, "learner.total_steps": STEPS, "learner.nproc": 2,
          "learner.groups_per_step": 4, "generator.group_size": 4,
          "generator.prompts_per_call": 4, "generator.temperature": 0.7,
