@@ -132,20 +132,40 @@ def test_every_process_serves_valid_prometheus_exposition(finished_run, role):
     assert not missing, missing
 
 
-def test_killed_role_stops_the_run_with_its_error_and_leaves_no_orphans(model_cache, tmp_path):
-    base = free_base_port()
-    proc = _start(_overrides(model_cache, tmp_path, base, **{"learner.total_steps": 1000}))
+def _running_run(model_cache, tmp_path):
+    """A long run, returned once the learner has done a few steps, with all its processes."""
+    proc = _start(_overrides(model_cache, tmp_path, free_base_port(),
+                             **{"learner.total_steps": 1000}))
     deadline = time.monotonic() + 300
     while not (tmp_path / "metrics.jsonl").exists() or len(_rows(tmp_path)) < 3:
-        assert time.monotonic() < deadline and proc.poll() is None
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
         time.sleep(0.5)
-    launcher = psutil.Process(proc.pid)
-    family = launcher.children(recursive=True)
+    family = psutil.Process(proc.pid).children(recursive=True)
+    # buffer, generator, torchrun agent and its 2 workers
+    assert len(family) >= 5, [p.cmdline() for p in family]
+    return proc, family
+
+
+def _assert_all_gone(family):
+    time.sleep(0.5)
+    alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [p.cmdline() for p in alive]
+
+
+def test_killed_role_stops_the_run_with_its_error_and_leaves_no_orphans(model_cache, tmp_path):
+    proc, family = _running_run(model_cache, tmp_path)
     gen = next(p for p in family if "generator" in " ".join(p.cmdline()))
     gen.send_signal(signal.SIGKILL)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert "gen0 exited with code -9" in out
-    time.sleep(0.5)
-    alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, [p.cmdline() for p in alive]
+    _assert_all_gone(family)
+
+
+def test_ctrl_c_stops_every_process(model_cache, tmp_path):
+    proc, family = _running_run(model_cache, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "stopping every role" in out
+    _assert_all_gone(family)
