@@ -132,7 +132,10 @@ class LearnerConfig:
     total_steps: int = 120
     groups_per_step: int = 16
     """Groups (prompts) per optimizer step across all ranks."""
-    lr: float = 2e-4
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    """Linear learning-rate warm-up: Adam's first updates are ~lr per weight whatever the
+    gradient's size, which on a tiny model is enough to wreck the SFT policy at once."""
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     clip_low: float = 0.2

@@ -54,6 +54,9 @@ class BufferMetrics:
                                 "Trajectories accepted into the buffer", registry=r)
         self.rejected = Counter("asyncrl_buffer_messages_rejected_total",
                                 "Frames rejected, by reason", ["reason"], registry=r)
+        self.duplicates = Counter("asyncrl_buffer_duplicate_messages_total",
+                                  "Resent trajectory messages acknowledged but not stored again",
+                                  registry=r)
         self.busy = Counter("asyncrl_buffer_busy_replies_total",
                             "Trajectory messages refused because the buffer was full", registry=r)
         self.stale_dropped = Counter("asyncrl_buffer_stale_dropped_trajectories_total",

@@ -1,7 +1,9 @@
 """Every message asyncrl sends over ZeroMQ, its fields, and the msgpack codec.
 
-A message is one msgpack map with at least `kind`, `schema` (SCHEMA_VERSION) and
-`policy_version` (the learner version the sender last knew). Arrays travel as a msgpack
+A frame is `MAGIC | crc32(payload) | payload` (4 + 4 bytes of header, little-endian), where
+the payload is one msgpack map with at least `kind`, `schema` (SCHEMA_VERSION) and
+`policy_version` (the learner version the sender last knew). The checksum catches corrupted
+frames that would otherwise still decode into a valid-looking record. Arrays travel as a msgpack
 extension (code 1): dtype, shape and raw little-endian bytes, never Python lists.
 `decode` validates every field and raises `MessageError` with a short `reason` that the
 receiver counts in Prometheus; receivers never crash on a bad frame.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import math
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +31,7 @@ import msgpack
 import numpy as np
 
 SCHEMA_VERSION = 1
+MAGIC = b"ARL1"
 _ARRAY_EXT = 1
 _DTYPES = {"int32", "int64", "float32", "float64", "uint8", "float16"}
 MAX_FRAME_BYTES = 256 * 1024 * 1024
@@ -190,6 +194,7 @@ def parse_group(g: Any, vocab_size: int | None = None) -> TrajectoryGroup:
 
 def _check_trajectories(m: dict, vocab_size: int | None) -> None:
     _need(m, "sender", _STR)
+    _need(m, "incarnation", _STR)
     _need(m, "seq", _INT)
     groups = _need(m, "groups", (list,))
     m["groups"] = [parse_group(g, vocab_size) for g in groups]
@@ -261,7 +266,12 @@ def encode(kind: str, policy_version: int, **fields: Any) -> bytes:
         fields["groups"] = [g.to_wire() if isinstance(g, TrajectoryGroup) else g
                             for g in fields["groups"]]
     msg = {"kind": kind, "schema": SCHEMA_VERSION, "policy_version": policy_version, **fields}
-    return msgpack.packb(msg, default=_default, use_bin_type=True)
+    return seal(msgpack.packb(msg, default=_default, use_bin_type=True))
+
+
+def seal(payload: bytes) -> bytes:
+    """Prefix a msgpack payload with the magic and its CRC-32."""
+    return MAGIC + struct.pack("<I", zlib.crc32(payload)) + payload
 
 
 def decode(frame: bytes, expect: tuple[str, ...] | None = None,
@@ -271,8 +281,13 @@ def decode(frame: bytes, expect: tuple[str, ...] | None = None,
     With vocab_size, token ids outside [0, vocab_size) are rejected too."""
     if len(frame) > MAX_FRAME_BYTES:
         raise MessageError("too_large", f"{len(frame)} bytes > {MAX_FRAME_BYTES}")
+    if len(frame) < 8 or frame[:4] != MAGIC:
+        raise MessageError("bad_magic", f"frame does not start with {MAGIC!r}")
+    payload = memoryview(frame)[8:]
+    if zlib.crc32(payload) != struct.unpack_from("<I", frame, 4)[0]:
+        raise MessageError("bad_checksum", f"CRC-32 mismatch over {len(payload)} bytes")
     try:
-        msg = msgpack.unpackb(frame, ext_hook=_unpack_array, raw=False, strict_map_key=True)
+        msg = msgpack.unpackb(payload, ext_hook=_unpack_array, raw=False, strict_map_key=True)
     except MessageError:
         raise
     except Exception as e:  # msgpack raises many types for garbage input

@@ -6,7 +6,8 @@ a bad one gets an error/rejected reply and a counter by reason, never a crash. A
 answers "busy" and the generator resends later: nothing is dropped except trajectories older
 than buffer.max_staleness, which are counted.
 
-Left out here: a durable log and resend-after-restart dedup (issue 4).
+Delivery is exactly-once per (sender, incarnation, seq): a resent message (its ack was lost)
+is acknowledged again but not stored twice. Left out here: a durable log (issue 4).
 
 Run (normally started by `asyncrl run`):
     python -m asyncrl buffer --config RUN_DIR/config.yaml
@@ -55,6 +56,10 @@ class BufferHandler:
 
     def __init__(self, store: ReplayBuffer, m, vocab_size: int | None):
         self.store, self.m, self.vocab_size = store, m, vocab_size
+        # (sender, incarnation) -> highest seq accepted. A generator resends a message whose
+        # ack it did not get; acking the resend without storing it again makes delivery
+        # exactly-once per (sender, incarnation, seq).
+        self.accepted_seq: dict[tuple[str, str], int] = {}
 
     def _reject(self, e: wire.MessageError, **reply) -> bytes:
         self.m.rejected.labels(e.reason).inc()
@@ -68,10 +73,15 @@ class BufferHandler:
         except wire.MessageError as e:
             return self._reject(e, kind="ack", policy_version=version, seq=-1,
                                 status="rejected", reason=str(e)[:200])
+        key = (msg["sender"], msg["incarnation"])
+        if msg["seq"] <= self.accepted_seq.get(key, -1):
+            self.m.duplicates.inc()
+            return wire.encode("ack", version, seq=msg["seq"], status="ok", reason="duplicate")
         groups = msg["groups"]
         if not self.store.add(groups):
             self.m.busy.inc()
             return wire.encode("ack", version, seq=msg["seq"], status="busy", reason="full")
+        self.accepted_seq[key] = msg["seq"]
         self.m.received.inc(sum(len(g.completions) for g in groups))
         self._occupancy()
         return wire.encode("ack", version, seq=msg["seq"], status="ok", reason="")

@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,7 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
     log.info("%s: engine up, joined weight-sync group", name)
 
     state = _State(name=name, version=0)
+    incarnation = uuid.uuid4().hex[:12]  # a restarted generator is a new sender stream
     probe = _Probe(engine, encode_prompt(tok, cfg.sync.probe_prompt), cfg,
                    run_dir / "sync_probe.jsonl")
     probe.record(name, 0)
@@ -82,7 +84,8 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
         m.generated_tokens.inc(sum(g.num_tokens for g in groups))
         m.reward.set(float(np.mean([c.reward for g in groups for c in g.completions])))
         seq += 1
-        payload = wire.encode("trajectories", state.version, sender=name, seq=seq, groups=groups)
+        payload = wire.encode("trajectories", state.version, sender=name, incarnation=incarnation,
+                              seq=seq, groups=groups)
         _send_with_backpressure(buffer, payload, seq, control, engine, state, m, probe, cfg)
         m.trajectories_sent.inc(sum(len(g.completions) for g in groups))
 

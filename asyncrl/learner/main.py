@@ -58,6 +58,8 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr,
                             weight_decay=cfg.learner.weight_decay)
+    warmup = max(1, cfg.learner.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     ctx = transport.context()
     buffer = transport.Client(ctx, cfg.net.buffer_host, cfg.net.buffer_learner_port,
                               f"learner{rank}")
@@ -69,6 +71,7 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
         m.wait_seconds.inc(waited)
         batch = collate(groups, tok.pad_token_id)
         stats = _train_step(ddp, opt, batch, cfg)
+        sched.step()
         m.steps.inc()
         m.policy_version.set(step)
         m.trained_tokens.inc(batch.num_completion_tokens)

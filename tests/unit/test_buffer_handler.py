@@ -19,7 +19,8 @@ def _traj(seq, version=0, n_groups=1, token=3):
              for r in (0.0, 1.0)]
     groups = [wire.TrajectoryGroup(i, np.array([1], np.int32), version, comps, "g", 0.0)
               for i in range(n_groups)]
-    return wire.encode("trajectories", version, sender="g", seq=seq, groups=groups)
+    return wire.encode("trajectories", version, sender="g", incarnation="i1", seq=seq,
+                       groups=groups)
 
 
 def _val(reg, name, **labels):
@@ -58,7 +59,7 @@ def test_bad_frames_get_a_rejected_reply_and_a_counter_by_reason():
     assert "bad_token" in wire.decode(replies[1])["reason"]
     assert wire.decode(replies[2])["kind"] == "error"
     assert _val(reg, "asyncrl_buffer_messages_rejected_total", reason="bad_token") == 1
-    assert _val(reg, "asyncrl_buffer_messages_rejected_total", reason="not_msgpack") == 2
+    assert _val(reg, "asyncrl_buffer_messages_rejected_total", reason="bad_magic") == 2
     assert len(h.store) == 0
 
 
@@ -70,3 +71,13 @@ def test_stale_groups_are_dropped_and_counted_on_request():
     assert [g.policy_version for g in batch["groups"]] == [2]
     assert batch["stale_dropped_total"] == 2
     assert _val(reg, "asyncrl_buffer_stale_dropped_trajectories_total") == 2
+
+
+def test_a_resent_message_is_acked_but_stored_once():
+    h, reg = _handler()
+    frame = _traj(7)
+    assert wire.decode(h.on_trajectories(frame))["status"] == "ok"
+    again = wire.decode(h.on_trajectories(frame))  # the generator missed the first ack
+    assert (again["status"], again["reason"]) == ("ok", "duplicate")
+    assert len(h.store) == 1
+    assert _val(reg, "asyncrl_buffer_duplicate_messages_total") == 1

@@ -17,7 +17,7 @@ def _group(version=3, n=2, T=4):
 
 def test_round_trip_keeps_every_field_and_array_bytes():
     g = _group()
-    msg = wire.decode(wire.encode("trajectories", 3, sender="gen0", seq=9, groups=[g]))
+    msg = wire.decode(wire.encode("trajectories", 3, sender="gen0", incarnation="a", seq=9, groups=[g]))
     assert (msg["kind"], msg["policy_version"], msg["sender"], msg["seq"]) == ("trajectories", 3, "gen0", 9)
     out = msg["groups"][0]
     assert out.prompt_id == 7 and out.policy_version == 3 and out.created_at == 123.5
@@ -30,8 +30,8 @@ def test_round_trip_keeps_every_field_and_array_bytes():
 
 
 def test_arrays_travel_as_raw_bytes_not_lists():
-    frame = wire.encode("trajectories", 0, sender="g", seq=1, groups=[_group(T=1000)])
-    raw = msgpack.unpackb(frame, raw=False)  # no ext_hook: arrays stay opaque extension objects
+    frame = wire.encode("trajectories", 0, sender="g", incarnation="a", seq=1, groups=[_group(T=1000)])
+    raw = msgpack.unpackb(frame[8:], raw=False)  # no ext_hook: arrays stay opaque extension objects
     tokens = raw["groups"][0]["completions"][0]["tokens"]
     assert isinstance(tokens, msgpack.ExtType) and len(tokens.data) >= 4000
 
@@ -52,17 +52,13 @@ def test_every_kind_round_trips():
 
 
 def _raw(msg):
-    return msgpack.packb(msg, use_bin_type=True)
-
-
-def _good_dict():
-    return msgpack.unpackb(wire.encode("trajectories", 1, sender="g", seq=1, groups=[_group()]),
-                           raw=False, ext_hook=lambda c, d: msgpack.ExtType(c, d))
+    return wire.seal(msgpack.packb(msg, use_bin_type=True))
 
 
 @pytest.mark.parametrize("frame,reason", [
-    (b"\xc1garbage", "not_msgpack"),
-    (b"", "not_msgpack"),
+    (wire.seal(b"\xc1garbage"), "not_msgpack"),
+    (b"", "bad_magic"),
+    (b"\xc1garbage and more", "bad_magic"),
     (_raw([1, 2]), "not_a_map"),
     (_raw({"kind": "nope", "schema": 1, "policy_version": 0}), "unknown_kind"),
     (_raw({"kind": "ack", "schema": 99, "policy_version": 0, "seq": 1, "status": "ok", "reason": ""}), "schema_version"),
@@ -80,7 +76,7 @@ def test_malformed_frames_are_rejected_with_a_reason(frame, reason):
 def _mutated(mutate):
     g = _group()
     mutate(g)
-    return wire.encode("trajectories", 1, sender="g", seq=1, groups=[g])
+    return wire.encode("trajectories", 1, sender="g", incarnation="a", seq=1, groups=[g])
 
 
 @pytest.mark.parametrize("mutate,reason", [
@@ -99,7 +95,7 @@ def test_semantically_wrong_trajectories_are_rejected(mutate, reason):
 
 
 def test_token_ids_outside_vocab_are_rejected_when_vocab_is_known():
-    frame = wire.encode("trajectories", 1, sender="g", seq=1, groups=[_group(T=4)])
+    frame = wire.encode("trajectories", 1, sender="g", incarnation="a", seq=1, groups=[_group(T=4)])
     wire.decode(frame, vocab_size=100)
     with pytest.raises(wire.MessageError) as e:
         wire.decode(frame, vocab_size=4)
@@ -107,7 +103,7 @@ def test_token_ids_outside_vocab_are_rejected_when_vocab_is_known():
 
 
 def test_truncated_array_payload_is_rejected():
-    frame = bytearray(wire.encode("trajectories", 1, sender="g", seq=1, groups=[_group(T=50)]))
+    frame = bytearray(wire.encode("trajectories", 1, sender="g", incarnation="a", seq=1, groups=[_group(T=50)]))
     for cut in (len(frame) // 2, len(frame) - 7):
         with pytest.raises(wire.MessageError):
             wire.decode(bytes(frame[:cut]))
@@ -119,14 +115,32 @@ def test_unexpected_kind_is_refused():
     assert e.value.reason == "unexpected_kind"
 
 
-def test_random_garbage_never_raises_anything_but_message_error():
+def test_corrupted_frames_are_caught_by_the_checksum():
     rng = np.random.default_rng(0)
-    good = wire.encode("trajectories", 1, sender="g", seq=1, groups=[_group()])
+    good = wire.encode("trajectories", 1, sender="g", incarnation="a", seq=1, groups=[_group()])
+    reasons = set()
     for _ in range(2000):
         b = bytearray(good)
         for _ in range(rng.integers(1, 6)):
-            b[rng.integers(len(b))] = rng.integers(256)
+            i = rng.integers(len(b))
+            b[i] = (b[i] + rng.integers(1, 256)) % 256  # always a real change
         try:
             wire.decode(bytes(b), vocab_size=300)
+            raise AssertionError("a corrupted frame decoded")
+        except wire.MessageError as e:
+            reasons.add(e.reason)
+    assert reasons <= {"bad_checksum", "bad_magic"}
+
+
+def test_mutated_payloads_with_a_valid_checksum_never_crash_the_decoder():
+    rng = np.random.default_rng(1)
+    payload = wire.encode("trajectories", 1, sender="g", incarnation="a", seq=1,
+                          groups=[_group()])[8:]
+    for _ in range(2000):
+        b = bytearray(payload)
+        for _ in range(rng.integers(1, 6)):
+            b[rng.integers(len(b))] = rng.integers(256)
+        try:
+            wire.decode(wire.seal(bytes(b)), vocab_size=300)
         except wire.MessageError:
             pass
