@@ -39,7 +39,7 @@ class TaskConfig:
     """Digits of each operand (zero-padded to this width)."""
     train_size: int = 5000
     """Number of distinct training problems."""
-    eval_size: int = 256
+    eval_size: int = 512
     """Number of held-out problems (disjoint from training) for eval_accuracy."""
     seed: int = 1234
 
@@ -57,7 +57,8 @@ class WarmStartConfig:
 @dataclass
 class NetConfig:
     bind_host: str = "127.0.0.1"
-    """Interface the servers (buffer, learner sync control, metrics) bind to. 0.0.0.0 for multi-host."""
+    """Interface the servers (buffer, learner sync control, metrics) bind to; 0.0.0.0 for
+    multi-host."""
     buffer_host: str = "127.0.0.1"
     """Address generators and learner use to reach the buffer."""
     learner_host: str = "127.0.0.1"
@@ -115,7 +116,8 @@ class GeneratorConfig:
 @dataclass
 class BufferConfig:
     max_staleness: int = 1
-    """Drop trajectories more than this many policy versions behind the learner (0: on-policy only)."""
+    """Drop trajectories more than this many policy versions behind the learner
+    (0: on-policy only)."""
     admit_steps: int = 1
     """Learner steps' worth of groups the buffer admits before answering "busy": how far the
     generators may run ahead. Consumption is FIFO, so in steady state staleness is about this
@@ -129,7 +131,7 @@ class BufferConfig:
 class LearnerConfig:
     nproc: int = 1
     """Learner processes (torchrun --nproc-per-node); DDP over gloo/NCCL when > 1."""
-    total_steps: int = 120
+    total_steps: int = 150
     groups_per_step: int = 16
     """Groups (prompts) per optimizer step across all ranks."""
     lr: float = 1e-4
@@ -156,7 +158,8 @@ class SyncConfig:
     backend: str = "auto"
     """`gloo`, `nccl` or `auto` (nccl when CUDA is available)."""
     timeout_s: float = 300.0
-    """A weight broadcast or group formation that takes longer fails with an error naming the peer."""
+    """A weight broadcast or group formation that takes longer fails with an error naming
+    the peer."""
     probe_prompt: str = "12+34="
     """After each weight load each generator records greedy logprobs for this prompt in
     RUN_DIR/sync_probe.jsonl, so the learner/generator mismatch can be checked offline."""

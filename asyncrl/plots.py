@@ -28,8 +28,9 @@ def plot_run(metrics_path: Path, out_path: Path) -> Path:
     if rew:
         ax.plot(*zip(*rew), color="tab:blue", alpha=0.35, lw=1, label="batch reward (mean)")
         k = max(1, len(rew) // 20)
-        smooth = [sum(v for _, v in rew[max(0, i - k + 1) : i + 1]) / len(rew[max(0, i - k + 1) : i + 1])
-                  for i in range(len(rew))]
+        values = [v for _, v in rew]
+        smooth = [sum(values[max(0, i - k + 1) : i + 1]) / len(values[max(0, i - k + 1) : i + 1])
+                  for i in range(len(values))]
         ax.plot([s for s, _ in rew], smooth, color="tab:blue", lw=2,
                 label=f"batch reward ({k}-step mean)")
     if acc:

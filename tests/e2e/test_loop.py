@@ -26,7 +26,7 @@ def _overrides(model_cache, run_dir, base_port, **extra):
          "learner.groups_per_step": 4, "generator.group_size": 4,
          "generator.prompts_per_call": 4, "generator.temperature": 0.7,
          "buffer.max_staleness": 0, "sync.interval": 1, "learner.eval_interval": 2,
-         "task.eval_size": 32, "net.ready_timeout_s": 120, "sync.timeout_s": 120}
+         "net.ready_timeout_s": 120, "sync.timeout_s": 120}
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
 
