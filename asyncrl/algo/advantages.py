@@ -1,8 +1,19 @@
-"""Advantage estimators."""
+"""Advantage estimators.
+
+Outcome-reward estimators take rewards (G, N), N completions for each of G prompts, and return
+advantages (G, N), one per completion (the learner broadcasts it over the completion's tokens).
+They share that signature so ADVANTAGE_ESTIMATORS can pick one by name. GAE needs per-token
+rewards and a critic's values, so it has its own signature and is not in the dict.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def grpo_advantages(rewards: torch.Tensor, normalize_std: bool = True,
@@ -18,3 +29,81 @@ def grpo_advantages(rewards: torch.Tensor, normalize_std: bool = True,
     if normalize_std:
         adv = adv / (rewards.std(dim=1, keepdim=True, unbiased=True) + eps)
     return adv
+
+
+def drgrpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """Dr.GRPO (arXiv 2503.20783): r - mean_group(r), no std division. (G, N) -> (G, N).
+
+    The std division weights easy and hard prompts unequally; Dr.GRPO removes it, and pairs it
+    with a constant loss normaliser (losses.constant_normaliser).
+    """
+    return grpo_advantages(rewards, normalize_std=False)
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024): r_i - mean_{j != i} r_j. (G, N) -> (G, N).
+
+    The baseline excludes the sample itself, so it is independent of it and the estimate is
+    unbiased. Needs N >= 2. Equals N/(N-1) times the Dr.GRPO advantage.
+    """
+    n = rewards.shape[1]
+    if n < 2:
+        raise ValueError(f"RLOO needs at least 2 completions per prompt, got {n}")
+    others_mean = (rewards.sum(dim=1, keepdim=True) - rewards) / (n - 1)  # (G, N)
+    return rewards - others_mean
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, group_baseline: bool = False,
+                            eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE++ (Hu, arXiv 2501.03262): global batch normalisation. (G, N) -> (G, N).
+
+    Subtracts the batch mean (or, with group_baseline, each group's mean: "REINFORCE++-baseline"),
+    then divides by the std of the result over the whole batch of sequences. Statistics are over
+    sequences, not tokens: with outcome rewards every token of a sequence carries the same value,
+    and per-token statistics would weight long completions more.
+    """
+    if group_baseline:
+        centred = rewards - rewards.mean(dim=1, keepdim=True)
+    else:
+        centred = rewards - rewards.mean()
+    return centred / (centred.std() + eps)
+
+
+def reinforce_pp_baseline_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """REINFORCE++-baseline: group mean subtracted, batch std divided. (G, N) -> (G, N)."""
+    return reinforce_pp_advantages(rewards, group_baseline=True)
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "grpo": grpo_advantages,
+    "drgrpo": drgrpo_advantages,
+    "rloo": rloo_advantages,
+    "reinforce_pp": reinforce_pp_advantages,
+    "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
+}
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                   gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016), backward over tokens.
+
+    rewards, values, mask: (B, T); rewards are per token (an outcome reward sits on the last
+    valid token, a KL penalty on every token). delta_t = r_t + gamma*V_{t+1} - V_t and
+    A_t = delta_t + gamma*lam*A_{t+1}, where t+1 is the next *valid* token: masked positions are
+    skipped (the state carries across them), and after the last valid token V = 0 (terminal).
+    Returns (advantages, returns), both (B, T), zero at masked positions; returns = A + V is
+    the critic's regression target.
+    """
+    mask = mask.to(values.dtype)
+    next_value = torch.zeros_like(values[:, 0])  # (B,)
+    next_adv = torch.zeros_like(values[:, 0])  # (B,)
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(values.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv_t = delta + gamma * lam * next_adv
+        advantages[:, t] = adv_t * m
+        next_adv = m * adv_t + (1 - m) * next_adv
+        next_value = m * values[:, t] + (1 - m) * next_value
+    returns = (advantages + values) * mask
+    return advantages, returns
