@@ -42,6 +42,12 @@ class TaskConfig:
     eval_size: int = 512
     """Number of held-out problems (disjoint from training) for eval_accuracy."""
     seed: int = 1234
+    rewards: dict[str, float] = field(default_factory=lambda: {"correctness": 1.0})
+    """Weighted sum of rule-based rewards by name (asyncrl.rewards.REWARD_FUNCTIONS)."""
+    reward_model: str = ""
+    """Optional local sequence-classification checkpoint; its score is added with
+    reward_model_weight."""
+    reward_model_weight: float = 1.0
 
 
 @dataclass
@@ -104,7 +110,7 @@ class GeneratorConfig:
     group_size: int = 8
     """Completions sampled per prompt (the GRPO group)."""
     temperature: float = 1.0
-    max_tokens: int = 8
+    max_tokens: int = 6
     kv_cache_gib: int = 1
     """VLLM_CPU_KVCACHE_SPACE on CPU (required there); ignored on GPU."""
     gpu_memory_utilization: float = 0.85
@@ -115,7 +121,7 @@ class GeneratorConfig:
 
 @dataclass
 class BufferConfig:
-    max_staleness: int = 1
+    max_staleness: int = 2
     """Drop trajectories more than this many policy versions behind the learner
     (0: on-policy only)."""
     admit_steps: int = 1
@@ -142,8 +148,43 @@ class LearnerConfig:
     max_grad_norm: float = 1.0
     clip_low: float = 0.2
     clip_high: float = 0.2
-    normalize_adv_std: bool = True
-    """GRPO divides by the group's reward std; False gives Dr.GRPO's mean-only advantages."""
+    advantage: str = "grpo"
+    """grpo | drgrpo | rloo | reinforce_pp | reinforce_pp_baseline (asyncrl.algo.advantages)
+    or gae (PPO with a critic)."""
+    offpolicy: str = "none"
+    """Off-policy correction: none (ratio vs behaviour) | decoupled | tis | icepop | seq_mask."""
+    is_cap: float = 2.0
+    """Cap C on behaviour->proximal importance weights (tis; decoupled drops tokens above it)."""
+    is_low: float = 0.5
+    """icepop / seq_mask keep tokens (sequences) whose weight lies in [is_low, is_high]."""
+    is_high: float = 2.0
+    clip_c: float = 0.0
+    """Dual-clip constant c > 1 (0: off)."""
+    loss_agg: str = "token_mean"
+    """token_mean (DAPO) | seq_mean (GRPO) | constant (Dr.GRPO, B x generator.max_tokens)."""
+    ppo_epochs: int = 1
+    minibatches: int = 1
+    """Optimizer steps per batch = ppo_epochs x minibatches; the policy version still advances
+    by one per batch."""
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0
+    """KL to a frozen copy of the starting policy (0: no reference model is loaded)."""
+    kl_estimator: str = "k3"
+    kl_mode: str = "loss"
+    """loss (a loss term) | reward (a per-token reward penalty)."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal and keep fetching until the batch is full."""
+    overlong_filter: bool = False
+    """DAPO: truncated completions contribute no loss."""
+    overlong_cache: int = 0
+    """DAPO soft overlong punishment over the last this-many tokens of generator.max_tokens
+    (0: off)."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_gae: bool = True
+    vf_coef: float = 0.5
+    value_clip: float = 0.2
+    critic_lr: float = 1e-4
     eval_interval: int = 10
     """Evaluate held-out accuracy every this many steps (and at step 0, the SFT policy)."""
     checkpoint_interval: int = 50
@@ -190,6 +231,36 @@ class RunConfig:
     def groups_per_rank(self) -> int:
         return self.learner.groups_per_step // self.learner.nproc
 
+    def _variant_errors(self) -> list[str]:
+        # Imported here: the variant tables live beside their equations in asyncrl.algo.
+        from asyncrl.algo.advantages import ADVANTAGE_ESTIMATORS
+        from asyncrl.algo.kl import KL_ESTIMATORS
+        from asyncrl.algo.losses import LOSS_NORMALISERS
+        from asyncrl.algo.offpolicy import OFFPOLICY_CORRECTIONS
+        from asyncrl.rewards import REWARD_FUNCTIONS
+
+        lc = self.learner
+        errs = (_choice("learner.advantage", lc.advantage, [*ADVANTAGE_ESTIMATORS, "gae"])
+                + _choice("learner.offpolicy", lc.offpolicy, OFFPOLICY_CORRECTIONS)
+                + _choice("learner.loss_agg", lc.loss_agg, LOSS_NORMALISERS)
+                + _choice("learner.kl_estimator", lc.kl_estimator, KL_ESTIMATORS)
+                + _choice("learner.kl_mode", lc.kl_mode, ("loss", "reward")))
+        errs += [f"task.rewards has unknown {k!r}: choose from {sorted(REWARD_FUNCTIONS)}"
+                 for k in self.task.rewards if k not in REWARD_FUNCTIONS]
+        if not self.task.rewards and not self.task.reward_model:
+            errs.append("task.rewards is empty and no task.reward_model: nothing scores samples")
+        if self.task.reward_model and not (Path(self.task.reward_model).expanduser()
+                                           / "config.json").is_file():
+            errs.append(f"task.reward_model={self.task.reward_model!r} has no config.json")
+        if lc.clip_c and lc.clip_c <= 1:
+            errs.append(f"learner.clip_c={lc.clip_c} must be > 1 (or 0 for off)")
+        if lc.overlong_cache and not 0 < lc.overlong_cache <= self.generator.max_tokens:
+            errs.append("learner.overlong_cache must be in (0, generator.max_tokens]")
+        if lc.ppo_epochs < 1 or not 1 <= lc.minibatches <= self.groups_per_rank:
+            errs.append("learner.ppo_epochs must be >= 1 and learner.minibatches in "
+                        "[1, groups_per_step / nproc]")
+        return errs
+
     def validate(self) -> None:
         """Cross-field checks; each error names the field to change."""
         checks = [
@@ -220,7 +291,7 @@ class RunConfig:
              "learner.clip_low must be in [0, 1) and learner.clip_high >= 0"),
             (0 < self.net.base_port < 65536 - 100, "net.base_port must leave room for 100 ports"),
         ]
-        errors = [msg for ok, msg in checks if not ok]
+        errors = [msg for ok, msg in checks if not ok] + self._variant_errors()
         if not self.model.path.startswith("builtin:"):
             if not Path(self.model.path).expanduser().is_dir():
                 errors.append(f"model.path={self.model.path!r} is not a directory")
@@ -230,6 +301,10 @@ class RunConfig:
             errors.append(f"model.path={self.model.path!r}: the only builtin is {BUILTIN_MODEL}")
         if errors:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _choice(field_name: str, value: str, choices) -> list[str]:
+    return [] if value in choices else [f"{field_name}={value!r}: choose one of {sorted(choices)}"]
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:

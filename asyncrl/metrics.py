@@ -71,9 +71,37 @@ class BufferMetrics:
                                      "Latest learner policy version seen", registry=r)
 
 
+# Per-step learner statistics exported as gauges: stat key -> (metric name, help).
+LEARNER_STEP_GAUGES = {
+    "loss": ("asyncrl_learner_loss", "Total loss of the first minibatch of the last step"),
+    "clipfrac": ("asyncrl_learner_clip_fraction", "Fraction of tokens whose ratio was clipped"),
+    "approx_kl": ("asyncrl_learner_approx_kl", "k3 estimate of KL(proximal || current)"),
+    "entropy": ("asyncrl_learner_entropy_nats", "Mean policy entropy per completion token"),
+    "kl_ref": ("asyncrl_learner_kl_reference", "KL estimate to the frozen reference policy"),
+    "value_loss": ("asyncrl_learner_value_loss", "Critic loss (PPO with a value model)"),
+    "explained_variance": ("asyncrl_learner_explained_variance",
+                           "Explained variance of the critic's values on the returns"),
+    "is_ess": ("asyncrl_learner_importance_ess_ratio",
+               "Effective sample size of behaviour->proximal importance weights, over n"),
+    "is_truncated_frac": ("asyncrl_learner_importance_truncated_fraction",
+                          "Fraction of tokens whose importance weight was truncated"),
+    "is_masked_frac": ("asyncrl_learner_importance_masked_fraction",
+                       "Fraction of tokens masked by the off-policy correction"),
+    "behav_vs_prox": ("asyncrl_learner_logratio_behaviour_proximal",
+                      "Mean |log proximal - log behaviour|: inference mismatch plus policy lag"),
+    "prox_vs_current": ("asyncrl_learner_logratio_proximal_current",
+                        "Mean |log current - log proximal|: movement within this update"),
+}
+
+
 class LearnerMetrics:
     def __init__(self, registry: CollectorRegistry):
         r = registry
+        self.step_gauges = {k: Gauge(name, doc, registry=r)
+                            for k, (name, doc) in LEARNER_STEP_GAUGES.items()}
+        self.filtered_groups = Counter("asyncrl_learner_dynamic_sampling_filtered_groups_total",
+                                       "Groups dropped by dynamic sampling (all rewards equal)",
+                                       registry=r)
         self.steps = Counter("asyncrl_learner_steps_total", "Optimizer steps", registry=r)
         self.step_seconds = Histogram("asyncrl_learner_step_seconds",
                                       "Wall time of one learner step, waiting for data included",
@@ -91,9 +119,13 @@ class LearnerMetrics:
                                    buckets=(0, 1, 2, 3, 4, 6, 8, 16, 32), registry=r)
         self.eval_accuracy = Gauge("asyncrl_learner_eval_accuracy",
                                    "Held-out accuracy at the last evaluation", registry=r)
-        self.loss = Gauge("asyncrl_learner_loss", "Policy loss of the last step", registry=r)
         self.sync_seconds = Histogram("asyncrl_sync_broadcast_seconds",
                                       "Weight sync: broadcast until every generator loaded",
                                       buckets=_SYNC_BUCKETS, registry=r)
         self.sync_bytes = Counter("asyncrl_sync_sent_bytes_total", "Weight bytes broadcast",
                                   registry=r)
+
+    def set_step_stats(self, stats: dict[str, float]) -> None:
+        for key, gauge in self.step_gauges.items():
+            if key in stats:
+                gauge.set(stats[key])

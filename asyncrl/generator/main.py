@@ -26,7 +26,8 @@ import numpy as np
 
 from asyncrl import wire
 from asyncrl.config import RunConfig
-from asyncrl.task import correctness_reward, encode_prompt, load_task
+from asyncrl.rewards import combine
+from asyncrl.task import encode_prompt, load_task
 
 log = logging.getLogger("asyncrl.generator")
 
@@ -64,6 +65,7 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
                      prefix="asyncrl/sync/0")
     log.info("%s: engine up, joined weight-sync group", name)
 
+    scorer = _Scorer(cfg, tok)
     state = _State(name=name, version=0)
     incarnation = uuid.uuid4().hex[:12]  # a restarted generator is a new sender stream
     probe = _Probe(engine, encode_prompt(tok, cfg.sync.probe_prompt), cfg,
@@ -79,7 +81,7 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
         samples = engine.generate([prompt_ids[i] for i in batch], cfg.generator.group_size,
                                   cfg.generator.temperature, cfg.generator.max_tokens)
         m.generate_seconds.observe(time.perf_counter() - t0)
-        groups = [_score(problems[i], prompt_ids[i], s, tok, state, name)
+        groups = [scorer.group(problems[i], prompt_ids[i], s, state.version, name)
                   for i, s in zip(batch, samples)]
         m.generated_tokens.inc(sum(g.num_tokens for g in groups))
         m.reward.set(float(np.mean([c.reward for g in groups for c in g.completions])))
@@ -96,16 +98,30 @@ class _State:
         self.version = version
 
 
-def _score(problem, prompt, samples, tok, state: _State, name: str) -> wire.TrajectoryGroup:
-    comps = []
-    for s in samples:
-        text = tok.decode(s.tokens, skip_special_tokens=True)
-        comps.append(wire.Completion(np.asarray(s.tokens, np.int32),
-                                     np.asarray(s.logprobs, np.float32),
-                                     correctness_reward(text, problem.answer), s.finish_reason))
-    return wire.TrajectoryGroup(prompt_id=problem.id, prompt_tokens=np.asarray(prompt, np.int32),
-                                policy_version=state.version, completions=comps, generator=name,
-                                created_at=time.time())
+class _Scorer:
+    """task.rewards (weighted rule-based rewards) plus, optionally, a reward model's score."""
+
+    def __init__(self, cfg: RunConfig, tok):
+        from asyncrl.rewards import RewardModelScorer
+
+        self.tok = tok
+        self.rules = combine(cfg.task.rewards) if cfg.task.rewards else None
+        self.rm = RewardModelScorer(cfg.task.reward_model) if cfg.task.reward_model else None
+        self.rm_weight = cfg.task.reward_model_weight
+
+    def group(self, problem, prompt, samples, version: int, name: str) -> wire.TrajectoryGroup:
+        texts = [self.tok.decode(s.tokens, skip_special_tokens=True) for s in samples]
+        rewards = [self.rules(t, problem.answer) if self.rules else 0.0 for t in texts]
+        if self.rm is not None:
+            scores = self.rm.score([problem.prompt] * len(texts), texts)
+            rewards = [r + self.rm_weight * x for r, x in zip(rewards, scores)]
+        comps = [wire.Completion(np.asarray(s.tokens, np.int32),
+                                 np.asarray(s.logprobs, np.float32), r, s.finish_reason)
+                 for s, r in zip(samples, rewards)]
+        return wire.TrajectoryGroup(prompt_id=problem.id,
+                                    prompt_tokens=np.asarray(prompt, np.int32),
+                                    policy_version=version, completions=comps, generator=name,
+                                    created_at=time.time())
 
 
 def _send_with_backpressure(buffer, payload, seq, control, engine, state, m, probe, cfg) -> None:

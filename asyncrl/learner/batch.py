@@ -17,6 +17,12 @@ class TrainBatch:
     behav_logprobs: torch.Tensor  # (B, L-1) generator logprobs, aligned with completion_mask
     rewards: torch.Tensor  # (G, N)
     versions: torch.Tensor  # (B,) policy version each sequence was sampled under
+    truncated: torch.Tensor  # (B,) bool, stopped by the length limit
+
+    def to(self, device: torch.device) -> TrainBatch:
+        return TrainBatch(*(t.to(device) for t in (
+            self.input_ids, self.attention_mask, self.completion_mask, self.behav_logprobs,
+            self.rewards, self.versions, self.truncated)))
 
     @property
     def num_completion_tokens(self) -> int:
@@ -45,4 +51,6 @@ def collate(groups: list[TrajectoryGroup], pad_id: int) -> TrainBatch:
         behav[i, P - 1 : P - 1 + T] = torch.from_numpy(c.logprobs.astype("float32"))
     rewards = torch.tensor([[c.reward for c in g.completions] for g in groups])
     versions = torch.tensor([g.policy_version for g, _ in seqs])
-    return TrainBatch(input_ids, attention_mask, completion_mask, behav, rewards, versions)
+    truncated = torch.tensor([c.finish_reason == "length" for _, c in seqs])
+    return TrainBatch(input_ids, attention_mask, completion_mask, behav, rewards, versions,
+                      truncated)

@@ -7,8 +7,10 @@ step the optimizer (DDP averages gradients when nproc > 1). The policy version i
 optimizer steps done. Rank 0 also evaluates held-out accuracy, writes RUN_DIR/metrics.jsonl,
 checkpoints, and every sync.interval steps broadcasts the weights to the generators.
 
-Left out here: proximal-policy recomputation, KL/entropy terms, other advantage estimators
-(issue 3); resume from checkpoint under --max-restarts (issue 4).
+The algorithm (advantage estimator, off-policy correction, KL, entropy, critic, DAPO's
+dynamic sampling and overlong shaping) is chosen in config; asyncrl/learner/step.py applies it.
+
+Left out here: resume from checkpoint under --max-restarts (issue 4).
 
 Run (normally started by `asyncrl run`):
     torchrun --standalone --nproc-per-node 1 -m asyncrl.learner --config RUN_DIR/config.yaml
@@ -25,11 +27,11 @@ from pathlib import Path
 import torch
 
 from asyncrl import wire
-from asyncrl.algo.advantages import grpo_advantages
-from asyncrl.algo.losses import ppo_clip_loss
+from asyncrl.algo.sampling import dynamic_sampling_mask
 from asyncrl.config import RunConfig
 from asyncrl.learner.batch import TrainBatch, collate
-from asyncrl.learner.model import greedy_accuracy, load_policy, token_logprobs
+from asyncrl.learner.model import greedy_accuracy, load_critic, load_policy
+from asyncrl.learner.step import Models, train_step
 from asyncrl.task import load_task
 
 log = logging.getLogger("asyncrl.learner")
@@ -53,13 +55,15 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
     m = metrics.LearnerMetrics(registry)
     metrics.serve(registry, cfg.net.bind_host, cfg.net.learner_metrics_port(rank))
 
+    # The device follows the backend: NCCL needs the weights on the GPU it broadcasts from.
+    device = (torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+              if resolve_backend(cfg.sync.backend) == "nccl" else torch.device("cpu"))
     model, tok = load_policy(cfg.model.path, cfg.model.dtype)
-    model.train()
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr,
-                            weight_decay=cfg.learner.weight_decay)
+    model.to(device).train()
+    models = _build_models(cfg, model, device, world)
     warmup = max(1, cfg.learner.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(models.policy_opt,
+                                              lambda s: min(1.0, (s + 1) / warmup))
     ctx = transport.context()
     buffer = transport.Client(ctx, cfg.net.buffer_host, cfg.net.buffer_learner_port,
                               f"learner{rank}")
@@ -67,17 +71,20 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
 
     for step in range(1, cfg.learner.total_steps + 1):
         t0 = time.perf_counter()
-        groups, waited = _fetch(buffer, cfg, rank, version=step - 1)
+        groups, waited, filtered = _fetch(buffer, cfg, rank, version=step - 1)
         m.wait_seconds.inc(waited)
-        batch = collate(groups, tok.pad_token_id)
-        stats = _train_step(ddp, opt, batch, cfg)
+        m.filtered_groups.inc(filtered)
+        batch = collate(groups, tok.pad_token_id).to(device)
+        stats = train_step(models, batch, cfg.learner, cfg.generator.temperature,
+                           cfg.generator.max_tokens)
+        stats["dynamic_sampling_filtered_groups"] = filtered
         sched.step()
         m.steps.inc()
         m.policy_version.set(step)
         m.trained_tokens.inc(batch.num_completion_tokens)
         m.reward.set(stats["reward_mean"])
-        m.loss.set(stats["pg_loss"])
-        for s in (step - 1 - batch.versions).tolist():
+        m.set_step_stats(stats)
+        for s in (step - 1 - batch.versions).tolist():  # staleness of each trajectory
             m.staleness.observe(s)
         step_seconds = time.perf_counter() - t0
         m.step_seconds.observe(step_seconds)
@@ -89,10 +96,43 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
         dist.destroy_process_group()
 
 
-def _fetch(buffer, cfg: RunConfig, rank: int, version: int) -> tuple[list, float]:
-    """This rank's groups for a step at `version`, waiting until the buffer has enough."""
+def _build_models(cfg: RunConfig, model, device, world: int) -> Models:
+    lc = cfg.learner
+    policy = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
+    ref = critic = critic_opt = None
+    if lc.kl_coef > 0:
+        ref, _ = load_policy(cfg.model.path, cfg.model.dtype)
+        ref.to(device).eval().requires_grad_(False)
+    if lc.advantage == "gae":
+        critic = load_critic(cfg.model.path, cfg.model.dtype).to(device).train()
+        if world > 1:
+            critic = torch.nn.parallel.DistributedDataParallel(critic)
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=lc.critic_lr)
+    return Models(policy, opt, ref, critic, critic_opt)
+
+
+def _fetch(buffer, cfg: RunConfig, rank: int, version: int) -> tuple[list, float, int]:
+    """This rank's groups for a step at `version`, waiting until the buffer has enough.
+    With dynamic sampling, groups whose rewards are all equal are dropped (and counted) and
+    fetching goes on until the batch is full. Returns (groups, seconds waited, dropped)."""
     t0 = time.perf_counter()
-    req = wire.encode("batch_request", version, rank=rank, num_groups=cfg.groups_per_rank)
+    want = cfg.groups_per_rank
+    kept: list = []
+    dropped = 0
+    while len(kept) < want:
+        groups = _request(buffer, cfg, rank, version, want - len(kept))
+        if cfg.learner.dynamic_sampling:
+            rewards = torch.tensor([[c.reward for c in g.completions] for g in groups])
+            keep = dynamic_sampling_mask(rewards).tolist()
+            dropped += keep.count(False)
+            groups = [g for g, k in zip(groups, keep) if k]
+        kept += groups
+    return kept, time.perf_counter() - t0, dropped
+
+
+def _request(buffer, cfg: RunConfig, rank: int, version: int, num_groups: int) -> list:
+    req = wire.encode("batch_request", version, rank=rank, num_groups=num_groups)
     last_reply = time.monotonic()
     while True:
         reply = buffer.request(req, timeout_s=5.0)
@@ -108,27 +148,8 @@ def _fetch(buffer, cfg: RunConfig, rank: int, version: int) -> tuple[list, float
         if msg["kind"] == "error":
             raise RuntimeError(f"buffer refused our batch request: {msg['reason']}")
         if msg["status"] == "ok":
-            return msg["groups"], time.perf_counter() - t0
+            return msg["groups"]
         time.sleep(0.02)
-
-
-def _train_step(model, opt, batch: TrainBatch, cfg: RunConfig) -> dict[str, float]:
-    lc = cfg.learner
-    adv = grpo_advantages(batch.rewards, normalize_std=lc.normalize_adv_std)  # (G, N)
-    adv = adv.reshape(-1, 1)  # (B, 1): one advantage for every token of a completion
-    logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask,
-                              cfg.generator.temperature)  # (B, L-1)
-    # Token-level mean (DAPO): every completion token weighs the same, long or short.
-    normaliser = max(1.0, float(batch.completion_mask.sum()))
-    loss, stats = ppo_clip_loss(logprobs, batch.behav_logprobs, adv, batch.completion_mask,
-                                lc.clip_low, lc.clip_high, normaliser)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), lc.max_grad_norm)
-    opt.step()
-    stats["grad_norm"] = float(grad_norm)
-    stats["reward_mean"] = float(batch.rewards.mean())
-    return stats
 
 
 class _Lead:
@@ -177,8 +198,7 @@ class _Lead:
         elapsed = time.time() - self.t_start
         row = {"step": step, "policy_version": step, "reward_mean": stats["reward_mean"],
                "staleness_mean": float(staleness.mean()), "staleness_max": int(staleness.max()),
-               **{k: stats[k] for k in ("pg_loss", "clipfrac", "approx_kl", "ratio_mean",
-                                        "grad_norm")},
+               **{k: v for k, v in stats.items() if k != "reward_mean"},
                "tokens": batch.num_completion_tokens,
                "tokens_per_s": self.tokens_total / max(elapsed, 1e-9),
                "step_s": step_seconds, "data_wait_s": waited, "sync_s": sync_s,

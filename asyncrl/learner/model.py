@@ -7,9 +7,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from asyncrl.algo.losses import entropy_from_logits
 from asyncrl.task import Problem, correctness_reward, encode_prompt
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_critic(path: str | Path, dtype: str = "float32"):
+    """A value model: the policy's backbone with a fresh one-output head per token."""
+    from transformers import AutoModelForTokenClassification
+
+    critic = AutoModelForTokenClassification.from_pretrained(
+        Path(path).expanduser(), num_labels=1, dtype=_DTYPES[dtype])
+    critic.config._attn_implementation = "eager"
+    return critic
 
 
 def load_policy(path: str | Path, dtype: str = "float32"):
@@ -28,17 +39,26 @@ def load_policy(path: str | Path, dtype: str = "float32"):
     return model, tok
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   temperature: float) -> torch.Tensor:
-    """Logprob of each next token under softmax(logits / temperature): (B, T-1).
+def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     temperature: float, with_entropy: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logprob of each next token under softmax(logits / temperature), (B, T-1), and the
+    policy's entropy at each position (B, T-1) when asked.
 
     Dividing by the sampling temperature makes these the logprobs of the distribution the
     generator sampled from (vLLM's processed logprobs), so the ratio starts at 1 on-policy.
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
-    logits = logits.float() / temperature
+    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
     targets = input_ids[:, 1:]  # (B, T-1)
-    return torch.gather(F.log_softmax(logits, dim=-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    logprobs = torch.gather(logp_all, 2, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = entropy_from_logits(logits.float() / temperature) if with_entropy else None
+    return logprobs, entropy
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+    return forward_logprobs(model, input_ids, attention_mask, temperature)[0]
 
 
 @torch.no_grad()

@@ -85,6 +85,13 @@ def test_on_policy_mode_never_trains_on_stale_data(finished_run):
     assert all(r["staleness_max"] == 0 for r in rows)
 
 
+def test_on_fresh_data_the_first_minibatch_ratio_is_one(finished_run):
+    # behaviour logprobs come from vLLM, current ones from transformers: equal within float
+    # tolerance when the data is on-policy, so every token's ratio is 1 (+- 1e-3).
+    for r in _rows(finished_run["run_dir"])[1:]:
+        assert abs(r["ratio_max"] - 1) < 1e-3 and abs(r["ratio_min"] - 1) < 1e-3, r
+
+
 def test_generators_report_each_version_they_load(finished_run):
     probes = [json.loads(x) for x in (finished_run["run_dir"] / "sync_probe.jsonl").read_text().splitlines()]
     assert [p["policy_version"] for p in probes] == list(range(STEPS + 1))

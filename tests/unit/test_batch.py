@@ -16,6 +16,7 @@ def test_collate_aligns_behaviour_logprobs_with_predicted_tokens():
     assert b.completion_mask.tolist() == [[0, 1, 1, 1], [0, 1, 0, 0]]
     assert b.behav_logprobs.tolist() == [[0, -1, -2, -3], [0, -0.5, 0, 0]]
     assert b.rewards.tolist() == [[1.0, 0.0]] and b.versions.tolist() == [4, 4]
+    assert b.truncated.tolist() == [False, True]
     assert b.num_completion_tokens == 4
     # every predicted completion token is the token at the next position
     for i in range(2):

@@ -1,0 +1,145 @@
+"""One learner step: advantages, then ppo_epochs x minibatches updates with the configured
+off-policy correction, entropy bonus, KL to the reference and (for PPO) the critic.
+
+Three policies are kept apart (decoupled PPO, AReaL arXiv 2505.24298): behaviour = the
+generator's logprobs (version v, sent with the data); proximal = this learner's logprobs before
+the step's first update (recomputed here, no grad); current = the model being updated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from asyncrl.algo.advantages import ADVANTAGE_ESTIMATORS, gae_advantages
+from asyncrl.algo.kl import kl_loss, kl_reward_penalty
+from asyncrl.algo.losses import LOSS_NORMALISERS, explained_variance, value_loss
+from asyncrl.algo.offpolicy import offpolicy_pg_loss
+from asyncrl.algo.sampling import overlong_filter_mask, soft_overlong_punishment
+from asyncrl.config import LearnerConfig
+from asyncrl.learner.batch import TrainBatch
+from asyncrl.learner.model import forward_logprobs
+
+
+@dataclass
+class Models:
+    policy: torch.nn.Module  # possibly DDP-wrapped
+    policy_opt: torch.optim.Optimizer
+    ref: torch.nn.Module | None = None  # frozen copy of the starting policy, for KL
+    critic: torch.nn.Module | None = None  # value model, for advantage="gae"
+    critic_opt: torch.optim.Optimizer | None = None
+
+
+def shaped_rewards(batch: TrainBatch, lc: LearnerConfig, max_tokens: int) -> torch.Tensor:
+    """Task rewards plus DAPO's soft overlong punishment when enabled. (G, N)."""
+    rewards = batch.rewards
+    if lc.overlong_cache > 0:
+        lengths = batch.completion_mask.sum(dim=1)  # (B,)
+        pen = soft_overlong_punishment(lengths, max_tokens, lc.overlong_cache)
+        rewards = rewards + pen.reshape(rewards.shape).to(rewards.dtype)
+    return rewards
+
+
+def train_step(models: Models, batch: TrainBatch, lc: LearnerConfig, temperature: float,
+               max_tokens: int) -> dict[str, float]:
+    mask = batch.completion_mask  # (B, L-1)
+    if lc.overlong_filter:
+        mask = overlong_filter_mask(mask, batch.truncated)
+    rewards = shaped_rewards(batch, lc, max_tokens)  # (G, N)
+    stats: dict[str, float] = {"reward_mean": float(batch.rewards.mean())}
+    with torch.no_grad():
+        prox, _ = forward_logprobs(models.policy, batch.input_ids, batch.attention_mask,
+                                   temperature)  # (B, L-1)
+        ref = None
+        if models.ref is not None:
+            ref, _ = forward_logprobs(models.ref, batch.input_ids, batch.attention_mask,
+                                      temperature)
+        adv, returns, old_values = _advantages(models, batch, rewards, mask, prox, ref, lc,
+                                               stats)
+    rows = torch.arange(batch.input_ids.shape[0])
+    first = True
+    for _ in range(lc.ppo_epochs):
+        for idx in rows.chunk(lc.minibatches):
+            # Each minibatch is its own optimizer step, so it is normalised on its own tokens.
+            normaliser = LOSS_NORMALISERS[lc.loss_agg](mask[idx], max_tokens)
+            out = _policy_update(models, batch, idx, mask, prox, ref, adv, normaliser, lc,
+                                 temperature)
+            if first:  # report the first minibatch: on fresh data its ratio is exactly 1
+                stats.update(out)
+                first = False
+            if models.critic is not None:
+                stats.update(_critic_update(models, batch, idx, mask, returns, old_values, lc))
+    return stats
+
+
+def _advantages(models: Models, batch: TrainBatch, rewards, mask, prox, ref, lc, stats):
+    """(advantages (B, 1) or (B, L-1), returns or None, old values or None)."""
+    if lc.advantage != "gae":
+        adv = ADVANTAGE_ESTIMATORS[lc.advantage](rewards).reshape(-1, 1)  # (B, 1)
+        if ref is not None and lc.kl_mode == "reward":
+            # Per-token KL penalty turns the sequence advantage into a per-token one.
+            zero = torch.zeros_like(prox)
+            pen, kl_stats = kl_reward_penalty(zero, prox, ref, mask, lc.kl_coef, lc.kl_estimator)
+            adv = adv + pen.flip(-1).cumsum(-1).flip(-1)  # reward-to-go of the penalty
+            stats["kl_ref"] = kl_stats["kl"]
+        return adv, None, None
+    values = models.critic(input_ids=batch.input_ids,
+                           attention_mask=batch.attention_mask).logits[:, :-1, 0]  # (B, L-1)
+    token_rewards = torch.zeros_like(values)
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # last valid token
+    token_rewards[last] = rewards.reshape(-1)[last.nonzero()[:, 0]]
+    if ref is not None and lc.kl_mode == "reward":
+        token_rewards, kl_stats = kl_reward_penalty(token_rewards, prox, ref, mask, lc.kl_coef,
+                                                    lc.kl_estimator)
+        stats["kl_ref"] = kl_stats["kl"]
+    adv, returns = gae_advantages(token_rewards, values, mask, lc.gamma, lc.lam)
+    stats["explained_variance"] = explained_variance(values, returns, mask)
+    if lc.whiten_gae:
+        n = mask.sum().clamp(min=1)
+        mean = (adv * mask).sum() / n
+        std = (((adv - mean) ** 2 * mask).sum() / n).sqrt()
+        adv = (adv - mean) / (std + 1e-6) * mask
+    return adv, returns, values
+
+
+def _policy_update(models: Models, batch: TrainBatch, idx, mask, prox, ref, adv, normaliser,
+                   lc: LearnerConfig, temperature: float) -> dict[str, float]:
+    logprobs, entropy = forward_logprobs(models.policy, batch.input_ids[idx],
+                                         batch.attention_mask[idx], temperature,
+                                         with_entropy=lc.entropy_coef != 0)
+    m = mask[idx]
+    loss, stats = offpolicy_pg_loss(
+        lc.offpolicy, logprobs, prox[idx], batch.behav_logprobs[idx],
+        adv[idx] if adv.shape[0] > 1 else adv, m, lc.clip_low, lc.clip_high, normaliser,
+        clip_c=lc.clip_c or None, is_cap=lc.is_cap, is_low=lc.is_low, is_high=lc.is_high)
+    if entropy is not None:
+        ent = (entropy * m).sum() / m.sum().clamp(min=1)
+        loss = loss - lc.entropy_coef * ent
+        stats["entropy"] = ent.item()
+    if ref is not None and lc.kl_mode == "loss":
+        kl, kl_stats = kl_loss(logprobs, ref[idx], m, normaliser, lc.kl_estimator)
+        loss = loss + lc.kl_coef * kl
+        stats["kl_ref"] = kl_stats["kl"]
+    models.policy_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(models.policy.parameters(),
+                                                              lc.max_grad_norm))
+    models.policy_opt.step()
+    stats["loss"] = loss.item()
+    return stats
+
+
+def _critic_update(models: Models, batch: TrainBatch, idx, mask, returns, old_values,
+                   lc: LearnerConfig) -> dict[str, float]:
+    values = models.critic(input_ids=batch.input_ids[idx],
+                           attention_mask=batch.attention_mask[idx]).logits[:, :-1, 0]
+    m = mask[idx]
+    loss, stats = value_loss(values, old_values[idx], returns[idx], m, lc.value_clip or None,
+                             m.sum().clamp(min=1))
+    models.critic_opt.zero_grad(set_to_none=True)
+    (lc.vf_coef * loss).backward()
+    torch.nn.utils.clip_grad_norm_(models.critic.parameters(), lc.max_grad_norm)
+    models.critic_opt.step()
+    return stats
+
