@@ -34,7 +34,16 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "addition"
-    """`addition`: the built-in synthetic task (a+b=, answer checked exactly)."""
+    """`addition`: the built-in synthetic task (a+b=, answer checked exactly); `dataset`:
+    prompt/answer records from task.path."""
+    path: str = ""
+    """A local .jsonl or .parquet file of records (task.name=dataset)."""
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    chat_template: bool = False
+    """Render each prompt as the user turn of the tokenizer's chat template (instruct models)."""
+    eval_reward: str = "correctness"
+    """The reward function (by name) whose greedy mean is eval_accuracy."""
     digits: int = 2
     """Digits of each operand (zero-padded to this width)."""
     train_size: int = 5000
@@ -245,6 +254,7 @@ class RunConfig:
                 + _choice("learner.loss_agg", lc.loss_agg, LOSS_NORMALISERS)
                 + _choice("learner.kl_estimator", lc.kl_estimator, KL_ESTIMATORS)
                 + _choice("learner.kl_mode", lc.kl_mode, ("loss", "reward")))
+        errs += _choice("task.eval_reward", self.task.eval_reward, REWARD_FUNCTIONS)
         errs += [f"task.rewards has unknown {k!r}: choose from {sorted(REWARD_FUNCTIONS)}"
                  for k in self.task.rewards if k not in REWARD_FUNCTIONS]
         if not self.task.rewards and not self.task.reward_model:
@@ -264,7 +274,10 @@ class RunConfig:
     def validate(self) -> None:
         """Cross-field checks; each error names the field to change."""
         checks = [
-            (self.task.name == "addition", f"task.name={self.task.name!r}: only 'addition'"),
+            (self.task.name in ("addition", "dataset"),
+             f"task.name={self.task.name!r}: choose addition or dataset"),
+            (self.task.name != "dataset" or Path(self.task.path).expanduser().is_file(),
+             f"task.path={self.task.path!r} is not a file (task.name=dataset needs one)"),
             (self.sync.backend in ("auto", "gloo", "nccl"),
              f"sync.backend={self.sync.backend!r}: choose auto, gloo or nccl"),
             (self.model.dtype in ("float32", "bfloat16", "float16"),

@@ -48,10 +48,10 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
     metrics.serve(registry, cfg.net.bind_host, cfg.net.generator_metrics_port(index))
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    train, _ = load_task(cfg.task.name, cfg.task.digits, cfg.task.train_size,
-                         cfg.task.eval_size, cfg.task.seed)
+    train, _ = load_task(cfg.task)
     problems = {p.id: p for p in train}
-    prompt_ids = {p.id: encode_prompt(tok, p.prompt) for p in train}
+    chat = cfg.task.chat_template
+    prompt_ids = {p.id: encode_prompt(tok, p.prompt, chat) for p in train}
     max_len = max(map(len, prompt_ids.values())) + cfg.generator.max_tokens + 8
     engine = VLLMEngine(model_dir, cfg.model.dtype, cfg.generator.seed + index, max_len,
                         cfg.generator.gpu_memory_utilization)
@@ -68,7 +68,7 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
     scorer = _Scorer(cfg, tok)
     state = _State(name=name, version=0)
     incarnation = uuid.uuid4().hex[:12]  # a restarted generator is a new sender stream
-    probe = _Probe(engine, encode_prompt(tok, cfg.sync.probe_prompt), cfg,
+    probe = _Probe(engine, encode_prompt(tok, cfg.sync.probe_prompt, chat), cfg,
                    run_dir / "sync_probe.jsonl")
     probe.record(name, 0)
     rng = random.Random(cfg.generator.seed * 1000 + index)

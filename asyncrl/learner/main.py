@@ -32,6 +32,7 @@ from asyncrl.config import RunConfig
 from asyncrl.learner.batch import TrainBatch, collate
 from asyncrl.learner.model import greedy_accuracy, load_critic, load_policy
 from asyncrl.learner.step import Models, train_step
+from asyncrl.rewards import REWARD_FUNCTIONS
 from asyncrl.task import load_task
 
 log = logging.getLogger("asyncrl.learner")
@@ -160,8 +161,7 @@ class _Lead:
         from asyncrl.sync.sender import WeightSender
 
         self.cfg, self.run_dir, self.model, self.tok, self.m = cfg, run_dir, model, tok, m
-        _, self.eval_set = load_task(cfg.task.name, cfg.task.digits, cfg.task.train_size,
-                                     cfg.task.eval_size, cfg.task.seed)
+        _, self.eval_set = load_task(cfg.task)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.t_start = time.time()
         self.tokens_total = 0
@@ -176,7 +176,9 @@ class _Lead:
                      "elapsed_s": 0.0})
 
     def _evaluate(self) -> float:
-        acc = greedy_accuracy(self.model, self.tok, self.eval_set, self.cfg.generator.max_tokens)
+        acc = greedy_accuracy(self.model, self.tok, self.eval_set, self.cfg.generator.max_tokens,
+                              REWARD_FUNCTIONS[self.cfg.task.eval_reward],
+                              self.cfg.task.chat_template)
         self.m.eval_accuracy.set(acc)
         return acc
 

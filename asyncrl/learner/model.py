@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from asyncrl.algo.losses import entropy_from_logits
 from asyncrl.task import Problem, correctness_reward, encode_prompt
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,14 +67,15 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 @torch.no_grad()
 def greedy_accuracy(model, tok, problems: list[Problem], max_tokens: int,
-                    batch_size: int = 256) -> float:
-    """Fraction of problems whose greedy completion earns reward 1 (left-padded batches)."""
+                    reward: Callable[[str, str], float] = correctness_reward,
+                    chat_template: bool = False, batch_size: int = 256) -> float:
+    """Mean reward (1 = correct) of greedy completions on `problems` (left-padded batches)."""
     was_training = model.training
     model.eval()
     correct = 0.0
     for i in range(0, len(problems), batch_size):
         chunk = problems[i : i + batch_size]
-        prompts = [encode_prompt(tok, p.prompt) for p in chunk]
+        prompts = [encode_prompt(tok, p.prompt, chat_template) for p in chunk]
         width = max(map(len, prompts))
         ids = torch.full((len(chunk), width), tok.pad_token_id)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -82,6 +87,6 @@ def greedy_accuracy(model, tok, problems: list[Problem], max_tokens: int,
                              eos_token_id=tok.eos_token_id)
         for j, p in enumerate(chunk):
             text = tok.decode(out[j, width:], skip_special_tokens=True)
-            correct += correctness_reward(text, p.answer)
+            correct += reward(text, p.answer)
     model.train(was_training)
     return correct / max(1, len(problems))

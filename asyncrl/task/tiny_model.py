@@ -58,7 +58,9 @@ def build_model(out_dir: Path, vocab_size: int, pad_id: int, bos_id: int, eos_id
 
 
 def cache_key(cfg: RunConfig) -> str:
-    blob = json.dumps({"v": BUILD_VERSION, "task": asdict(cfg.task),
+    # Only what shapes the model: task fields that change the training problems, warm start.
+    task = {k: getattr(cfg.task, k) for k in ("name", "digits", "train_size", "eval_size", "seed")}
+    blob = json.dumps({"v": BUILD_VERSION, "task": task,
                        "warm": {k: v for k, v in asdict(cfg.warm_start).items()
                                 if k != "cache_dir"}, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -94,8 +96,7 @@ def _build(cfg: RunConfig, out: Path, progress: Callable[[str], None]) -> None:
     tok = AutoTokenizer.from_pretrained(out)
     model = build_model(out, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
                         cfg.seed)
-    train, held_out = load_task(cfg.task.name, cfg.task.digits, cfg.task.train_size,
-                                cfg.task.eval_size, cfg.task.seed)
+    train, held_out = load_task(cfg.task)
     ws = cfg.warm_start
     progress(f"[prepare] building tiny Llama ({sum(p.numel() for p in model.parameters())/1e6:.1f}M"
              f" params), SFT {ws.steps} steps x {ws.batch_size} on {len(train)} problems")
