@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -136,6 +137,8 @@ def _cmd_generator(cfg: RunConfig, args) -> int:
     if not 0 <= args.index < cfg.generator.num_generators:
         raise ConfigError(f"--index {args.index} outside generator.num_generators="
                           f"{cfg.generator.num_generators}")
+    if cfg.generator.device_ids:  # before vLLM (and CUDA) is imported
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(cfg.generator.device_ids[args.index])
     resolve_model(cfg)
     run(cfg, args.index, cfg.model.path, _role_run_dir(cfg))
     return 0
@@ -150,7 +153,10 @@ def _cmd_learner(cfg: RunConfig, args) -> int:
     run_dir = _role_run_dir(cfg)
     path = run_dir / "config.yaml"
     save_config(cfg, path)
-    return subprocess.call(learner_command(cfg, path))
+    env = dict(os.environ)
+    if cfg.learner.device_ids:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, cfg.learner.device_ids))
+    return subprocess.call(learner_command(cfg, path), env=env)
 
 
 _COMMANDS = {"run": _cmd_run, "prepare": _cmd_prepare, "buffer": _cmd_buffer,

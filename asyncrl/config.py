@@ -125,6 +125,9 @@ class GeneratorConfig:
     gpu_memory_utilization: float = 0.85
     threads: int = 1
     """CPU threads for the engine (OMP); the learner gets the rest of the machine."""
+    device_ids: list[int] = field(default_factory=list)
+    """GPU of each generator (generator i gets CUDA_VISIBLE_DEVICES=device_ids[i]); empty:
+    whatever is visible (the CPU here)."""
     seed: int = 0
 
 
@@ -145,7 +148,12 @@ class BufferConfig:
 @dataclass
 class LearnerConfig:
     nproc: int = 1
-    """Learner processes (torchrun --nproc-per-node); DDP over gloo/NCCL when > 1."""
+    """Learner processes per node (torchrun --nproc-per-node); DDP over gloo/NCCL when > 1."""
+    nnodes: int = 1
+    """Learner nodes; > 1 uses torchrun's c10d rendezvous at rdzv_endpoint instead of
+    --standalone (start `asyncrl learner` on every node)."""
+    rdzv_endpoint: str = ""
+    """host:port of the c10d rendezvous for nnodes > 1 (e.g. the first training node)."""
     total_steps: int = 150
     groups_per_step: int = 16
     """Groups (prompts) per optimizer step across all ranks."""
@@ -197,6 +205,9 @@ class LearnerConfig:
     eval_interval: int = 10
     """Evaluate held-out accuracy every this many steps (and at step 0, the SFT policy)."""
     checkpoint_interval: int = 50
+    device_ids: list[int] = field(default_factory=list)
+    """GPUs of the learner ranks on this node (CUDA_VISIBLE_DEVICES for torchrun); empty:
+    whatever is visible."""
     threads: int = 1
     seed: int = 0
 
@@ -237,8 +248,12 @@ class RunConfig:
                    self.buffer.admit_steps * self.learner.groups_per_step)
 
     @property
+    def learner_world(self) -> int:
+        return self.learner.nproc * self.learner.nnodes
+
+    @property
     def groups_per_rank(self) -> int:
-        return self.learner.groups_per_step // self.learner.nproc
+        return self.learner.groups_per_step // self.learner_world
 
     def _variant_errors(self) -> list[str]:
         # Imported here: the variant tables live beside their equations in asyncrl.algo.
@@ -287,9 +302,16 @@ class RunConfig:
              "generator.group_size must be >= 2 (group-relative advantages need a group)"),
             (self.generator.temperature > 0, "generator.temperature must be > 0"),
             (self.learner.nproc >= 1, "learner.nproc must be >= 1"),
-            (self.learner.groups_per_step % self.learner.nproc == 0,
+            (not self.generator.device_ids
+             or len(self.generator.device_ids) == self.generator.num_generators,
+             "generator.device_ids needs one entry per generator (generator.num_generators)"),
+            (not self.learner.device_ids or len(self.learner.device_ids) == self.learner.nproc,
+             "learner.device_ids needs one entry per rank (learner.nproc)"),
+            (self.learner.groups_per_step % self.learner_world == 0,
              f"learner.groups_per_step={self.learner.groups_per_step} must be divisible by "
-             f"learner.nproc={self.learner.nproc}"),
+             f"learner.nproc x learner.nnodes={self.learner_world}"),
+            (self.learner.nnodes == 1 or ":" in self.learner.rdzv_endpoint,
+             "learner.nnodes > 1 needs learner.rdzv_endpoint=host:port"),
             (self.buffer.capacity_groups >= self.learner.groups_per_step,
              "buffer.capacity_groups must be >= learner.groups_per_step or no batch ever fits"),
             (self.sync.interval >= 1, "sync.interval must be >= 1"),

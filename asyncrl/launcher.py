@@ -38,13 +38,17 @@ def role_commands(cfg: RunConfig, config_path: Path) -> dict[str, list[str]]:
     for i in range(cfg.generator.num_generators):
         cmds[f"gen{i}"] = [py, "-m", "asyncrl", "generator", "--config", str(config_path),
                            "--index", str(i)]
-    cmds["learner"] = learner_command(cfg, config_path)
+    cmds["learner"] = [py, "-m", "asyncrl", "learner", "--config", str(config_path)]
     return cmds
 
 
 def learner_command(cfg: RunConfig, config_path: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc-per-node", str(cfg.learner.nproc), "-m", "asyncrl.learner",
+    lc = cfg.learner
+    rdzv = (["--standalone"] if lc.nnodes == 1 else
+            ["--nnodes", str(lc.nnodes), "--rdzv-backend", "c10d",
+             "--rdzv-endpoint", lc.rdzv_endpoint])
+    return [sys.executable, "-m", "torch.distributed.run", *rdzv,
+            "--nproc-per-node", str(lc.nproc), "-m", "asyncrl.learner",
             "--config", str(config_path)]
 
 

@@ -46,8 +46,9 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
     from asyncrl.sync.group import resolve_backend
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world != cfg.learner.nproc:
-        raise RuntimeError(f"torchrun started {world} ranks but learner.nproc={cfg.learner.nproc}")
+    if world != cfg.learner_world:
+        raise RuntimeError(f"torchrun started {world} ranks but learner.nproc x learner.nnodes="
+                           f"{cfg.learner_world}")
     torch.set_num_threads(cfg.learner.threads)
     torch.manual_seed(cfg.learner.seed)
     if world > 1:
