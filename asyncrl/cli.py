@@ -6,6 +6,8 @@
     asyncrl generator --config CONFIG --index I
     asyncrl learner --config CONFIG          wraps torchrun --nproc-per-node learner.nproc
     asyncrl plot RUN_DIR                     redraw RUN_DIR/curves.png from metrics.jsonl
+    asyncrl replay RUN_DIR                   re-train on the logged batches, compare weights
+    asyncrl study staleness ... CONFIG       a grid of runs over staleness and correction
 
 Heavy modules (torch, vllm, transformers) are imported after argument parsing, so `--help`
 answers at once and a config error is reported before anything slow starts.
@@ -40,6 +42,20 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--index", type=int, default=0)
     s = sub.add_parser("plot", help="redraw RUN_DIR/curves.png")
     s.add_argument("run_dir")
+    s = sub.add_parser("study", help="a grid of runs and a report (staleness sweep)")
+    s.add_argument("kind", choices=["staleness"])
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    s.add_argument("--max-staleness", default="0,1,2,4,8", help="comma-separated bounds")
+    s.add_argument("--correction", default="none,tis,decoupled",
+                   help="comma-separated learner.offpolicy values")
+    s.add_argument("--seeds", type=int, default=1)
+    s.add_argument("--target", type=float, default=0.8,
+                   help="accuracy for the time-to-target column")
+    s.add_argument("--out", default="studies/staleness", help="sweep directory (resumable)")
+    s = sub.add_parser("replay", help="re-train a finished run's learner on its logged batches "
+                                      "and compare the weights' checksum")
+    s.add_argument("run_dir")
     return p
 
 
@@ -52,12 +68,18 @@ def main(argv: list[str] | None = None) -> int:
 
             print(plot_run(Path(args.run_dir) / "metrics.jsonl", Path(args.run_dir) / "curves.png"))
             return 0
+        if args.cmd == "study":
+            return _cmd_study(args)
+        if args.cmd == "replay":
+            from asyncrl.learner.replay import replay
+
+            return 0 if replay(Path(args.run_dir)) else 1
         cfg = load_config(args.config, args.overrides)
         return _COMMANDS[args.cmd](cfg, args)
     except ConfigError as e:
         print(f"asyncrl: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, TimeoutError, OSError) as e:
+    except (FileNotFoundError, TimeoutError, OSError, ValueError) as e:
         print(f"asyncrl {args.cmd}: {e}", file=sys.stderr)
         return 1
 
@@ -86,32 +108,52 @@ def _cmd_prepare(cfg: RunConfig, args) -> int:
 
 
 def _cmd_run(cfg: RunConfig, args) -> int:
+    return execute_run(cfg)
+
+
+def execute_run(cfg: RunConfig, out=print) -> int:
+    """Prepare the model, write RUN_DIR/config.yaml, run every role until the learner ends."""
     from asyncrl.launcher import launch
 
     run_dir = _run_dir(cfg)
     if (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"run_dir {run_dir} already holds a run (metrics.jsonl); "
                           "choose another run_dir")
-    print(f"[run] run directory {run_dir}")
-    resolve_model(cfg)
+    out(f"[run] run directory {run_dir}")
+    resolve_model(cfg, out)
     config_path = run_dir / "config.yaml"
     save_config(cfg, config_path)
-    code = launch(cfg, run_dir, config_path)
-    _summary(run_dir)
+    code = launch(cfg, run_dir, config_path, out)
+    _summary(run_dir, out)
     return code
 
 
-def _summary(run_dir: Path) -> None:
+def _cmd_study(args) -> int:
+    from asyncrl.study import grid, run_sweep
+
+    load_config(args.config, args.overrides)  # fail now on a bad config, not at run 7
+    settings = grid([int(x) for x in args.max_staleness.split(",")],
+                    args.correction.split(","))
+    for s in settings:
+        load_config(args.config, [*args.overrides, *s.overrides])
+    report = run_sweep(args.config, args.overrides, settings, args.seeds, Path(args.out),
+                       args.target)
+    print(f"[study] report in {report}:")
+    print((report / "summary.md").read_text())
+    return 0
+
+
+def _summary(run_dir: Path, out=print) -> None:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return
     evals = [r for r in map(json.loads, path.read_text().splitlines()) if "eval_accuracy" in r]
     if len(evals) >= 2:
         a0, a1 = evals[0]["eval_accuracy"], evals[-1]["eval_accuracy"]
-        print(f"[run] held-out accuracy: SFT {a0:.1%} -> step {evals[-1]['step']} {a1:.1%} "
-              f"({(a1 - a0) * 100:+.1f} points)")
+        out(f"[run] held-out accuracy: SFT {a0:.1%} -> step {evals[-1]['step']} {a1:.1%} "
+            f"({(a1 - a0) * 100:+.1f} points)")
     if (run_dir / "curves.png").exists():
-        print(f"[run] plot: {run_dir / 'curves.png'}")
+        out(f"[run] plot: {run_dir / 'curves.png'}")
 
 
 def _role_run_dir(cfg: RunConfig) -> Path:

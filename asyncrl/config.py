@@ -214,6 +214,10 @@ class LearnerConfig:
 
 @dataclass
 class SyncConfig:
+    mode: str = "async"
+    """async: generators never wait for the learner (bounded by buffer.admit_steps and
+    max_staleness). sync: strictly on-policy; each generator makes its share of one batch
+    under the current weights, then waits for the next ones (needs max_staleness=0)."""
     interval: int = 1
     """Broadcast new weights to the generators every this many learner steps."""
     backend: str = "auto"
@@ -315,6 +319,10 @@ class RunConfig:
             (self.buffer.capacity_groups >= self.learner.groups_per_step,
              "buffer.capacity_groups must be >= learner.groups_per_step or no batch ever fits"),
             (self.sync.interval >= 1, "sync.interval must be >= 1"),
+            (self.sync.mode in ("async", "sync"), f"sync.mode={self.sync.mode!r}: async or sync"),
+            (self.sync.mode == "async" or (self.buffer.max_staleness == 0
+                                           and self.sync.interval == 1),
+             "sync.mode=sync needs buffer.max_staleness=0 and sync.interval=1"),
             (self.buffer.max_staleness >= self.sync.interval - 1,
              f"buffer.max_staleness={self.buffer.max_staleness} < sync.interval-1="
              f"{self.sync.interval - 1}: generators hold version k*interval while the learner "

@@ -6,8 +6,10 @@ reward each completion, send the groups to the buffer and wait for its ack. A "b
 the buffer is full: wait and resend the same message (back-pressure), still serving weight
 updates meanwhile so the learner is never blocked on a waiting generator.
 
-Left out here: resend-after-restart idempotency and heartbeats (issue 4), prompt datasets
-other than the built-in task (issue 3).
+With sync.mode=sync the generator makes its share of one learner batch under the current
+weights and then waits for the next ones: strictly on-policy, same code as the async mode.
+
+Left out here: heartbeats and resend after a restart of this process (issue 4).
 
 Run (normally started by `asyncrl run`):
     python -m asyncrl generator --config RUN_DIR/config.yaml --index 0
@@ -20,6 +22,7 @@ import logging
 import random
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -74,21 +77,30 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
     rng = random.Random(cfg.generator.seed * 1000 + index)
     train_ids = list(prompt_ids)
     seq = 0
+    # sync mode: this generator's share of one learner batch, in whole generate calls.
+    share = -(-cfg.learner.groups_per_step // cfg.generator.num_generators)  # ceil
+    calls_per_version = -(-share // cfg.generator.prompts_per_call)
+    made: Counter[int] = Counter()  # generate calls made under each policy version
     while True:
         _serve_control(control, engine, state, m, probe, timeout_s=0.0)
+        while cfg.sync.mode == "sync" and made[state.version] >= calls_per_version:
+            # Strictly on-policy: this version's share is done; wait for the new weights.
+            _serve_control(control, engine, state, m, probe, timeout_s=1.0)
+        version = state.version
         batch = rng.sample(train_ids, cfg.generator.prompts_per_call)
         t0 = time.perf_counter()
         samples = engine.generate([prompt_ids[i] for i in batch], cfg.generator.group_size,
                                   cfg.generator.temperature, cfg.generator.max_tokens)
         m.generate_seconds.observe(time.perf_counter() - t0)
-        groups = [scorer.group(problems[i], prompt_ids[i], s, state.version, name)
+        groups = [scorer.group(problems[i], prompt_ids[i], s, version, name)
                   for i, s in zip(batch, samples)]
         m.generated_tokens.inc(sum(g.num_tokens for g in groups))
         m.reward.set(float(np.mean([c.reward for g in groups for c in g.completions])))
         seq += 1
-        payload = wire.encode("trajectories", state.version, sender=name, incarnation=incarnation,
+        payload = wire.encode("trajectories", version, sender=name, incarnation=incarnation,
                               seq=seq, groups=groups)
         _send_with_backpressure(buffer, payload, seq, control, engine, state, m, probe, cfg)
+        made[version] += 1
         m.trajectories_sent.inc(sum(len(g.completions) for g in groups))
 
 

@@ -70,24 +70,28 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
     buffer = transport.Client(ctx, cfg.net.buffer_host, cfg.net.buffer_learner_port,
                               f"learner{rank}")
     lead = _Lead(cfg, run_dir, model, tok, m) if rank == 0 else None
+    batch_log = BatchLog(run_dir, rank)
 
     for step in range(1, cfg.learner.total_steps + 1):
         t0 = time.perf_counter()
-        groups, waited, filtered = _fetch(buffer, cfg, rank, version=step - 1)
+        groups, waited, filtered, dropped_total = _fetch(buffer, cfg, rank, version=step - 1)
+        batch_log.append(step, groups, dropped_total)
         m.wait_seconds.inc(waited)
         m.filtered_groups.inc(filtered)
         batch = collate(groups, tok.pad_token_id).to(device)
         stats = train_step(models, batch, cfg.learner, cfg.generator.temperature,
                            cfg.generator.max_tokens)
         stats["dynamic_sampling_filtered_groups"] = filtered
+        stats["stale_dropped_total"] = dropped_total
         sched.step()
         m.steps.inc()
         m.policy_version.set(step)
         m.trained_tokens.inc(batch.num_completion_tokens)
         m.reward.set(stats["reward_mean"])
         m.set_step_stats(stats)
-        for s in (step - 1 - batch.versions).tolist():  # staleness of each trajectory
-            m.staleness.observe(s)
+        for lag, n_tokens in token_staleness(batch, step - 1).items():
+            for _ in range(n_tokens):
+                m.staleness.observe(lag)
         step_seconds = time.perf_counter() - t0
         m.step_seconds.observe(step_seconds)
         if lead is not None:
@@ -114,26 +118,39 @@ def _build_models(cfg: RunConfig, model, device, world: int) -> Models:
     return Models(policy, opt, ref, critic, critic_opt)
 
 
-def _fetch(buffer, cfg: RunConfig, rank: int, version: int) -> tuple[list, float, int]:
+def token_staleness(batch: TrainBatch, version: int) -> dict[int, int]:
+    """Completion tokens per staleness (policy versions between sampling and this update)."""
+    lags = (version - batch.versions).tolist()
+    counts = batch.completion_mask.sum(dim=1).tolist()
+    hist: dict[int, int] = {}
+    for lag, n in zip(lags, counts):
+        hist[int(lag)] = hist.get(int(lag), 0) + int(n)
+    return dict(sorted(hist.items()))
+
+
+def _fetch(buffer, cfg: RunConfig, rank: int, version: int
+           ) -> tuple[list, float, int, int]:
     """This rank's groups for a step at `version`, waiting until the buffer has enough.
     With dynamic sampling, groups whose rewards are all equal are dropped (and counted) and
-    fetching goes on until the batch is full. Returns (groups, seconds waited, dropped)."""
+    fetching goes on until the batch is full.
+    Returns (groups, seconds waited, groups filtered, buffer's stale-dropped total)."""
     t0 = time.perf_counter()
     want = cfg.groups_per_rank
     kept: list = []
     dropped = 0
     while len(kept) < want:
-        groups = _request(buffer, cfg, rank, version, want - len(kept))
+        groups, dropped_total = _request(buffer, cfg, rank, version, want - len(kept))
         if cfg.learner.dynamic_sampling:
             rewards = torch.tensor([[c.reward for c in g.completions] for g in groups])
             keep = dynamic_sampling_mask(rewards).tolist()
             dropped += keep.count(False)
             groups = [g for g, k in zip(groups, keep) if k]
         kept += groups
-    return kept, time.perf_counter() - t0, dropped
+    return kept, time.perf_counter() - t0, dropped, dropped_total
 
 
-def _request(buffer, cfg: RunConfig, rank: int, version: int, num_groups: int) -> list:
+def _request(buffer, cfg: RunConfig, rank: int, version: int, num_groups: int
+             ) -> tuple[list, int]:
     req = wire.encode("batch_request", version, rank=rank, num_groups=num_groups)
     last_reply = time.monotonic()
     while True:
@@ -150,7 +167,7 @@ def _request(buffer, cfg: RunConfig, rank: int, version: int, num_groups: int) -
         if msg["kind"] == "error":
             raise RuntimeError(f"buffer refused our batch request: {msg['reason']}")
         if msg["status"] == "ok":
-            return msg["groups"]
+            return msg["groups"], msg["stale_dropped_total"]
         time.sleep(0.02)
 
 
@@ -166,6 +183,7 @@ class _Lead:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.t_start = time.time()
         self.tokens_total = 0
+        self.samples_total = 0
         self.control = transport.Server(transport.context(), cfg.net.bind_host,
                                         cfg.net.sync_control_port)
         self.sender = WeightSender(self.control, cfg.net.bind_host, cfg.net.sync_store_port,
@@ -196,11 +214,15 @@ class _Lead:
             sync_s, nbytes = self.sender.push(self.model, step)
             self.m.sync_seconds.observe(sync_s)
             self.m.sync_bytes.inc(nbytes)
-        staleness = (step - 1 - batch.versions).float()
+        hist = token_staleness(batch, step - 1)
+        n_tok = max(1, sum(hist.values()))
         self.tokens_total += batch.num_completion_tokens
+        self.samples_total += batch.input_ids.shape[0]
         elapsed = time.time() - self.t_start
         row = {"step": step, "policy_version": step, "reward_mean": stats["reward_mean"],
-               "staleness_mean": float(staleness.mean()), "staleness_max": int(staleness.max()),
+               "staleness_mean": sum(k * v for k, v in hist.items()) / n_tok,
+               "staleness_max": max(hist), "staleness_tokens": {str(k): v for k, v in hist.items()},
+               "samples_trained": self.samples_total * self.cfg.learner_world,
                **{k: v for k, v in stats.items() if k != "reward_mean"},
                "tokens": batch.num_completion_tokens,
                "tokens_per_s": self.tokens_total / max(elapsed, 1e-9),
@@ -223,3 +245,49 @@ class _Lead:
         from asyncrl.plots import plot_run
 
         plot_run(self.metrics_path, self.run_dir / "curves.png")
+        (self.run_dir / "summary.json").write_text(json.dumps(
+            {"steps": self.cfg.learner.total_steps, "final_weights_sha256":
+             weights_sha256(self.model), "elapsed_s": time.time() - self.t_start}))
+
+
+def weights_sha256(model) -> str:
+    """Checksum of every tensor's bytes in state_dict order: equal iff the weights are."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class BatchLog:
+    """Every batch this rank trained on, in order, as wire `batch` frames (length-prefixed) in
+    RUN_DIR/batches/rank<r>.bin, plus a readable admission log (RUN_DIR/admission.jsonl:
+    step, rank, and each group's generator, prompt id and policy version). With it a finished
+    async run replays on the learner alone (`asyncrl replay RUN_DIR`)."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        (run_dir / "batches").mkdir(parents=True, exist_ok=True)
+        self.bin = (run_dir / "batches" / f"rank{rank}.bin").open("ab")
+        self.jsonl = (run_dir / "admission.jsonl").open("a")
+        self.rank = rank
+
+    def append(self, step: int, groups: list, dropped_total: int) -> None:
+        frame = wire.encode("batch", step - 1, status="ok", groups=groups,
+                            stale_dropped_total=dropped_total)
+        self.bin.write(len(frame).to_bytes(8, "little") + frame)
+        self.bin.flush()
+        self.jsonl.write(json.dumps({"step": step, "rank": self.rank, "groups": [
+            [g.generator, g.prompt_id, g.policy_version] for g in groups]}) + "\n")
+        self.jsonl.flush()
+
+
+def read_batch_log(path: Path):
+    """Yield the groups of each logged step, in order."""
+    data = path.read_bytes()
+    off = 0
+    while off < len(data):
+        n = int.from_bytes(data[off : off + 8], "little")
+        yield wire.decode(data[off + 8 : off + 8 + n])["groups"]
+        off += 8 + n

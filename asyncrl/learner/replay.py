@@ -1,0 +1,56 @@
+"""`asyncrl replay RUN_DIR`: re-run a finished run's learner alone on the batches it logged.
+
+The async run's nondeterminism is all in which trajectories reached which batch; the learner
+logged exactly that (RUN_DIR/batches/rank0.bin), so training on the same batches in the same
+order, with the same seed, threads and schedule, gives the same weights on the same machine.
+The checksum is compared with RUN_DIR/summary.json. Single-rank runs only (learner.nproc=1).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from asyncrl.config import load_config
+from asyncrl.learner.batch import collate
+from asyncrl.learner.main import _build_models, read_batch_log, weights_sha256
+from asyncrl.learner.model import load_policy
+from asyncrl.learner.step import train_step
+
+
+def replay(run_dir: Path, out=print) -> bool:
+    """True when the replayed weights equal the run's (same SHA-256)."""
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.learner_world != 1:
+        raise ValueError(f"{run_dir} was trained on {cfg.learner_world} ranks; replay "
+                         "supports single-rank runs (learner.nproc=1)")
+    log = run_dir / "batches" / "rank0.bin"
+    summary = run_dir / "summary.json"
+    if not log.is_file() or not summary.is_file():
+        raise FileNotFoundError(f"{run_dir} has no finished run to replay ({log.name} and "
+                                f"{summary.name} are written by the learner)")
+    torch.set_num_threads(cfg.learner.threads)
+    torch.manual_seed(cfg.learner.seed)
+    model, tok = load_policy(cfg.model.path, cfg.model.dtype)
+    model.train()
+    models = _build_models(cfg, model, torch.device("cpu"), world=1)
+    warmup = max(1, cfg.learner.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(models.policy_opt,
+                                              lambda s: min(1.0, (s + 1) / warmup))
+    t0 = time.time()
+    steps = 0
+    for steps, groups in enumerate(read_batch_log(log), 1):
+        train_step(models, collate(groups, tok.pad_token_id), cfg.learner,
+                   cfg.generator.temperature, cfg.generator.max_tokens)
+        sched.step()
+        if steps % 25 == 0:
+            out(f"[replay] step {steps} ({time.time() - t0:.0f}s)")
+    got = weights_sha256(model)
+    want = json.loads(summary.read_text())["final_weights_sha256"]
+    same = got == want
+    out(f"[replay] {steps} steps; weights sha256 {got[:16]}... "
+        f"{'==' if same else '!='} run's {want[:16]}...")
+    return same
