@@ -51,15 +51,18 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
                            f"{cfg.learner_world}")
     torch.set_num_threads(cfg.learner.threads)
     torch.manual_seed(cfg.learner.seed)
+    # The device follows the backend: NCCL needs the weights on the GPU it broadcasts from.
+    backend = resolve_backend(cfg.sync.backend)
+    device = (torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+              if backend == "nccl" else torch.device("cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group(resolve_backend(cfg.sync.backend))
+        dist.init_process_group(backend)
     registry = CollectorRegistry()
     m = metrics.LearnerMetrics(registry)
     metrics.serve(registry, cfg.net.bind_host, cfg.net.learner_metrics_port(rank))
 
-    # The device follows the backend: NCCL needs the weights on the GPU it broadcasts from.
-    device = (torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-              if resolve_backend(cfg.sync.backend) == "nccl" else torch.device("cpu"))
     model, tok = load_policy(cfg.model.path, cfg.model.dtype)
     model.to(device).train()
     models = _build_models(cfg, model, device, world)
