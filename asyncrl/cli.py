@@ -168,6 +168,8 @@ def _cmd_buffer(cfg: RunConfig, args) -> int:
     from asyncrl.buffer.main import run
 
     resolve_model(cfg)
+    if cfg.buffer.durable:
+        _role_run_dir(cfg)  # the durable log lives in RUN_DIR/buffer/
     vocab = json.loads((Path(cfg.model.path) / "config.json").read_text()).get("vocab_size")
     run(cfg, vocab_size=vocab)
     return 0

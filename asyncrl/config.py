@@ -140,6 +140,11 @@ class BufferConfig:
     """Learner steps' worth of groups the buffer admits before answering "busy": how far the
     generators may run ahead. Consumption is FIFO, so in steady state staleness is about this
     many versions; more admits smooth out bursts, fewer keep data fresh."""
+    durable: bool = True
+    """Log every acknowledged message to RUN_DIR/buffer/log.bin before replying, and recover
+    from it on restart."""
+    fsync: bool = False
+    """fsync each log record: survives a machine crash too, not just a killed process."""
     capacity_groups: int = 512
     """Hard cap on groups held (memory bound). Past the admission limit generators wait
     (back-pressure); nothing is dropped but stale data."""

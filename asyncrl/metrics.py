@@ -57,6 +57,8 @@ class BufferMetrics:
         self.duplicates = Counter("asyncrl_buffer_duplicate_messages_total",
                                   "Resent trajectory messages acknowledged but not stored again",
                                   registry=r)
+        self.recovered = Counter("asyncrl_buffer_recovered_groups_total",
+                                 "Groups restored from the durable log at start-up", registry=r)
         self.busy = Counter("asyncrl_buffer_busy_replies_total",
                             "Trajectory messages refused because the buffer was full", registry=r)
         self.stale_dropped = Counter("asyncrl_buffer_stale_dropped_trajectories_total",

@@ -7,7 +7,9 @@ answers "busy" and the generator resends later: nothing is dropped except trajec
 than buffer.max_staleness, which are counted.
 
 Delivery is exactly-once per (sender, incarnation, seq): a resent message (its ack was lost)
-is acknowledged again but not stored twice. Left out here: a durable log (issue 4).
+is acknowledged again but not stored twice. With buffer.durable (the default) every accepted
+message and every batch handed out is in RUN_DIR/buffer/log.bin before the reply goes out, so
+a restarted buffer holds exactly what it had acknowledged and not yet handed out.
 
 Run (normally started by `asyncrl run`):
     python -m asyncrl buffer --config RUN_DIR/config.yaml
@@ -16,8 +18,12 @@ Run (normally started by `asyncrl run`):
 from __future__ import annotations
 
 import logging
+import struct
+
+import msgpack
 
 from asyncrl import wire
+from asyncrl.buffer.durable import ADD, TAKE
 from asyncrl.buffer.store import ReplayBuffer
 from asyncrl.config import RunConfig
 
@@ -38,7 +44,17 @@ def run(cfg: RunConfig, vocab_size: int | None = None) -> None:
     learner = transport.Server(ctx, cfg.net.bind_host, cfg.net.buffer_learner_port)
     log.info("buffer listening: generators on %d, learner on %d, metrics on %d",
              cfg.net.buffer_ingest_port, cfg.net.buffer_learner_port, cfg.net.buffer_metrics_port)
-    handler = BufferHandler(store, m, vocab_size)
+    durable = None
+    if cfg.buffer.durable:
+        from pathlib import Path
+
+        from asyncrl.buffer.durable import DurableLog
+
+        durable = DurableLog(Path(cfg.run_dir) / "buffer" / "log.bin", cfg.buffer.fsync)
+    handler = BufferHandler(store, m, vocab_size, durable)
+    if durable is not None:
+        n = handler.recover()
+        log.info("recovered %d groups from %s", n, durable.path)
     while True:
         for server in transport.poll_servers([ingest, learner], timeout_s=1.0):
             got = server.recv()
@@ -54,8 +70,8 @@ def run(cfg: RunConfig, vocab_size: int | None = None) -> None:
 class BufferHandler:
     """Frame in, reply frame out. Kept apart from the sockets so tests can drive it directly."""
 
-    def __init__(self, store: ReplayBuffer, m, vocab_size: int | None):
-        self.store, self.m, self.vocab_size = store, m, vocab_size
+    def __init__(self, store: ReplayBuffer, m, vocab_size: int | None, durable=None):
+        self.store, self.m, self.vocab_size, self.durable = store, m, vocab_size, durable
         # (sender, incarnation) -> highest seq accepted. A generator resends a message whose
         # ack it did not get; acking the resend without storing it again makes delivery
         # exactly-once per (sender, incarnation, seq).
@@ -82,6 +98,8 @@ class BufferHandler:
             self.m.busy.inc()
             return wire.encode("ack", version, seq=msg["seq"], status="busy", reason="full")
         self.accepted_seq[key] = msg["seq"]
+        if self.durable is not None:
+            self.durable.append(ADD, frame)
         self.m.received.inc(sum(len(g.completions) for g in groups))
         self._occupancy()
         return wire.encode("ack", version, seq=msg["seq"], status="ok", reason="")
@@ -93,6 +111,12 @@ class BufferHandler:
             return self._reject(e, kind="error", policy_version=self.store.learner_version,
                                 reason=str(e)[:200])
         res = self.store.take(msg["num_groups"], msg["policy_version"])
+        if self.durable is not None and (res.groups or res.stale_dropped_groups):
+            self.durable.append(TAKE, struct.pack("<IQ", msg["num_groups"] if res.groups else 0,
+                                                  msg["policy_version"]))
+            if len(self.store) == 0:  # nothing left to lose: keep only the dedup table
+                self.durable.compact(msgpack.packb(
+                    [[s, i, q] for (s, i), q in self.accepted_seq.items()]))
         self.m.learner_version.set(self.store.learner_version)
         if res.stale_dropped_trajectories:
             self.m.stale_dropped.inc(res.stale_dropped_trajectories)
@@ -101,6 +125,22 @@ class BufferHandler:
         return wire.encode("batch", self.store.learner_version,
                            status="ok" if res.groups else "not_ready", groups=res.groups,
                            stale_dropped_total=self.store.stale_dropped_trajectories_total)
+
+    def recover(self) -> int:
+        """Rebuild the store and dedup table from the durable log; returns groups held."""
+        for kind, payload in self.durable.replay():
+            if kind == ADD:
+                msg = wire.decode(payload)
+                self.store.add(msg["groups"], force=True)
+                self.accepted_seq[(msg["sender"], msg["incarnation"])] = msg["seq"]
+            elif kind == TAKE:
+                n, version = struct.unpack("<IQ", payload)
+                self.store.take(n, version) if n else self.store.drop_stale(version)
+            else:
+                self.accepted_seq = {(s, i): q for s, i, q in msgpack.unpackb(payload)}
+        self.m.recovered.inc(len(self.store))
+        self._occupancy()
+        return len(self.store)
 
     def _occupancy(self) -> None:
         self.m.occupancy.set(len(self.store))

@@ -40,9 +40,10 @@ class ReplayBuffer:
     def num_trajectories(self) -> int:
         return sum(len(g.completions) for g in self._groups)
 
-    def add(self, groups: list[TrajectoryGroup]) -> bool:
-        """Append the groups, or refuse all of them (False) when they do not fit."""
-        if len(self._groups) + len(groups) > self.capacity_groups:
+    def add(self, groups: list[TrajectoryGroup], force: bool = False) -> bool:
+        """Append the groups, or refuse all of them (False) when they do not fit. `force`
+        skips the admission limit (recovery re-adds what was already acknowledged)."""
+        if not force and len(self._groups) + len(groups) > self.capacity_groups:
             return False
         self._groups.extend(groups)
         return True
