@@ -80,6 +80,10 @@ class NetConfig:
     """Address generators use to reach learner rank 0 (weight-sync control and process group)."""
     base_port: int = 47100
     """Every port is base_port + a fixed offset; see docs/architecture.md for the table."""
+    heartbeat_interval_s: float = 1.0
+    """Generators and learner ranks tell the buffer they are alive this often."""
+    heartbeat_timeout_s: float = 5.0
+    """A peer silent this long is reported as frozen or dead (log line and metric)."""
     ready_timeout_s: float = 180.0
     """How long a role waits for its peers to come up before failing with an error."""
 
@@ -98,6 +102,10 @@ class NetConfig:
     @property
     def sync_store_port(self) -> int:
         return self.base_port + 3
+
+    @property
+    def heartbeat_port(self) -> int:
+        return self.base_port + 4
 
     @property
     def buffer_metrics_port(self) -> int:

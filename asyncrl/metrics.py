@@ -69,6 +69,12 @@ class BufferMetrics:
         self.occupancy = Gauge("asyncrl_buffer_occupancy_groups", "Groups held", registry=r)
         self.occupancy_traj = Gauge("asyncrl_buffer_occupancy_trajectories",
                                     "Trajectories held", registry=r)
+        self.peer_age = Gauge("asyncrl_buffer_peer_heartbeat_age_seconds",
+                              "Seconds since each generator / learner rank last sent a "
+                              "heartbeat", ["peer"], registry=r)
+        self.peers_silent = Gauge("asyncrl_buffer_peers_silent",
+                                  "Peers silent for longer than net.heartbeat_timeout_s",
+                                  registry=r)
         self.learner_version = Gauge("asyncrl_buffer_learner_policy_version",
                                      "Latest learner policy version seen", registry=r)
 

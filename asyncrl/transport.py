@@ -11,7 +11,10 @@ Every socket closes with linger=0 so a dead peer never blocks shutdown.
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
+from collections.abc import Callable
 
 import zmq
 
@@ -91,6 +94,29 @@ class Client:
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close(linger=0)
+
+
+class Heartbeat(threading.Thread):
+    """Sends `make_frame()` to a peer every interval_s from its own socket and thread, so a
+    process that is frozen (or dead) stops sending and its silence can be noticed."""
+
+    def __init__(self, host: str, port: int, make_frame: Callable[[], bytes],
+                 interval_s: float):
+        super().__init__(daemon=True, name="asyncrl-heartbeat")
+        self.addr, self.make_frame, self.interval_s = tcp(host, port), make_frame, interval_s
+
+    def run(self) -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 4)  # a peer that is down gets a few, not a backlog
+        sock.connect(self.addr)
+        while True:
+            try:
+                sock.send(self.make_frame(), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            time.sleep(self.interval_s)
 
 
 def context() -> zmq.Context:

@@ -17,6 +17,7 @@ Message kinds (docs/architecture.md has the table with directions and sockets):
   weights_update    learner -> generator  a broadcast of these tensors follows on the sync group
   weights_loaded    generator -> learner  the new weights are live in the engine
   error             any reply             the request was rejected and why
+  heartbeat         generator, learner -> buffer   "I am alive" (no reply)
 """
 
 from __future__ import annotations
@@ -242,6 +243,13 @@ def _check_error(m: dict, vocab_size: int | None) -> None:
     _need(m, "reason", _STR)
 
 
+def _check_heartbeat(m: dict, vocab_size: int | None) -> None:
+    _need(m, "sender", _STR)
+    if len(m["sender"]) > 64:
+        raise MessageError("bad_value", "sender name longer than 64 characters")
+    _need(m, "role", _STR)
+
+
 _CHECKS = {
     "trajectories": _check_trajectories,
     "ack": _check_ack,
@@ -251,6 +259,7 @@ _CHECKS = {
     "weights_update": _check_weights_update,
     "weights_loaded": _check_weights_loaded,
     "error": _check_error,
+    "heartbeat": _check_heartbeat,
 }
 KINDS = tuple(_CHECKS)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 
 import msgpack
 
@@ -42,6 +43,8 @@ def run(cfg: RunConfig, vocab_size: int | None = None) -> None:
     ctx = transport.context()
     ingest = transport.Server(ctx, cfg.net.bind_host, cfg.net.buffer_ingest_port)
     learner = transport.Server(ctx, cfg.net.bind_host, cfg.net.buffer_learner_port)
+    beats = transport.Server(ctx, cfg.net.bind_host, cfg.net.heartbeat_port)
+    liveness = Liveness(cfg.net.heartbeat_timeout_s, m)
     log.info("buffer listening: generators on %d, learner on %d, metrics on %d",
              cfg.net.buffer_ingest_port, cfg.net.buffer_learner_port, cfg.net.buffer_metrics_port)
     durable = None
@@ -56,15 +59,53 @@ def run(cfg: RunConfig, vocab_size: int | None = None) -> None:
         n = handler.recover()
         log.info("recovered %d groups from %s", n, durable.path)
     while True:
-        for server in transport.poll_servers([ingest, learner], timeout_s=1.0):
+        for server in transport.poll_servers([ingest, learner, beats], timeout_s=0.5):
             got = server.recv()
             if got is None:
                 m.rejected.labels("bad_framing").inc()
                 continue
             ident, frame = got
+            if server is beats:
+                liveness.on_heartbeat(frame)
+                continue
             reply = (handler.on_trajectories(frame) if server is ingest
                      else handler.on_batch_request(frame))
             server.send(ident, reply)
+        liveness.check()
+
+
+class Liveness:
+    """Heartbeats from generators and learner ranks; a peer silent for more than `timeout_s`
+    is reported (a warning, and the metrics) within timeout_s + the 0.5 s poll."""
+
+    def __init__(self, timeout_s: float, m):
+        self.timeout_s, self.m = timeout_s, m
+        self.last_seen: dict[str, float] = {}
+        self.silent: set[str] = set()
+
+    def on_heartbeat(self, frame: bytes) -> None:
+        try:
+            msg = wire.decode(frame, expect=("heartbeat",))
+        except wire.MessageError as e:
+            self.m.rejected.labels(e.reason).inc()
+            return
+        if len(self.last_seen) >= 1024 and msg["sender"] not in self.last_seen:
+            return  # bound the label set
+        self.last_seen[msg["sender"]] = time.monotonic()
+        if msg["sender"] in self.silent:
+            self.silent.discard(msg["sender"])
+            log.warning("peer %s is alive again", msg["sender"])
+
+    def check(self) -> None:
+        now = time.monotonic()
+        for peer, seen in self.last_seen.items():
+            age = now - seen
+            self.m.peer_age.labels(peer).set(age)
+            if age > self.timeout_s and peer not in self.silent:
+                self.silent.add(peer)
+                log.error("peer %s silent for %.1fs (frozen or dead?); net.heartbeat_timeout_s"
+                          "=%.1f", peer, age, self.timeout_s)
+        self.m.peers_silent.set(len(self.silent))
 
 
 class BufferHandler:

@@ -63,6 +63,9 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
     buffer = transport.Client(ctx, cfg.net.buffer_host, cfg.net.buffer_ingest_port, name)
     control = transport.Client(ctx, cfg.net.learner_host, cfg.net.sync_control_port, name)
     control.send(wire.encode("generator_hello", 0, sender=name, sync_rank=index + 1))
+    transport.Heartbeat(cfg.net.buffer_host, cfg.net.heartbeat_port,
+                        lambda: wire.encode("heartbeat", 0, sender=name, role="generator"),
+                        cfg.net.heartbeat_interval_s).start()
     engine.init_sync(cfg.net.learner_host, cfg.net.sync_store_port, index + 1,
                      cfg.generator.num_generators + 1, cfg.sync.backend, cfg.sync.timeout_s,
                      prefix="asyncrl/sync/0")

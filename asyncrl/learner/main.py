@@ -72,6 +72,10 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
     ctx = transport.context()
     buffer = transport.Client(ctx, cfg.net.buffer_host, cfg.net.buffer_learner_port,
                               f"learner{rank}")
+    transport.Heartbeat(cfg.net.buffer_host, cfg.net.heartbeat_port,
+                        lambda: wire.encode("heartbeat", 0, sender=f"learner{rank}",
+                                            role="learner"),
+                        cfg.net.heartbeat_interval_s).start()
     lead = _Lead(cfg, run_dir, model, tok, m) if rank == 0 else None
     batch_log = BatchLog(run_dir, rank)
 

@@ -54,3 +54,37 @@ def test_stalled_learner_makes_generators_wait_not_drop(model_cache, tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
+
+
+def test_frozen_generator_is_detected_by_heartbeats(model_cache, tmp_path):
+    from tests.conftest import free_base_port
+
+    base = free_base_port()
+    proc = _start(_overrides(model_cache, tmp_path, base, **{
+        "learner.total_steps": 1000, "learner.nproc": 1, "net.heartbeat_timeout_s": 3}))
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "metrics.jsonl").exists() or len(_rows(tmp_path)) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.5)
+        assert _metrics(base + 10)["asyncrl_buffer_peers_silent"] == 0
+        gen = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if " asyncrl generator " in " ".join(p.cmdline()))
+        gen.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        while _metrics(base + 10)["asyncrl_buffer_peers_silent"] < 1:
+            assert time.monotonic() - t0 < 15, "frozen generator not detected"
+            time.sleep(0.2)
+        detected_s = time.monotonic() - t0
+        print(f"frozen generator detected after {detected_s:.1f}s")
+        # bound: timeout (3 s) + heartbeat interval (1 s) + the buffer's poll (0.5 s)
+        assert detected_s < 3 + 1 + 0.5 + 0.5
+        assert "peer gen0 silent" in (tmp_path / "logs" / "buffer.log").read_text()
+        gen.send_signal(signal.SIGCONT)
+        t0 = time.monotonic()
+        while _metrics(base + 10)["asyncrl_buffer_peers_silent"] > 0:
+            assert time.monotonic() - t0 < 10
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)

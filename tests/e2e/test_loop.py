@@ -161,7 +161,7 @@ def _assert_all_gone(family):
 
 def test_killed_role_stops_the_run_with_its_error_and_leaves_no_orphans(model_cache, tmp_path):
     proc, family = _running_run(model_cache, tmp_path)
-    gen = next(p for p in family if "generator" in " ".join(p.cmdline()))
+    gen = next(p for p in family if " asyncrl generator " in " ".join(p.cmdline()))
     gen.send_signal(signal.SIGKILL)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0

@@ -259,7 +259,7 @@ def test_k8s_manifests_parse_and_use_the_netconfig_ports(tmp_path):
 
     buffer = _service_ports(objs[("Service", "asyncrl-buffer")])
     assert sorted(buffer.values()) == [net.buffer_ingest_port, net.buffer_learner_port,
-                                       net.buffer_metrics_port]
+                                       net.heartbeat_port, net.buffer_metrics_port]
     assert net.buffer_host == "asyncrl-buffer"
 
     sts = objs[("StatefulSet", "asyncrl-generator")]

@@ -45,6 +45,7 @@ def test_every_kind_round_trips():
         "weights_update": dict(tensors=[["w", "float32", [2, 3]]]),
         "weights_loaded": dict(sender="gen0", seconds=0.5),
         "error": dict(reason="x"),
+        "heartbeat": dict(sender="gen0", role="generator"),
     }
     for kind, fields in cases.items():
         assert wire.decode(wire.encode(kind, 2, **fields))["kind"] == kind

@@ -1,0 +1,4 @@
+"""Benchmarks that print figures; run them as modules from the repository root.
+
+Results and commands: docs/performance.md.
+"""

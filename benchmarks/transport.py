@@ -1,0 +1,273 @@
+"""Buffer ingest vs raw ZeroMQ PUSH/PULL of the same bytes (issue 7, item 1).
+
+The sender (this process) plays the generator: it sends `trajectories` frames built by
+`asyncrl.wire.encode` with an `asyncrl.transport.Client` DEALER and decodes each ack. The
+receiver is a child process running the buffer's request loop: `asyncrl.transport.Server`
+(ROUTER) + `asyncrl.buffer.main.BufferHandler` over a `ReplayBuffer`, i.e. validation of every
+frame (checksum, msgpack, every field and array, token ids against a 259-token vocabulary),
+duplicate check, admission and the ack. It is the loop of `asyncrl.buffer.main.run` without
+the Prometheus HTTP server and with one line standing in for the learner: whenever the store
+holds `--admit-groups` groups they are taken out, so occupancy stays realistic and the buffer
+never answers busy.
+
+Raw baseline: a PUSH socket in this process, a PULL socket in a child process, the identical
+frames, no decoding. Both rates are measured from the first send to the receiver's last
+acknowledgement (raw: an END frame answered once everything before it has arrived).
+
+Modes: `acked` is what the generator does (one request, wait for its ack, next request);
+`pipelined` keeps `--window` requests in flight on one DEALER (what a generator that sends
+while it generates the next batch could do). Each mode is run `--reps` times, interleaved with
+the raw run; the table shows medians and the ratio to the raw median of the same case.
+
+Run from the repository root (about 40 s on 2 cores):
+    .venv/bin/python -m benchmarks.transport
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+
+VOCAB = 259  # the tiny tokenizer's size
+
+
+@dataclass
+class Case:
+    name: str
+    groups: int  # groups per message (generator.prompts_per_call)
+    group_size: int
+    tokens: int  # completion tokens
+    prompt_tokens: int
+    messages: int
+
+
+CASES = [
+    Case("8x8 compl x 256 tok", 8, 8, 256, 64, 300),
+    Case("8x8 compl x 6 tok (default run)", 8, 8, 6, 7, 300),
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--reps", type=int, default=3, help="repetitions of each mode (median shown)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply the number of messages per repetition (default 300)")
+    p.add_argument("--window", type=int, default=16, help="requests in flight when pipelined")
+    p.add_argument("--admit-groups", type=int, default=512,
+                   help="groups held before the stand-in learner takes them all")
+    return p
+
+
+# ------------------------------------------------------------------ frames
+
+
+def make_groups(case: Case, seed: int) -> list:
+    import numpy as np
+
+    from asyncrl import wire
+
+    rng = np.random.default_rng(seed)
+    now = time.time()
+    groups = []
+    for g in range(case.groups):
+        comps = [wire.Completion(rng.integers(0, VOCAB, case.tokens, dtype=np.int32),
+                                 np.log(rng.uniform(0.01, 1.0, case.tokens)).astype(np.float32),
+                                 float(rng.integers(0, 2)), "length")
+                 for _ in range(case.group_size)]
+        groups.append(wire.TrajectoryGroup(g, rng.integers(0, VOCAB, case.prompt_tokens,
+                                                           dtype=np.int32),
+                                           0, comps, "gen0", now))
+    return groups
+
+
+def make_frames(case: Case, n: int, incarnation: str) -> list[bytes]:
+    """n frames with seq 1..n; a few distinct payloads cycled (content does not change cost)."""
+    from asyncrl import wire
+
+    pool = [make_groups(case, seed) for seed in range(8)]
+    return [wire.encode("trajectories", 0, sender="gen0", incarnation=incarnation, seq=i + 1,
+                        groups=pool[i % len(pool)]) for i in range(n)]
+
+
+# ------------------------------------------------------------------ receivers (child processes)
+
+
+def buffer_loop(port: int, admit_groups: int, ready) -> None:
+    """The buffer's ingest loop (asyncrl.buffer.main.run) plus a stand-in learner."""
+    from prometheus_client import CollectorRegistry
+
+    from asyncrl import transport
+    from asyncrl.buffer.main import BufferHandler
+    from asyncrl.buffer.store import ReplayBuffer
+    from asyncrl.metrics import BufferMetrics
+
+    store = ReplayBuffer(capacity_groups=10 * admit_groups, max_staleness=2)
+    handler = BufferHandler(store, BufferMetrics(CollectorRegistry()), VOCAB)
+    ingest = transport.Server(transport.context(), "127.0.0.1", port)
+    ready.set()
+    while True:
+        for server in transport.poll_servers([ingest], timeout_s=1.0):
+            got = server.recv()
+            if got is None:
+                continue
+            ident, frame = got
+            server.send(ident, handler.on_trajectories(frame))
+            if len(store) >= admit_groups:  # the learner takes a batch
+                store.take(len(store), store.learner_version)
+
+
+def raw_sink(port: int, done_port: int, ready) -> None:
+    """PULL every frame; on b"END" tell the sender everything before it has arrived."""
+    import zmq
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(f"tcp://127.0.0.1:{port}")
+    done = ctx.socket(zmq.PUSH)
+    done.connect(f"tcp://127.0.0.1:{done_port}")
+    ready.set()
+    while True:
+        if pull.recv() == b"END":
+            done.send(b"done")
+
+
+# ------------------------------------------------------------------ senders (this process)
+
+
+def run_raw(push, done, frames: list[bytes]) -> float:
+    t0 = time.perf_counter()
+    for f in frames:
+        push.send(f)
+    push.send(b"END")
+    done.recv()
+    return time.perf_counter() - t0
+
+
+def _check_ack(reply: bytes | None) -> None:
+    from asyncrl import wire
+
+    if reply is None:
+        raise TimeoutError("no ack from the buffer within 30 s")
+    ack = wire.decode(reply, expect=("ack",))
+    if ack["status"] != "ok" or ack["reason"]:
+        raise RuntimeError(f"buffer answered {ack['status']} ({ack['reason']}): the benchmark "
+                           "would not measure ingest")
+
+
+def run_acked(client, frames: list[bytes]) -> float:
+    t0 = time.perf_counter()
+    for f in frames:
+        _check_ack(client.request(f, timeout_s=30.0))
+    return time.perf_counter() - t0
+
+
+def run_pipelined(client, frames: list[bytes], window: int) -> float:
+    t0 = time.perf_counter()
+    sent = acked = 0
+    while acked < len(frames):
+        while sent < len(frames) and sent - acked < window:
+            client.send(frames[sent])
+            sent += 1
+        _check_ack(client.poll(30.0))
+        acked += 1
+    return time.perf_counter() - t0
+
+
+def decode_breakdown(frames: list[bytes]) -> list[float]:
+    """ms per message, in this process (best of 3): CRC-32; msgpack with arrays left as raw
+    extension bytes; msgpack building the numpy arrays (wire's ext hook); the full
+    wire.decode with field validation and the vocabulary check."""
+    import zlib
+
+    import msgpack
+
+    from asyncrl import wire
+
+    steps = [lambda f: zlib.crc32(memoryview(f)[8:]),
+             lambda f: msgpack.unpackb(memoryview(f)[8:], raw=False),
+             lambda f: msgpack.unpackb(memoryview(f)[8:], ext_hook=wire._unpack_array,
+                                       raw=False),
+             lambda f: wire.decode(f, expect=("trajectories",), vocab_size=VOCAB)]
+    out = []
+    for step in steps:
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for f in frames:
+                step(f)
+            best = min(best, time.perf_counter() - t0)
+        out.append(best / len(frames) * 1e3)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    import zmq
+
+    from asyncrl import transport
+    from benchmarks.common import free_port, machine, median, table
+
+    print(f"# buffer ingest vs raw ZeroMQ  ({machine()})")
+    spawn = mp.get_context("spawn")
+    buf_port, raw_port, done_port = free_port(), free_port(), free_port()
+    ctx = zmq.Context()
+    done = ctx.socket(zmq.PULL)
+    done.bind(f"tcp://127.0.0.1:{done_port}")
+    ready_b, ready_r = spawn.Event(), spawn.Event()
+    children = [spawn.Process(target=buffer_loop, args=(buf_port, args.admit_groups, ready_b),
+                              daemon=True),
+                spawn.Process(target=raw_sink, args=(raw_port, done_port, ready_r), daemon=True)]
+    for c in children:
+        c.start()
+    try:
+        if not (ready_b.wait(60) and ready_r.wait(60)):
+            raise TimeoutError("receiver processes did not start within 60 s")
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(f"tcp://127.0.0.1:{raw_port}")
+        client = transport.Client(transport.context(), "127.0.0.1", buf_port, "gen0")
+        rows, costs = [], []
+        for ci, case in enumerate(CASES):
+            n = max(10, int(case.messages * args.scale))
+            times: dict[str, list[float]] = {"raw": [], "acked": [], "pipelined": []}
+            run_raw(push, done, make_frames(case, 10, f"warm{ci}"))  # connect, warm up
+            run_acked(client, make_frames(case, 10, f"warmb{ci}"))
+            for rep in range(args.reps):
+                frames = make_frames(case, n, f"c{ci}r{rep}a")
+                times["raw"].append(run_raw(push, done, frames))
+                times["acked"].append(run_acked(client, frames))
+                frames = make_frames(case, n, f"c{ci}r{rep}p")
+                times["pipelined"].append(run_pipelined(client, frames, args.window))
+            costs.append([case.name, *(f"{x:.2f}" for x in decode_breakdown(frames[:50]))])
+            nbytes = sum(map(len, frames)) / n
+            traj = case.groups * case.group_size
+            raw_s = median(times["raw"])
+            for mode, label in (("raw", "raw PUSH/PULL"), ("acked", "asyncrl acked"),
+                                ("pipelined", f"asyncrl pipelined w={args.window}")):
+                s = median(times[mode])
+                rows.append([case.name if mode == "raw" else "",
+                             f"{nbytes / 1e3:.1f}" if mode == "raw" else "", label,
+                             f"{n / s:,.0f}", f"{n * traj / s:,.0f}", f"{n * nbytes / s / 1e6:.1f}",
+                             f"{raw_s / s:.3f}"])
+        print(table(["case (groups x completions)", "KB/msg", "mode", "msg/s", "traj/s", "MB/s",
+                     "x raw"], rows))
+        print(f"messages per repetition: {[max(10, int(c.messages * args.scale)) for c in CASES]}"
+              f", repetitions: {args.reps} (medians); target: asyncrl >= 0.5 x raw\n")
+        print("where the receiver's time goes, ms per message (cumulative, best of 3, one core):")
+        print(table(["case", "crc32", "msgpack, arrays as bytes", "+ numpy arrays",
+                     "wire.decode (all checks)"], costs))
+        client.close()
+        push.close(linger=0)
+        done.close(linger=0)
+    finally:
+        for c in children:
+            c.terminate()
+            c.join(5)
+
+
+if __name__ == "__main__":
+    main()
