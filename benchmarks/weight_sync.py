@@ -13,10 +13,11 @@ broadcast + wait until the engine has loaded. Raw = the same packed buffers broa
 second gloo group between the same two processes into preallocated (touched) buffers, timed
 until the receiver says it has them (one small ZeroMQ message, as for the push).
 
-The push is broken down into: pack (state_dict + `weights.pack`, timed apart in the learner),
+The push is broken down into: pack (`weights.pack` inside the push, timed by wrapping it),
 receive (allocation + broadcast, in the engine), reload (`model_runner.reload_weights`, timed
-by wrapping it inside the worker) and the rest (control messages, waiting). Each figure is the
-median over --reps rounds (pack, raw, push) after --warmup untimed rounds.
+by wrapping it inside the worker) and the rest (control messages, the engine noticing the
+announcement, prefix-cache reset, freeing buffers). Each figure is the median over --reps
+rounds (raw, then push) after --warmup untimed rounds.
 
 Models (built once under --work-dir with random weights, no SFT):
   tiny   the embedded default's Llama (4 layers, hidden 256, vocab 259), 3.5M params
@@ -185,16 +186,14 @@ def main(argv: list[str] | None = None) -> None:
     warmup = args.warmup if args.warmup is not None else (1 if args.size == "tiny" else 0)
     torch.set_num_threads(1)
     print(f"# weight push vs raw gloo broadcast, {args.size}  ({machine()})")
-    t0 = time.perf_counter()
     path = model_dir(args.size, Path(args.work_dir).expanduser())
-    build_s = time.perf_counter() - t0
-    model, _ = load_policy(path, "float32")
-    n_params = sum(p.numel() for p in model.parameters())
     control_port, store_port, raw_port = free_port(), free_port(), free_port()
     child = mp.get_context("spawn").Process(
         target=generator, args=(str(path), control_port, store_port, raw_port), daemon=True)
-    child.start()
+    child.start()  # the engine starts while the learner loads its copy
     try:
+        model, _ = load_policy(path, "float32")
+        n_params = sum(p.numel() for p in model.parameters())
         server = transport.Server(transport.context(), HOST, control_port)
         sender = WeightSender(server, HOST, store_port, num_generators=1, backend="gloo",
                               timeout_s=TIMEOUT_S, ready_timeout_s=TIMEOUT_S)
@@ -215,15 +214,25 @@ def main(argv: list[str] | None = None) -> None:
             _reply(server, b"RAW_DONE")
             return time.perf_counter() - t
 
-        raw_s, push_s, pack_s = [], [], []
-        for rep in range(warmup + reps):
+        plain_pack, pack_s = weights.pack, []
+
+        def timed_pack(named):  # the sender calls weights.pack through the module
             t = time.perf_counter()
-            bufs = weights.pack(list(model.state_dict().items()))  # what push does first
+            out = plain_pack(named)
             pack_s.append(time.perf_counter() - t)
+            return out
+
+        raw_s, push_s = [], []
+        for rep in range(warmup + reps):
+            bufs = plain_pack(list(model.state_dict().items()))
             raw_s.append(raw(bufs))
             nbytes = weights.nbytes(bufs)
-            del bufs  # keep one packed copy at a time (2.5 GB for the 0.5b model)
-            push_s.append(sender.push(model, rep + 1)[0])
+            del bufs  # one packed copy at a time (2.5 GB for the 0.5b model)
+            weights.pack = timed_pack
+            try:
+                push_s.append(sender.push(model, rep + 1)[0])
+            finally:
+                weights.pack = plain_pack
         server.send(ident, b"STATS")
         stats = json.loads(_reply(server, b"{"))
         server.send(ident, b"STOP")
@@ -240,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     raw_med, push_med, pack_med = median(raw_s), median(push_s), median(pack_s)
     print(f"model {path.name}: {n_params / 1e6:.1f}M parameters, {len(model.state_dict())} "
           f"tensors, {nbytes / 1e6:.1f} MB sent per push (float32{tied}). "
-          f"Build/reuse {build_s:.0f} s, engine start-up "
+          f"Engine start-up "
           f"{stats['startup_s']:.0f} s, engine threads {stats['threads']}, learner threads "
           f"{torch.get_num_threads()}, peak RSS learner "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB, generator "
@@ -248,11 +257,12 @@ def main(argv: list[str] | None = None) -> None:
     print(table(["what", "seconds (median)", "all runs", "x raw"], [
         ["raw gloo broadcast", f"{raw_med:.3f}", _runs(raw_s), "1.00"],
         ["asyncrl push, loaded", f"{push_med:.3f}", _runs(push_s), f"{push_med / raw_med:.2f}"],
-        ["  pack (state_dict + cat)", f"{pack_med:.3f}", _runs(pack_s), ""],
+        ["  pack (torch.cat per dtype)", f"{pack_med:.3f}", _runs(pack_s), ""],
         ["  receive (alloc + broadcast)", f"{recv - reload:.3f}",
          _runs([a - b for a, b in zip(recv_s, reload_s)]), ""],
         ["  reload_weights", f"{reload:.3f}", _runs(reload_s), ""],
-        ["  rest (control, waits)", f"{push_med - pack_med - recv:.3f}", "", ""],
+        ["  rest (control, wake-up, free)", f"{push_med - pack_med - recv:.3f}",
+         _runs([a - b - c for a, b, c in zip(push_s, pack_s, recv_s)]), ""],
     ]))
     print(f"{reps} timed runs after {warmup} warm-up; raw broadcast rate "
           f"{nbytes / raw_med / 1e9:.2f} GB/s; target: push <= 1.5 x raw")

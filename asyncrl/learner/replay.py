@@ -16,8 +16,9 @@ import torch
 
 from asyncrl.config import load_config
 from asyncrl.learner.batch import collate
-from asyncrl.learner.main import _build_models, read_batch_log, weights_sha256
+from asyncrl.learner.main import _build_models
 from asyncrl.learner.model import load_policy
+from asyncrl.learner.runlog import read_batch_log, weights_sha256
 from asyncrl.learner.step import train_step
 
 
