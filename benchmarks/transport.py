@@ -19,6 +19,10 @@ Modes: `acked` is what the generator does (one request, wait for its ack, next r
 while it generates the next batch could do). Each mode is run `--reps` times, interleaved with
 the raw run; the table shows medians and the ratio to the raw median of the same case.
 
+A second table splits the receiver's per-message cost (CRC, msgpack, array construction,
+validation) and times two prototype decoders from benchmarks/wire_prototypes.py, to show what
+a change to asyncrl.wire would buy.
+
 Run from the repository root (about 40 s on 2 cores):
     .venv/bin/python -m benchmarks.transport
 """
@@ -177,31 +181,38 @@ def run_pipelined(client, frames: list[bytes], window: int) -> float:
     return time.perf_counter() - t0
 
 
-def decode_breakdown(frames: list[bytes]) -> list[float]:
+def decode_breakdown(case: Case, frames: list[bytes]) -> list[float]:
     """ms per message, in this process (best of 3): CRC-32; msgpack with arrays left as raw
     extension bytes; msgpack building the numpy arrays (wire's ext hook); the full
-    wire.decode with field validation and the vocabulary check."""
+    wire.decode with field validation and the vocabulary check; then the two prototypes of
+    benchmarks/wire_prototypes.py (same checks): lean decode of the same frames, and decode of
+    a columnar frame holding the same groups."""
     import zlib
 
     import msgpack
 
     from asyncrl import wire
+    from benchmarks import wire_prototypes as proto
 
-    steps = [lambda f: zlib.crc32(memoryview(f)[8:]),
-             lambda f: msgpack.unpackb(memoryview(f)[8:], raw=False),
-             lambda f: msgpack.unpackb(memoryview(f)[8:], ext_hook=wire._unpack_array,
-                                       raw=False),
-             lambda f: wire.decode(f, expect=("trajectories",), vocab_size=VOCAB)]
+    columnar = [proto.columnar_frame(make_groups(case, i), i + 1, "col")
+                for i in range(len(frames))]
+    steps = [(frames, lambda f: zlib.crc32(memoryview(f)[8:])),
+             (frames, lambda f: msgpack.unpackb(memoryview(f)[8:], raw=False)),
+             (frames, lambda f: msgpack.unpackb(memoryview(f)[8:], ext_hook=wire._unpack_array,
+                                                raw=False)),
+             (frames, lambda f: wire.decode(f, expect=("trajectories",), vocab_size=VOCAB)),
+             (frames, lambda f: proto.lean_decode(f, VOCAB)),
+             (columnar, lambda f: proto.columnar_decode(f, VOCAB))]
     out = []
-    for step in steps:
+    for batch, step in steps:
         best = float("inf")
         for _ in range(3):
             t0 = time.perf_counter()
-            for f in frames:
+            for f in batch:
                 step(f)
             best = min(best, time.perf_counter() - t0)
-        out.append(best / len(frames) * 1e3)
-    return out
+        out.append(best / len(batch) * 1e3)
+    return [*out, sum(map(len, columnar)) / len(columnar) / 1e3]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -242,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
                 times["acked"].append(run_acked(client, frames))
                 frames = make_frames(case, n, f"c{ci}r{rep}p")
                 times["pipelined"].append(run_pipelined(client, frames, args.window))
-            costs.append([case.name, *(f"{x:.2f}" for x in decode_breakdown(frames[:50]))])
+            costs.append([case.name, *(f"{x:.2f}" for x in decode_breakdown(case, frames[:50])),
+                          f"{median(times['raw']) / n * 1e3:.3f}"])
             nbytes = sum(map(len, frames)) / n
             traj = case.groups * case.group_size
             raw_s = median(times["raw"])
@@ -257,9 +269,11 @@ def main(argv: list[str] | None = None) -> None:
                      "x raw"], rows))
         print(f"messages per repetition: {[max(10, int(c.messages * args.scale)) for c in CASES]}"
               f", repetitions: {args.reps} (medians); target: asyncrl >= 0.5 x raw\n")
-        print("where the receiver's time goes, ms per message (cumulative, best of 3, one core):")
+        print("where the receiver's time goes, ms per message, best of 3 on one core; the first "
+              "four cumulative; prototypes from benchmarks/wire_prototypes.py:")
         print(table(["case", "crc32", "msgpack, arrays as bytes", "+ numpy arrays",
-                     "wire.decode (all checks)"], costs))
+                     "wire.decode (all checks)", "prototype: lean decode",
+                     "prototype: columnar decode", "columnar KB/msg", "raw ms/msg"], costs))
         client.close()
         push.close(linger=0)
         done.close(linger=0)

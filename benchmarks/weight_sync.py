@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         if child.is_alive():
             child.terminate()
             child.join(10)
+    fresh_s, reused_s = copy_costs(sum(sizes.values()))  # after the engine has exited
     tied = ("; the tied embedding goes twice, as embed_tokens and lm_head"
             if model.config.tie_word_embeddings else "")
     raw_s, push_s, pack_s = raw_s[warmup:], push_s[warmup:], pack_s[warmup:]
@@ -266,6 +267,24 @@ def main(argv: list[str] | None = None) -> None:
     ]))
     print(f"{reps} timed runs after {warmup} warm-up; raw broadcast rate "
           f"{nbytes / raw_med / 1e9:.2f} GB/s; target: push <= 1.5 x raw")
+    print(f"copying {nbytes / 1e6:.0f} MB into a freshly allocated buffer takes {fresh_s:.3f} s, "
+          f"into one already touched {reused_s:.3f} s (pack and receive allocate afresh at "
+          "every push; raw receives into a touched buffer)")
+
+
+def copy_costs(numel: int) -> tuple[float, float]:
+    """Seconds to copy numel float32 into a new buffer (page faults included) and into the
+    same buffer again."""
+    import torch
+
+    src = torch.ones(numel)
+    t = time.perf_counter()
+    dst = torch.empty(numel)
+    dst.copy_(src)
+    fresh = time.perf_counter() - t
+    t = time.perf_counter()
+    dst.copy_(src)
+    return fresh, time.perf_counter() - t
 
 
 def _runs(xs: list[float]) -> str:

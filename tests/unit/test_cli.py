@@ -28,3 +28,12 @@ def test_missing_model_path_is_named():
 def test_missing_config_file():
     r = asyncrl("run", "configs/missing.yaml")
     assert r.returncode == 2 and "configs/missing.yaml" in r.stderr
+
+
+def test_overrides_after_options_are_taken_and_checked_before_any_run(tmp_path):
+    r = asyncrl("study", "staleness", "configs/default.yaml", "--max-staleness", "0,2",
+                "--out", str(tmp_path), "learner.lrr=1")
+    assert r.returncode == 2 and "learner.lrr" in r.stderr
+    assert not any(tmp_path.iterdir())  # nothing was started
+    r = asyncrl("run", "configs/default.yaml", "--bogus")
+    assert r.returncode == 2 and "--bogus" in r.stderr
