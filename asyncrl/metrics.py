@@ -133,7 +133,18 @@ class LearnerMetrics:
         self.sync_bytes = Counter("asyncrl_sync_sent_bytes_total", "Weight bytes broadcast",
                                   registry=r)
 
-    def set_step_stats(self, stats: dict[str, float]) -> None:
+    def record_step(self, step: int, stats: dict[str, float], tokens: int,
+                    staleness_tokens: dict[int, int], waited_s: float, step_s: float) -> None:
+        self.steps.inc()
+        self.policy_version.set(step)
+        self.trained_tokens.inc(tokens)
+        self.wait_seconds.inc(waited_s)
+        self.filtered_groups.inc(stats.get("dynamic_sampling_filtered_groups", 0))
+        self.reward.set(stats["reward_mean"])
+        self.step_seconds.observe(step_s)
         for key, gauge in self.step_gauges.items():
             if key in stats:
                 gauge.set(stats[key])
+        for lag, n_tokens in staleness_tokens.items():  # one observation per token
+            for _ in range(n_tokens):
+                self.staleness.observe(lag)

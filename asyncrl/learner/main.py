@@ -32,7 +32,7 @@ from asyncrl.config import RunConfig
 from asyncrl.learner.batch import TrainBatch, collate
 from asyncrl.learner.model import greedy_accuracy, load_critic, load_policy
 from asyncrl.learner.runlog import BatchLog, weights_sha256
-from asyncrl.learner.step import Models, train_step
+from asyncrl.learner.step import Models, train_step, warmup_schedule
 from asyncrl.rewards import REWARD_FUNCTIONS
 from asyncrl.task import load_task
 
@@ -67,9 +67,7 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
     model, tok = load_policy(cfg.model.path, cfg.model.dtype)
     model.to(device).train()
     models = _build_models(cfg, model, device, world)
-    warmup = max(1, cfg.learner.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(models.policy_opt,
-                                              lambda s: min(1.0, (s + 1) / warmup))
+    sched = warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)
     ctx = transport.context()
     buffer = transport.Client(ctx, cfg.net.buffer_host, cfg.net.buffer_learner_port,
                               f"learner{rank}")
@@ -84,24 +82,14 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
         t0 = time.perf_counter()
         groups, waited, filtered, dropped_total = _fetch(buffer, cfg, rank, version=step - 1)
         batch_log.append(step, groups, dropped_total)
-        m.wait_seconds.inc(waited)
-        m.filtered_groups.inc(filtered)
         batch = collate(groups, tok.pad_token_id).to(device)
         stats = train_step(models, batch, cfg.learner, cfg.generator.temperature,
                            cfg.generator.max_tokens)
-        stats["dynamic_sampling_filtered_groups"] = filtered
-        stats["stale_dropped_total"] = dropped_total
         sched.step()
-        m.steps.inc()
-        m.policy_version.set(step)
-        m.trained_tokens.inc(batch.num_completion_tokens)
-        m.reward.set(stats["reward_mean"])
-        m.set_step_stats(stats)
-        for lag, n_tokens in token_staleness(batch, step - 1).items():
-            for _ in range(n_tokens):
-                m.staleness.observe(lag)
+        stats.update(dynamic_sampling_filtered_groups=filtered, stale_dropped_total=dropped_total)
         step_seconds = time.perf_counter() - t0
-        m.step_seconds.observe(step_seconds)
+        m.record_step(step, stats, batch.num_completion_tokens,
+                      token_staleness(batch, step - 1), waited, step_seconds)
         if lead is not None:
             lead.after_step(step, batch, stats, waited, step_seconds)
     if lead is not None:

@@ -19,7 +19,7 @@ from asyncrl.learner.batch import collate
 from asyncrl.learner.main import _build_models
 from asyncrl.learner.model import load_policy
 from asyncrl.learner.runlog import read_batch_log, weights_sha256
-from asyncrl.learner.step import train_step
+from asyncrl.learner.step import train_step, warmup_schedule
 
 
 def replay(run_dir: Path, out=print) -> bool:
@@ -38,9 +38,7 @@ def replay(run_dir: Path, out=print) -> bool:
     model, tok = load_policy(cfg.model.path, cfg.model.dtype)
     model.train()
     models = _build_models(cfg, model, torch.device("cpu"), world=1)
-    warmup = max(1, cfg.learner.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(models.policy_opt,
-                                              lambda s: min(1.0, (s + 1) / warmup))
+    sched = warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)
     t0 = time.time()
     steps = 0
     for steps, groups in enumerate(read_batch_log(log), 1):

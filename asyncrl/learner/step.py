@@ -31,6 +31,12 @@ class Models:
     critic_opt: torch.optim.Optimizer | None = None
 
 
+def warmup_schedule(opt: torch.optim.Optimizer, warmup_steps: int):
+    """Linear learning-rate warm-up over warmup_steps, then constant."""
+    warmup = max(1, warmup_steps)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+
+
 def shaped_rewards(batch: TrainBatch, lc: LearnerConfig, max_tokens: int) -> torch.Tensor:
     """Task rewards plus DAPO's soft overlong punishment when enabled. (G, N)."""
     rewards = batch.rewards
