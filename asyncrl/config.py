@@ -16,6 +16,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 BUILTIN_MODEL = "builtin:tiny-addition"
+# Variant names, checked when the config loads. They mirror the tables beside the equations
+# in asyncrl/algo (tests/unit/test_configs.py keeps them equal); kept here as literals so that
+# loading a config does not import torch (the buffer never needs it).
+ADVANTAGES = ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae")
+OFFPOLICY = ("none", "decoupled", "tis", "icepop", "seq_mask")
+LOSS_AGG = ("token_mean", "seq_mean", "constant")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 class ConfigError(ValueError):
@@ -273,17 +280,12 @@ class RunConfig:
         return self.learner.groups_per_step // self.learner_world
 
     def _variant_errors(self) -> list[str]:
-        # Imported here: the variant tables live beside their equations in asyncrl.algo.
-        from asyncrl.algo.advantages import ADVANTAGE_ESTIMATORS
-        from asyncrl.algo.kl import KL_ESTIMATORS
-        from asyncrl.algo.losses import LOSS_NORMALISERS
-        from asyncrl.algo.offpolicy import OFFPOLICY_CORRECTIONS
         from asyncrl.rewards import REWARD_FUNCTIONS
 
         lc = self.learner
-        errs = (_choice("learner.advantage", lc.advantage, [*ADVANTAGE_ESTIMATORS, "gae"])
-                + _choice("learner.offpolicy", lc.offpolicy, OFFPOLICY_CORRECTIONS)
-                + _choice("learner.loss_agg", lc.loss_agg, LOSS_NORMALISERS)
+        errs = (_choice("learner.advantage", lc.advantage, ADVANTAGES)
+                + _choice("learner.offpolicy", lc.offpolicy, OFFPOLICY)
+                + _choice("learner.loss_agg", lc.loss_agg, LOSS_AGG)
                 + _choice("learner.kl_estimator", lc.kl_estimator, KL_ESTIMATORS)
                 + _choice("learner.kl_mode", lc.kl_mode, ("loss", "reward")))
         errs += _choice("task.eval_reward", self.task.eval_reward, REWARD_FUNCTIONS)

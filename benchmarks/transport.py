@@ -5,10 +5,11 @@ The sender (this process) plays the generator: it sends `trajectories` frames bu
 receiver is a child process running the buffer's request loop: `asyncrl.transport.Server`
 (ROUTER) + `asyncrl.buffer.main.BufferHandler` over a `ReplayBuffer`, i.e. validation of every
 frame (checksum, msgpack, every field and array, token ids against a 259-token vocabulary),
-duplicate check, admission and the ack. It is the loop of `asyncrl.buffer.main.run` without
-the Prometheus HTTP server and with one line standing in for the learner: whenever the store
-holds `--admit-groups` groups they are taken out, so occupancy stays realistic and the buffer
-never answers busy.
+duplicate check, admission, the durable log (`buffer.durable`, on by default: each accepted
+frame appended and flushed to a file before the ack, no fsync) and the ack. It is the ingest
+loop of `asyncrl.buffer.main.run` without the Prometheus HTTP server and heartbeats, and with
+one line standing in for the learner: whenever the store holds `--admit-groups` groups they
+are taken out, so occupancy stays realistic and the buffer never answers busy.
 
 Raw baseline: a PUSH socket in this process, a PULL socket in a child process, the identical
 frames, no decoding. Both rates are measured from the first send to the receiver's last
@@ -31,8 +32,11 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 VOCAB = 259  # the tiny tokenizer's size
 
@@ -63,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=16, help="requests in flight when pipelined")
     p.add_argument("--admit-groups", type=int, default=512,
                    help="groups held before the stand-in learner takes them all")
+    p.add_argument("--no-durable", action="store_true",
+                   help="no durable log (buffer.durable=false)")
+    p.add_argument("--work-dir", default="~/.cache/asyncrl/bench",
+                   help="the durable log goes to a temporary directory in here")
     return p
 
 
@@ -100,17 +108,19 @@ def make_frames(case: Case, n: int, incarnation: str) -> list[bytes]:
 # ------------------------------------------------------------------ receivers (child processes)
 
 
-def buffer_loop(port: int, admit_groups: int, ready) -> None:
+def buffer_loop(port: int, admit_groups: int, log_path: str | None, ready) -> None:
     """The buffer's ingest loop (asyncrl.buffer.main.run) plus a stand-in learner."""
     from prometheus_client import CollectorRegistry
 
     from asyncrl import transport
+    from asyncrl.buffer.durable import DurableLog
     from asyncrl.buffer.main import BufferHandler
     from asyncrl.buffer.store import ReplayBuffer
     from asyncrl.metrics import BufferMetrics
 
     store = ReplayBuffer(capacity_groups=10 * admit_groups, max_staleness=2)
-    handler = BufferHandler(store, BufferMetrics(CollectorRegistry()), VOCAB)
+    durable = DurableLog(Path(log_path), fsync=False) if log_path else None
+    handler = BufferHandler(store, BufferMetrics(CollectorRegistry()), VOCAB, durable)
     ingest = transport.Server(transport.context(), "127.0.0.1", port)
     ready.set()
     while True:
@@ -229,8 +239,12 @@ def main(argv: list[str] | None = None) -> None:
     done = ctx.socket(zmq.PULL)
     done.bind(f"tcp://127.0.0.1:{done_port}")
     ready_b, ready_r = spawn.Event(), spawn.Event()
-    children = [spawn.Process(target=buffer_loop, args=(buf_port, args.admit_groups, ready_b),
-                              daemon=True),
+    work = Path(args.work_dir).expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    log_dir = tempfile.mkdtemp(prefix="durable-", dir=work)
+    log_path = None if args.no_durable else str(Path(log_dir) / "log.bin")
+    children = [spawn.Process(target=buffer_loop,
+                              args=(buf_port, args.admit_groups, log_path, ready_b), daemon=True),
                 spawn.Process(target=raw_sink, args=(raw_port, done_port, ready_r), daemon=True)]
     for c in children:
         c.start()
@@ -268,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         print(table(["case (groups x completions)", "KB/msg", "mode", "msg/s", "traj/s", "MB/s",
                      "x raw"], rows))
         print(f"messages per repetition: {[max(10, int(c.messages * args.scale)) for c in CASES]}"
-              f", repetitions: {args.reps} (medians); target: asyncrl >= 0.5 x raw\n")
+              f", repetitions: {args.reps} (medians), durable log "
+              f"{'off' if args.no_durable else 'on'}; target: asyncrl >= 0.5 x raw\n")
         print("where the receiver's time goes, ms per message, best of 3 on one core; the first "
               "four cumulative; prototypes from benchmarks/wire_prototypes.py:")
         print(table(["case", "crc32", "msgpack, arrays as bytes", "+ numpy arrays",
@@ -281,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         for c in children:
             c.terminate()
             c.join(5)
+        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -25,3 +25,27 @@ def test_algorithm_configs_choose_what_they_say():
     assert dapo.learner.offpolicy == "decoupled"
     ppo = load_config(ROOT / "configs" / "ppo.yaml")
     assert ppo.learner.advantage == "gae" and ppo.learner.kl_coef > 0
+
+
+def test_config_variant_names_equal_the_algo_tables():
+    from asyncrl import config
+    from asyncrl.algo.advantages import ADVANTAGE_ESTIMATORS
+    from asyncrl.algo.kl import KL_ESTIMATORS
+    from asyncrl.algo.losses import LOSS_NORMALISERS
+    from asyncrl.algo.offpolicy import OFFPOLICY_CORRECTIONS
+
+    assert set(config.ADVANTAGES) == {*ADVANTAGE_ESTIMATORS, "gae"}
+    assert set(config.OFFPOLICY) == set(OFFPOLICY_CORRECTIONS)
+    assert set(config.LOSS_AGG) == set(LOSS_NORMALISERS)
+    assert set(config.KL_ESTIMATORS) == set(KL_ESTIMATORS)
+
+
+def test_loading_a_config_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from asyncrl.config import load_config; "
+            "load_config('configs/dapo.yaml'); import asyncrl.buffer.main; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
