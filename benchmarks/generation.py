@@ -14,7 +14,7 @@ core binding, in-process engine) and `VLLMEngine`; transformers with
 loads) and with SDPA (its default, usually faster). One untimed warm-up call each, then the
 median of --reps timed calls. Tokens/s counts generated tokens only.
 
-Run from the repository root (about 60 s on 2 cores, of which ~35 s vLLM start-up):
+Run from the repository root (60-120 s on 2 cores, a third of it vLLM start-up):
     .venv/bin/python -m benchmarks.generation
 """
 

@@ -25,7 +25,7 @@ Models (built once under --work-dir with random weights, no SFT):
          vocabulary 151936, tied embeddings), 494M params, float32; the tiny byte-level
          tokenizer (no text is generated). Needs ~14 GB of RAM across both processes.
 
-Run from the repository root, one size per run (tiny ~45 s, 0.5b ~100 s on an idle machine;
+Run from the repository root, one size per run (tiny 35-60 s, 0.5b ~110 s on this machine;
 the first run of a size also builds its model, ~10 s tiny, ~60 s 0.5b):
     .venv/bin/python -m benchmarks.weight_sync --size tiny
     .venv/bin/python -m benchmarks.weight_sync --size 0.5b
