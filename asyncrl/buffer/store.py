@@ -32,13 +32,10 @@ class ReplayBuffer:
         self.stale_dropped_groups_total = 0
         self.stale_dropped_trajectories_total = 0
         self.learner_version = 0
+        self.num_trajectories = 0  # kept up to date: counting on every message was O(n)
 
     def __len__(self) -> int:
         return len(self._groups)
-
-    @property
-    def num_trajectories(self) -> int:
-        return sum(len(g.completions) for g in self._groups)
 
     def add(self, groups: list[TrajectoryGroup], force: bool = False) -> bool:
         """Append the groups, or refuse all of them (False) when they do not fit. `force`
@@ -46,6 +43,7 @@ class ReplayBuffer:
         if not force and len(self._groups) + len(groups) > self.capacity_groups:
             return False
         self._groups.extend(groups)
+        self.num_trajectories += sum(len(g.completions) for g in groups)
         return True
 
     def drop_stale(self, learner_version: int) -> tuple[int, int]:
@@ -57,6 +55,7 @@ class ReplayBuffer:
         if dropped:
             self._groups = deque(keep)
         n_traj = sum(len(g.completions) for g in dropped)
+        self.num_trajectories -= n_traj
         self.stale_dropped_groups_total += len(dropped)
         self.stale_dropped_trajectories_total += n_traj
         return len(dropped), n_traj
@@ -67,4 +66,5 @@ class ReplayBuffer:
         if len(self._groups) < num_groups:
             return TakeResult([], g_drop, t_drop)
         out = [self._groups.popleft() for _ in range(num_groups)]
+        self.num_trajectories -= sum(len(g.completions) for g in out)
         return TakeResult(out, g_drop, t_drop)

@@ -23,7 +23,10 @@ class WeightReceiver:
     def asyncrl_receive_weights(self, specs: list[list]) -> tuple[float, int]:
         """Receive one broadcast and load it in place. Returns (seconds, bytes)."""
         t0 = time.perf_counter()
-        bufs = weights.empty_buffers(specs, self.device)
+        # Reused across updates: allocating (and faulting in) GBs per push cost more than the
+        # broadcast itself for a 0.5B model.
+        bufs = self._asyncrl_bufs = weights.empty_buffers(
+            specs, self.device, getattr(self, "_asyncrl_bufs", None))
         for dt in sorted(bufs):  # both ends broadcast dtypes in sorted order
             group.broadcast(self._asyncrl_pg, bufs[dt], root=0)
         self.model_runner.reload_weights(weights_iterator=weights.unpack(specs, bufs),

@@ -25,6 +25,7 @@ class WeightSender:
         self.server = server
         self.num_generators = num_generators
         self.timeout_s = timeout_s
+        self._bufs: dict[str, torch.Tensor] | None = None  # refilled in place on every push
         self.peers = self._await_hellos(ready_timeout_s)
         self.pg = group.init_group(host, store_port, 0, num_generators + 1, backend, timeout_s,
                                    prefix="asyncrl/sync/0")
@@ -62,8 +63,8 @@ class WeightSender:
     def push(self, model: torch.nn.Module, version: int) -> tuple[float, int]:
         """Broadcast the model's weights as `version`. Returns (seconds, bytes)."""
         t0 = time.perf_counter()
-        named = list(model.state_dict().items())
-        bufs = weights.pack(named)
+        named = weights.sendable(model)
+        bufs = self._bufs = weights.pack(named, self._bufs)
         announce = wire.encode("weights_update", version, tensors=weights.specs_of(named))
         for ident in self.peers.values():
             self.server.send(ident, announce)

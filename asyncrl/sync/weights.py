@@ -22,18 +22,38 @@ def specs_of(named: list[tuple[str, torch.Tensor]]) -> list[list]:
     return [[n, dtype_name(t), list(t.shape)] for n, t in named]
 
 
-def pack(named: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """dtype name -> one contiguous 1-D buffer with the tensors of that dtype in spec order."""
-    by_dtype: dict[str, list[torch.Tensor]] = {}
-    for _, t in named:
-        by_dtype.setdefault(dtype_name(t), []).append(t.detach().reshape(-1))
-    return {dt: torch.cat(ts) for dt, ts in by_dtype.items()}
+def sendable(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The checkpoint-named tensors to send: all of them. A tied lm_head is sent too, though
+    it repeats the embedding: on CPU vLLM keeps a processed copy of lm_head after start-up,
+    and reloading only the embedding left it stale (logprobs off by 1e-3, measured)."""
+    return list(model.state_dict().items())
 
 
-def empty_buffers(specs: list[list], device: torch.device) -> dict[str, torch.Tensor]:
+def pack(named: list[tuple[str, torch.Tensor]],
+         out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """dtype name -> one contiguous 1-D buffer with the tensors of that dtype in spec order.
+    Pass the previous result as `out` to refill it in place (no 2 GB allocation per push)."""
+    specs = specs_of(named)
+    if out is None or {dt: b.numel() for dt, b in out.items()} != _sizes(specs):
+        out = empty_buffers(specs, named[0][1].device)
+    for (_, t), (_, view) in zip(named, unpack(specs, out)):
+        view.copy_(t.detach())
+    return out
+
+
+def _sizes(specs: list[list]) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for _, dt, shape in specs:
         sizes[dt] = sizes.get(dt, 0) + int(torch.Size(shape).numel())
+    return sizes
+
+
+def empty_buffers(specs: list[list], device: torch.device,
+                  reuse: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Flat receive/send buffers for these specs; `reuse` is returned when it already fits."""
+    sizes = _sizes(specs)
+    if reuse is not None and {dt: b.numel() for dt, b in reuse.items()} == sizes:
+        return reuse
     return {dt: torch.empty(n, dtype=_DT[dt], device=device) for dt, n in sizes.items()}
 
 

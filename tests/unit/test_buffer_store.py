@@ -57,3 +57,11 @@ def test_learner_version_never_goes_backwards():
     buf.add([g(4)])
     assert buf.take(1, learner_version=2).groups == []  # a lagging rank cannot revive old data
     assert buf.stale_dropped_groups_total == 1
+
+
+def test_trajectory_count_follows_adds_takes_and_drops():
+    buf = ReplayBuffer(10, max_staleness=1)
+    buf.add([g(0, n=4), g(2, n=3), g(3, n=2)])
+    assert buf.num_trajectories == 9
+    buf.take(1, learner_version=3)  # drops version 0 (4), takes version 2 (3)
+    assert buf.num_trajectories == 2
