@@ -146,12 +146,15 @@ def _plots(report: Path, data: dict[str, list[list[dict]]]) -> None:
                     hist[int(lag)] = hist.get(int(lag), 0) + n
         total = max(1, sum(hist.values()))
         lags = sorted(hist)
-        ax1.bar([lag + i * width for lag in lags], [hist[lag] / total for lag in lags], width,
+        shift = (i - (len(names) - 1) / 2) * width  # the settings side by side around x=lag
+        ax1.bar([lag + shift for lag in lags], [hist[lag] / total for lag in lags], width,
                 label=name)
         ess = [statistics.mean(r["is_ess"] for r in rows if "is_ess" in r) for rows in data[name]]
         ax2.bar(i, statistics.mean(ess), label=name)
     ax1.set(xlabel="staleness (policy versions)", ylabel="fraction of trained tokens",
             title="token staleness")
+    ax1.set_xticks(sorted({int(k) for runs in data.values() for rows in runs for r in rows
+                           for k in (r.get("staleness_tokens") or {})}))
     ax2.set(xticks=range(len(names)), ylabel="mean importance-weight ESS / n",
             title="behaviour->proximal importance-weight ESS")
     ax2.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
