@@ -207,7 +207,20 @@ def _cmd_learner(cfg: RunConfig, args) -> int:
     env = dict(os.environ)
     if cfg.learner.device_ids:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, cfg.learner.device_ids))
-    return subprocess.call(learner_command(cfg, path), env=env)
+    # Pass torchrun's output through, and end a failure with the ranks' own one-line errors
+    # rather than torchrun's ChildFailedError traceback.
+    proc = subprocess.Popen(learner_command(cfg, path), env=env, stderr=subprocess.PIPE,
+                            text=True, bufsize=1)
+    errors = []
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        if line.startswith("learner[") and "]: " in line:
+            errors.append(line.strip())
+    code = proc.wait()
+    if code != 0:
+        print(f"asyncrl learner: {errors[0] if errors else f'torchrun exited with code {code}'}",
+              file=sys.stderr)
+    return code
 
 
 _COMMANDS = {"run": _cmd_run, "prepare": _cmd_prepare, "buffer": _cmd_buffer,

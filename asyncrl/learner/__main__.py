@@ -22,7 +22,12 @@ def main() -> int:
     if not cfg.run_dir:
         print("learner: run_dir must be set in the config", file=sys.stderr)
         return 2
-    run(cfg, Path(cfg.run_dir))
+    try:
+        run(cfg, Path(cfg.run_dir))
+    except (TimeoutError, FileNotFoundError, OSError) as e:
+        # An unreachable peer or a missing file: one clear line, not a traceback per rank.
+        print(f"learner[{rank}]: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

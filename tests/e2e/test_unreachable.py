@@ -1,0 +1,40 @@
+"""A peer that never comes up ends the waiting role with one clear message naming the setting."""
+
+import subprocess
+import sys
+
+import pytest
+
+from asyncrl.config import load_config, save_config
+from tests.conftest import ROOT, free_base_port
+
+pytestmark = pytest.mark.e2e
+
+
+def test_learner_without_generators_fails_naming_the_setting(model_cache, tmp_path):
+    cfg = load_config(ROOT / "configs" / "default.yaml", [
+        f"warm_start.cache_dir={model_cache}", f"run_dir={tmp_path}",
+        f"net.base_port={free_base_port()}", "net.ready_timeout_s=5"])
+    save_config(cfg, tmp_path / "run.yaml")
+    r = subprocess.run([sys.executable, "-m", "asyncrl", "learner", "--config",
+                        str(tmp_path / "run.yaml")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]  # the message a user reads, after torchrun's report
+    assert last.startswith("asyncrl learner: learner[0]: 0/1 generators registered for weight "
+                           "sync within 5s"), last
+    assert "net.ready_timeout_s" in last
+
+
+def test_generator_pointed_at_nothing_fails_naming_the_setting(model_cache, tmp_path):
+    cfg = load_config(ROOT / "configs" / "default.yaml", [
+        f"warm_start.cache_dir={model_cache}", f"run_dir={tmp_path}",
+        f"net.base_port={free_base_port()}", "sync.timeout_s=5"])
+    save_config(cfg, tmp_path / "run.yaml")
+    r = subprocess.run([sys.executable, "-m", "asyncrl", "generator", "--config",
+                        str(tmp_path / "run.yaml")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("asyncrl generator:"), r.stderr[-2000:]
+    assert "sync.timeout_s" in last and "net.learner_host" in last
