@@ -196,21 +196,22 @@ def _cmd_generator(cfg: RunConfig, args) -> int:
 
 
 def _cmd_learner(cfg: RunConfig, args) -> int:
+    import signal
     import subprocess
 
-    from asyncrl.launcher import learner_command
+    from asyncrl.launcher import learner_command, role_env
 
     resolve_model(cfg)
     run_dir = _role_run_dir(cfg)
     path = run_dir / "config.yaml"
     save_config(cfg, path)
-    env = dict(os.environ)
-    if cfg.learner.device_ids:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, cfg.learner.device_ids))
     # Pass torchrun's output through, and end a failure with the ranks' own one-line errors
     # rather than torchrun's ChildFailedError traceback.
-    proc = subprocess.Popen(learner_command(cfg, path), env=env, stderr=subprocess.PIPE,
-                            text=True, bufsize=1)
+    proc = subprocess.Popen(learner_command(cfg, path), env=role_env(cfg, "learner", dict(
+        os.environ)), stderr=subprocess.PIPE, text=True, bufsize=1)
+    # Ctrl-C / SIGTERM go to torchrun, which stops its workers; we keep reading until it exits.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _f: proc.send_signal(s))
     errors = []
     for line in proc.stderr:
         sys.stderr.write(line)

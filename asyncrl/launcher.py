@@ -38,8 +38,19 @@ def role_commands(cfg: RunConfig, config_path: Path) -> dict[str, list[str]]:
     for i in range(cfg.generator.num_generators):
         cmds[f"gen{i}"] = [py, "-m", "asyncrl", "generator", "--config", str(config_path),
                            "--index", str(i)]
-    cmds["learner"] = [py, "-m", "asyncrl", "learner", "--config", str(config_path)]
+    # torchrun directly, not through `asyncrl learner`: torchrun must be the one that gets
+    # SIGTERM and stops its workers (a wrapper dying first broke torchrun's stderr pipe and
+    # left a worker orphaned).
+    cmds["learner"] = learner_command(cfg, config_path)
     return cmds
+
+
+def role_env(cfg: RunConfig, role: str, env: dict[str, str]) -> dict[str, str]:
+    """The learner's GPUs (learner.device_ids) as CUDA_VISIBLE_DEVICES for torchrun; the
+    generators set theirs themselves (`asyncrl generator` reads generator.device_ids)."""
+    if role == "learner" and cfg.learner.device_ids:
+        return {**env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, cfg.learner.device_ids))}
+    return env
 
 
 def learner_command(cfg: RunConfig, config_path: Path) -> list[str]:
@@ -67,7 +78,7 @@ def launch(cfg: RunConfig, run_dir: Path, config_path: Path, out=print) -> int:
         for name, cmd in role_commands(cfg, config_path).items():
             f = (logs / f"{name}.log").open("ab")
             p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env=env, start_new_session=True)
+                                 env=role_env(cfg, name, env), start_new_session=True)
             roles.append(Role(name, p, logs / f"{name}.log", f))
         out(f"[run] started {', '.join(f'{r.name} (pid {r.proc.pid})' for r in roles)}; "
             f"logs in {logs}")
