@@ -76,6 +76,15 @@ class Client:
     def send(self, payload: bytes) -> None:
         self.sock.send(payload)
 
+    def try_send(self, payload: bytes) -> bool:
+        """Queue without blocking; False when the queue to an absent peer is full (its
+        high-water mark, 1000 messages), so a periodic message never stalls the caller."""
+        try:
+            self.sock.send(payload, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
     def poll(self, timeout_s: float) -> bytes | None:
         """The next reply if one arrives within timeout_s, else None."""
         if self.sock.poll(int(timeout_s * 1000), zmq.POLLIN):

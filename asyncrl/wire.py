@@ -13,9 +13,12 @@ Message kinds (docs/architecture.md has the table with directions and sockets):
   ack               buffer -> generator   status ok | busy | rejected
   batch_request     learner -> buffer     ask for num_groups groups usable at policy_version
   batch             buffer -> learner     status ok | not_ready, the groups, drop counters
-  generator_hello   generator -> learner  register for weight sync with its sync rank
-  weights_update    learner -> generator  a broadcast of these tensors follows on the sync group
+  generator_hello   generator -> learner  "I am here, in sync session S, holding version v";
+                                          sent at start and every net.heartbeat_interval_s
+  sync_join         learner -> generator  join weight-sync session S (a fresh store prefix)
+  weights_update    learner -> generator  a broadcast of these tensors follows on session S
   weights_loaded    generator -> learner  the new weights are live in the engine
+  shutdown          learner -> generator  training finished: exit (status 0)
   error             any reply             the request was rejected and why
   heartbeat         generator, learner -> buffer   "I am alive" (no reply)
 """
@@ -224,9 +227,19 @@ def _check_batch(m: dict, vocab_size: int | None) -> None:
 def _check_generator_hello(m: dict, vocab_size: int | None) -> None:
     _need(m, "sender", _STR)
     _need(m, "sync_rank", _INT)
+    _need(m, "incarnation", _STR)  # new per generator process
+    _need(m, "session", _STR)  # "" until it has joined one
+
+
+def _check_sync_join(m: dict, vocab_size: int | None) -> None:
+    if not _need(m, "session", _STR):
+        raise MessageError("bad_value", "empty sync session")
+    if _need(m, "world_size", _INT) < 2:
+        raise MessageError("bad_value", f"sync world_size={m['world_size']}")
 
 
 def _check_weights_update(m: dict, vocab_size: int | None) -> None:
+    _need(m, "session", _STR)
     specs = _need(m, "tensors", (list,))
     for s in specs:
         if not (isinstance(s, list) and len(s) == 3 and isinstance(s[0], str)
@@ -236,7 +249,12 @@ def _check_weights_update(m: dict, vocab_size: int | None) -> None:
 
 def _check_weights_loaded(m: dict, vocab_size: int | None) -> None:
     _need(m, "sender", _STR)
+    _need(m, "session", _STR)
     _need(m, "seconds", _NUM)
+
+
+def _check_shutdown(m: dict, vocab_size: int | None) -> None:
+    _need(m, "reason", _STR)
 
 
 def _check_error(m: dict, vocab_size: int | None) -> None:
@@ -256,8 +274,10 @@ _CHECKS = {
     "batch_request": _check_batch_request,
     "batch": _check_batch,
     "generator_hello": _check_generator_hello,
+    "sync_join": _check_sync_join,
     "weights_update": _check_weights_update,
     "weights_loaded": _check_weights_loaded,
+    "shutdown": _check_shutdown,
     "error": _check_error,
     "heartbeat": _check_heartbeat,
 }

@@ -7,10 +7,10 @@ Two processes, one core each (the learner/generator split of a default run):
              float32, one OMP thread) joined to the sync group with `init_sync`; on each
              `weights_update` it calls `receive_weights` (the `asyncrl.sync.receiver` worker
              extension: allocate, gloo broadcast, `model_runner.reload_weights`) and answers
-             `weights_loaded`, as `asyncrl.generator.main._serve_control` does.
-asyncrl push = `WeightSender.push(model, version)`: state_dict + `weights.pack` + announce +
-broadcast + wait until the engine has loaded. Raw = the same packed buffers broadcast on a
-second gloo group between the same two processes into preallocated (touched) buffers, timed
+             `weights_loaded`, as `asyncrl.sync.member.SyncMember` does.
+asyncrl push = `WeightSender.sync(model, version, due=True)`: state_dict + `weights.pack` +
+announce + broadcast + wait until the engine has loaded. Raw = the same packed buffers broadcast
+on a second gloo group between the same two processes into preallocated (touched) buffers, timed
 until the receiver says it has them (one small ZeroMQ message, as for the push).
 
 The push is broken down into: pack (`weights.pack` inside the push, timed by wrapping it),
@@ -130,8 +130,11 @@ def generator(path: str, control_port: int, store_port: int, raw_port: int) -> N
     startup_s = time.perf_counter() - t0
     engine.llm.collective_rpc(_instrument_reload)
     control = transport.Client(transport.context(), HOST, control_port, "gen0")
-    control.send(wire.encode("generator_hello", 0, sender="gen0", sync_rank=1))
-    engine.init_sync(HOST, store_port, 1, 2, "gloo", TIMEOUT_S, prefix="asyncrl/sync/0")
+    control.send(wire.encode("generator_hello", 0, sender="gen0", sync_rank=1,
+                             incarnation="bench", session=""))
+    join = wire.decode(control.poll(TIMEOUT_S), expect=("sync_join",))
+    engine.init_sync(HOST, store_port, 1, 2, "gloo", TIMEOUT_S,
+                     prefix=f"asyncrl/sync/{join['session']}")
     raw_pg = group.init_group(HOST, raw_port, 1, 2, "gloo", TIMEOUT_S, prefix="bench/raw")
     raw_bufs: dict[str, torch.Tensor] = {}
     receive_s: list[float] = []
@@ -154,7 +157,7 @@ def generator(path: str, control_port: int, store_port: int, raw_port: int) -> N
             seconds, _ = engine.receive_weights(msg["tensors"])
             receive_s.append(seconds)
             control.send(wire.encode("weights_loaded", msg["policy_version"], sender="gen0",
-                                     seconds=seconds))
+                                     session=msg["session"], seconds=seconds))
     control.close()
 
 
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         sender = WeightSender(server, HOST, store_port, num_generators=1, backend="gloo",
                               timeout_s=TIMEOUT_S, ready_timeout_s=TIMEOUT_S)
         raw_pg = group.init_group(HOST, raw_port, 0, 2, "gloo", TIMEOUT_S, prefix="bench/raw")
-        ident = sender.peers["gen0"]
+        sender.start()
+        ident = sender.members["gen0"].ident
         named = list(model.state_dict().items())
         sizes = {dt: int(sum(t.numel() for _, t in named if weights.dtype_name(t) == dt))
                  for dt in {weights.dtype_name(t) for _, t in named}}
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             del bufs  # one packed copy at a time (2.5 GB for the 0.5b model)
             weights.pack = timed_pack
             try:
-                push_s.append(sender.push(model, rep + 1)[0])
+                push_s.append(sender.sync(model, rep + 1, due=True)[0])
             finally:
                 weights.pack = plain_pack
         server.send(ident, b"STATS")

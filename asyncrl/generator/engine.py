@@ -68,6 +68,9 @@ class VLLMEngine:
         self.llm.collective_rpc("asyncrl_init_sync",
                                 args=(host, port, rank, world_size, backend, timeout_s, prefix))
 
+    def leave_sync(self) -> None:
+        self.llm.collective_rpc("asyncrl_leave_sync")
+
     def receive_weights(self, specs: list[list]) -> tuple[float, int]:
         seconds, nbytes = self.llm.collective_rpc("asyncrl_receive_weights", args=(specs,))[0]
         self.llm.reset_prefix_cache()

@@ -1,6 +1,7 @@
 """Generator process: sample GRPO groups with vLLM, score them, stream them to the buffer.
 
-Loop: apply a pending weight update (if learner rank 0 announced one), generate
+Loop: serve weight sync (asyncrl/sync/member.py: say hello, join the learner's session, load a
+pushed update), generate
 `prompts_per_call` prompts x `group_size` completions under the current policy version,
 reward each completion, send the groups to the buffer and wait for its ack. A "busy" ack means
 the buffer is full: wait and resend the same message (back-pressure), still serving weight
@@ -8,8 +9,6 @@ updates meanwhile so the learner is never blocked on a waiting generator.
 
 With sync.mode=sync the generator makes its share of one learner batch under the current
 weights and then waits for the next ones: strictly on-policy, same code as the async mode.
-
-Left out here: heartbeats and resend after a restart of this process (issue 4).
 
 Run (normally started by `asyncrl run`):
     python -m asyncrl generator --config RUN_DIR/config.yaml --index 0
@@ -30,6 +29,7 @@ import numpy as np
 from asyncrl import wire
 from asyncrl.config import RunConfig
 from asyncrl.rewards import combine
+from asyncrl.sync.member import LearnerFinished, SyncMember
 from asyncrl.task import encode_prompt, load_task
 
 log = logging.getLogger("asyncrl.generator")
@@ -62,21 +62,29 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
     ctx = transport.context()
     buffer = transport.Client(ctx, cfg.net.buffer_host, cfg.net.buffer_ingest_port, name)
     control = transport.Client(ctx, cfg.net.learner_host, cfg.net.sync_control_port, name)
-    control.send(wire.encode("generator_hello", 0, sender=name, sync_rank=index + 1))
     transport.Heartbeat(cfg.net.buffer_host, cfg.net.heartbeat_port,
                         lambda: wire.encode("heartbeat", 0, sender=name, role="generator"),
                         cfg.net.heartbeat_interval_s).start()
-    engine.init_sync(cfg.net.learner_host, cfg.net.sync_store_port, index + 1,
-                     cfg.generator.num_generators + 1, cfg.sync.backend, cfg.sync.timeout_s,
-                     prefix="asyncrl/sync/0")
-    log.info("%s: engine up, joined weight-sync group", name)
-
-    scorer = _Scorer(cfg, tok)
-    state = _State(name=name, version=0)
     incarnation = uuid.uuid4().hex[:12]  # a restarted generator is a new sender stream
     probe = _Probe(engine, encode_prompt(tok, cfg.sync.probe_prompt, chat), cfg,
-                   run_dir / "sync_probe.jsonl")
-    probe.record(name, 0)
+                   run_dir / "sync_probe.jsonl", name, incarnation)
+    probe.record(0)
+
+    def loaded(version: int, seconds: float, nbytes: int) -> None:
+        m.policy_version.set(version)
+        m.sync_seconds.observe(seconds)
+        m.sync_bytes.inc(nbytes)
+        probe.record(version)
+        log.info("%s: loaded policy version %d (%.2fs, %.1f MB)", name, version, seconds,
+                 nbytes / 1e6)
+
+    sync = SyncMember(control, engine, name, index + 1, incarnation, cfg.net.learner_host,
+                      cfg.net.sync_store_port, cfg.sync.backend, cfg.sync.timeout_s,
+                      cfg.net.heartbeat_interval_s, cfg.net.ready_timeout_s, loaded)
+    sync.hello(force=True)
+    log.info("%s: engine up; generating, and joining weight sync when the learner asks", name)
+
+    scorer = _Scorer(cfg, tok)
     rng = random.Random(cfg.generator.seed * 1000 + index)
     train_ids = list(prompt_ids)
     seq = 0
@@ -84,33 +92,30 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
     share = -(-cfg.learner.groups_per_step // cfg.generator.num_generators)  # ceil
     calls_per_version = -(-share // cfg.generator.prompts_per_call)
     made: Counter[int] = Counter()  # generate calls made under each policy version
-    while True:
-        _serve_control(control, engine, state, m, probe, timeout_s=0.0)
-        while cfg.sync.mode == "sync" and made[state.version] >= calls_per_version:
-            # Strictly on-policy: this version's share is done; wait for the new weights.
-            _serve_control(control, engine, state, m, probe, timeout_s=1.0)
-        version = state.version
-        batch = rng.sample(train_ids, cfg.generator.prompts_per_call)
-        t0 = time.perf_counter()
-        samples = engine.generate([prompt_ids[i] for i in batch], cfg.generator.group_size,
-                                  cfg.generator.temperature, cfg.generator.max_tokens)
-        m.generate_seconds.observe(time.perf_counter() - t0)
-        groups = [scorer.group(problems[i], prompt_ids[i], s, version, name)
-                  for i, s in zip(batch, samples)]
-        m.generated_tokens.inc(sum(g.num_tokens for g in groups))
-        m.reward.set(float(np.mean([c.reward for g in groups for c in g.completions])))
-        seq += 1
-        payload = wire.encode("trajectories", version, sender=name, incarnation=incarnation,
-                              seq=seq, groups=groups)
-        _send_with_backpressure(buffer, payload, seq, control, engine, state, m, probe, cfg)
-        made[version] += 1
-        m.trajectories_sent.inc(sum(len(g.completions) for g in groups))
-
-
-class _State:
-    def __init__(self, name: str, version: int):
-        self.name = name
-        self.version = version
+    try:
+        while True:
+            sync.serve(timeout_s=0.0)
+            while cfg.sync.mode == "sync" and made[sync.version] >= calls_per_version:
+                # Strictly on-policy: this version's share is done; wait for the new weights.
+                sync.serve(timeout_s=1.0)
+            version = sync.version
+            batch = rng.sample(train_ids, cfg.generator.prompts_per_call)
+            t0 = time.perf_counter()
+            samples = engine.generate([prompt_ids[i] for i in batch], cfg.generator.group_size,
+                                      cfg.generator.temperature, cfg.generator.max_tokens)
+            m.generate_seconds.observe(time.perf_counter() - t0)
+            groups = [scorer.group(problems[i], prompt_ids[i], s, version, name)
+                      for i, s in zip(batch, samples)]
+            m.generated_tokens.inc(sum(g.num_tokens for g in groups))
+            m.reward.set(float(np.mean([c.reward for g in groups for c in g.completions])))
+            seq += 1
+            payload = wire.encode("trajectories", version, sender=name, incarnation=incarnation,
+                                  seq=seq, groups=groups)
+            _send_with_backpressure(buffer, payload, seq, sync, m, cfg)
+            made[version] += 1
+            m.trajectories_sent.inc(sum(len(g.completions) for g in groups))
+    except LearnerFinished as e:
+        log.info("%s: the learner finished (%s); exiting", name, e)
 
 
 class _Scorer:
@@ -139,7 +144,7 @@ class _Scorer:
                                     created_at=time.time())
 
 
-def _send_with_backpressure(buffer, payload, seq, control, engine, state, m, probe, cfg) -> None:
+def _send_with_backpressure(buffer, payload, seq, sync: SyncMember, m, cfg) -> None:
     """Send until the buffer acks "ok". busy/timeout: wait (serving weight updates) and resend."""
     deadline = time.monotonic() + cfg.net.ready_timeout_s
     backoff = 0.05
@@ -163,43 +168,25 @@ def _send_with_backpressure(buffer, payload, seq, control, engine, state, m, pro
             raise TimeoutError(
                 f"no reply from the buffer at {cfg.net.buffer_host}:{cfg.net.buffer_ingest_port} "
                 f"for {cfg.net.ready_timeout_s:.0f}s (net.buffer_host / net.ready_timeout_s)")
-        _serve_control(control, engine, state, m, probe, timeout_s=backoff)
+        sync.serve(timeout_s=backoff)
         backoff = min(1.0, backoff * 2)
-
-
-def _serve_control(control, engine, state: _State, m, probe, timeout_s: float) -> None:
-    """Apply every weight update that is waiting (or arrives within timeout_s)."""
-    while (frame := control.poll(timeout_s)) is not None:
-        timeout_s = 0.0
-        try:
-            msg = wire.decode(frame, expect=("weights_update",))
-        except wire.MessageError as e:
-            log.warning("bad control frame from learner (%s); ignored", e)
-            continue
-        seconds, nbytes = engine.receive_weights(msg["tensors"])
-        state.version = msg["policy_version"]
-        m.policy_version.set(state.version)
-        m.sync_seconds.observe(seconds)
-        m.sync_bytes.inc(nbytes)
-        control.send(wire.encode("weights_loaded", state.version, sender=state.name,
-                                 seconds=seconds))
-        probe.record(state.name, state.version)
-        log.info("%s: loaded policy version %d (%.2fs, %.1f MB)", state.name, state.version,
-                 seconds, nbytes / 1e6)
 
 
 class _Probe:
     """Records the engine's logprobs for a fixed prompt after every weight load, so the
     generator/learner mismatch can be checked against a checkpoint of the same version."""
 
-    def __init__(self, engine, prompt: list[int], cfg: RunConfig, path: Path):
+    def __init__(self, engine, prompt: list[int], cfg: RunConfig, path: Path, name: str,
+                 incarnation: str):
         self.engine, self.prompt, self.cfg, self.path = engine, prompt, cfg, path
+        self.name, self.incarnation = name, incarnation
 
-    def record(self, name: str, version: int) -> None:
+    def record(self, version: int) -> None:
         s = self.engine.generate([self.prompt], 1, self.cfg.generator.temperature,
                                  self.cfg.generator.max_tokens, seed=0)[0][0]
         with self.path.open("a") as f:
-            f.write(json.dumps({"generator": name, "policy_version": version,
+            f.write(json.dumps({"generator": self.name, "incarnation": self.incarnation,
+                                "policy_version": version,
                                 "prompt_tokens": self.prompt, "tokens": s.tokens,
                                 "logprobs": s.logprobs,
                                 "temperature": self.cfg.generator.temperature}) + "\n")

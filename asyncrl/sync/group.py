@@ -1,8 +1,10 @@
 """The weight-sync process group: learner rank 0 (rank 0 here) plus one rank per generator.
 
 It is separate from the learner's own torch.distributed world and from vLLM's, so forming it
-touches neither. Both ends call `init_group` with the same host, port and prefix; the learner
-hosts the TCPStore. gloo on CPU, NCCL on GPU: the backend is the only device-specific choice.
+touches neither. Learner rank 0 hosts a TCPStore; each *session* of the group lives under its
+own key prefix on it (asyncrl/sync/<session>), so the group can re-form after a learner or
+generator restart without a new port (asyncrl/sync/sender.py decides when). gloo on CPU, NCCL on
+GPU: the backend is the only device-specific choice.
 """
 
 from __future__ import annotations
@@ -27,18 +29,25 @@ class SyncGroup:
     store: Any  # kept referenced: the group dies with its store
 
 
-def init_group(host: str, port: int, rank: int, world_size: int, backend: str,
-               timeout_s: float, prefix: str) -> SyncGroup:
-    """Join the group (blocking until all world_size ranks have joined or timeout_s passes)."""
-    timeout = timedelta(seconds=timeout_s)
+def open_store(host: str, port: int, is_master: bool, timeout_s: float):
+    """Learner rank 0 hosts the TCPStore (one per learner process, reused by every session);
+    generators connect a client to it for each session they join."""
     try:
-        store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout,
-                              wait_for_workers=False)
+        return dist.TCPStore(host, port, None, is_master=is_master,
+                             timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
     except Exception as e:
+        role = "host" if is_master else "reach"
         raise TimeoutError(
-            f"weight-sync group: rank {rank} could not reach the store at {host}:{port} within "
+            f"weight-sync group: could not {role} the store at {host}:{port} within "
             f"{timeout_s:.0f}s ({e}). Check net.learner_host and that learner rank 0 is up; "
             "the limit is sync.timeout_s") from None
+
+
+def join(store, prefix: str, rank: int, world_size: int, backend: str,
+         timeout_s: float) -> SyncGroup:
+    """Form the group under `prefix` (blocking until all world_size ranks joined or timeout_s).
+    A fresh prefix per session is what lets a group re-form on the same store and port."""
+    timeout = timedelta(seconds=timeout_s)
     pstore = dist.PrefixStore(prefix, store)
     backend = resolve_backend(backend)
     try:
@@ -50,10 +59,17 @@ def init_group(host: str, port: int, rank: int, world_size: int, backend: str,
             pg = dist.ProcessGroupNCCL(pstore, rank, world_size, opts)
     except Exception as e:
         raise TimeoutError(
-            f"weight-sync group ({backend}, world {world_size}): rank {rank} failed to form it "
-            f"within {timeout_s:.0f}s: {e}. Every generator and learner rank 0 must join; the "
-            "limit is sync.timeout_s") from None
+            f"weight-sync group {prefix} ({backend}, world {world_size}): rank {rank} failed "
+            f"to form it within {timeout_s:.0f}s: {e}. Every generator and learner rank 0 must "
+            "join; the limit is sync.timeout_s") from None
     return SyncGroup(pg, store)
+
+
+def init_group(host: str, port: int, rank: int, world_size: int, backend: str,
+               timeout_s: float, prefix: str) -> SyncGroup:
+    """Join a group on a store of its own connection (rank 0 hosts the store)."""
+    return join(open_store(host, port, rank == 0, timeout_s), prefix, rank, world_size, backend,
+                timeout_s)
 
 
 def broadcast(group: SyncGroup, tensor: torch.Tensor, root: int = 0) -> None:

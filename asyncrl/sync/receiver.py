@@ -17,8 +17,12 @@ from asyncrl.sync import group, weights
 class WeightReceiver:
     def asyncrl_init_sync(self, host: str, port: int, rank: int, world_size: int,
                           backend: str, timeout_s: float, prefix: str) -> None:
+        self._asyncrl_pg = None  # a previous session's group is dropped first
         self._asyncrl_pg = group.init_group(host, port, rank, world_size, backend, timeout_s,
                                             prefix)
+
+    def asyncrl_leave_sync(self) -> None:
+        self._asyncrl_pg = None
 
     def asyncrl_receive_weights(self, specs: list[list]) -> tuple[float, int]:
         """Receive one broadcast and load it in place. Returns (seconds, bytes)."""

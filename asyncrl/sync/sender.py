@@ -1,14 +1,32 @@
-"""The learner-side sender (rank 0 only): announce, broadcast, wait until every generator loaded.
+"""The learner-side sender (rank 0 only): keep a weight-sync session formed, push weights.
 
 Control messages go over ZeroMQ (a ROUTER on net.sync_control_port that generators connect
-to); tensor bytes go over the sync process group. The order is fixed: weights_update to every
+to); tensor bytes go over the sync process group. A push is: weights_update to every
 generator, then the broadcasts (sorted by dtype), then a weights_loaded from each generator.
+
+Sessions. The group's membership is fixed once formed, so it is re-formed, under a fresh store
+prefix (`asyncrl/sync/<session>`), whenever its membership changes:
+  - this learner process starts (a torchrun restart is a new process, hence a new session);
+  - a generator says hello with a new incarnation (it was restarted);
+  - a push fails (a generator died mid-broadcast): the group is dropped, and re-formed with the
+    generators heard from after the failure, so a dead one is never waited for;
+  - a generator that had joined reports that it left the session (its receive failed).
+Generators say hello (name, incarnation, session, policy version) every
+net.heartbeat_interval_s; forming waits up to net.ready_timeout_s for every expected generator,
+then fails naming the missing ones.
+
+Versions only go forward: a push older than what a generator already holds is skipped (after a
+learner restart the learner replays logged steps the generators already have, see
+asyncrl/learner/checkpoint.py), and a generator behind the learner is brought up to date as soon
+as a session forms.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
+from dataclasses import dataclass
 
 import torch
 
@@ -19,65 +37,176 @@ from asyncrl.transport import Server
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Member:
+    ident: bytes  # ZeroMQ routing id of its control socket
+    incarnation: str
+    session: str  # the session it last reported
+    version: int  # the newest policy version it reported holding
+    heard: float  # time.monotonic() of its last message
+    confirmed: bool = False  # reported the current session since it was formed
+
+
 class WeightSender:
     def __init__(self, server: Server, host: str, store_port: int, num_generators: int,
                  backend: str, timeout_s: float, ready_timeout_s: float):
-        self.server = server
-        self.num_generators = num_generators
-        self.timeout_s = timeout_s
+        self.server, self.backend = server, backend
+        self.timeout_s, self.ready_timeout_s = timeout_s, ready_timeout_s
+        self.expected = [f"gen{i}" for i in range(num_generators)]
+        self.world = num_generators + 1
+        self.store = group.open_store(host, store_port, True, timeout_s)
+        self.tag = uuid.uuid4().hex[:8]  # fresh per learner process, so per torchrun restart
+        self.sessions = 0
+        self.session = ""
+        self.pg: group.SyncGroup | None = None
+        self.joined: dict[str, str] = {}  # name -> incarnation in the current session
+        self.members: dict[str, _Member] = {}
+        self.failed_at: float | None = None  # a push failed: wait for fresh hellos
         self._bufs: dict[str, torch.Tensor] | None = None  # refilled in place on every push
-        self.peers = self._await_hellos(ready_timeout_s)
-        self.pg = group.init_group(host, store_port, 0, num_generators + 1, backend, timeout_s,
-                                   prefix="asyncrl/sync/0")
 
-    def _await_hellos(self, timeout_s: float) -> dict[str, bytes]:
-        """sender name -> ZeroMQ identity, for every generator."""
-        peers: dict[str, bytes] = {}
-        deadline = time.monotonic() + timeout_s
-        while len(peers) < self.num_generators:
-            msg = self._recv_until(deadline, "generator_hello")
-            if msg is None:
-                raise TimeoutError(
-                    f"{len(peers)}/{self.num_generators} generators registered for weight sync "
-                    f"within {timeout_s:.0f}s (have: {sorted(peers) or 'none'}). Are they running "
-                    "and pointed at net.learner_host? The limit is net.ready_timeout_s")
-            ident, m = msg
-            peers[m["sender"]] = ident
-            log.info("generator %s registered for weight sync (sync rank %d)", m["sender"],
-                     m["sync_rank"])
-        return peers
+    # ------------------------------------------------------------------ control messages
 
-    def _recv_until(self, deadline: float, kind: str) -> tuple[bytes, dict] | None:
-        while (left := deadline - time.monotonic()) > 0:
-            if not self.server.sock.poll(int(min(left, 1.0) * 1000)):
-                continue
+    def _drain(self, timeout_s: float = 0.0) -> None:
+        """Handle every control message waiting (or arriving within timeout_s)."""
+        while self.server.sock.poll(int(timeout_s * 1000)):
+            timeout_s = 0.0
             got = self.server.recv()
             if got is None:
                 continue
             try:
-                return got[0], wire.decode(got[1], expect=(kind,))
+                msg = wire.decode(got[1], expect=("generator_hello", "weights_loaded"))
             except wire.MessageError as e:
                 log.warning("sync control: rejected frame (%s)", e)
-        return None
+                continue
+            self._handle(got[0], msg)
 
-    def push(self, model: torch.nn.Module, version: int) -> tuple[float, int]:
-        """Broadcast the model's weights as `version`. Returns (seconds, bytes)."""
+    def _handle(self, ident: bytes, msg: dict) -> None:
+        name, now = msg["sender"], time.monotonic()
+        m = self.members.get(name)
+        if msg["kind"] == "weights_loaded":
+            if m is not None and msg["session"] == self.session:
+                m.version, m.heard = max(m.version, msg["policy_version"]), now
+            return
+        if m is None or m.incarnation != msg["incarnation"]:
+            if m is not None:
+                log.warning("%s restarted (incarnation %s -> %s); the weight-sync group will "
+                            "re-form", name, m.incarnation, msg["incarnation"])
+            self.members[name] = _Member(ident, msg["incarnation"], msg["session"],
+                                         msg["policy_version"], now)
+            return
+        m.ident, m.heard, m.session = ident, now, msg["session"]
+        m.version = max(m.version, msg["policy_version"])
+        if msg["session"] == self.session and self.session:
+            m.confirmed = True
+
+    def _needs_forming(self) -> bool:
+        if self.pg is None:
+            return True
+        for name, inc in self.joined.items():
+            m = self.members[name]
+            if m.incarnation != inc or (m.confirmed and m.session != self.session):
+                return True
+        return False
+
+    # ------------------------------------------------------------------ sessions
+
+    def _await_members(self) -> None:
+        """Every expected generator has said hello (after the last failure, if any)."""
+        deadline = time.monotonic() + self.ready_timeout_s
+        while True:
+            since = self.failed_at if self.failed_at is not None else -1.0
+            missing = [n for n in self.expected
+                       if n not in self.members or self.members[n].heard <= since]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                have = sorted(set(self.expected) - set(missing))
+                raise TimeoutError(
+                    f"weight sync: generators {missing} did not say hello within "
+                    f"{self.ready_timeout_s:.0f}s (have: {have or 'none'}). Are they running and "
+                    "pointed at net.learner_host? The limit is net.ready_timeout_s")
+            self._drain(timeout_s=0.5)
+
+    def _form(self) -> None:
+        self._await_members()
+        self.pg = None  # drop the old group first (its peers' pending receives then fail)
+        self.sessions += 1
+        self.session = f"{self.tag}.{self.sessions}"
+        join = wire.encode("sync_join", 0, session=self.session, world_size=self.world)
+        for name in self.expected:
+            m = self.members[name]
+            m.confirmed = False
+            self.server.send(m.ident, join)
+        self.joined = {n: self.members[n].incarnation for n in self.expected}
+        t0 = time.perf_counter()
+        self.pg = group.join(self.store, f"asyncrl/sync/{self.session}", 0, self.world,
+                             self.backend, self.timeout_s)
+        self.failed_at = None
+        log.info("weight-sync session %s formed with %s in %.2fs (versions %s)", self.session,
+                 ", ".join(f"{n}/{inc}" for n, inc in self.joined.items()),
+                 time.perf_counter() - t0, self.versions())
+
+    def versions(self) -> dict[str, int]:
+        return {n: self.members[n].version for n in self.expected if n in self.members}
+
+    def start(self) -> None:
+        """Wait for every generator and form the first session of this learner process."""
+        self._drain()
+        self._form()
+
+    def shutdown(self, reason: str) -> None:
+        """Tell every generator training is over, so standalone ones exit too."""
+        msg = wire.encode("shutdown", 0, reason=reason)
+        for m in self.members.values():
+            self.server.send(m.ident, msg)
+
+    # ------------------------------------------------------------------ pushes
+
+    def sync(self, model: torch.nn.Module, version: int, due: bool) -> tuple[float, int] | None:
+        """Called after every learner step: re-form the session if its membership changed, and
+        push `version` when due (sync.interval) or when a generator is behind after a re-form.
+        Returns (seconds, bytes) of the push, or None when nothing was pushed."""
+        for attempt in (1, 2):
+            self._drain()
+            formed = self._needs_forming()
+            if formed:
+                self._form()
+            held = self.versions()
+            if min(held.values()) >= version:
+                # Every generator holds this version or a newer one: the learner is replaying
+                # logged steps after a restart; never move a generator back.
+                return None
+            if max(held.values()) > version:
+                return None
+            if not (due or (formed and min(held.values()) < version)):
+                return None
+            try:
+                return self._push(model, version)
+            except (RuntimeError, TimeoutError) as e:
+                if attempt == 2:
+                    raise
+                log.warning("weight sync to version %d failed (%s); re-forming the group with "
+                            "the generators heard from after the failure", version, e)
+                self.pg, self.failed_at = None, time.monotonic()
+        raise AssertionError("unreachable")
+
+    def _push(self, model: torch.nn.Module, version: int) -> tuple[float, int]:
         t0 = time.perf_counter()
         named = weights.sendable(model)
         bufs = self._bufs = weights.pack(named, self._bufs)
-        announce = wire.encode("weights_update", version, tensors=weights.specs_of(named))
-        for ident in self.peers.values():
-            self.server.send(ident, announce)
+        announce = wire.encode("weights_update", version, session=self.session,
+                               tensors=weights.specs_of(named))
+        for name in self.expected:
+            self.server.send(self.members[name].ident, announce)
         for dt in sorted(bufs):
             group.broadcast(self.pg, bufs[dt], root=0)
-        waiting = set(self.peers)
         deadline = time.monotonic() + self.timeout_s
-        while waiting:
-            msg = self._recv_until(deadline, "weights_loaded")
-            if msg is None:
+        while waiting := [n for n in self.expected if self.members[n].version < version]:
+            if self._needs_forming():
+                raise RuntimeError(f"generators {waiting} left the session before confirming")
+            if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"weight sync to version {version}: generators {sorted(waiting)} did not "
-                    f"confirm loading within {self.timeout_s:.0f}s (sync.timeout_s)")
-            if msg[1]["policy_version"] == version:
-                waiting.discard(msg[1]["sender"])
+                    f"weight sync to version {version}: generators {waiting} did not confirm "
+                    f"loading within {self.timeout_s:.0f}s (sync.timeout_s)")
+            self._drain(timeout_s=0.2)
         return time.perf_counter() - t0, weights.nbytes(bufs)

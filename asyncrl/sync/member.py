@@ -1,0 +1,117 @@
+"""The generator side of weight sync: say hello, join sessions, load pushed weights.
+
+The learner decides when a session forms (asyncrl/sync/sender.py); a generator only follows:
+it says hello (name, incarnation, the session it is in, the version it holds) when it starts
+and then at most every `hello_interval_s`, joins whatever session it is told to join, and loads
+each push of that session. A failed join or receive (the learner died, or dropped the group
+mid-broadcast) is not fatal: the generator keeps its weights, reports that it is in no session,
+and goes on generating until the learner forms a new one. Broadcasts are received into buffers
+first, so a failed one leaves the engine's weights untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from asyncrl import wire
+
+log = logging.getLogger(__name__)
+
+
+class LearnerFinished(Exception):
+    """The learner said training is over (a `shutdown` message)."""
+
+
+class SyncMember:
+    def __init__(self, control, engine, name: str, sync_rank: int, incarnation: str,
+                 host: str, store_port: int, backend: str, timeout_s: float,
+                 hello_interval_s: float, alone_timeout_s: float,
+                 on_loaded: Callable[[int, float, int], None]):
+        """control: a transport.Client to learner rank 0's sync control port. engine: has
+        init_sync / leave_sync / receive_weights (asyncrl.generator.engine.VLLMEngine).
+        alone_timeout_s: fail when no session has been joined for this long (the learner is
+        gone). on_loaded(version, seconds, bytes) runs after every load."""
+        self.control, self.engine = control, engine
+        self.name, self.sync_rank, self.incarnation = name, sync_rank, incarnation
+        self.host, self.store_port, self.backend, self.timeout_s = (host, store_port, backend,
+                                                                   timeout_s)
+        self.hello_interval_s, self.on_loaded = hello_interval_s, on_loaded
+        self.alone_timeout_s = alone_timeout_s
+        self.alone_since = time.monotonic()
+        self.session = ""
+        self.version = 0
+        self._last_hello = float("-inf")
+
+    def hello(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_hello >= self.hello_interval_s:
+            self._last_hello = now
+            self.control.try_send(wire.encode(
+                "generator_hello", self.version, sender=self.name, sync_rank=self.sync_rank,
+                incarnation=self.incarnation, session=self.session))
+
+    def serve(self, timeout_s: float) -> None:
+        """Say hello if due, then handle every control message waiting (or arriving within
+        timeout_s). Raises TimeoutError after alone_timeout_s without a session."""
+        self.hello()
+        if not self.session and time.monotonic() - self.alone_since > self.alone_timeout_s:
+            raise TimeoutError(
+                f"{self.name}: no weight-sync session from the learner at "
+                f"{self.control.addr} for {self.alone_timeout_s:.0f}s (net.learner_host; the "
+                "limit is net.ready_timeout_s)")
+        while (frame := self.control.poll(timeout_s)) is not None:
+            timeout_s = 0.0
+            try:
+                msg = wire.decode(frame, expect=("sync_join", "weights_update", "shutdown"))
+            except wire.MessageError as e:
+                log.warning("%s: bad control frame from the learner (%s); ignored", self.name, e)
+                continue
+            if msg["kind"] == "shutdown":
+                raise LearnerFinished(msg["reason"])
+            if msg["kind"] == "sync_join":
+                self._join(msg["session"], msg["world_size"])
+            elif msg["session"] != self.session:
+                log.warning("%s: ignored a weight update for session %s (we are in %r)",
+                            self.name, msg["session"], self.session)
+            else:
+                self._receive(msg)
+
+    def _join(self, session: str, world_size: int) -> None:
+        try:
+            self.engine.init_sync(self.host, self.store_port, self.sync_rank, world_size,
+                                  self.backend, self.timeout_s, prefix=f"asyncrl/sync/{session}")
+        except Exception as e:  # the learner went away while forming: wait for the next one
+            self._leave(f"could not join weight-sync session {session}: {e}")
+            return
+        self.session = session
+        log.info("%s: joined weight-sync session %s (rank %d of %d)", self.name, session,
+                 self.sync_rank, world_size)
+        self.hello(force=True)  # tells the learner we are in
+
+    def _receive(self, msg: dict) -> None:
+        version = msg["policy_version"]
+        if version < self.version:
+            log.error("%s: learner pushed version %d but we hold %d; loading it anyway",
+                      self.name, version, self.version)
+        try:
+            seconds, nbytes = self.engine.receive_weights(msg["tensors"])
+        except Exception as e:  # peer died mid-broadcast; the engine still has the old weights
+            self._leave(f"weight update to version {version} failed: {e}")
+            return
+        self.version = version
+        self.control.try_send(wire.encode("weights_loaded", version, sender=self.name,
+                                          session=self.session, seconds=seconds))
+        self.on_loaded(version, seconds, nbytes)
+
+    def _leave(self, why: str) -> None:
+        log.warning("%s: %s; keeping policy version %d and waiting for the learner to form a "
+                    "new session", self.name, why, self.version)
+        self.session = ""
+        self.alone_since = time.monotonic()
+        try:
+            self.engine.leave_sync()
+        except Exception:  # noqa: BLE001 - nothing left to release
+            pass
+        self.hello(force=True)
