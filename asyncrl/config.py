@@ -225,6 +225,11 @@ class LearnerConfig:
     eval_interval: int = 10
     """Evaluate held-out accuracy every this many steps (and at step 0, the SFT policy)."""
     checkpoint_interval: int = 50
+    """Save weights, optimizer, scheduler and RNG state every this many steps (and at the
+    end), under RUN_DIR/checkpoints/step_<n>; a restarted learner resumes from the newest."""
+    max_restarts: int = 0
+    """torchrun --max-restarts: a failed learner rank restarts every rank, which resume from
+    the last checkpoint and replay their logged batches (docs/reliability.md)."""
     device_ids: list[int] = field(default_factory=list)
     """GPUs of the learner ranks on this node (CUDA_VISIBLE_DEVICES for torchrun); empty:
     whatever is visible."""
@@ -321,6 +326,8 @@ class RunConfig:
              "generator.group_size must be >= 2 (group-relative advantages need a group)"),
             (self.generator.temperature > 0, "generator.temperature must be > 0"),
             (self.learner.nproc >= 1, "learner.nproc must be >= 1"),
+            (self.learner.checkpoint_interval >= 1, "learner.checkpoint_interval must be >= 1"),
+            (self.learner.max_restarts >= 0, "learner.max_restarts must be >= 0"),
             (not self.generator.device_ids
              or len(self.generator.device_ids) == self.generator.num_generators,
              "generator.device_ids needs one entry per generator (generator.num_generators)"),

@@ -59,7 +59,8 @@ def learner_command(cfg: RunConfig, config_path: Path) -> list[str]:
             ["--nnodes", str(lc.nnodes), "--rdzv-backend", "c10d",
              "--rdzv-endpoint", lc.rdzv_endpoint])
     return [sys.executable, "-m", "torch.distributed.run", *rdzv,
-            "--nproc-per-node", str(lc.nproc), "-m", "asyncrl.learner",
+            "--nproc-per-node", str(lc.nproc), "--max-restarts", str(lc.max_restarts),
+            "-m", "asyncrl.learner",
             "--config", str(config_path)]
 
 
@@ -106,6 +107,8 @@ def _watch(cfg: RunConfig, run_dir: Path, roles: list[Role], stopping: dict, out
                 progress.poll()
                 out(f"[run] learner finished; results in {run_dir}")
                 return 0
+            if code == 0 and r.name.startswith("gen"):
+                continue  # told by the learner that training is over; the learner exits next
             out(f"[run] {r.name} exited with code {code}; stopping the other roles.")
             out(f"[run] last lines of {r.log_path}:")
             out(_tail(r.log_path, 25))
@@ -150,16 +153,24 @@ def _tail(path: Path, n: int) -> str:
 
 
 class _Progress:
-    """Prints one line per new metrics.jsonl row (every row when evaluated, else every 5th)."""
+    """Prints one line per new metrics.jsonl row (every row when evaluated, else every 5th).
+    A restarted learner rewrites the file (rows after its checkpoint go); that is noticed by
+    the file's identity and announced, and the replayed steps are shown again."""
 
     def __init__(self, path: Path, total_steps: int, out):
         self.path, self.total, self.out = path, total_steps, out
         self.offset = 0
+        self.inode = None
+        self.shown = -1  # highest step shown
         self.started = False
 
     def poll(self) -> None:
-        if not self.path.exists():
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
             return
+        if st.st_ino != self.inode or st.st_size < self.offset:  # replaced on a resume
+            self.inode, self.offset = st.st_ino, 0
         with self.path.open() as f:
             f.seek(self.offset)
             chunk = f.read()
@@ -167,10 +178,20 @@ class _Progress:
         self.offset += len(complete.encode())
         for line in complete.splitlines():
             self.started = True
-            self._show(json.loads(line))
+            try:
+                self._show(json.loads(line))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a malformed row is not worth stopping the run for
 
     def _show(self, r: dict) -> None:
         step = r["step"]
+        if "resumed_from_step" in r:
+            self.out(f"[run] the learner restarted and resumed from its checkpoint at step "
+                     f"{r['resumed_from_step']}")
+            self.shown = r["resumed_from_step"]
+        if step <= self.shown:
+            return
+        self.shown = step
         if step == 0:
             self.out(f"[step 0/{self.total}] SFT policy: eval accuracy {r['eval_accuracy']:.1%}")
             return

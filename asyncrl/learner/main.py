@@ -10,7 +10,9 @@ checkpoints, and every sync.interval steps broadcasts the weights to the generat
 The algorithm (advantage estimator, off-policy correction, KL, entropy, critic, DAPO's
 dynamic sampling and overlong shaping) is chosen in config; asyncrl/learner/step.py applies it.
 
-Left out here: resume from checkpoint under --max-restarts (issue 4).
+Restarts: under torchrun --max-restarts every rank resumes from the newest checkpoint and
+replays the steps after it from its batch log (asyncrl/learner/checkpoint.py); rank 0 forms a
+new weight-sync session with the generators (asyncrl/sync/sender.py).
 
 Run (normally started by `asyncrl run`):
     torchrun --standalone --nproc-per-node 1 -m asyncrl.learner --config RUN_DIR/config.yaml
@@ -29,6 +31,7 @@ import torch
 from asyncrl import wire
 from asyncrl.algo.sampling import dynamic_sampling_mask
 from asyncrl.config import RunConfig
+from asyncrl.learner import checkpoint
 from asyncrl.learner.batch import TrainBatch, collate
 from asyncrl.learner.model import greedy_accuracy, load_critic, load_policy
 from asyncrl.learner.runlog import BatchLog, weights_sha256
@@ -64,10 +67,19 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
     m = metrics.LearnerMetrics(registry)
     metrics.serve(registry, cfg.net.bind_host, cfg.net.learner_metrics_port(rank))
 
-    model, tok = load_policy(cfg.model.path, cfg.model.dtype)
+    ckpt = checkpoint.latest(run_dir)
+    start = ckpt.step if ckpt is not None else 0
+    model, tok = load_policy(ckpt.path if ckpt is not None else cfg.model.path, cfg.model.dtype)
     model.to(device).train()
     models = _build_models(cfg, model, device, world)
     sched = warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)
+    if ckpt is not None:
+        checkpoint.restore(ckpt, models, sched)
+    batch_log = BatchLog(run_dir, rank, start)
+    if ckpt is not None:
+        log.info("resumed from %s (restart %s): replaying %d logged steps, then step %d on",
+                 ckpt.path, os.environ.get("TORCHELASTIC_RESTART_COUNT", "?"),
+                 len(batch_log.logged), start + len(batch_log.logged) + 1)
     ctx = transport.context()
     buffer = transport.Client(ctx, cfg.net.buffer_host, cfg.net.buffer_learner_port,
                               f"learner{rank}")
@@ -75,13 +87,16 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
                         lambda: wire.encode("heartbeat", 0, sender=f"learner{rank}",
                                             role="learner"),
                         cfg.net.heartbeat_interval_s).start()
-    lead = _Lead(cfg, run_dir, model, tok, m) if rank == 0 else None
-    batch_log = BatchLog(run_dir, rank)
+    lead = _Lead(cfg, run_dir, model, tok, m, ckpt) if rank == 0 else None
 
-    for step in range(1, cfg.learner.total_steps + 1):
+    for step in range(start + 1, cfg.learner.total_steps + 1):
         t0 = time.perf_counter()
-        groups, waited, filtered, dropped_total = _fetch(buffer, cfg, rank, version=step - 1)
-        batch_log.append(step, groups, dropped_total)
+        if step in batch_log.logged:  # taken from the buffer before a restart: train it again
+            groups, dropped_total = batch_log.logged.pop(step)
+            waited, filtered = 0.0, 0
+        else:
+            groups, waited, filtered, dropped_total = _fetch(buffer, cfg, rank, step - 1)
+            batch_log.append(step, groups, dropped_total)
         batch = collate(groups, tok.pad_token_id).to(device)
         stats = train_step(models, batch, cfg.learner, cfg.generator.temperature,
                            cfg.generator.max_tokens)
@@ -92,6 +107,8 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
                       token_staleness(batch, step - 1), waited, step_seconds)
         if lead is not None:
             lead.after_step(step, batch, stats, waited, step_seconds)
+            if step % cfg.learner.checkpoint_interval == 0 or step == cfg.learner.total_steps:
+                lead.save_checkpoint(step, models, sched)
     if lead is not None:
         lead.finish()
     if world > 1:
@@ -170,25 +187,33 @@ def _request(buffer, cfg: RunConfig, rank: int, version: int, num_groups: int
 class _Lead:
     """Rank 0's extra duties: weight sync, evaluation, metrics.jsonl, checkpoints, plot."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, model, tok, m):
+    def __init__(self, cfg: RunConfig, run_dir: Path, model, tok, m,
+                 ckpt: checkpoint.Checkpoint | None):
         from asyncrl import transport
         from asyncrl.sync.sender import WeightSender
 
         self.cfg, self.run_dir, self.model, self.tok, self.m = cfg, run_dir, model, tok, m
         _, self.eval_set = load_task(cfg.task)
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.t_start = time.time()
-        self.tokens_total = 0
-        self.samples_total = 0
+        state = ckpt.state if ckpt is not None else {}
+        self.tokens_total = state.get("tokens_total", 0)
+        self.samples_total = state.get("samples_total", 0)
+        # Rows after the checkpoint are recomputed by the replay: drop them, keep their time.
+        if ckpt is not None:
+            resumed_t0 = time.time() - checkpoint.truncate_metrics(self.metrics_path, ckpt.step)
+        self.resumed_from = ckpt.step if ckpt is not None else None
         self.control = transport.Server(transport.context(), cfg.net.bind_host,
                                         cfg.net.sync_control_port)
         self.sender = WeightSender(self.control, cfg.net.bind_host, cfg.net.sync_store_port,
                                    cfg.generator.num_generators, cfg.sync.backend,
                                    cfg.sync.timeout_s, cfg.net.ready_timeout_s)
-        self.t_start = time.time()  # RL time starts once every generator is up
-        self._write({"step": 0, "policy_version": 0, "reward_mean": None,
-                     "staleness_mean": None, "eval_accuracy": self._evaluate(),
-                     "elapsed_s": 0.0})
+        self.sender.start()
+        # RL time starts once every generator is up (and goes on from before a restart).
+        self.t_start = resumed_t0 if ckpt is not None else time.time()
+        if ckpt is None:
+            self._write({"step": 0, "policy_version": 0, "reward_mean": None,
+                         "staleness_mean": None, "eval_accuracy": self._evaluate(),
+                         "elapsed_s": 0.0})
 
     def _evaluate(self) -> float:
         acc = greedy_accuracy(self.model, self.tok, self.eval_set, self.cfg.generator.max_tokens,
@@ -206,8 +231,9 @@ class _Lead:
         cfg = self.cfg
         last = step == cfg.learner.total_steps
         sync_s = None
-        if step % cfg.sync.interval == 0 or last:
-            sync_s, nbytes = self.sender.push(self.model, step)
+        pushed = self.sender.sync(self.model, step, due=step % cfg.sync.interval == 0 or last)
+        if pushed is not None:
+            sync_s, nbytes = pushed
             self.m.sync_seconds.observe(sync_s)
             self.m.sync_bytes.inc(nbytes)
         hist = token_staleness(batch, step - 1)
@@ -224,22 +250,20 @@ class _Lead:
                "tokens_per_s": self.tokens_total / max(elapsed, 1e-9),
                "step_s": step_seconds, "data_wait_s": waited, "sync_s": sync_s,
                "elapsed_s": elapsed}
+        if self.resumed_from is not None:
+            row["resumed_from_step"], self.resumed_from = self.resumed_from, None
         if step % cfg.learner.eval_interval == 0 or last:
             row["eval_accuracy"] = self._evaluate()
         self._write(row)
-        if step % cfg.learner.checkpoint_interval == 0 or last:
-            self._checkpoint(step)
 
-    def _checkpoint(self, step: int) -> None:
-        out = self.run_dir / "checkpoints" / f"step_{step}"
-        self.model.save_pretrained(out, safe_serialization=True)
-        self.tok.save_pretrained(out)
-        (out / "asyncrl_state.json").write_text(json.dumps({"step": step,
-                                                            "policy_version": step}))
+    def save_checkpoint(self, step: int, models: Models, sched) -> None:
+        checkpoint.save(self.run_dir, step, self.model, self.tok, models, sched,
+                        {"tokens_total": self.tokens_total, "samples_total": self.samples_total})
 
     def finish(self) -> None:
         from asyncrl.plots import plot_run
 
+        self.sender.shutdown(f"trained {self.cfg.learner.total_steps} steps")
         plot_run(self.metrics_path, self.run_dir / "curves.png")
         (self.run_dir / "summary.json").write_text(json.dumps(
             {"steps": self.cfg.learner.total_steps, "final_weights_sha256":

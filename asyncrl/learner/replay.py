@@ -3,13 +3,16 @@
 The async run's nondeterminism is all in which trajectories reached which batch; the learner
 logged exactly that (RUN_DIR/batches/rank0.bin), so training on the same batches in the same
 order, with the same seed, threads and schedule, gives the same weights on the same machine.
-The checksum is compared with RUN_DIR/summary.json. Single-rank runs only (learner.nproc=1).
+The checksum is compared with RUN_DIR/summary.json, and each step's loss with metrics.jsonl: a
+run whose learner was killed and resumed from a checkpoint must match this uninterrupted
+re-run exactly. Single-rank runs only (learner.nproc=1).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from math import inf
 from pathlib import Path
 
 import torch
@@ -18,7 +21,7 @@ from asyncrl.config import load_config
 from asyncrl.learner.batch import collate
 from asyncrl.learner.main import _build_models
 from asyncrl.learner.model import load_policy
-from asyncrl.learner.runlog import read_batch_log, weights_sha256
+from asyncrl.learner.runlog import read_batch_log, read_jsonl, weights_sha256
 from asyncrl.learner.step import train_step, warmup_schedule
 
 
@@ -39,17 +42,23 @@ def replay(run_dir: Path, out=print) -> bool:
     model.train()
     models = _build_models(cfg, model, torch.device("cpu"), world=1)
     sched = warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)
+    logged_loss = {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")
+                   if r["step"] > 0}
     t0 = time.time()
     steps = 0
+    loss_diff = 0.0
     for steps, groups in enumerate(read_batch_log(log), 1):
-        train_step(models, collate(groups, tok.pad_token_id), cfg.learner,
-                   cfg.generator.temperature, cfg.generator.max_tokens)
+        stats = train_step(models, collate(groups, tok.pad_token_id), cfg.learner,
+                           cfg.generator.temperature, cfg.generator.max_tokens)
         sched.step()
+        logged = logged_loss.get(steps)
+        loss_diff = max(loss_diff, abs(stats["loss"] - logged) if logged is not None else inf)
         if steps % 25 == 0:
             out(f"[replay] step {steps} ({time.time() - t0:.0f}s)")
     got = weights_sha256(model)
     want = json.loads(summary.read_text())["final_weights_sha256"]
-    same = got == want
-    out(f"[replay] {steps} steps; weights sha256 {got[:16]}... "
-        f"{'==' if same else '!='} run's {want[:16]}...")
+    same = got == want and loss_diff == 0.0 and steps == len(logged_loss)
+    out(f"[replay] {steps} steps ({len(logged_loss)} in metrics.jsonl), largest loss difference "
+        f"{loss_diff:.3g}; weights sha256 {got[:16]}... {'==' if got == want else '!='} run's "
+        f"{want[:16]}...")
     return same

@@ -23,29 +23,78 @@ class BatchLog:
     """Every batch this rank trained on, in order, as wire `batch` frames (length-prefixed) in
     RUN_DIR/batches/rank<r>.bin, plus a readable admission log (RUN_DIR/admission.jsonl:
     step, rank, and each group's generator, prompt id and policy version). With it a finished
-    async run replays on the learner alone (`asyncrl replay RUN_DIR`)."""
+    async run replays on the learner alone (`asyncrl replay RUN_DIR`), and a restarted learner
+    replays the steps after its checkpoint (`logged`). A frame is written before its step is
+    trained, so every batch taken from the buffer is in the log; a torn last frame (killed
+    mid-write) is cut off when the log is reopened."""
 
-    def __init__(self, run_dir: Path, rank: int):
-        (run_dir / "batches").mkdir(parents=True, exist_ok=True)
-        self.bin = (run_dir / "batches" / f"rank{rank}.bin").open("ab")
+    def __init__(self, run_dir: Path, rank: int, resume_step: int = 0):
+        path = run_dir / "batches" / f"rank{rank}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.logged: dict[int, tuple[list, int]] = {}  # step -> (groups, stale_dropped_total)
+        end = 0
+        if path.is_file():
+            for frame_end, step, msg in _frames(path.read_bytes()):
+                end = frame_end
+                if step > resume_step:
+                    self.logged[step] = (msg["groups"], msg["stale_dropped_total"])
+            if end < path.stat().st_size:
+                with path.open("r+b") as f:
+                    f.truncate(end)
+        if self.logged and sorted(self.logged) != list(range(resume_step + 1,
+                                                             max(self.logged) + 1)):
+            raise RuntimeError(f"{path}: logged steps {sorted(self.logged)} after checkpoint "
+                               f"step {resume_step} are not consecutive")
+        self.bin = path.open("ab")
         self.jsonl = (run_dir / "admission.jsonl").open("a")
         self.rank = rank
+        if self.logged:  # the row of the last logged step may not have been written
+            last = max(self.logged)
+            if not any(r["step"] == last and r["rank"] == rank
+                       for r in read_jsonl(run_dir / "admission.jsonl")):
+                self._admit(last, self.logged[last][0])
 
     def append(self, step: int, groups: list, dropped_total: int) -> None:
         frame = wire.encode("batch", step - 1, status="ok", groups=groups,
                             stale_dropped_total=dropped_total)
         self.bin.write(len(frame).to_bytes(8, "little") + frame)
         self.bin.flush()
+        self._admit(step, groups)
+
+    def _admit(self, step: int, groups: list) -> None:
         self.jsonl.write(json.dumps({"step": step, "rank": self.rank, "groups": [
             [g.generator, g.prompt_id, g.policy_version] for g in groups]}) + "\n")
         self.jsonl.flush()
 
 
+def _frames(data: bytes):
+    """(end offset, step, message) of each complete frame; stops at a torn or corrupt one."""
+    off = 0
+    while off + 8 <= len(data):
+        n = int.from_bytes(data[off : off + 8], "little")
+        if off + 8 + n > len(data):
+            return
+        try:
+            msg = wire.decode(data[off + 8 : off + 8 + n], expect=("batch",))
+        except wire.MessageError:
+            return
+        off += 8 + n
+        yield off, msg["policy_version"] + 1, msg
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file, skipping a torn (unparsable) line; [] if missing."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
 def read_batch_log(path: Path):
     """Yield the groups of each logged step, in order."""
-    data = path.read_bytes()
-    off = 0
-    while off < len(data):
-        n = int.from_bytes(data[off : off + 8], "little")
-        yield wire.decode(data[off + 8 : off + 8 + n])["groups"]
-        off += 8 + n
+    for _, _, msg in _frames(path.read_bytes()):
+        yield msg["groups"]

@@ -1,0 +1,107 @@
+"""Learner checkpoints, and what a restarted learner resumes from.
+
+RUN_DIR/checkpoints/step_<n>/ holds the policy in hub format (model.safetensors, config,
+tokenizer: loadable by transformers and vLLM as it is) plus trainer_state.pt (optimizer,
+learning-rate schedule, critic and its optimizer, torch RNG state) and asyncrl_state.json
+(step, counters). A checkpoint is written to a temporary directory and renamed into place, so
+every step_<n> directory is complete: a rank killed mid-write leaves the previous one newest.
+
+Resume (torchrun --max-restarts restarts every rank after a failure): each rank loads the
+newest checkpoint, step k, then replays steps k+1.. from its own batch log
+(asyncrl/learner/runlog.py), which holds every batch it had taken from the buffer before the
+crash. That log is the buffer's cursor: the buffer hands out each group once, so the batches of
+the replayed steps are exactly the ones trained on before, and the weights after the replay are
+the ones the generators already hold (same batches, same RNG, same order: deterministic on the
+same machine). Rank 0 drops metrics.jsonl rows after step k first, so no step is counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from asyncrl.learner.runlog import read_jsonl
+from asyncrl.learner.step import Models
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    state: dict  # asyncrl_state.json
+
+
+def latest(run_dir: Path) -> Checkpoint | None:
+    """The newest complete checkpoint under RUN_DIR/checkpoints, or None."""
+    root = run_dir / "checkpoints"
+    steps = []
+    for d in root.glob("step_*") if root.is_dir() else []:
+        if d.name.removeprefix("step_").isdigit() and (d / "asyncrl_state.json").is_file():
+            steps.append(int(d.name.removeprefix("step_")))
+    if not steps:
+        return None
+    path = root / f"step_{max(steps)}"
+    return Checkpoint(path, max(steps), json.loads((path / "asyncrl_state.json").read_text()))
+
+
+def save(run_dir: Path, step: int, model, tok, models: Models, sched, state: dict) -> Path:
+    """Write checkpoint `step` atomically. `model` is the unwrapped policy."""
+    root = run_dir / "checkpoints"
+    tmp, out = root / f".step_{step}.tmp", root / f"step_{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    critic = _unwrap(models.critic) if models.critic is not None else None
+    torch.save({
+        "optimizer": models.policy_opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "critic": critic.state_dict() if critic is not None else None,
+        "critic_optimizer": (models.critic_opt.state_dict() if models.critic_opt is not None
+                             else None),
+        "torch_rng": torch.get_rng_state(),
+    }, tmp / "trainer_state.pt")
+    # Written last: its presence marks the directory complete (see latest()).
+    (tmp / "asyncrl_state.json").write_text(json.dumps({**state, "step": step,
+                                                        "policy_version": step}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def restore(ckpt: Checkpoint, models: Models, sched) -> None:
+    """Load the optimizer, schedule, critic and RNG state. The policy's weights were loaded
+    from ckpt.path already (load_policy), before the optimizer was built on them."""
+    st = torch.load(ckpt.path / "trainer_state.pt", weights_only=False)
+    models.policy_opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    if models.critic is not None:
+        if st["critic"] is None:
+            raise ValueError(f"{ckpt.path} has no critic but learner.advantage=gae needs one")
+        _unwrap(models.critic).load_state_dict(st["critic"])
+        models.critic_opt.load_state_dict(st["critic_optimizer"])
+    torch.set_rng_state(st["torch_rng"])
+
+
+def truncate_metrics(path: Path, step: int) -> float:
+    """Drop rows after `step` from metrics.jsonl (they are recomputed by the replay). Returns
+    the run's elapsed time now (the last row's elapsed_s plus the time since it was written),
+    so the wall time lost to the crash and the restart counts in time-to-accuracy."""
+    if not path.is_file():
+        return 0.0
+    rows = read_jsonl(path)
+    # The last row's time plus the time since it was written: the restart itself counts.
+    elapsed = (max((r.get("elapsed_s") or 0.0 for r in rows), default=0.0)
+               + max(0.0, time.time() - path.stat().st_mtime))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+    tmp.replace(path)
+    return elapsed
+
+
+def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
+    return m.module if isinstance(m, torch.nn.parallel.DistributedDataParallel) else m
