@@ -417,7 +417,7 @@ def test_slurm_dry_run_writes_hosts_and_starts_every_role(tmp_path, mode):
     assert f"-m asyncrl buffer {config}" in cmds
     assert f"-m asyncrl generator {config} --index 1" in cmds
     (torchrun,) = [c for c in cmds if "torch.distributed.run" in c]
-    assert torchrun == (f"-m torch.distributed.run --nnodes=2 --nproc-per-node=2 "
+    assert torchrun == (f"-m torch.distributed.run --nnodes=2 --nproc-per-node=2 --max-restarts=3 "
                         f"--rdzv-backend=c10d --rdzv-endpoint={train[0]}:29400 "
                         f"--rdzv-id=asyncrl-42 --local-addr=node-x -m asyncrl.learner {config}")
 
