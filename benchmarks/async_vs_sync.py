@@ -1,0 +1,411 @@
+"""Async against sync: time to a held-out accuracy, and how busy each side is (issue 7, item 4).
+
+Both sides are whole runs of the embedded default (configs/default.yaml: tiny Llama after the
+SFT warm start, 2-digit addition, one vLLM generator with one thread, one learner rank with one
+thread, weight push after every step), started by `asyncrl run`'s own code path
+(`asyncrl.cli.execute_run`), with the two settings of the staleness study
+(`asyncrl.study.grid`):
+- async: sync.mode=async, buffer.max_staleness=M (--max-staleness, default 2),
+  buffer.admit_steps=max(1, M), learner.offpolicy=--correction (default none);
+- sync: sync.mode=sync, buffer.max_staleness=0: the generator makes one learner batch under the
+  current weights, then waits for the next ones (strictly on-policy).
+Same seed (learner.seed = generator.seed) and config otherwise; learner.eval_interval is lowered
+(--eval-interval, default 5) so the time to the target is resolved to a few steps, and
+learner.total_steps is --steps. With --repeats the pairs alternate their order (async, sync,
+sync, async, ...) so that a drift in the machine's load does not favour one side.
+
+Time to target: `elapsed_s` of the first metrics.jsonl row whose `eval_accuracy` >= --target.
+elapsed_s counts from the moment every generator has joined the weight-sync group; it includes
+the learner's evaluations (greedy, task.eval_size problems), which run on rank 0 between steps
+in both modes. "Minus eval" subtracts the time the evaluations before the target row (step 0's
+included) added, measured from metrics.jsonl: the gap between two rows minus the next step's
+step_s and sync_s is what ran between the steps, and after an evaluation it exceeds the median
+after other steps by the evaluation's time; less what the next step waited for data below the
+usual wait, since generation that overlapped the evaluation (the sync side makes its next
+batch meanwhile) is not time the evaluation added.
+
+Utilisation, as fractions of the run's RL wall time (elapsed_s of the last row):
+- learner busy: the sum over steps of step_s - data_wait_s + sync_s (computing steps, pushing
+  weights); evaluations are shown apart (eval);
+- generator busy: time inside vLLM's generate, from the histogram
+  `asyncrl_generator_generate_seconds` (sum) that each generator serves on net.base_port+20+i,
+  scraped every --scrape-s seconds while the run goes and interpolated at the start and end of
+  the RL window (the window's start on the benchmark's clock is recovered from when each
+  metrics.jsonl row appeared). `gen load` is the engine's weight receive and reload
+  (`asyncrl_sync_receive_seconds`), which the learner's sync_s includes.
+
+Run dirs go under --out (default /tmp/asyncrl-bench-item4/<time>/); each run gets base ports of
+its own. Run from the repository root (3-4 min per async/sync pair on 2 cores, 10-12 min in all):
+    .venv/bin/python -m benchmarks.async_vs_sync [--seeds 0,1,2] [--repeats 1] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import socket
+import statistics
+import threading
+import time
+import urllib.request
+from dataclasses import astuple, dataclass, field
+from pathlib import Path
+
+PORT_OFFSETS = (0, 1, 2, 3, 4, 10)  # + 20+i per generator, 60+r per learner rank
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("overrides", nargs="*", help="key=value overrides for both sides")
+    p.add_argument("--config", default="configs/default.yaml")
+    p.add_argument("--target", type=float, default=0.75, help="held-out accuracy to reach")
+    p.add_argument("--steps", type=int, default=60, help="learner.total_steps of every run")
+    p.add_argument("--eval-interval", type=int, default=5, help="learner.eval_interval")
+    p.add_argument("--max-staleness", type=int, default=2, help="buffer bound of the async side")
+    p.add_argument("--correction", default="none", help="learner.offpolicy of the async side")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; a pair per seed")
+    p.add_argument("--repeats", type=int, default=1, help="async/sync pairs per seed")
+    p.add_argument("--scrape-s", type=float, default=1.0, help="generator metrics scrape period")
+    p.add_argument("--out", default="/tmp/asyncrl-bench-item4")
+    p.add_argument("--report-only", metavar="DIR",
+                   help="print the report of the finished runs in DIR again, without running")
+    return p
+
+
+# ------------------------------------------------------------------ during a run
+
+
+def free_base_port(num_generators: int, nproc: int) -> int:
+    """A net.base_port whose every offset is free, below the ephemeral range (32768+) so that
+    no outgoing connection of the run itself can take one of them first."""
+    offsets = [*PORT_OFFSETS, *(20 + i for i in range(num_generators)),
+               *(60 + r for r in range(nproc))]
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000, 100)
+        if all(_port_free(base + o) for o in offsets):
+            return base
+    raise RuntimeError("no free block of ports in 20000-32000")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Sample name (with its labels, as written) -> value, from the text exposition format."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+@dataclass
+class Sample:
+    t: float  # time.time() of the scrape
+    generate_s: float  # asyncrl_generator_generate_seconds_sum, summed over generators
+    generate_calls: float
+    load_s: float  # asyncrl_sync_receive_seconds_sum
+
+
+@dataclass
+class Watch:
+    """Scrapes the generators' /metrics and notes when each metrics.jsonl row appears."""
+
+    metrics_path: Path
+    ports: list[int]
+    scrape_s: float
+    samples: list[Sample] = field(default_factory=list)
+    row_seen: dict[int, float] = field(default_factory=dict)  # step -> time.time()
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _offset: int = 0
+
+    def __enter__(self) -> Watch:
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        next_scrape = 0.0
+        while not self._stop.wait(0.1):
+            self._read_rows()
+            if time.monotonic() >= next_scrape:
+                next_scrape = time.monotonic() + self.scrape_s
+                self._scrape()
+
+    def _read_rows(self) -> None:
+        if not self.metrics_path.exists():
+            return
+        with self.metrics_path.open("rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        now = time.time()
+        for line in complete.splitlines():
+            self.row_seen[json.loads(line)["step"]] = now
+
+    def _scrape(self) -> None:
+        t = time.time()
+        values = []
+        for port in self.ports:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                            timeout=2) as r:
+                    values.append(parse_prometheus(r.read().decode()))
+            except OSError:  # not up yet, or already stopped: keep the latest sample
+                return
+        self.samples.append(Sample(
+            t, *(sum(v.get(k, 0.0) for v in values) for k in (
+                "asyncrl_generator_generate_seconds_sum",
+                "asyncrl_generator_generate_seconds_count", "asyncrl_sync_receive_seconds_sum"))))
+
+
+# ------------------------------------------------------------------ after a run
+
+
+@dataclass
+class Run:
+    order: int
+    setting: str
+    seed: int
+    rows: list[dict]
+    samples: list[Sample]
+    row_seen: dict[int, float]
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Run:
+        """A finished run from its directory, <order>-<setting>-seed<k>/, and the scrapes
+        saved in it (bench_watch.json)."""
+        order, rest = run_dir.name.split("-", 1)
+        setting, seed = rest.rsplit("-seed", 1)
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        watch = json.loads((run_dir / "bench_watch.json").read_text())
+        return cls(int(order), setting, int(seed), rows,
+                   [Sample(*x) for x in watch["samples"]],
+                   {int(k): v for k, v in watch["row_seen"].items()})
+
+    @property
+    def wall_s(self) -> float:
+        return self.rows[-1]["elapsed_s"]
+
+    def eval_seconds(self, cost: bool = False) -> dict[int, float]:
+        """Evaluation step -> the seconds it took (cost=False) or added to the run (cost=True).
+
+        Took: the gap between rows k-1 and k minus step k's step_s and sync_s is the time spent
+        between steps; after an evaluation it exceeds the median after other steps by the
+        evaluation. Added: that, less what the next step waited for data below the median wait
+        after other steps: generation that overlapped the evaluation (the sync side makes its
+        next batch meanwhile) is not time the evaluation added."""
+        rows, after = self.rows, {r["step"] + 1 for r in self.rows if "eval_accuracy" in r}
+        gaps = {r["step"]: r["elapsed_s"] - p["elapsed_s"] - r["step_s"] - (r["sync_s"] or 0)
+                for p, r in zip(rows, rows[1:])}
+        base = statistics.median(v for k, v in gaps.items() if k not in after)
+        wait = statistics.median(r["data_wait_s"] for r in rows[1:] if r["step"] not in after)
+        return {r["step"] - 1: gaps[r["step"]] - base
+                - (max(0.0, wait - r["data_wait_s"]) if cost else 0.0)
+                for r in rows[1:] if r["step"] in after}
+
+    def to_target(self, target: float) -> tuple[int, float, float] | None:
+        """(step, elapsed_s, seconds the evaluations before it added) of the first evaluation
+        >= target."""
+        evals = self.eval_seconds(cost=True)
+        for r in self.rows:
+            if r.get("eval_accuracy", -1) >= target:
+                return r["step"], r["elapsed_s"], sum(v for k, v in evals.items()
+                                                      if k < r["step"])
+        return None
+
+    def step_s(self) -> float:
+        """Mean wall time per step over the whole run, without what evaluations added."""
+        return (self.wall_s - sum(self.eval_seconds(cost=True).values())) / (len(self.rows) - 1)
+
+    def learner_busy_s(self) -> float:
+        return sum(r["step_s"] - r["data_wait_s"] + (r["sync_s"] or 0) for r in self.rows[1:])
+
+    def window(self) -> tuple[float, float]:
+        """The RL window [t_start, t_end] on this process's clock. A row without evaluation is
+        written right after its elapsed_s is taken, so it appears at t_start + elapsed_s plus
+        the polling delay; the smallest difference is the best estimate of t_start."""
+        rows = {r["step"]: r for r in self.rows}
+        t0 = min(t - rows[k]["elapsed_s"] for k, t in self.row_seen.items()
+                 if k > 0 and "eval_accuracy" not in rows[k])
+        return t0, t0 + self.wall_s
+
+    def generator_delta(self) -> Sample:
+        """Generate seconds, generate calls and load seconds inside the RL window."""
+        t0, t1 = self.window()
+        a, b = _at(self.samples, t0), _at(self.samples, t1)
+        return Sample(t1 - t0, b.generate_s - a.generate_s, b.generate_calls - a.generate_calls,
+                      b.load_s - a.load_s)
+
+
+def _at(samples: list[Sample], t: float) -> Sample:
+    """The cumulative counters at time t, linearly interpolated between scrapes."""
+    if not samples or t <= samples[0].t:
+        return Sample(t, 0.0, 0.0, 0.0)  # before the first scrape nothing was generated yet
+    for a, b in zip(samples, samples[1:]):
+        if a.t <= t <= b.t:
+            w = (t - a.t) / (b.t - a.t)
+            return Sample(t, *(x + w * (y - x) for x, y in (
+                (a.generate_s, b.generate_s), (a.generate_calls, b.generate_calls),
+                (a.load_s, b.load_s))))
+    return samples[-1]
+
+
+# ------------------------------------------------------------------ main
+
+
+def run_one(args, setting, seed: int, order: int, out_dir: Path) -> Run:
+    from asyncrl.cli import execute_run
+    from asyncrl.config import load_config
+
+    run_dir = out_dir / f"{order}-{setting.name}-seed{seed}"
+    probe = load_config(args.config, args.overrides)
+    base = free_base_port(probe.generator.num_generators, probe.learner.nproc)
+    cfg = load_config(args.config, [
+        *args.overrides, *setting.overrides, f"learner.total_steps={args.steps}",
+        f"learner.eval_interval={args.eval_interval}", f"learner.seed={seed}",
+        f"generator.seed={seed}", f"net.base_port={base}", f"run_dir={run_dir}"])
+    ports = [cfg.net.generator_metrics_port(i) for i in range(cfg.generator.num_generators)]
+    print(f"[bench] run {order}: {setting.name}, seed {seed}, base port {base}, {run_dir}",
+          flush=True)
+    with Watch(run_dir / "metrics.jsonl", ports, args.scrape_s) as watch:
+        code = execute_run(cfg, out=lambda line: print(f"  {line}", flush=True))
+    if code != 0:
+        raise RuntimeError(f"run {run_dir} failed with exit code {code}; see its logs/")
+    (run_dir / "bench_watch.json").write_text(json.dumps({
+        "samples": [astuple(x) for x in watch.samples], "row_seen": watch.row_seen}))
+    return Run.load(run_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    import asyncrl
+    from asyncrl.cli import resolve_model
+    from asyncrl.config import load_config
+    from asyncrl.study import grid
+    from benchmarks.common import machine
+
+    if args.report_only:
+        runs = sorted((Run.load(d) for d in Path(args.report_only).iterdir()
+                       if (d / "bench_watch.json").exists()), key=lambda r: r.order)
+        names = sorted({r.setting for r in runs}, key=lambda n: n == "sync")
+        report(runs, args.target, names[-1], names[0])
+        return
+    print(f"# async vs sync, time to {args.target:.0%} held-out accuracy  ({machine()})",
+          flush=True)
+    sync, async_ = grid([args.max_staleness], [args.correction])
+    resolve_model(load_config(args.config, args.overrides))  # build the SFT model once, cached
+    out_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
+    runs: list[Run] = []
+    pairs = [seed for seed in map(int, args.seeds.split(",")) for _ in range(args.repeats)]
+    for i, seed in enumerate(pairs):
+        for setting in ((async_, sync) if i % 2 == 0 else (sync, async_)):
+            runs.append(run_one(args, setting, seed, len(runs) + 1, out_dir))
+    print(f"\n# async vs sync, time to {args.target:.0%} held-out accuracy  ({machine()})")
+    print(f"{args.config} {' '.join(args.overrides)}, {args.steps} steps, eval every "
+          f"{args.eval_interval}; async = {async_.name} ({' '.join(async_.overrides)}); "
+          f"asyncrl from {Path(asyncrl.__file__).parent}; run dirs in {out_dir}")
+    report(runs, args.target, sync.name, async_.name)
+
+
+def report(runs: list[Run], target: float, sync_name: str, async_name: str) -> None:
+    from benchmarks.common import table
+
+    rows, util = [], []
+    for r in runs:
+        hit = r.to_target(target)
+        evals = [x["eval_accuracy"] for x in r.rows if "eval_accuracy" in x]
+        rows.append([r.order, r.setting, r.seed,
+                     *([hit[0], f"{hit[1]:.1f}", f"{hit[2]:.1f}", f"{hit[1] - hit[2]:.1f}",
+                        f"{(hit[1] - hit[2]) / max(1, hit[0]):.2f}"]
+                       if hit else ["-", "not reached", "-", "-", "-"]),
+                     f"{evals[-1]:.3f}", f"{max(evals):.3f}", f"{r.wall_s:.1f}",
+                     f"{r.step_s():.2f}"])
+        g = r.generator_delta()
+        steps = r.rows[1:]
+        util.append([r.order, r.setting, f"{r.learner_busy_s() / r.wall_s:.0%}",
+                     f"{sum(r.eval_seconds().values()) / r.wall_s:.0%}",
+                     f"{g.generate_s / r.wall_s:.0%}", f"{g.load_s / r.wall_s:.0%}",
+                     f"{g.generate_s / max(1.0, g.generate_calls):.2f}",
+                     f"{_med(steps, lambda x: x['step_s'] - x['data_wait_s']):.2f}",
+                     f"{_med(steps, lambda x: x['data_wait_s']):.2f}",
+                     f"{_med(steps, lambda x: x['sync_s'] or 0):.3f}",
+                     f"{g.load_s / max(1, len(steps)):.3f}",
+                     f"{statistics.mean(x['staleness_mean'] for x in steps):.2f}"])
+    print(f"\ntime to {target:.0%} held-out accuracy, s of RL wall time (eval added: by the "
+          "evaluations before the target; s/step: minus eval, up to the target and over the "
+          "whole run)")
+    print(table(["run", "setting", "seed", "step", "time to target", "eval added", "minus eval",
+                 "s/step", "final acc", "best acc", "wall s", "s/step all"], rows))
+    print("\nutilisation (fractions of the wall time) and per-step medians (s)")
+    print(table(["run", "setting", "learner busy", "eval", "gen busy", "gen load",
+                 "gen s/call", "step compute", "data wait", "sync_s", "gen load/step",
+                 "staleness"], util))
+    print()
+    names = (async_name, sync_name)
+    for label, pick in (("time to target, including eval", lambda h: h[1]),
+                        ("time to target, minus eval", lambda h: h[1] - h[2]),
+                        ("steps to target", lambda h: h[0])):
+        ratio = _compare({n: [r.to_target(target) for r in runs if r.setting == n]
+                          for n in names}, label, pick, sync_name, async_name)
+        if ratio is not None and label.startswith("time"):
+            print(f"{'':>14} target >= 1.3x: {'met' if ratio >= 1.3 else 'not met'}")
+    _compare({n: [(r.step_s(),) for r in runs if r.setting == n] for n in names},
+             "s per step over the whole run, minus eval", lambda h: h[0], sync_name, async_name)
+    for other in (target - 0.1, target - 0.05):
+        _compare({n: [r.to_target(other) for r in runs if r.setting == n] for n in names},
+                 f"time to {other:.0%}, including eval", lambda h: h[1], sync_name, async_name)
+    for name in names:
+        mine = [r for r in runs if r.setting == name]
+        busy = [r.learner_busy_s() / r.wall_s for r in mine]
+        ev = [sum(r.eval_seconds().values()) / r.wall_s for r in mine]
+        gen = [r.generator_delta().generate_s / r.wall_s for r in mine]
+        print(f"{name:>14} utilisation: learner {statistics.mean(busy):.0%} (+ eval "
+              f"{statistics.mean(ev):.0%}), generator {statistics.mean(gen):.0%} "
+              f"(mean of {len(mine)} runs)")
+
+
+def _compare(hits: dict[str, list], label: str, pick, sync_name: str,
+             async_name: str) -> float | None:
+    """Print each setting's median of pick(hit) and the ratio sync / async of the medians."""
+    values = {}
+    for name, hs in hits.items():
+        values[name] = [pick(h) for h in hs if h is not None]
+        missed = sum(h is None for h in hs)
+        print(f"{name:>14} {label}: "
+              + (f"median {statistics.median(values[name]):.2f} of "
+                 f"{', '.join(f'{v:.2f}' for v in values[name])}" if values[name] else "-")
+              + (f" ({missed} of {len(hs)} runs did not reach it)" if missed else ""))
+    if not (values[sync_name] and values[async_name]):
+        return None
+    ratio = statistics.median(values[sync_name]) / statistics.median(values[async_name])
+    pairs = ""  # the i-th run of each setting belong to the same pair (run side by side)
+    if all(h is not None for hs in hits.values() for h in hs):
+        pairs = ", per pair " + ", ".join(
+            f"{s / a:.2f}" for s, a in zip(values[sync_name], values[async_name]))
+    print(f"{'ratio':>14} sync / async: {ratio:.2f}x (of the medians{pairs})")
+    return ratio
+
+
+def _med(rows: list[dict], f) -> float:
+    return statistics.median(f(r) for r in rows)
+
+
+if __name__ == "__main__":
+    main()
