@@ -2,9 +2,10 @@
 
 One learner step exactly as `asyncrl.learner.main` runs it: `asyncrl.learner.batch.collate`
 right-pads every sequence (prompt + completion) to the longest in the batch, then
-`asyncrl.learner.step.train_step` does a no-grad forward for the proximal logprobs, a forward
-with grad, the PPO loss, backward, gradient clipping and an AdamW step (config defaults: GRPO,
-no off-policy correction, token-mean loss, one epoch, one minibatch). Model: the embedded
+`asyncrl.learner.step.train_step` does a forward with grad (its detached logprobs are the
+proximal ones, as there is one update per batch), the PPO loss, backward, gradient clipping
+and an AdamW step (config defaults: GRPO, no off-policy correction, token-mean loss, one
+epoch, one minibatch). Model: the embedded
 default's tiny Llama with random weights, float32, eager attention (as `load_policy` loads it),
 --threads CPU threads. Batch: 16 groups x 8 completions (learner.groups_per_step x
 generator.group_size) for short completions, 4 x 8 for long ones (a step of 16 x 8 x ~260
@@ -18,7 +19,7 @@ Packed prototype (here only, asyncrl/ is unchanged): the same sequences placed f
 decreasing into rows of max(padded width, --pack-width) tokens (short sequences only pack
 when rows are wider than the longest one), position ids restarting at each sequence and no
 attention mask, so transformers builds a block-diagonal causal mask from the position ids and
-no sequence attends to another; then the same no-grad forward, forward, `offpolicy_pg_loss`,
+no sequence attends to another; then the same forward, `offpolicy_pg_loss`,
 backward, clip and AdamW step. The printed max |logprob diff| checks that packed and padded
 forwards agree on every completion token.
 
@@ -160,9 +161,8 @@ def packed_step(model, opt, b: PackedBatch, lc, temperature: float) -> None:
     from asyncrl.algo.losses import LOSS_NORMALISERS
     from asyncrl.algo.offpolicy import offpolicy_pg_loss
 
-    with torch.no_grad():
-        prox = packed_logprobs(model, b, temperature)
     logprobs = packed_logprobs(model, b, temperature)
+    prox = logprobs.detach()  # one update per batch: proximal = current (as train_step does)
     normaliser = LOSS_NORMALISERS[lc.loss_agg](b.completion_mask, None)
     loss, _ = offpolicy_pg_loss(lc.offpolicy, logprobs, prox, b.behav_logprobs, b.advantages,
                                 b.completion_mask, lc.clip_low, lc.clip_high, normaliser)

@@ -54,9 +54,16 @@ def train_step(models: Models, batch: TrainBatch, lc: LearnerConfig, temperature
         mask = overlong_filter_mask(mask, batch.truncated)
     rewards = shaped_rewards(batch, lc, max_tokens)  # (G, N)
     stats: dict[str, float] = {"reward_mean": float(batch.rewards.mean())}
+    # With one update per batch the proximal policy is the policy as it is now, so its
+    # logprobs come from the update's own forward pass (detached) instead of a separate one;
+    # unless the KL reward penalty needs them before the advantages.
+    single = lc.ppo_epochs * lc.minibatches == 1 and not (lc.kl_coef > 0
+                                                          and lc.kl_mode == "reward")
     with torch.no_grad():
-        prox, _ = forward_logprobs(models.policy, batch.input_ids, batch.attention_mask,
-                                   temperature)  # (B, L-1)
+        prox = None
+        if not single:
+            prox, _ = forward_logprobs(models.policy, batch.input_ids, batch.attention_mask,
+                                       temperature)  # (B, L-1)
         ref = None
         if models.ref is not None:
             ref, _ = forward_logprobs(models.ref, batch.input_ids, batch.attention_mask,
@@ -115,8 +122,9 @@ def _policy_update(models: Models, batch: TrainBatch, idx, mask, prox, ref, adv,
                                          batch.attention_mask[idx], temperature,
                                          with_entropy=lc.entropy_coef != 0)
     m = mask[idx]
+    prox_idx = logprobs.detach() if prox is None else prox[idx]  # see train_step
     loss, stats = offpolicy_pg_loss(
-        lc.offpolicy, logprobs, prox[idx], batch.behav_logprobs[idx],
+        lc.offpolicy, logprobs, prox_idx, batch.behav_logprobs[idx],
         adv[idx] if adv.shape[0] > 1 else adv, m, lc.clip_low, lc.clip_high, normaliser,
         clip_c=lc.clip_c or None, is_cap=lc.is_cap, is_low=lc.is_low, is_high=lc.is_high)
     if entropy is not None:
