@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import socket
 import statistics
 import threading
 import time
@@ -52,7 +50,7 @@ import urllib.request
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
-PORT_OFFSETS = (0, 1, 2, 3, 4, 10)  # + 20+i per generator, 60+r per learner rank
+from benchmarks.common import free_base_port
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,28 +74,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------ during a run
-
-
-def free_base_port(num_generators: int, nproc: int) -> int:
-    """A net.base_port whose every offset is free, below the ephemeral range (32768+) so that
-    no outgoing connection of the run itself can take one of them first."""
-    offsets = [*PORT_OFFSETS, *(20 + i for i in range(num_generators)),
-               *(60 + r for r in range(nproc))]
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 32000, 100)
-        if all(_port_free(base + o) for o in offsets):
-            return base
-    raise RuntimeError("no free block of ports in 20000-32000")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
 
 
 def parse_prometheus(text: str) -> dict[str, float]:

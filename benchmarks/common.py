@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import socket
 import statistics
 import time
@@ -15,6 +16,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_base_port(num_generators: int = 1, nproc: int = 1) -> int:
+    """A net.base_port whose every offset for this many generators and learner ranks is free,
+    below the ephemeral range (32768+) so that no outgoing connection of the run itself can
+    take one of them first."""
+    offsets = [0, 1, 2, 3, 4, 10, *(20 + i for i in range(num_generators)),
+               *(60 + r for r in range(nproc))]
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000, 100)
+        if all(_port_free(base + o) for o in offsets):
+            return base
+    raise RuntimeError("no free block of ports in 20000-32000")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 def machine() -> str:
