@@ -146,5 +146,17 @@ class LearnerMetrics:
             if key in stats:
                 gauge.set(stats[key])
         for lag, n_tokens in staleness_tokens.items():  # one observation per token
-            for _ in range(n_tokens):
-                self.staleness.observe(lag)
+            observe_many(self.staleness, lag, n_tokens)
+
+
+def observe_many(hist: Histogram, amount: float, n: int) -> None:
+    """`n` observations of `amount` at the cost of one: what Histogram.observe does, with the
+    increments scaled by n. One observe() per token cost 3 us, which is 25 s per step for a
+    batch of 8M tokens. Uses the histogram's value objects (prometheus_client has no weighted
+    observe); tests/unit/test_metrics.py checks the result equals n observe() calls."""
+    hist._raise_if_not_observable()
+    hist._sum.inc(amount * n)
+    for i, bound in enumerate(hist._upper_bounds):
+        if amount <= bound:
+            hist._buckets[i].inc(n)
+            break
