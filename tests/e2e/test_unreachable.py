@@ -11,31 +11,28 @@ from tests.conftest import ROOT, free_base_port
 pytestmark = pytest.mark.e2e
 
 
-def test_learner_without_generators_fails_naming_the_setting(model_cache, tmp_path):
+def _alone(role, model_cache, tmp_path) -> tuple[subprocess.CompletedProcess, str]:
+    """Run one role with no peers and net.ready_timeout_s=5: (result, last stderr line)."""
     cfg = load_config(ROOT / "configs" / "default.yaml", [
         f"warm_start.cache_dir={model_cache}", f"run_dir={tmp_path}",
         f"net.base_port={free_base_port()}", "net.ready_timeout_s=5"])
     save_config(cfg, tmp_path / "run.yaml")
-    r = subprocess.run([sys.executable, "-m", "asyncrl", "learner", "--config",
+    r = subprocess.run([sys.executable, "-m", "asyncrl", role, "--config",
                         str(tmp_path / "run.yaml")], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
-    assert r.returncode != 0
-    last = r.stderr.strip().splitlines()[-1]  # the message a user reads, after torchrun's report
+    assert r.returncode != 0, r.stderr[-2000:]
+    return r, r.stderr.strip().splitlines()[-1]  # the message a user reads
+
+
+def test_learner_without_generators_fails_naming_the_setting(model_cache, tmp_path):
+    _, last = _alone("learner", model_cache, tmp_path)  # after torchrun's own report
     assert last.startswith("asyncrl learner: learner[0]: weight sync: generators ['gen0'] did "
                            "not say hello within 5s"), last
     assert "net.ready_timeout_s" in last
 
 
 def test_generator_pointed_at_nothing_fails_naming_the_setting(model_cache, tmp_path):
-    cfg = load_config(ROOT / "configs" / "default.yaml", [
-        f"warm_start.cache_dir={model_cache}", f"run_dir={tmp_path}",
-        f"net.base_port={free_base_port()}", "net.ready_timeout_s=5"])
-    save_config(cfg, tmp_path / "run.yaml")
-    r = subprocess.run([sys.executable, "-m", "asyncrl", "generator", "--config",
-                        str(tmp_path / "run.yaml")], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode != 0
-    last = r.stderr.strip().splitlines()[-1]
+    r, last = _alone("generator", model_cache, tmp_path)
     assert last.startswith("asyncrl generator:"), r.stderr[-2000:]
     # Neither the buffer nor the learner is there: whichever wait ends first is named.
     assert "net.ready_timeout_s" in last, last
