@@ -42,6 +42,22 @@ from asyncrl.task import load_task
 log = logging.getLogger("asyncrl.learner")
 
 
+def init_ranks(backend: str) -> None:
+    """Join the process group of this torchrun attempt.
+
+    torchrun's workers use the agent's TCPStore, and that store outlives a restart. The keys
+    init_process_group writes carry no attempt number. A restarted rank can therefore read the
+    dead attempt's gloo or NCCL addresses, then fail with "connection refused" or wait. Seen on
+    CI: it used up every restart and then hung. Each attempt gets its own key prefix.
+    """
+    import torch.distributed as dist
+
+    store, rank, world = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"asyncrl/attempt{attempt}", store),
+                            rank=rank, world_size=world)
+
+
 def run(cfg: RunConfig, run_dir: Path) -> None:
     import torch.distributed as dist
     from prometheus_client import CollectorRegistry
@@ -62,7 +78,7 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group(backend)
+        init_ranks(backend)
     registry = CollectorRegistry()
     m = metrics.LearnerMetrics(registry)
     metrics.serve(registry, cfg.net.bind_host, cfg.net.learner_metrics_port(rank))

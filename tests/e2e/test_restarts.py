@@ -5,6 +5,7 @@ everything it had sent is in the buffer exactly once."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,37 @@ def test_learner_killed_under_torchrun_resumes_with_the_same_batches(model_cache
         r = asyncrl("replay", str(tmp_path), timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         assert f"{STEPS} steps ({STEPS} in metrics.jsonl), largest loss difference 0;" in r.stdout
+
+
+_RESTARTED_RANKS = """
+import os, sys, time
+import torch, torch.distributed as dist
+from asyncrl.learner.main import init_ranks
+attempt, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
+if attempt == 1 and rank == 0:
+    time.sleep(3)  # rank 1 looks up rank 0's address first, while the dead one's is in the store
+init_ranks("gloo")
+total = torch.ones(1)
+dist.all_reduce(total)
+print(f"attempt {attempt} rank {rank} sum {total.item():.0f}", flush=True)
+if attempt == 0 and rank == 1:
+    os._exit(1)
+dist.barrier()
+"""
+
+
+def test_restarted_ranks_do_not_read_the_dead_attempts_addresses(tmp_path):
+    # torchrun's agent store outlives a restart; without a key prefix per attempt, rank 1 of
+    # attempt 1 connects to the address rank 0 of attempt 0 published ("connection refused").
+    script = tmp_path / "ranks.py"
+    script.write_text(_RESTARTED_RANKS)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node", "2", "--max-restarts", "1", str(script)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    # Both ranks write to one pipe, so their lines may interleave.
+    done = set(re.findall(r"attempt 1 rank (\d) sum 2", r.stdout))
+    assert done == {"0", "1"}, r.stdout
 
 
 def _buffer_counters(port):
