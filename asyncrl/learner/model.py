@@ -24,7 +24,7 @@ def load_critic(path: str | Path, dtype: str = "float32"):
     critic = AutoModelForTokenClassification.from_pretrained(
         Path(path).expanduser(), num_labels=1, dtype=_DTYPES[dtype])
     critic.config._attn_implementation = "eager"
-    return critic
+    return without_dropout(critic)
 
 
 def load_policy(path: str | Path, dtype: str = "float32"):
@@ -40,7 +40,23 @@ def load_policy(path: str | Path, dtype: str = "float32"):
     model.config._attn_implementation = "eager"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return model, tok
+    return without_dropout(model), tok
+
+
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout off. With dropout in training mode two forwards of one policy disagree, so
+    the PPO ratio is not 1 on-policy, and the value head (transformers gives token
+    classification heads dropout 0.1 unless the config says otherwise) adds noise to GAE."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for key in ("attention_dropout", "dropout"):  # rates read at each functional call
+            if isinstance(getattr(module, key, None), float):
+                setattr(module, key, 0.0)
+    for key in ("attention_dropout", "hidden_dropout", "classifier_dropout", "dropout"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+    return model
 
 
 def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

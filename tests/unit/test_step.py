@@ -22,3 +22,30 @@ def test_single_update_proximal_logprobs_are_the_policy_before_the_update(model_
     stats = train_step(models, batch, cfg.learner, 1.0, 6)
     assert abs(stats["behav_vs_prox"] - want) < 1e-6
     assert stats["prox_vs_current"] == 0.0
+
+
+def test_policy_and_critic_have_no_dropout_in_training_mode(model_dir, tmp_path):  # noqa: F811
+    # A hub model with attention dropout, and a critic whose token-classification head
+    # transformers gives dropout 0.1: two forwards of the same batch must still agree, or the
+    # ratio is not 1 on-policy and GAE is noisy.
+    import json
+    import shutil
+
+    from asyncrl.learner.model import load_critic, load_policy
+
+    path = tmp_path / "dropout"
+    shutil.copytree(model_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config["attention_dropout"] = 0.3
+    (path / "config.json").write_text(json.dumps(config))
+    model, tok = load_policy(path)
+    critic = load_critic(path)
+    model.train()
+    critic.train()
+    batch = collate(_groups(1), tok.pad_token_id)
+    with torch.no_grad():
+        for net, fn in ((model, lambda: forward_logprobs(model, batch.input_ids,
+                                                         batch.attention_mask, 1.0)[0]),
+                        (critic, lambda: critic(input_ids=batch.input_ids,
+                                                attention_mask=batch.attention_mask).logits)):
+            assert torch.equal(fn(), fn()), type(net).__name__
