@@ -203,6 +203,11 @@ class LearnerConfig:
     minibatches: int = 1
     """Optimizer steps per batch = ppo_epochs x minibatches; the policy version still advances
     by one per batch."""
+    pack_row_tokens: int = 64
+    """Forward passes run on sequences packed into rows of this many tokens (at least the
+    longest sequence), so padding costs little compute (asyncrl.learner.packing); 0: one
+    right-padded row per sequence. The learner checks on its first batch that packed and
+    padded logprobs agree, and stops naming this setting if the model mixes packed sequences."""
     entropy_coef: float = 0.0
     kl_coef: float = 0.0
     """KL to a frozen copy of the starting policy (0: no reference model is loaded)."""
@@ -308,6 +313,8 @@ class RunConfig:
         if lc.ppo_epochs < 1 or not 1 <= lc.minibatches <= self.groups_per_rank:
             errs.append("learner.ppo_epochs must be >= 1 and learner.minibatches in "
                         "[1, groups_per_step / nproc]")
+        if lc.pack_row_tokens < 0:
+            errs.append(f"learner.pack_row_tokens={lc.pack_row_tokens} must be >= 0 (0: off)")
         return errs
 
     def validate(self) -> None:

@@ -99,6 +99,9 @@ LEARNER_STEP_GAUGES = {
                       "Mean |log proximal - log behaviour|: inference mismatch plus policy lag"),
     "prox_vs_current": ("asyncrl_learner_logratio_proximal_current",
                         "Mean |log current - log proximal|: movement within this update"),
+    "padding_fraction": ("asyncrl_learner_padding_fraction",
+                         "Fraction of the tokens in the last batch's model input that were "
+                         "padding (packed or padded layout, learner.pack_row_tokens)"),
 }
 
 

@@ -33,7 +33,7 @@ from asyncrl.algo.sampling import dynamic_sampling_mask
 from asyncrl.config import RunConfig
 from asyncrl.learner import checkpoint
 from asyncrl.learner.batch import TrainBatch, collate
-from asyncrl.learner.model import greedy_accuracy, load_critic, load_policy
+from asyncrl.learner.model import check_packing, greedy_accuracy, load_critic, load_policy
 from asyncrl.learner.runlog import BatchLog, weights_sha256
 from asyncrl.learner.step import Models, train_step, warmup_schedule
 from asyncrl.rewards import REWARD_FUNCTIONS
@@ -114,6 +114,12 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
             groups, waited, filtered, dropped_total = _fetch(buffer, cfg, rank, step - 1)
             batch_log.append(step, groups, dropped_total)
         batch = collate(groups, tok.pad_token_id).to(device)
+        if step == start + 1 and cfg.learner.pack_row_tokens > 0:
+            worst = check_packing(model, batch.input_ids, batch.attention_mask,
+                                  batch.completion_mask, cfg.learner.pack_row_tokens,
+                                  1e-2 if cfg.model.dtype == "float32" else 0.25)
+            log.info("packed rows of %d tokens: logprobs within %.2g of padded ones",
+                     cfg.learner.pack_row_tokens, worst)
         stats = train_step(models, batch, cfg.learner, cfg.generator.temperature,
                            cfg.generator.max_tokens)
         sched.step()

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from asyncrl.algo.losses import entropy_from_logits
+from asyncrl.learner.packing import pack, packed_logits
 from asyncrl.task import Problem, correctness_reward, encode_prompt
 
 if TYPE_CHECKING:
@@ -60,20 +61,57 @@ def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     temperature: float, with_entropy: bool = False
+                     temperature: float, with_entropy: bool = False, pack_row_tokens: int = 0
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprob of each next token under softmax(logits / temperature), (B, T-1), and the
     policy's entropy at each position (B, T-1) when asked.
 
     Dividing by the sampling temperature makes these the logprobs of the distribution the
     generator sampled from (vLLM's processed logprobs), so the ratio starts at 1 on-policy.
+    With pack_row_tokens > 0 the model runs on packed rows (packing.py) and the results are put
+    back into the padded layout, 0 after each sequence's end.
     """
+    if pack_row_tokens > 0:
+        p = pack(input_ids, attention_mask, pack_row_tokens)
+        logits = packed_logits(model, p).float() / temperature  # (N, V)
+        targets = input_ids[p.seq, p.pos + 1]
+        logprobs = torch.gather(F.log_softmax(logits, dim=-1), 1, targets.unsqueeze(-1))
+        entropy = entropy_from_logits(logits) if with_entropy else None
+        return p.unpack(logprobs.squeeze(-1)), None if entropy is None else p.unpack(entropy)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
     logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
     targets = input_ids[:, 1:]  # (B, T-1)
     logprobs = torch.gather(logp_all, 2, targets.unsqueeze(-1)).squeeze(-1)
     entropy = entropy_from_logits(logits.float() / temperature) if with_entropy else None
     return logprobs, entropy
+
+
+def critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  pack_row_tokens: int = 0) -> torch.Tensor:
+    """The value model's estimate at each position that predicts a token, (B, T-1)."""
+    if pack_row_tokens > 0:
+        p = pack(input_ids, attention_mask, pack_row_tokens)
+        return p.unpack(packed_logits(critic, p)[:, 0])
+    return critic(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, 0]
+
+
+@torch.no_grad()
+def check_packing(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  completion_mask: torch.Tensor, pack_row_tokens: int,
+                  tolerance: float = 1e-2) -> float:
+    """Packed and padded logprobs of the completion tokens must agree; returns the largest
+    difference. A model whose attention ignores where the position ids restart would let packed
+    sequences see each other: that is an error naming the setting, not a silent wrong loss."""
+    padded, _ = forward_logprobs(model, input_ids, attention_mask, 1.0)
+    packed, _ = forward_logprobs(model, input_ids, attention_mask, 1.0,
+                                 pack_row_tokens=pack_row_tokens)
+    worst = float(((padded - packed).abs() * completion_mask).max()) if padded.numel() else 0.0
+    if not worst <= tolerance:
+        raise RuntimeError(
+            f"learner.pack_row_tokens={pack_row_tokens}: packed and padded logprobs differ by "
+            f"{worst:.3g} (> {tolerance}) on the first batch, so this model's attention does not "
+            "keep packed sequences apart; set learner.pack_row_tokens=0")
+    return worst
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

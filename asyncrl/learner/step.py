@@ -19,7 +19,8 @@ from asyncrl.algo.offpolicy import offpolicy_pg_loss
 from asyncrl.algo.sampling import overlong_filter_mask, soft_overlong_punishment
 from asyncrl.config import LearnerConfig
 from asyncrl.learner.batch import TrainBatch
-from asyncrl.learner.model import forward_logprobs
+from asyncrl.learner.model import critic_values, forward_logprobs
+from asyncrl.learner.packing import pack
 
 
 @dataclass
@@ -47,13 +48,21 @@ def shaped_rewards(batch: TrainBatch, lc: LearnerConfig, max_tokens: int) -> tor
     return rewards
 
 
+def padding_fraction(batch: TrainBatch, pack_row_tokens: int) -> float:
+    """Share of the model's input tokens that are padding, for the whole batch in one layout."""
+    computed = (pack(batch.input_ids, batch.attention_mask, pack_row_tokens).computed_tokens
+                if pack_row_tokens > 0 else batch.input_ids.numel())
+    return 1.0 - float(batch.attention_mask.sum()) / computed
+
+
 def train_step(models: Models, batch: TrainBatch, lc: LearnerConfig, temperature: float,
                max_tokens: int) -> dict[str, float]:
     mask = batch.completion_mask  # (B, L-1)
     if lc.overlong_filter:
         mask = overlong_filter_mask(mask, batch.truncated)
     rewards = shaped_rewards(batch, lc, max_tokens)  # (G, N)
-    stats: dict[str, float] = {"reward_mean": float(batch.rewards.mean())}
+    stats: dict[str, float] = {"reward_mean": float(batch.rewards.mean()),
+                               "padding_fraction": padding_fraction(batch, lc.pack_row_tokens)}
     # With one update per batch the proximal policy is the policy as it is now, so its
     # logprobs come from the update's own forward pass (detached) instead of a separate one;
     # unless the KL reward penalty needs them before the advantages.
@@ -63,11 +72,11 @@ def train_step(models: Models, batch: TrainBatch, lc: LearnerConfig, temperature
         prox = None
         if not single:
             prox, _ = forward_logprobs(models.policy, batch.input_ids, batch.attention_mask,
-                                       temperature)  # (B, L-1)
+                                       temperature, pack_row_tokens=lc.pack_row_tokens)
         ref = None
         if models.ref is not None:
             ref, _ = forward_logprobs(models.ref, batch.input_ids, batch.attention_mask,
-                                      temperature)
+                                      temperature, pack_row_tokens=lc.pack_row_tokens)
         adv, returns, old_values = _advantages(models, batch, rewards, mask, prox, ref, lc,
                                                stats)
     rows = torch.arange(batch.input_ids.shape[0])
@@ -97,8 +106,8 @@ def _advantages(models: Models, batch: TrainBatch, rewards, mask, prox, ref, lc,
             adv = adv + pen.flip(-1).cumsum(-1).flip(-1)  # reward-to-go of the penalty
             stats["kl_ref"] = kl_stats["kl"]
         return adv, None, None
-    values = models.critic(input_ids=batch.input_ids,
-                           attention_mask=batch.attention_mask).logits[:, :-1, 0]  # (B, L-1)
+    values = critic_values(models.critic, batch.input_ids, batch.attention_mask,
+                           lc.pack_row_tokens)  # (B, L-1)
     token_rewards = torch.zeros_like(values)
     last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # last valid token
     token_rewards[last] = rewards.reshape(-1)[last.nonzero()[:, 0]]
@@ -120,7 +129,8 @@ def _policy_update(models: Models, batch: TrainBatch, idx, mask, prox, ref, adv,
                    lc: LearnerConfig, temperature: float) -> dict[str, float]:
     logprobs, entropy = forward_logprobs(models.policy, batch.input_ids[idx],
                                          batch.attention_mask[idx], temperature,
-                                         with_entropy=lc.entropy_coef != 0)
+                                         with_entropy=lc.entropy_coef != 0,
+                                         pack_row_tokens=lc.pack_row_tokens)
     m = mask[idx]
     prox_idx = logprobs.detach() if prox is None else prox[idx]  # see train_step
     loss, stats = offpolicy_pg_loss(
@@ -146,8 +156,8 @@ def _policy_update(models: Models, batch: TrainBatch, idx, mask, prox, ref, adv,
 
 def _critic_update(models: Models, batch: TrainBatch, idx, mask, returns, old_values,
                    lc: LearnerConfig) -> dict[str, float]:
-    values = models.critic(input_ids=batch.input_ids[idx],
-                           attention_mask=batch.attention_mask[idx]).logits[:, :-1, 0]
+    values = critic_values(models.critic, batch.input_ids[idx], batch.attention_mask[idx],
+                           lc.pack_row_tokens)
     m = mask[idx]
     loss, stats = value_loss(values, old_values[idx], returns[idx], m, lc.value_clip or None,
                              m.sum().clamp(min=1))

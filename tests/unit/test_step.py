@@ -31,7 +31,7 @@ def test_policy_and_critic_have_no_dropout_in_training_mode(model_dir, tmp_path)
     import json
     import shutil
 
-    from asyncrl.learner.model import load_critic, load_policy
+    from asyncrl.learner.model import critic_values, load_critic, load_policy
 
     path = tmp_path / "dropout"
     shutil.copytree(model_dir, path)
@@ -46,6 +46,6 @@ def test_policy_and_critic_have_no_dropout_in_training_mode(model_dir, tmp_path)
     with torch.no_grad():
         for net, fn in ((model, lambda: forward_logprobs(model, batch.input_ids,
                                                          batch.attention_mask, 1.0)[0]),
-                        (critic, lambda: critic(input_ids=batch.input_ids,
-                                                attention_mask=batch.attention_mask).logits)):
+                        (critic, lambda: critic_values(critic, batch.input_ids,
+                                                       batch.attention_mask))):
             assert torch.equal(fn(), fn()), type(net).__name__
