@@ -21,8 +21,7 @@ while it generates the next batch could do). Each mode is run `--reps` times, in
 the raw run; the table shows medians and the ratio to the raw median of the same case.
 
 A second table splits the receiver's per-message cost (CRC, msgpack, array construction,
-validation) and times two prototype decoders from benchmarks/wire_prototypes.py, to show what
-a change to asyncrl.wire would buy.
+validation and building the groups).
 
 Run from the repository root (about 40 s on 2 cores):
     .venv/bin/python -m benchmarks.transport
@@ -194,35 +193,28 @@ def run_pipelined(client, frames: list[bytes], window: int) -> float:
 def decode_breakdown(case: Case, frames: list[bytes]) -> list[float]:
     """ms per message, in this process (best of 3): CRC-32; msgpack with arrays left as raw
     extension bytes; msgpack building the numpy arrays (wire's ext hook); the full
-    wire.decode with field validation and the vocabulary check; then the two prototypes of
-    benchmarks/wire_prototypes.py (same checks): lean decode of the same frames, and decode of
-    a columnar frame holding the same groups."""
+    wire.decode: every check on the columns, the vocabulary check, and slicing the columns into
+    TrajectoryGroup/Completion objects."""
     import zlib
 
     import msgpack
 
     from asyncrl import wire
-    from benchmarks import wire_prototypes as proto
 
-    columnar = [proto.columnar_frame(make_groups(case, i), i + 1, "col")
-                for i in range(len(frames))]
-    steps = [(frames, lambda f: zlib.crc32(memoryview(f)[8:])),
-             (frames, lambda f: msgpack.unpackb(memoryview(f)[8:], raw=False)),
-             (frames, lambda f: msgpack.unpackb(memoryview(f)[8:], ext_hook=wire._unpack_array,
-                                                raw=False)),
-             (frames, lambda f: wire.decode(f, expect=("trajectories",), vocab_size=VOCAB)),
-             (frames, lambda f: proto.lean_decode(f, VOCAB)),
-             (columnar, lambda f: proto.columnar_decode(f, VOCAB))]
+    steps = [lambda f: zlib.crc32(memoryview(f)[8:]),
+             lambda f: msgpack.unpackb(memoryview(f)[8:], raw=False),
+             lambda f: msgpack.unpackb(memoryview(f)[8:], ext_hook=wire._unpack_array, raw=False),
+             lambda f: wire.decode(f, expect=("trajectories",), vocab_size=VOCAB)]
     out = []
-    for batch, step in steps:
+    for step in steps:
         best = float("inf")
         for _ in range(3):
             t0 = time.perf_counter()
-            for f in batch:
+            for f in frames:
                 step(f)
             best = min(best, time.perf_counter() - t0)
-        out.append(best / len(batch) * 1e3)
-    return [*out, sum(map(len, columnar)) / len(columnar) / 1e3]
+        out.append(best / len(frames) * 1e3)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,11 +276,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"messages per repetition: {[max(10, int(c.messages * args.scale)) for c in CASES]}"
               f", repetitions: {args.reps} (medians), durable log "
               f"{'off' if args.no_durable else 'on'}; target: asyncrl >= 0.5 x raw\n")
-        print("where the receiver's time goes, ms per message, best of 3 on one core; the first "
-              "four cumulative; prototypes from benchmarks/wire_prototypes.py:")
+        print("where the receiver's time goes, ms per message, best of 3 on one core, "
+              "cumulative; then what ZeroMQ needs to move the message (raw):")
         print(table(["case", "crc32", "msgpack, arrays as bytes", "+ numpy arrays",
-                     "wire.decode (all checks)", "prototype: lean decode",
-                     "prototype: columnar decode", "columnar KB/msg", "raw ms/msg"], costs))
+                     "wire.decode (all checks, groups built)", "raw ms/msg"], costs))
         client.close()
         push.close(linger=0)
         done.close(linger=0)

@@ -171,7 +171,13 @@ class BufferHandler:
         """Rebuild the store and dedup table from the durable log; returns groups held."""
         for kind, payload in self.durable.replay():
             if kind == ADD:
-                msg = wire.decode(payload)
+                try:
+                    msg = wire.decode(payload)
+                except wire.MessageError as e:  # checksummed, so not torn: another version
+                    raise RuntimeError(
+                        f"durable log {self.durable.path}: a record does not decode ({e}); "
+                        "it was written by another asyncrl version. Drain it with that "
+                        "version, or move the buffer directory aside to start empty") from None
                 self.store.add(msg["groups"], force=True)
                 self.accepted_seq[(msg["sender"], msg["incarnation"])] = msg["seq"]
             elif kind == TAKE:

@@ -76,7 +76,10 @@ def _frames(data: bytes):
             return
         try:
             msg = wire.decode(data[off + 8 : off + 8 + n], expect=("batch",))
-        except wire.MessageError:
+        except wire.MessageError as e:
+            if e.reason == "schema_version":  # not torn: written by another asyncrl version
+                raise RuntimeError(f"batch log frame at byte {off}: {e}; resume or replay this "
+                                   "run with the asyncrl version that wrote it") from None
             return
         off += 8 + n
         yield off, msg["policy_version"] + 1, msg

@@ -71,3 +71,33 @@ def test_torn_tail_is_detected_and_cut(tmp_path):
     assert again.durable.torn_records == 1 and path.stat().st_size == good
     records = list(DurableLog(path).replay())
     assert [k for k, _ in records] == [ADD] * 3
+
+
+def _old_schema(frame: bytes) -> bytes:
+    import msgpack
+
+    msg = msgpack.unpackb(frame[8:], raw=False)
+    return wire.seal(msgpack.packb({**msg, "schema": wire.SCHEMA_VERSION - 1}, use_bin_type=True))
+
+
+def test_a_log_written_by_another_message_schema_is_named_not_cut(tmp_path):
+    import pytest
+
+    from asyncrl.learner.runlog import BatchLog
+
+    log = DurableLog(tmp_path / "log.bin")
+    log.append(ADD, _old_schema(_traj(1, pid=1)))
+    log.close()
+    with pytest.raises(RuntimeError, match="log.bin: a record does not decode .*another asyncrl"):
+        _handler(tmp_path / "log.bin").recover()
+    # The learner's batch log: an old frame is not mistaken for a torn one and cut off.
+    batch = wire.decode(_traj(1, pid=1))["groups"]
+    BatchLog(tmp_path, rank=0).append(1, batch, 0)
+    path = tmp_path / "batches" / "rank0.bin"
+    frame = path.read_bytes()[8:]
+    old = _old_schema(frame)
+    path.write_bytes(len(old).to_bytes(8, "little") + old)
+    size = path.stat().st_size
+    with pytest.raises(RuntimeError, match="asyncrl version that wrote it"):
+        BatchLog(tmp_path, rank=0)
+    assert path.stat().st_size == size

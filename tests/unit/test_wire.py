@@ -29,11 +29,20 @@ def test_round_trip_keeps_every_field_and_array_bytes():
         assert (a.reward, a.finish_reason) == (b.reward, b.finish_reason)
 
 
-def test_arrays_travel_as_raw_bytes_not_lists():
-    frame = wire.encode("trajectories", 0, sender="g", incarnation="a", seq=1, groups=[_group(T=1000)])
+def test_groups_travel_as_a_few_raw_byte_columns_not_lists():
+    groups = [_group(T=1000, n=8) for _ in range(4)]
+    frame = wire.encode("trajectories", 0, sender="g", incarnation="a", seq=1, groups=groups)
     raw = msgpack.unpackb(frame[8:], raw=False)  # no ext_hook: arrays stay opaque extension objects
-    tokens = raw["groups"][0]["completions"][0]["tokens"]
-    assert isinstance(tokens, msgpack.ExtType) and len(tokens.data) >= 4000
+    columns = raw["groups"]
+    arrays = {k for k, v in columns.items() if isinstance(v, msgpack.ExtType)}
+    # One array per field for the whole message, however many groups and completions.
+    assert arrays == {"prompt_id", "policy_version", "created_at", "prompt_len", "prompt_tokens",
+                      "group_size", "length", "tokens", "logprobs", "reward"}
+    assert len(columns["tokens"].data) >= 4 * 1000 * 8 * 4
+    assert columns["finish_reason"] == ["stop", "stop"] * 16
+    decoded = wire.decode(frame)["groups"]
+    assert [len(g.completions) for g in decoded] == [8, 8, 8, 8]
+    assert decoded[3].completions[7].tokens[0] == 7 and len(decoded[3].completions[7].tokens) == 1000
 
 
 def test_every_kind_round_trips():
@@ -63,12 +72,12 @@ def _raw(msg):
     (b"", "bad_magic"),
     (b"\xc1garbage and more", "bad_magic"),
     (_raw([1, 2]), "not_a_map"),
-    (_raw({"kind": "nope", "schema": 1, "policy_version": 0}), "unknown_kind"),
+    (_raw({"kind": "nope", "schema": wire.SCHEMA_VERSION, "policy_version": 0}), "unknown_kind"),
     (_raw({"kind": "ack", "schema": 99, "policy_version": 0, "seq": 1, "status": "ok", "reason": ""}), "schema_version"),
-    (_raw({"kind": "ack", "schema": 1, "policy_version": -1, "seq": 1, "status": "ok", "reason": ""}), "bad_version"),
-    (_raw({"kind": "ack", "schema": 1, "policy_version": 0, "status": "ok", "reason": ""}), "missing_field"),
-    (_raw({"kind": "ack", "schema": 1, "policy_version": 0, "seq": "1", "status": "ok", "reason": ""}), "bad_type"),
-    (_raw({"kind": "ack", "schema": 1, "policy_version": 0, "seq": 1, "status": "maybe", "reason": ""}), "bad_value"),
+    (_raw({"kind": "ack", "schema": wire.SCHEMA_VERSION, "policy_version": -1, "seq": 1, "status": "ok", "reason": ""}), "bad_version"),
+    (_raw({"kind": "ack", "schema": wire.SCHEMA_VERSION, "policy_version": 0, "status": "ok", "reason": ""}), "missing_field"),
+    (_raw({"kind": "ack", "schema": wire.SCHEMA_VERSION, "policy_version": 0, "seq": "1", "status": "ok", "reason": ""}), "bad_type"),
+    (_raw({"kind": "ack", "schema": wire.SCHEMA_VERSION, "policy_version": 0, "seq": 1, "status": "maybe", "reason": ""}), "bad_value"),
 ])
 def test_malformed_frames_are_rejected_with_a_reason(frame, reason):
     with pytest.raises(wire.MessageError) as e:
@@ -87,13 +96,45 @@ def _mutated(mutate):
     (lambda g: g.completions[0].logprobs.__setitem__(0, 0.5), "bad_logprob"),
     (lambda g: g.completions[0].logprobs.__setitem__(0, np.nan), "bad_logprob"),
     (lambda g: setattr(g.completions[0], "reward", math.inf), "bad_reward"),
-    (lambda g: setattr(g.completions[0], "tokens", np.zeros((2, 2), np.int32)), "bad_array"),
     (lambda g: setattr(g, "completions", []), "inconsistent"),
     (lambda g: setattr(g, "policy_version", -3), "bad_version"),
 ])
 def test_semantically_wrong_trajectories_are_rejected(mutate, reason):
     with pytest.raises(wire.MessageError) as e:
         wire.decode(_mutated(mutate))
+    assert e.value.reason == reason
+
+
+def _with_columns(change):
+    groups = [_group(), _group(version=4)]
+    msg = {"kind": "trajectories", "schema": wire.SCHEMA_VERSION, "policy_version": 1,
+           "sender": "g", "incarnation": "a", "seq": 1, "groups": wire.group_columns(groups)}
+    change(msg["groups"])
+    return wire.seal(msgpack.packb(msg, default=wire._default, use_bin_type=True))
+
+
+@pytest.mark.parametrize("change,reason", [
+    (lambda c: c.__setitem__("tokens", np.zeros((2, 4), np.int32)), "bad_array"),
+    (lambda c: c.__setitem__("logprobs", c["logprobs"].astype(np.int32)), "bad_array"),
+    (lambda c: c.pop("reward"), "missing_field"),
+    (lambda c: c.__setitem__("group_size", np.array([2, 1], np.int32)), "inconsistent"),
+    (lambda c: c.__setitem__("prompt_len", np.array([3, 4], np.int32)), "inconsistent"),
+    (lambda c: c.__setitem__("length", np.array([4, 4, 4, 5], np.int32)), "inconsistent"),
+    (lambda c: c.__setitem__("length", np.array([8, 0, 4, 4], np.int32)), None),  # adds up
+    (lambda c: c.__setitem__("length", np.array([-4, 12, 4, 4], np.int32)), "inconsistent"),
+    (lambda c: c.__setitem__("created_at", np.zeros(3)), "inconsistent"),
+    (lambda c: c.__setitem__("generator", ["gen0", 7]), "bad_type"),
+    (lambda c: c.__setitem__("finish_reason", ["stop"] * 3), "inconsistent"),
+    (lambda c: c.__setitem__("tokens", c["tokens"] - 10), "bad_token"),
+    (lambda c: c.__setitem__("groups", None), None),  # unknown column: ignored
+])
+def test_columns_that_do_not_fit_together_are_rejected(change, reason):
+    frame = _with_columns(change)
+    if reason is None:
+        assert len(wire.decode(frame)["groups"]) == 2
+        return
+    with pytest.raises(wire.MessageError) as e:
+        wire.decode(frame)
     assert e.value.reason == reason
 
 
