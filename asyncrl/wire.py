@@ -188,7 +188,9 @@ def _strings(cols: dict, key: str, n: int) -> list[str]:
 
 
 def _split(a: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
-    return np.split(a, np.cumsum(lengths)[:-1]) if len(lengths) else []
+    """Consecutive slices of `a` (views); plain slicing is ~10x cheaper than np.split."""
+    ends = np.cumsum(lengths).tolist()
+    return [a[end - n : end] for end, n in zip(ends, lengths.tolist(), strict=True)]
 
 
 def parse_groups(cols: Any, vocab_size: int | None = None) -> list[TrajectoryGroup]:

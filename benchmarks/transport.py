@@ -51,6 +51,7 @@ class Case:
 
 
 CASES = [
+    Case("8x8 compl x 2048 tok", 8, 8, 2048, 256, 100),
     Case("8x8 compl x 256 tok", 8, 8, 256, 64, 300),
     Case("8x8 compl x 6 tok (default run)", 8, 8, 6, 7, 300),
 ]
