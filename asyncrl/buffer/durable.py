@@ -7,6 +7,11 @@ in order rebuilds the store exactly: ADD holds the accepted `trajectories` frame
 size and learner version of a batch handed out (stale drops follow from the versions), and
 SNAPSHOT the dedup table written when the log is compacted. A torn or corrupt tail (the
 process died mid-write) fails its checksum; replay stops there and truncates it.
+
+An ADD payload is a sealed wire frame, `MAGIC | crc32(rest) | rest`, whose checksum the buffer
+has verified before accepting it. Its record reuses that checksum instead of hashing the frame
+a second time (0.7 ms per MB of trajectories); replay checks it over the rest of the frame and
+checks that the frame's header agrees.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+
+from asyncrl.wire import MAGIC
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +40,10 @@ class DurableLog:
         self._f = self.path.open("ab")
 
     def append(self, kind: int, payload: bytes) -> None:
-        self._f.write(_HEAD.pack(len(payload), zlib.crc32(payload), kind) + payload)
+        crc = (struct.unpack_from("<I", payload, 4)[0] if kind == ADD  # verified on receipt
+               else zlib.crc32(payload))
+        self._f.write(_HEAD.pack(len(payload), crc, kind))
+        self._f.write(payload)  # not head + payload: that copies a 1 MB frame
         self._f.flush()
         if self.fsync:
             os.fsync(self._f.fileno())
@@ -47,8 +57,8 @@ class DurableLog:
                 break
             n, crc, kind = _HEAD.unpack_from(data, off)
             payload = data[off + _HEAD.size : off + _HEAD.size + n]
-            if len(payload) != n or zlib.crc32(payload) != crc or kind not in (ADD, TAKE,
-                                                                               SNAPSHOT):
+            if len(payload) != n or kind not in (ADD, TAKE, SNAPSHOT) or not _intact(kind, payload,
+                                                                                crc):
                 break
             yield kind, payload
             off += _HEAD.size + n
@@ -74,3 +84,11 @@ class DurableLog:
 
     def close(self) -> None:
         self._f.close()
+
+
+def _intact(kind: int, payload: bytes, crc: int) -> bool:
+    if kind == ADD:
+        return (len(payload) >= 8 and payload[:4] == MAGIC
+                and struct.unpack_from("<I", payload, 4)[0] == crc
+                and zlib.crc32(memoryview(payload)[8:]) == crc)
+    return zlib.crc32(payload) == crc

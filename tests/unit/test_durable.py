@@ -1,6 +1,7 @@
 """The buffer's durable log: recovery rebuilds exactly what was acknowledged and not served."""
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry
 
 from asyncrl import wire
@@ -73,6 +74,26 @@ def test_torn_tail_is_detected_and_cut(tmp_path):
     assert [k for k, _ in records] == [ADD] * 3
 
 
+@pytest.mark.parametrize("where", ["magic", "frame_crc", "body", "last_byte", "record_crc"])
+def test_a_complete_but_corrupted_last_record_is_cut(tmp_path, where):
+    # ADD records reuse the frame's own CRC-32: a flipped byte anywhere in the record, its
+    # frame header included, must still fail the check.
+    path = tmp_path / "log.bin"
+    h = _handler(path)
+    for i in range(1, 4):
+        h.on_trajectories(_traj(i, pid=i))
+    size = path.stat().st_size
+    last = size - 9 - len(_traj(3, pid=3))  # start of the last record (9-byte record head)
+    offset = {"magic": last + 9 + 1, "frame_crc": last + 9 + 5, "body": last + 9 + 30,
+              "last_byte": size - 1, "record_crc": last + 5}[where]
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+    again = _handler(path)
+    assert again.recover() == 2 and again.durable.torn_records == 1
+    assert path.stat().st_size == last
+
+
 def _old_schema(frame: bytes) -> bytes:
     import msgpack
 
@@ -81,8 +102,6 @@ def _old_schema(frame: bytes) -> bytes:
 
 
 def test_a_log_written_by_another_message_schema_is_named_not_cut(tmp_path):
-    import pytest
-
     from asyncrl.learner.runlog import BatchLog
 
     log = DurableLog(tmp_path / "log.bin")
