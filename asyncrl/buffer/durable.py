@@ -87,8 +87,10 @@ class DurableLog:
 
 
 def _intact(kind: int, payload: bytes, crc: int) -> bool:
-    if kind == ADD:
-        return (len(payload) >= 8 and payload[:4] == MAGIC
-                and struct.unpack_from("<I", payload, 4)[0] == crc
-                and zlib.crc32(memoryview(payload)[8:]) == crc)
+    if kind == ADD and (len(payload) >= 8 and payload[:4] == MAGIC
+                        and struct.unpack_from("<I", payload, 4)[0] == crc
+                        and zlib.crc32(memoryview(payload)[8:]) == crc):
+        return True
+    # Every other record, and ADD records of logs written before the reuse: an intact old
+    # record must reach the decoder (which names the version), not be cut off as torn.
     return zlib.crc32(payload) == crc
