@@ -205,9 +205,10 @@ class LearnerConfig:
     by one per batch."""
     pack_row_tokens: int = 64
     """Forward passes run on sequences packed into rows of this many tokens (at least the
-    longest sequence), so padding costs little compute (asyncrl.learner.packing); 0: one
-    right-padded row per sequence. The learner checks on its first batch that packed and
-    padded logprobs agree, and stops naming this setting if the model mixes packed sequences."""
+    longest sequence) when that computes at least 10% fewer tokens than one right-padded row
+    per sequence (asyncrl.learner.packing); 0: always padded. The learner checks on its first
+    batch that packed and padded logprobs agree, and stops naming this setting if the model
+    mixes packed sequences."""
     entropy_coef: float = 0.0
     kl_coef: float = 0.0
     """KL to a frozen copy of the starting policy (0: no reference model is loaded)."""

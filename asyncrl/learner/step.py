@@ -20,7 +20,7 @@ from asyncrl.algo.sampling import overlong_filter_mask, soft_overlong_punishment
 from asyncrl.config import LearnerConfig
 from asyncrl.learner.batch import TrainBatch
 from asyncrl.learner.model import critic_values, forward_logprobs
-from asyncrl.learner.packing import pack
+from asyncrl.learner.packing import computed_tokens
 
 
 @dataclass
@@ -50,8 +50,7 @@ def shaped_rewards(batch: TrainBatch, lc: LearnerConfig, max_tokens: int) -> tor
 
 def padding_fraction(batch: TrainBatch, pack_row_tokens: int) -> float:
     """Share of the model's input tokens that are padding, for the whole batch in one layout."""
-    computed = (pack(batch.input_ids, batch.attention_mask, pack_row_tokens).computed_tokens
-                if pack_row_tokens > 0 else batch.input_ids.numel())
+    computed = computed_tokens(batch.attention_mask, pack_row_tokens)
     return 1.0 - float(batch.attention_mask.sum()) / computed
 
 

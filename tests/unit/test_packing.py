@@ -9,7 +9,7 @@ import torch
 
 from asyncrl.learner.batch import collate
 from asyncrl.learner.model import check_packing, critic_values, forward_logprobs
-from asyncrl.learner.packing import pack, sequence_lengths
+from asyncrl.learner.packing import computed_tokens, pack, pack_if_smaller, sequence_lengths
 from asyncrl.learner.step import train_step
 from asyncrl.wire import Completion, TrajectoryGroup
 from tests.unit.test_checkpoint import _cfg, _learner, model_dir  # noqa: F401
@@ -51,6 +51,25 @@ def test_every_sequence_is_placed_once_whole_and_apart():
     assert len(set(p.row.tolist())) == p.input_ids.shape[0]
 
 
+def test_packing_is_used_only_where_it_saves_compute():
+    varied = collate(_varied_groups(1), pad_id=0)
+    assert pack_if_smaller(varied.input_ids, varied.attention_mask, 48) is not None
+    # The default run: 7-token prompts and 3-4 token completions pad ~4% and pack worse.
+    rng = np.random.default_rng(0)
+    groups = _varied_groups(1)
+    for g in groups:
+        g.prompt_tokens = rng.integers(3, 60, 7).astype(np.int32)
+        for c in g.completions:
+            c.tokens, c.logprobs = c.tokens[:3], c.logprobs[:3]
+    even = collate(groups, pad_id=0)
+    assert pack_if_smaller(even.input_ids, even.attention_mask, 64) is None
+    # The padding the learner reports is that of the layout it used.
+    assert computed_tokens(even.attention_mask, 64) == even.input_ids.numel()
+    packed = pack(varied.input_ids, varied.attention_mask, 48)
+    assert computed_tokens(varied.attention_mask, 48) == packed.computed_tokens
+    assert computed_tokens(varied.attention_mask, 0) == varied.input_ids.numel()
+
+
 def test_left_padded_rows_are_refused():
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     with pytest.raises(ValueError, match="right-padded"):
@@ -61,6 +80,7 @@ def test_packed_logprobs_entropy_and_gradients_equal_padded_ones(model_dir):  # 
     cfg = _cfg(model_dir)
     model, tok, _, _ = _learner(cfg, model_dir)
     batch = collate(_varied_groups(2), tok.pad_token_id)
+    assert pack_if_smaller(batch.input_ids, batch.attention_mask, 48) is not None
     m = batch.completion_mask
     out = {}
     for rows in (0, 48):
@@ -78,6 +98,7 @@ def test_packed_critic_values_equal_padded_ones(model_dir):  # noqa: F811
     cfg = _cfg(model_dir)
     _, tok, models, _ = _learner(cfg, model_dir)
     batch = collate(_varied_groups(3), tok.pad_token_id)
+    assert pack_if_smaller(batch.input_ids, batch.attention_mask, 48) is not None
     with torch.no_grad():
         padded = critic_values(models.critic, batch.input_ids, batch.attention_mask)
         packed = critic_values(models.critic, batch.input_ids, batch.attention_mask, 48)
