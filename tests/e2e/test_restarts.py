@@ -137,13 +137,18 @@ def test_restarted_ranks_do_not_read_the_dead_attempts_addresses(tmp_path):
     # attempt 1 connects to the address rank 0 of attempt 0 published ("connection refused").
     script = tmp_path / "ranks.py"
     script.write_text(_RESTARTED_RANKS)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node", "2", "--max-restarts", "1", str(script)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc-per-node", "2", "--max-restarts", "1", str(script)],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        out, err = run.communicate(timeout=120)  # without the fix it can hang: fail, not wait
+    finally:
+        _stop([run])  # the ranks too, should torchrun hang
+    assert run.returncode == 0, out[-2000:] + err[-3000:]
     # Both ranks write to one pipe, so their lines may interleave.
-    done = set(re.findall(r"attempt 1 rank (\d) sum 2", r.stdout))
-    assert done == {"0", "1"}, r.stdout
+    done = set(re.findall(r"attempt 1 rank (\d) sum 2", out))
+    assert done == {"0", "1"}, out
 
 
 def _buffer_counters(port):
