@@ -50,16 +50,13 @@ import urllib.request
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
+from benchmarks import common
 from benchmarks.common import free_base_port
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("overrides", nargs="*", help="key=value overrides for both sides")
-    p.add_argument("--config", default="configs/default.yaml")
-    p.add_argument("--target", type=float, default=0.75, help="held-out accuracy to reach")
+    p = common.doc_parser(__doc__)
+    common.add_run_arguments(p)
     p.add_argument("--steps", type=int, default=60, help="learner.total_steps of every run")
     p.add_argument("--eval-interval", type=int, default=5, help="learner.eval_interval")
     p.add_argument("--max-staleness", type=int, default=2, help="buffer bound of the async side")

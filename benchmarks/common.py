@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import random
@@ -9,6 +10,20 @@ import socket
 import statistics
 import time
 from pathlib import Path
+
+
+def doc_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose --help is the script's docstring: first paragraph, then the rest."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=doc.split("\n\n", 1)[1])
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """What the whole-run benchmarks (async_vs_sync, trl_grpo) share."""
+    p.add_argument("overrides", nargs="*", help="key=value overrides for both sides")
+    p.add_argument("--config", default="configs/default.yaml")
+    p.add_argument("--target", type=float, default=0.75, help="held-out accuracy to reach")
 
 
 def free_port() -> int:

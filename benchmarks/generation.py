@@ -25,11 +25,11 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
+from benchmarks import common
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = common.doc_parser(__doc__)
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--samples", type=int, default=4, help="completions per prompt")
     p.add_argument("--tokens", type=int, default=32, help="tokens per completion")

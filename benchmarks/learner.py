@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import common
+
 GROUP_SIZE = 8
 
 
@@ -58,9 +60,7 @@ CASES = [  # fewer groups for long sequences: one step must stay under ~10 s on 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = common.doc_parser(__doc__)
     p.add_argument("--reps", type=int, default=2, help="timed steps per case and layout")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--pack-width", type=int, default=64,

@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import common
+
 VOCAB = 259  # the tiny tokenizer's size
 
 
@@ -58,9 +60,7 @@ CASES = [
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = common.doc_parser(__doc__)
     p.add_argument("--reps", type=int, default=3, help="repetitions of each mode (median shown)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply the number of messages per repetition (default 300)")

@@ -62,6 +62,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from benchmarks import common
 from benchmarks.common import free_base_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,12 +78,8 @@ SETUP = [
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("overrides", nargs="*", help="key=value overrides for both sides")
-    p.add_argument("--config", default="configs/default.yaml")
-    p.add_argument("--target", type=float, default=0.75, help="held-out accuracy to reach")
+    p = common.doc_parser(__doc__)
+    common.add_run_arguments(p)
     p.add_argument("--steps", type=int, default=80,
                    help="optimizer steps of every run (learner.total_steps; TRL max_steps)")
     p.add_argument("--eval-interval", type=int, default=10, help="learner.eval_interval")

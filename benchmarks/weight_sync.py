@@ -39,14 +39,14 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
+from benchmarks import common
+
 HOST = "127.0.0.1"
 TIMEOUT_S = 600.0
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = common.doc_parser(__doc__)
     p.add_argument("--size", choices=("tiny", "0.5b"), default="tiny")
     p.add_argument("--reps", type=int, default=None,
                    help="timed pushes and raw broadcasts each (default: tiny 5, 0.5b 2)")
