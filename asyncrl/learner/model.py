@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from asyncrl.algo.losses import entropy_from_logits
-from asyncrl.learner.packing import pack, pack_if_smaller, packed_logits
+from asyncrl.learner.packing import Packing, pack, packed_logits
 from asyncrl.task import Problem, correctness_reward, encode_prompt
 
 if TYPE_CHECKING:
@@ -61,20 +61,19 @@ def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     temperature: float, with_entropy: bool = False, pack_row_tokens: int = 0,
-                     force_pack: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     temperature: float, with_entropy: bool = False,
+                     packing: Packing | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprob of each next token under softmax(logits / temperature), (B, T-1), and the
     policy's entropy at each position (B, T-1) when asked.
 
     Dividing by the sampling temperature makes these the logprobs of the distribution the
     generator sampled from (vLLM's processed logprobs), so the ratio starts at 1 on-policy.
-    With pack_row_tokens > 0 the model runs on packed rows when that saves compute (packing.py;
-    always with force_pack) and the results are put back into the padded layout, 0 after each
-    sequence's end.
+    With a `packing` of these rows (packing.py) the model runs on the packed rows and the results
+    are put back into the padded layout, 0 after each sequence's end.
     """
-    p = pack_if_smaller(input_ids, attention_mask, pack_row_tokens) if pack_row_tokens else None
-    if p is not None or force_pack:
-        p = p or pack(input_ids, attention_mask, pack_row_tokens)
+    if packing is not None:
+        p = packing
         logits = packed_logits(model, p).float() / temperature  # (N, V)
         targets = input_ids[p.seq, p.pos + 1]
         logprobs = torch.gather(F.log_softmax(logits, dim=-1), 1, targets.unsqueeze(-1))
@@ -89,11 +88,10 @@ def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 def critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  pack_row_tokens: int = 0) -> torch.Tensor:
+                  packing: Packing | None = None) -> torch.Tensor:
     """The value model's estimate at each position that predicts a token, (B, T-1)."""
-    p = pack_if_smaller(input_ids, attention_mask, pack_row_tokens) if pack_row_tokens else None
-    if p is not None:
-        return p.unpack(packed_logits(critic, p)[:, 0])
+    if packing is not None:
+        return packing.unpack(packed_logits(critic, packing)[:, 0])
     return critic(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, 0]
 
 
@@ -106,7 +104,7 @@ def check_packing(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     sequences see each other: that is an error naming the setting, not a silent wrong loss."""
     padded, _ = forward_logprobs(model, input_ids, attention_mask, 1.0)
     packed, _ = forward_logprobs(model, input_ids, attention_mask, 1.0,
-                                 pack_row_tokens=pack_row_tokens, force_pack=True)
+                                 packing=pack(input_ids, attention_mask, pack_row_tokens))
     worst = float(((padded - packed).abs() * completion_mask).max()) if padded.numel() else 0.0
     if not worst <= tolerance:
         raise RuntimeError(

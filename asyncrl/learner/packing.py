@@ -89,29 +89,21 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, row_tokens: int,
                    (input_ids.shape[0], input_ids.shape[1] - 1))
 
 
-def computed_tokens(attention_mask: torch.Tensor, row_tokens: int) -> int:
-    """Tokens the model computes for this batch in the layout `pack_if_smaller` chooses."""
-    padded = attention_mask.numel()
-    if row_tokens <= 0:
-        return padded
-    width, _, free = _place(sequence_lengths(attention_mask), row_tokens)
-    return width * len(free) if _worth_it(width * len(free), padded) else padded
-
-
-def _worth_it(packed: int, padded: int) -> bool:
-    return packed <= 0.9 * padded
-
-
 def pack_if_smaller(input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     row_tokens: int) -> Packing | None:
     """The packed layout when it computes at least 10% fewer tokens than one padded row per
-    sequence, else None (use the padded one). Sequences of nearly equal length pad little and
-    pack worse: in the default run, completions of 3-4 tokens give rows of 10-11 tokens, 4%
-    padding, while 5 of them fill only 55 of 64 packed tokens; and a packed row's attention
-    spans the whole row."""
+    sequence, else None: use the padded one (also with row_tokens <= 0, packing off).
+
+    Sequences of nearly equal length pad little and pack worse: in the default run,
+    completions of 3-4 tokens give rows of 10-11 tokens, 4% padding, while 5 of them fill only
+    55 of 64 packed tokens; and a packed row's attention spans the whole row. Decided from the
+    lengths alone, once per batch (or minibatch); callers pass the result to every forward pass
+    over those rows."""
+    if row_tokens <= 0:
+        return None
     lengths = sequence_lengths(attention_mask)
     width, _, free = _place(lengths, row_tokens)
-    if not _worth_it(width * len(free), input_ids.numel()):
+    if width * len(free) > 0.9 * input_ids.numel():
         return None
     return pack(input_ids, attention_mask, row_tokens, lengths)
 

@@ -20,7 +20,7 @@ from asyncrl.algo.sampling import overlong_filter_mask, soft_overlong_punishment
 from asyncrl.config import LearnerConfig
 from asyncrl.learner.batch import TrainBatch
 from asyncrl.learner.model import critic_values, forward_logprobs
-from asyncrl.learner.packing import computed_tokens
+from asyncrl.learner.packing import Packing, pack_if_smaller
 
 
 @dataclass
@@ -48,9 +48,9 @@ def shaped_rewards(batch: TrainBatch, lc: LearnerConfig, max_tokens: int) -> tor
     return rewards
 
 
-def padding_fraction(batch: TrainBatch, pack_row_tokens: int) -> float:
-    """Share of the model's input tokens that are padding, for the whole batch in one layout."""
-    computed = computed_tokens(batch.attention_mask, pack_row_tokens)
+def padding_fraction(batch: TrainBatch, packing: Packing | None) -> float:
+    """Share of the model's input tokens that are padding, in the layout used for the batch."""
+    computed = batch.input_ids.numel() if packing is None else packing.computed_tokens
     return 1.0 - float(batch.attention_mask.sum()) / computed
 
 
@@ -60,8 +60,10 @@ def train_step(models: Models, batch: TrainBatch, lc: LearnerConfig, temperature
     if lc.overlong_filter:
         mask = overlong_filter_mask(mask, batch.truncated)
     rewards = shaped_rewards(batch, lc, max_tokens)  # (G, N)
+    # The layout of the whole batch, decided once for every forward pass over it.
+    packing = pack_if_smaller(batch.input_ids, batch.attention_mask, lc.pack_row_tokens)
     stats: dict[str, float] = {"reward_mean": float(batch.rewards.mean()),
-                               "padding_fraction": padding_fraction(batch, lc.pack_row_tokens)}
+                               "padding_fraction": padding_fraction(batch, packing)}
     # With one update per batch the proximal policy is the policy as it is now, so its
     # logprobs come from the update's own forward pass (detached) instead of a separate one;
     # unless the KL reward penalty needs them before the advantages.
@@ -71,30 +73,36 @@ def train_step(models: Models, batch: TrainBatch, lc: LearnerConfig, temperature
         prox = None
         if not single:
             prox, _ = forward_logprobs(models.policy, batch.input_ids, batch.attention_mask,
-                                       temperature, pack_row_tokens=lc.pack_row_tokens)
+                                       temperature, packing=packing)  # (B, L-1)
         ref = None
         if models.ref is not None:
             ref, _ = forward_logprobs(models.ref, batch.input_ids, batch.attention_mask,
-                                      temperature, pack_row_tokens=lc.pack_row_tokens)
+                                      temperature, packing=packing)
         adv, returns, old_values = _advantages(models, batch, rewards, mask, prox, ref, lc,
-                                               stats)
+                                               stats, packing)
     rows = torch.arange(batch.input_ids.shape[0])
+    # Each minibatch packs on its own, once for all epochs and for both models.
+    chunks = [(idx, packing if lc.minibatches == 1 else pack_if_smaller(
+        batch.input_ids[idx], batch.attention_mask[idx], lc.pack_row_tokens))
+        for idx in rows.chunk(lc.minibatches)]
     first = True
     for _ in range(lc.ppo_epochs):
-        for idx in rows.chunk(lc.minibatches):
+        for idx, idx_packing in chunks:
             # Each minibatch is its own optimizer step, so it is normalised on its own tokens.
             normaliser = LOSS_NORMALISERS[lc.loss_agg](mask[idx], max_tokens)
             out = _policy_update(models, batch, idx, mask, prox, ref, adv, normaliser, lc,
-                                 temperature)
+                                 temperature, idx_packing)
             if first:  # report the first minibatch: on fresh data its ratio is exactly 1
                 stats.update(out)
                 first = False
             if models.critic is not None:
-                stats.update(_critic_update(models, batch, idx, mask, returns, old_values, lc))
+                stats.update(_critic_update(models, batch, idx, mask, returns, old_values, lc,
+                                            idx_packing))
     return stats
 
 
-def _advantages(models: Models, batch: TrainBatch, rewards, mask, prox, ref, lc, stats):
+def _advantages(models: Models, batch: TrainBatch, rewards, mask, prox, ref, lc, stats,
+                packing: Packing | None):
     """(advantages (B, 1) or (B, L-1), returns or None, old values or None)."""
     if lc.advantage != "gae":
         adv = ADVANTAGE_ESTIMATORS[lc.advantage](rewards).reshape(-1, 1)  # (B, 1)
@@ -106,7 +114,7 @@ def _advantages(models: Models, batch: TrainBatch, rewards, mask, prox, ref, lc,
             stats["kl_ref"] = kl_stats["kl"]
         return adv, None, None
     values = critic_values(models.critic, batch.input_ids, batch.attention_mask,
-                           lc.pack_row_tokens)  # (B, L-1)
+                           packing)  # (B, L-1)
     token_rewards = torch.zeros_like(values)
     last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # last valid token
     token_rewards[last] = rewards.reshape(-1)[last.nonzero()[:, 0]]
@@ -125,11 +133,11 @@ def _advantages(models: Models, batch: TrainBatch, rewards, mask, prox, ref, lc,
 
 
 def _policy_update(models: Models, batch: TrainBatch, idx, mask, prox, ref, adv, normaliser,
-                   lc: LearnerConfig, temperature: float) -> dict[str, float]:
+                   lc: LearnerConfig, temperature: float,
+                   packing: Packing | None) -> dict[str, float]:
     logprobs, entropy = forward_logprobs(models.policy, batch.input_ids[idx],
                                          batch.attention_mask[idx], temperature,
-                                         with_entropy=lc.entropy_coef != 0,
-                                         pack_row_tokens=lc.pack_row_tokens)
+                                         with_entropy=lc.entropy_coef != 0, packing=packing)
     m = mask[idx]
     prox_idx = logprobs.detach() if prox is None else prox[idx]  # see train_step
     loss, stats = offpolicy_pg_loss(
@@ -154,9 +162,9 @@ def _policy_update(models: Models, batch: TrainBatch, idx, mask, prox, ref, adv,
 
 
 def _critic_update(models: Models, batch: TrainBatch, idx, mask, returns, old_values,
-                   lc: LearnerConfig) -> dict[str, float]:
+                   lc: LearnerConfig, packing: Packing | None) -> dict[str, float]:
     values = critic_values(models.critic, batch.input_ids[idx], batch.attention_mask[idx],
-                           lc.pack_row_tokens)
+                           packing)
     m = mask[idx]
     loss, stats = value_loss(values, old_values[idx], returns[idx], m, lc.value_clip or None,
                              m.sum().clamp(min=1))

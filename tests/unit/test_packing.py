@@ -9,8 +9,8 @@ import torch
 
 from asyncrl.learner.batch import collate
 from asyncrl.learner.model import check_packing, critic_values, forward_logprobs
-from asyncrl.learner.packing import computed_tokens, pack, pack_if_smaller, sequence_lengths
-from asyncrl.learner.step import train_step
+from asyncrl.learner.packing import pack, pack_if_smaller, sequence_lengths
+from asyncrl.learner.step import padding_fraction, train_step
 from asyncrl.wire import Completion, TrajectoryGroup
 from tests.unit.test_checkpoint import _cfg, _learner, model_dir  # noqa: F401
 
@@ -63,11 +63,13 @@ def test_packing_is_used_only_where_it_saves_compute():
             c.tokens, c.logprobs = c.tokens[:3], c.logprobs[:3]
     even = collate(groups, pad_id=0)
     assert pack_if_smaller(even.input_ids, even.attention_mask, 64) is None
+    assert pack_if_smaller(varied.input_ids, varied.attention_mask, 0) is None  # off
     # The padding the learner reports is that of the layout it used.
-    assert computed_tokens(even.attention_mask, 64) == even.input_ids.numel()
-    packed = pack(varied.input_ids, varied.attention_mask, 48)
-    assert computed_tokens(varied.attention_mask, 48) == packed.computed_tokens
-    assert computed_tokens(varied.attention_mask, 0) == varied.input_ids.numel()
+    real = float(varied.attention_mask.sum())
+    packed = pack_if_smaller(varied.input_ids, varied.attention_mask, 48)
+    assert padding_fraction(varied, packed) == 1 - real / packed.computed_tokens
+    assert padding_fraction(varied, None) == 1 - real / varied.input_ids.numel()
+    assert padding_fraction(varied, packed) < padding_fraction(varied, None)
 
 
 def test_left_padded_rows_are_refused():
@@ -80,13 +82,14 @@ def test_packed_logprobs_entropy_and_gradients_equal_padded_ones(model_dir):  # 
     cfg = _cfg(model_dir)
     model, tok, _, _ = _learner(cfg, model_dir)
     batch = collate(_varied_groups(2), tok.pad_token_id)
-    assert pack_if_smaller(batch.input_ids, batch.attention_mask, 48) is not None
+    packing = pack_if_smaller(batch.input_ids, batch.attention_mask, 48)
+    assert packing is not None
     m = batch.completion_mask
     out = {}
-    for rows in (0, 48):
+    for rows, layout in ((0, None), (48, packing)):
         model.zero_grad()
         lp, ent = forward_logprobs(model, batch.input_ids, batch.attention_mask, 0.7,
-                                   with_entropy=True, pack_row_tokens=rows)
+                                   with_entropy=True, packing=layout)
         ((lp + 0.1 * ent) * m).sum().backward()
         grads = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None])
         out[rows] = (lp.detach() * m, ent.detach() * m, grads)
@@ -98,10 +101,11 @@ def test_packed_critic_values_equal_padded_ones(model_dir):  # noqa: F811
     cfg = _cfg(model_dir)
     _, tok, models, _ = _learner(cfg, model_dir)
     batch = collate(_varied_groups(3), tok.pad_token_id)
-    assert pack_if_smaller(batch.input_ids, batch.attention_mask, 48) is not None
+    packing = pack_if_smaller(batch.input_ids, batch.attention_mask, 48)
+    assert packing is not None
     with torch.no_grad():
         padded = critic_values(models.critic, batch.input_ids, batch.attention_mask)
-        packed = critic_values(models.critic, batch.input_ids, batch.attention_mask, 48)
+        packed = critic_values(models.critic, batch.input_ids, batch.attention_mask, packing)
     inside = batch.attention_mask[:, 1:].bool()  # every position that predicts a token
     assert torch.allclose(padded[inside], packed[inside], atol=2e-5)
     assert (packed[~inside] == 0).all()
