@@ -57,8 +57,8 @@ class DurableLog:
                 break
             n, crc, kind = _HEAD.unpack_from(data, off)
             payload = data[off + _HEAD.size : off + _HEAD.size + n]
-            if len(payload) != n or kind not in (ADD, TAKE, SNAPSHOT) or not _intact(kind, payload,
-                                                                                crc):
+            intact = len(payload) == n and kind in (ADD, TAKE, SNAPSHOT)
+            if not (intact and _intact(kind, payload, crc)):
                 break
             yield kind, payload
             off += _HEAD.size + n

@@ -47,7 +47,7 @@ def test_every_sequence_is_placed_once_whole_and_apart():
         span = {(r, c) for c in range(start, start + n)}
         assert not span & seen  # no two sequences share a slot
         seen |= span
-    # First-fit decreasing never opens a row that an earlier row had room for.
+    # No row is left empty: every packed row holds at least one sequence.
     assert len(set(p.row.tolist())) == p.input_ids.shape[0]
 
 
