@@ -93,6 +93,14 @@ class NetConfig:
     """A peer silent this long is reported as frozen or dead (log line and metric)."""
     ready_timeout_s: float = 180.0
     """How long a role waits for its peers to come up before failing with an error."""
+    curve: bool = True
+    """Authenticate and encrypt every ZeroMQ socket with CurveZMQ: a peer without the run's
+    keys can neither deliver trajectories, take batches, join weight sync nor send heartbeats.
+    `asyncrl run` makes the keys (RUN_DIR/keys, owner-only); roles started on their own read
+    them from net.keys_dir."""
+    keys_dir: str = ""
+    """Directory with the CURVE key files (server.key, client.key; see docs/architecture.md);
+    empty: RUN_DIR/keys."""
 
     @property
     def buffer_ingest_port(self) -> int:
@@ -210,9 +218,15 @@ class LearnerConfig:
     batch that packed and padded logprobs agree, and stops naming this setting if the model
     mixes packed sequences."""
     entropy_coef: float = 0.0
+    log_ratio_clamp: float = 20.0
+    """Log-ratios are clamped to +-this before exp (PPO ratio, importance weights), so an
+    extreme logprob gives a large but finite weight instead of inf."""
     kl_coef: float = 0.0
     """KL to a frozen copy of the starting policy (0: no reference model is loaded)."""
     kl_estimator: str = "k3"
+    kl_clamp: float = 10.0
+    """Per-token KL estimates are clamped to at most this (k3 is exponential in the log-ratio:
+    4.9e8 at 20)."""
     kl_mode: str = "loss"
     """loss (a loss term) | reward (a per-token reward penalty)."""
     dynamic_sampling: bool = False
@@ -262,6 +276,16 @@ class SyncConfig:
 
 
 @dataclass
+class LaunchConfig:
+    max_role_restarts: int = 3
+    """`asyncrl run` restarts a buffer or generator that dies, up to this many times per role
+    (the learner has torchrun's own restarts, learner.max_restarts); past it the run stops
+    naming the role and this setting."""
+    restart_delay_s: float = 1.0
+    """Wait this long before restarting a role (doubling after each restart of it)."""
+
+
+@dataclass
 class RunConfig:
     name: str = "tiny-addition"
     run_dir: str = ""
@@ -275,6 +299,7 @@ class RunConfig:
     buffer: BufferConfig = field(default_factory=BufferConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    run: LaunchConfig = field(default_factory=LaunchConfig)
 
     @property
     def admit_groups(self) -> int:
