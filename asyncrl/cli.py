@@ -8,6 +8,7 @@
     asyncrl plot RUN_DIR                     redraw RUN_DIR/curves.png from metrics.jsonl
     asyncrl replay RUN_DIR                   re-train on the logged batches, compare weights
     asyncrl study staleness ... CONFIG       a grid of runs over staleness and correction
+    asyncrl keys DIR                         make a run's CURVE keys (roles started on their own)
 
 Heavy modules (torch, vllm, transformers) are imported after argument parsing, so `--help`
 answers at once and a config error is reported before anything slow starts.
@@ -53,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--target", type=float, default=0.8,
                    help="accuracy for the time-to-target column")
     s.add_argument("--out", default="studies/staleness", help="sweep directory (resumable)")
+    s = sub.add_parser("keys", help="make the CURVE key pairs for roles started on their own "
+                                    "(give every role this directory as net.keys_dir)")
+    s.add_argument("dir")
     s = sub.add_parser("replay", help="re-train a finished run's learner on its logged batches "
                                       "and compare the weights' checksum")
     s.add_argument("run_dir")
@@ -74,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             from asyncrl.plots import plot_run
 
             print(plot_run(Path(args.run_dir) / "metrics.jsonl", Path(args.run_dir) / "curves.png"))
+            return 0
+        if args.cmd == "keys":
+            from asyncrl.transport import make_keys
+
+            print(f"CURVE keys in {make_keys(Path(args.dir).expanduser())} (owner-only; copy "
+                  "the directory to every host of the run and set net.keys_dir to it)")
             return 0
         if args.cmd == "study":
             return _cmd_study(args)
@@ -127,6 +137,14 @@ def execute_run(cfg: RunConfig, out=print) -> int:
         raise ConfigError(f"run_dir {run_dir} already holds a run (metrics.jsonl); "
                           "choose another run_dir")
     out(f"[run] run directory {run_dir}")
+    if cfg.net.curve and not cfg.net.keys_dir:
+        from asyncrl.transport import make_keys
+
+        make_keys(run_dir / "keys")  # every role of this run finds them in RUN_DIR/keys
+    elif cfg.net.curve:
+        from asyncrl.transport import load_keys
+
+        load_keys(Path(cfg.net.keys_dir).expanduser())  # missing keys: fail now, naming them
     resolve_model(cfg, out)
     config_path = run_dir / "config.yaml"
     save_config(cfg, config_path)

@@ -75,6 +75,9 @@ class BufferMetrics:
         self.peers_silent = Gauge("asyncrl_buffer_peers_silent",
                                   "Peers silent for longer than net.heartbeat_timeout_s",
                                   registry=r)
+        self.auth_failures = Counter("asyncrl_buffer_auth_failures_total",
+                                     "Connections refused by CURVE authentication, by port and "
+                                     "reason", ["port", "reason"], registry=r)
         self.learner_version = Gauge("asyncrl_buffer_learner_policy_version",
                                      "Latest learner policy version seen", registry=r)
 
@@ -135,6 +138,10 @@ class LearnerMetrics:
                                       buckets=_SYNC_BUCKETS, registry=r)
         self.sync_bytes = Counter("asyncrl_sync_sent_bytes_total", "Weight bytes broadcast",
                                   registry=r)
+        self.auth_failures = Counter("asyncrl_learner_auth_failures_total",
+                                     "Connections to the sync control port refused by CURVE "
+                                     "authentication, by reason", ["port", "reason"],
+                                     registry=r)
 
     def record_step(self, step: int, stats: dict[str, float], tokens: int,
                     staleness_tokens: dict[int, int], waited_s: float, step_s: float) -> None:

@@ -41,9 +41,14 @@ def run(cfg: RunConfig, vocab_size: int | None = None) -> None:
     metrics.serve(registry, cfg.net.bind_host, cfg.net.buffer_metrics_port)
     store = ReplayBuffer(cfg.admit_groups, cfg.buffer.max_staleness)
     ctx = transport.context()
-    ingest = transport.Server(ctx, cfg.net.bind_host, cfg.net.buffer_ingest_port)
-    learner = transport.Server(ctx, cfg.net.bind_host, cfg.net.buffer_learner_port)
-    beats = transport.Server(ctx, cfg.net.bind_host, cfg.net.heartbeat_port)
+    keys = transport.keys_for(cfg.net, cfg.run_dir)
+
+    def refused(port: int, reason: str) -> None:
+        m.auth_failures.labels(str(port), reason).inc()
+
+    ingest, learner, beats = (transport.Server(ctx, cfg.net.bind_host, port, keys, refused)
+                              for port in (cfg.net.buffer_ingest_port,
+                                           cfg.net.buffer_learner_port, cfg.net.heartbeat_port))
     liveness = Liveness(cfg.net.heartbeat_timeout_s, m)
     log.info("buffer listening: generators on %d, learner on %d, metrics on %d",
              cfg.net.buffer_ingest_port, cfg.net.buffer_learner_port, cfg.net.buffer_metrics_port)

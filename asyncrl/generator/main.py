@@ -60,11 +60,12 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
                         cfg.generator.gpu_memory_utilization)
 
     ctx = transport.context()
-    buffer = transport.Client(ctx, cfg.net.buffer_host, cfg.net.buffer_ingest_port, name)
-    control = transport.Client(ctx, cfg.net.learner_host, cfg.net.sync_control_port, name)
+    keys = transport.keys_for(cfg.net, cfg.run_dir)
+    buffer = transport.Client(ctx, cfg.net.buffer_host, cfg.net.buffer_ingest_port, name, keys)
+    control = transport.Client(ctx, cfg.net.learner_host, cfg.net.sync_control_port, name, keys)
     transport.Heartbeat(cfg.net.buffer_host, cfg.net.heartbeat_port,
                         lambda: wire.encode("heartbeat", 0, sender=name, role="generator"),
-                        cfg.net.heartbeat_interval_s).start()
+                        cfg.net.heartbeat_interval_s, keys).start()
     incarnation = uuid.uuid4().hex[:12]  # a restarted generator is a new sender stream
     probe = _Probe(engine, encode_prompt(tok, cfg.sync.probe_prompt, chat), cfg,
                    run_dir / "sync_probe.jsonl", name, incarnation)

@@ -97,12 +97,13 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
                  ckpt.path, os.environ.get("TORCHELASTIC_RESTART_COUNT", "?"),
                  len(batch_log.logged), start + len(batch_log.logged) + 1)
     ctx = transport.context()
+    keys = transport.keys_for(cfg.net, cfg.run_dir)
     buffer = transport.Client(ctx, cfg.net.buffer_host, cfg.net.buffer_learner_port,
-                              f"learner{rank}")
+                              f"learner{rank}", keys)
     transport.Heartbeat(cfg.net.buffer_host, cfg.net.heartbeat_port,
                         lambda: wire.encode("heartbeat", 0, sender=f"learner{rank}",
                                             role="learner"),
-                        cfg.net.heartbeat_interval_s).start()
+                        cfg.net.heartbeat_interval_s, keys).start()
     lead = _Lead(cfg, run_dir, model, tok, m, ckpt) if rank == 0 else None
 
     for step in range(start + 1, cfg.learner.total_steps + 1):
@@ -224,8 +225,10 @@ class _Lead:
         if ckpt is not None:
             resumed_t0 = time.time() - checkpoint.truncate_metrics(self.metrics_path, ckpt.step)
         self.resumed_from = ckpt.step if ckpt is not None else None
-        self.control = transport.Server(transport.context(), cfg.net.bind_host,
-                                        cfg.net.sync_control_port)
+        self.control = transport.Server(
+            transport.context(), cfg.net.bind_host, cfg.net.sync_control_port,
+            transport.keys_for(cfg.net, cfg.run_dir),
+            lambda port, reason: m.auth_failures.labels(str(port), reason).inc())
         self.sender = WeightSender(self.control, cfg.net.bind_host, cfg.net.sync_store_port,
                                    cfg.generator.num_generators, cfg.sync.backend,
                                    cfg.sync.timeout_s, cfg.net.ready_timeout_s)

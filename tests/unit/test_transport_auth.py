@@ -1,0 +1,116 @@
+"""CurveZMQ on the transport's sockets: only holders of the run's keys get through, and every
+refusal is counted by the server (real sockets on loopback)."""
+
+import stat
+import threading
+import time
+
+import pytest
+
+from asyncrl import transport
+from tests.conftest import free_base_port
+
+HOST = "127.0.0.1"
+
+
+class Refusals:
+    def __init__(self):
+        self.seen: list[tuple[int, str]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, port: int, reason: str) -> None:
+        with self.lock:
+            self.seen.append((port, reason))
+
+    def wait_for(self, reason: str, timeout_s: float = 20.0) -> list[tuple[int, str]]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                hits = [s for s in self.seen if s[1] == reason]
+            if hits:
+                return hits
+            time.sleep(0.05)
+        raise AssertionError(f"no refusal with reason {reason!r} within {timeout_s}s: {self.seen}")
+
+
+@pytest.fixture
+def served(tmp_path):
+    """An echo server with the run's keys, on a real port."""
+    keys = transport.load_keys(transport.make_keys(tmp_path / "keys"))
+    port = free_base_port()
+    refusals = Refusals()
+    ctx = transport.context()
+    server = transport.Server(ctx, HOST, port, keys, refusals)
+    stop = threading.Event()
+
+    def echo():
+        while not stop.is_set():
+            if transport.poll_servers([server], 0.1):
+                got = server.recv()
+                if got is not None:
+                    server.send(got[0], b"echo:" + got[1])
+
+    t = threading.Thread(target=echo, daemon=True)
+    t.start()
+    yield keys, port, refusals, tmp_path
+    stop.set()
+    t.join(timeout=5)
+    server.close()
+
+
+def test_key_files_are_owner_only(tmp_path):
+    d = transport.make_keys(tmp_path / "k")
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    for name in transport.KEY_FILES:
+        assert stat.S_IMODE((d / name).stat().st_mode) == 0o600
+    before = (d / "server.key_secret").read_bytes()
+    transport.make_keys(d)  # idempotent: an existing run keeps its keys
+    assert (d / "server.key_secret").read_bytes() == before
+
+
+def test_missing_keys_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"client.key_secret.*net.keys_dir"):
+        (tmp_path / "k").mkdir()
+        (tmp_path / "k" / "server.key").write_text("")
+        transport.load_keys(tmp_path / "k")
+
+
+def test_run_keys_get_through(served):
+    keys, port, refusals, _ = served
+    client = transport.Client(transport.context(), HOST, port, "gen0", keys)
+    assert client.request(b"hello", timeout_s=20) == b"echo:hello"
+    assert refusals.seen == []
+
+
+def test_no_curve_is_refused_and_counted(served):
+    _, port, refusals, _ = served
+    intruder = transport.Client(transport.context(), HOST, port, "intruder")
+    assert intruder.request(b"trajectories", timeout_s=1.5) is None
+    assert refusals.wait_for("protocol")[0][0] == port
+
+
+def test_unknown_client_key_is_refused_and_counted(served, tmp_path):
+    keys, port, refusals, _ = served
+    other = transport.load_keys(transport.make_keys(tmp_path / "other"))
+    # Knows the server's public key (it is not secret) but holds another client key.
+    forged = transport.Keys(keys.server_public, other.server_secret, other.client_public,
+                            other.client_secret)
+    intruder = transport.Client(transport.context(), HOST, port, "intruder", forged)
+    assert intruder.request(b"trajectories", timeout_s=1.5) is None
+    assert refusals.wait_for("unknown_key")[0][0] == port
+
+
+def test_client_refuses_an_impostor_server(served, tmp_path):
+    """A client with another run's keys talks to this server: the handshake fails both ways
+    (the client's idea of the server key is wrong), nothing is delivered."""
+    _, port, refusals, _ = served
+    other = transport.load_keys(transport.make_keys(tmp_path / "other"))
+    client = transport.Client(transport.context(), HOST, port, "gen0", other)
+    assert client.request(b"trajectories", timeout_s=1.5) is None
+    assert refusals.wait_for("protocol")
+
+
+def test_heartbeat_without_keys_never_arrives(served):
+    _, port, refusals, _ = served
+    transport.Heartbeat(HOST, port, lambda: b"beat", 0.05, None).start()
+    assert refusals.wait_for("protocol")
