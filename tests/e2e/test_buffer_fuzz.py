@@ -46,6 +46,7 @@ def test_fuzzed_buffer_survives_and_counts_every_reject(tmp_path):
     cfg = load_config(None, [f"model.path={model}", f"run_dir={tmp_path / 'run'}",
                              f"net.base_port={free_base_port()}"])
     save_config(cfg, tmp_path / "b.yaml")
+    keys = transport.load_keys(transport.make_keys(tmp_path / "run" / "keys"))
     proc = subprocess.Popen([sys.executable, "-m", "asyncrl", "buffer", "--config",
                              str(tmp_path / "b.yaml")], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -53,7 +54,7 @@ def test_fuzzed_buffer_survives_and_counts_every_reject(tmp_path):
     rng = random.Random(0)
     sent = replies = 0
     try:
-        client = transport.Client(ctx, "127.0.0.1", cfg.net.buffer_ingest_port, "fuzz")
+        client = transport.Client(ctx, "127.0.0.1", cfg.net.buffer_ingest_port, "fuzz", keys)
         assert client.request(_traj(1, pid=1), timeout_s=60) is not None  # up
         kinds = _frames(rng)
         oversized = kinds.pop("oversized")()  # built once: 256 MiB

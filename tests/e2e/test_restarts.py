@@ -17,6 +17,7 @@ import pytest
 
 from asyncrl.config import load_config, save_config
 from asyncrl.learner.runlog import read_batch_log
+from asyncrl.transport import make_keys
 from tests.conftest import ROOT, asyncrl, free_base_port
 
 pytestmark = pytest.mark.e2e
@@ -32,6 +33,7 @@ def _config(model_cache, tmp_path, *extra):
         *extra])
     path = tmp_path / "run.yaml"
     save_config(cfg, path)
+    make_keys(tmp_path / "keys")  # roles started on their own read RUN_DIR/keys
     return path
 
 

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from asyncrl.config import load_config, save_config
+from asyncrl.transport import make_keys
 from tests.conftest import ROOT, free_base_port
 
 pytestmark = pytest.mark.e2e
@@ -23,6 +24,7 @@ def test_role_commands_started_in_any_order_train_together(model_cache, tmp_path
         "net.ready_timeout_s=120"])
     path = tmp_path / "run.yaml"
     save_config(cfg, path)
+    make_keys(tmp_path / "keys")  # roles started on their own read RUN_DIR/keys
     procs = {}
     try:
         for role, extra in (("learner", []), ("generator", ["--index", "0"]), ("buffer", [])):

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from asyncrl.config import load_config, save_config
+from asyncrl.transport import make_keys
 from tests.conftest import ROOT, free_base_port
 
 pytestmark = pytest.mark.e2e
@@ -17,6 +18,7 @@ def _alone(role, model_cache, tmp_path) -> tuple[subprocess.CompletedProcess, st
         f"warm_start.cache_dir={model_cache}", f"run_dir={tmp_path}",
         f"net.base_port={free_base_port()}", "net.ready_timeout_s=5"])
     save_config(cfg, tmp_path / "run.yaml")
+    make_keys(tmp_path / "keys")  # roles started on their own read RUN_DIR/keys
     r = subprocess.run([sys.executable, "-m", "asyncrl", role, "--config",
                         str(tmp_path / "run.yaml")], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
