@@ -1,10 +1,19 @@
 """`asyncrl run`: start buffer, generators and a torchrun learner as separate processes.
 
 Each role runs in its own session (process group), with its output in RUN_DIR/logs/<role>.log.
-The launcher prints progress from RUN_DIR/metrics.jsonl. When the learner finishes, or when any
-role dies, or on Ctrl-C/SIGTERM, every role's whole process group gets SIGTERM, then SIGKILL
-after a grace period, so no orphan (vLLM engine, torchrun worker) outlives the run. A failed
-role's exit code and the tail of its log are printed and the launcher exits non-zero.
+The launcher prints progress from RUN_DIR/metrics.jsonl.
+
+Supervision: a buffer or generator that dies is restarted, up to run.max_role_restarts times
+per role (after run.restart_delay_s, doubling), which the roles are built for: the buffer
+recovers what it acknowledged from its durable log, a restarted generator is a new sender
+incarnation that the learner takes into a new weight-sync session. Each restart is printed and
+counted (`asyncrl_run_role_restarts_total` on net.base_port + 5). The learner has torchrun's
+own restarts (learner.max_restarts); if torchrun gives up, the run ends.
+
+When the learner finishes, a role is past its restart budget, or on Ctrl-C/SIGTERM, every
+role's whole process group gets SIGTERM, then SIGKILL after a grace period, so no orphan (vLLM
+engine, torchrun worker) outlives the run. A failed role's exit code and the tail of its log
+are printed and the launcher exits non-zero.
 """
 
 from __future__ import annotations
@@ -27,9 +36,19 @@ GRACE_S = 10.0
 @dataclass
 class Role:
     name: str
-    proc: subprocess.Popen
+    cmd: list[str]
+    env: dict[str, str]
     log_path: Path
     log_file: IO
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    restart_at: float | None = None  # time.monotonic() of a scheduled restart
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=self.env,
+                                     start_new_session=True)
+        self.restart_at = None
 
 
 def role_commands(cfg: RunConfig, config_path: Path) -> dict[str, list[str]]:
@@ -65,6 +84,10 @@ def learner_command(cfg: RunConfig, config_path: Path) -> list[str]:
 
 
 def launch(cfg: RunConfig, run_dir: Path, config_path: Path, out=print) -> int:
+    from prometheus_client import CollectorRegistry
+
+    from asyncrl import metrics
+
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -74,23 +97,27 @@ def launch(cfg: RunConfig, run_dir: Path, config_path: Path, out=print) -> int:
     def on_signal(signum, _frame):
         stopping["signal"] = signum
 
+    registry = CollectorRegistry()
+    m = metrics.LauncherMetrics(registry)
+    metrics.serve(registry, cfg.net.bind_host, cfg.net.launcher_metrics_port)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for name, cmd in role_commands(cfg, config_path).items():
-            f = (logs / f"{name}.log").open("ab")
-            p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env=role_env(cfg, name, env), start_new_session=True)
-            roles.append(Role(name, p, logs / f"{name}.log", f))
+            role = Role(name, cmd, role_env(cfg, name, env), logs / f"{name}.log",
+                        (logs / f"{name}.log").open("ab"))
+            role.start()
+            roles.append(role)
+            m.restarts.labels(name)  # every role's series exists from the start, at 0
         out(f"[run] started {', '.join(f'{r.name} (pid {r.proc.pid})' for r in roles)}; "
             f"logs in {logs}")
-        return _watch(cfg, run_dir, roles, stopping, out)
+        return _watch(cfg, run_dir, roles, stopping, m, out)
     finally:
         _stop_all(roles)
         for s, h in old.items():
             signal.signal(s, h)
 
 
-def _watch(cfg: RunConfig, run_dir: Path, roles: list[Role], stopping: dict, out) -> int:
+def _watch(cfg: RunConfig, run_dir: Path, roles: list[Role], stopping: dict, m, out) -> int:
     progress = _Progress(run_dir / "metrics.jsonl", cfg.learner.total_steps, out)
     t0 = time.monotonic()
     announced = False
@@ -100,6 +127,12 @@ def _watch(cfg: RunConfig, run_dir: Path, roles: list[Role], stopping: dict, out
             out(f"[run] got signal {stopping['signal']}, stopping every role")
             return 130
         for r in roles:
+            if r.restart_at is not None:
+                if time.monotonic() >= r.restart_at:
+                    r.start()
+                    m.restarts.labels(r.name).inc()
+                    out(f"[run] {r.name} restarted (pid {r.proc.pid})")
+                continue
             code = r.proc.poll()
             if code is None:
                 continue
@@ -109,10 +142,21 @@ def _watch(cfg: RunConfig, run_dir: Path, roles: list[Role], stopping: dict, out
                 return 0
             if code == 0 and r.name.startswith("gen"):
                 continue  # told by the learner that training is over; the learner exits next
-            out(f"[run] {r.name} exited with code {code}; stopping the other roles.")
-            out(f"[run] last lines of {r.log_path}:")
-            out(_tail(r.log_path, 25))
-            return code or 1
+            if r.name == "learner" or r.restarts >= cfg.run.max_role_restarts:
+                budget = ("" if r.name == "learner" else
+                          f" after {r.restarts} restarts (run.max_role_restarts="
+                          f"{cfg.run.max_role_restarts})")
+                out(f"[run] {r.name} exited with code {code}{budget}; stopping the other roles.")
+                out(f"[run] last lines of {r.log_path}:")
+                out(_tail(r.log_path, 25))
+                return code or 1
+            _signal_group(r.proc, signal.SIGKILL)  # anything the dead role left behind
+            delay = cfg.run.restart_delay_s * 2 ** r.restarts
+            r.restarts += 1
+            r.restart_at = time.monotonic() + delay
+            out(f"[run] {r.name} exited with code {code}; restarting it in {delay:.1f}s "
+                f"(restart {r.restarts} of run.max_role_restarts={cfg.run.max_role_restarts}; "
+                f"its log: {r.log_path})")
         if not announced and not progress.started and time.monotonic() - t0 > 15:
             out("[run] waiting for the generators' vLLM engines and the first evaluation...")
             announced = True
@@ -120,20 +164,22 @@ def _watch(cfg: RunConfig, run_dir: Path, roles: list[Role], stopping: dict, out
 
 
 def _stop_all(roles: list[Role]) -> None:
-    for r in roles:
+    running = [r for r in roles if r.proc is not None]
+    for r in running:
         if r.proc.poll() is None:
             _signal_group(r.proc, signal.SIGTERM)
     deadline = time.monotonic() + GRACE_S
-    for r in roles:
+    for r in running:
         try:
             r.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
-    for r in roles:
+    for r in running:
         # SIGKILL the whole group even if the leader exited: its children may not have.
         _signal_group(r.proc, signal.SIGKILL)
         if r.proc.poll() is None:
             r.proc.wait(timeout=5)
+    for r in roles:
         r.log_file.close()
 
 

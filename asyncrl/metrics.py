@@ -82,6 +82,13 @@ class BufferMetrics:
                                      "Latest learner policy version seen", registry=r)
 
 
+class LauncherMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.restarts = Counter("asyncrl_run_role_restarts_total",
+                                "Roles `asyncrl run` restarted after they died, by role",
+                                ["role"], registry=registry)
+
+
 # Per-step learner statistics exported as gauges: stat key -> (metric name, help).
 LEARNER_STEP_GAUGES = {
     "loss": ("asyncrl_learner_loss", "Total loss of the first minibatch of the last step"),

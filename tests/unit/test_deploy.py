@@ -22,7 +22,7 @@ from asyncrl.config import NetConfig, load_config
 from tests.conftest import ROOT
 
 ROLE_CLASSES = {"generator": metrics.GeneratorMetrics, "buffer": metrics.BufferMetrics,
-                "learner": metrics.LearnerMetrics}
+                "learner": metrics.LearnerMetrics, "launcher": metrics.LauncherMetrics}
 NET = NetConfig()  # the default base port, 47100
 DEPLOY = ROOT / "deploy"
 # Sample suffixes as exposed; prometheus_client adds _created unless told not to.
@@ -109,7 +109,7 @@ def test_catalog_lists_exactly_the_metrics_the_code_defines():
 
 def test_names_follow_prometheus_conventions_as_exposed():
     for name, c in exposed().items():
-        assert re.fullmatch(r"asyncrl_(generator|buffer|learner|sync)_[a-z_]+", name), name
+        assert re.fullmatch(r"asyncrl_(generator|buffer|learner|sync|run)_[a-z_]+", name), name
         assert (c["type"] == "counter") == name.endswith("_total"), name
         suffixes = {s[len(c["family"]):] for s in c["samples"]} - {"_created"}
         assert suffixes == SAMPLE_SUFFIXES[c["type"]], name
