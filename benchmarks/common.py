@@ -33,18 +33,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def free_base_port(num_generators: int = 1, nproc: int = 1) -> int:
-    """A net.base_port whose every offset for this many generators and learner ranks is free,
-    below the ephemeral range (32768+) so that no outgoing connection of the run itself can
-    take one of them first."""
-    offsets = [0, 1, 2, 3, 4, 10, *(20 + i for i in range(num_generators)),
-               *(60 + r for r in range(nproc))]
+def ephemeral_ports() -> range:
+    """The kernel's range for outgoing connections' local ports: a listening port inside it can
+    be taken first by any outgoing connection on the machine (the run's own included)."""
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999  # Linux's default
+    return range(lo, hi + 1)
+
+
+def run_port_offsets(num_generators: int = 4, nproc: int = 4) -> list[int]:
+    """Every offset from net.base_port that a run with this many generators and learner ranks
+    binds, read from NetConfig's port properties, so a port added there is covered here."""
+    from asyncrl.config import NetConfig
+
+    net = NetConfig(base_port=0)
+    fixed = [getattr(net, n) for n, v in vars(NetConfig).items()
+             if isinstance(v, property) and n.endswith("_port")]
+    return sorted({*fixed, *(net.generator_metrics_port(i) for i in range(num_generators)),
+                   *(net.learner_metrics_port(r) for r in range(nproc))})
+
+
+def free_block(offsets: list[int], block: int = 100) -> int:
+    """A multiple of `block` whose every `base + offset` is free on this machine right now and
+    whose whole block lies outside the ephemeral range (and above 10000, where well-known
+    services live)."""
+    eph = ephemeral_ports()
+    bases = [b for b in range(10000, 65536 - block, block)
+             if b + block <= eph.start or b > eph.stop - 1]
+    if not bases:
+        raise RuntimeError(f"the ephemeral range {eph.start}-{eph.stop - 1} leaves no block of "
+                           f"{block} ports (see /proc/sys/net/ipv4/ip_local_port_range)")
     rng = random.Random()
     for _ in range(200):
-        base = rng.randrange(20000, 32000, 100)
+        base = rng.choice(bases)
         if all(_port_free(base + o) for o in offsets):
             return base
-    raise RuntimeError("no free block of ports in 20000-32000")
+    raise RuntimeError(f"no free block of {block} ports outside the ephemeral range "
+                       f"{eph.start}-{eph.stop - 1}")
+
+
+def free_base_port(num_generators: int = 4, nproc: int = 4) -> int:
+    """A net.base_port whose every port for up to this many generators and learner ranks is free,
+    outside the kernel's ephemeral range so that no outgoing connection (of the run itself or
+    of anything else on the machine) can take one of them before the role binds it."""
+    return free_block(run_port_offsets(num_generators, nproc))
 
 
 def _port_free(port: int) -> bool:

@@ -1,34 +1,39 @@
 import os
-import random
-import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
+from benchmarks.common import free_block, run_port_offsets
+
+T = TypeVar("T")
+
 ROOT = Path(__file__).resolve().parents[1]
-# Port offsets from net.base_port that a run with <= 4 generators / learner ranks uses.
-_OFFSETS = [0, 1, 2, 3, 10, *range(20, 24), *range(60, 64)]
 
 
-def free_base_port() -> int:
-    """A base port whose whole offset table is free on loopback right now."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000, 100)
-        socks = []
-        try:
-            for off in _OFFSETS:
-                s = socket.socket()
-                s.bind(("127.0.0.1", base + off))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
+def free_base_port(*extra_offsets: int) -> int:
+    """A net.base_port for a test run (up to 4 generators and 4 learner ranks): every port a role
+    binds, and base + each of `extra_offsets` (for a helper server next to the run, at an offset
+    no role binds), is free now and outside the kernel's ephemeral range. The picker is the one
+    in benchmarks.common, which tests and benchmarks share."""
+    return free_block([*run_port_offsets(), *extra_offsets])
+
+
+def wait_until(predicate: Callable[[], T], timeout_s: float, what: str,
+               interval_s: float = 0.2) -> T:
+    """Poll `predicate` until it returns something true and return that; fail naming `what`
+    after `timeout_s`. For conditions whose time depends on the machine's load: give a deadline
+    that a loaded machine meets, not the time a quiet one takes."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s:g} s: {what}")
+        time.sleep(interval_s)
+    return value
 
 
 def asyncrl(*args, timeout=600, **kw) -> subprocess.CompletedProcess:

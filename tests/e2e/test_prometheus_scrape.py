@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,12 +37,6 @@ def _prometheus_binary() -> str:
             pytest.fail(msg + " -- CI is set, so this is a failure, not a skip")
         pytest.skip(msg)
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _prometheus_config(base_port: int, path) -> dict[str, str]:
@@ -98,8 +91,8 @@ def _stop(proc: subprocess.Popen, sig: int, grace: float) -> None:
 
 def test_prometheus_scrapes_generated_tokens_from_a_real_run(model_cache, tmp_path):
     prometheus = _prometheus_binary()
-    base = free_base_port()
-    prom_port = _free_port()
+    base = free_base_port(99)
+    prom_port = base + 99  # in the run's block, outside the ephemeral range; no role binds it
     addrs = _prometheus_config(base, tmp_path / "prometheus.yml")
     overrides = {"warm_start.cache_dir": model_cache, "run_dir": tmp_path / "run",
                  "net.base_port": base, "learner.total_steps": 30, "learner.nproc": 1,
