@@ -5,10 +5,17 @@ touches neither. Learner rank 0 hosts a TCPStore; each *session* of the group li
 own key prefix on it (asyncrl/sync/<session>), so the group can re-form after a learner or
 generator restart without a new port (asyncrl/sync/sender.py decides when). gloo on CPU, NCCL on
 GPU: the backend is the only device-specific choice.
+
+Neither the store nor the group can be authenticated (torch has no such option), so they are
+kept as narrow as torch allows: the store listens only on the learner's net.bind_host, rank 0's
+gloo device is bound to that address too, and each session's key prefix carries a random token
+that only the generators told over the authenticated control channel (CurveZMQ) know, so a peer
+that reaches the store cannot find the session's keys to join it. See docs/architecture.md.
 """
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -33,8 +40,12 @@ def open_store(host: str, port: int, is_master: bool, timeout_s: float):
     """Learner rank 0 hosts the TCPStore (one per learner process, reused by every session);
     generators connect a client to it for each session they join."""
     try:
+        # The host binds its own listening socket so that the store listens on `host` only
+        # (TCPStore alone listens on every interface).
+        fd = _listen(host, port) if is_master else None
         return dist.TCPStore(host, port, None, is_master=is_master,
-                             timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+                             timeout=timedelta(seconds=timeout_s), wait_for_workers=False,
+                             master_listen_fd=fd)
     except Exception as e:
         role = "host" if is_master else "reach"
         raise TimeoutError(
@@ -43,15 +54,36 @@ def open_store(host: str, port: int, is_master: bool, timeout_s: float):
             "the limit is sync.timeout_s") from None
 
 
+def _listen(host: str, port: int) -> int:
+    """A listening socket on host:port, handed over to the store (which then owns the fd)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+        s.listen(128)
+    except OSError:
+        s.close()
+        raise
+    return s.detach()
+
+
 def join(store, prefix: str, rank: int, world_size: int, backend: str,
-         timeout_s: float) -> SyncGroup:
+         timeout_s: float, bind_host: str = "") -> SyncGroup:
     """Form the group under `prefix` (blocking until all world_size ranks joined or timeout_s).
-    A fresh prefix per session is what lets a group re-form on the same store and port."""
+    A fresh prefix per session is what lets a group re-form on the same store and port.
+    bind_host (gloo): the address this rank's gloo device listens on; "" or a wildcard lets
+    gloo pick from the host name."""
     timeout = timedelta(seconds=timeout_s)
     pstore = dist.PrefixStore(prefix, store)
     backend = resolve_backend(backend)
     try:
-        if backend == "gloo":
+        if backend == "gloo" and bind_host not in ("", "0.0.0.0", "::"):
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host)]
+            pg = dist.ProcessGroupGloo(pstore, rank, world_size, opts)
+        elif backend == "gloo":
             pg = dist.ProcessGroupGloo(pstore, rank, world_size, timeout)
         else:
             opts = dist.ProcessGroupNCCL.Options()

@@ -54,6 +54,7 @@ class WeightSender:
         self.timeout_s, self.ready_timeout_s = timeout_s, ready_timeout_s
         self.expected = [f"gen{i}" for i in range(num_generators)]
         self.world = num_generators + 1
+        self.host = host
         self.store = group.open_store(host, store_port, True, timeout_s)
         self.tag = uuid.uuid4().hex[:8]  # fresh per learner process, so per torchrun restart
         self.sessions = 0
@@ -140,7 +141,7 @@ class WeightSender:
         self.joined = {n: self.members[n].incarnation for n in self.expected}
         t0 = time.perf_counter()
         self.pg = group.join(self.store, f"asyncrl/sync/{self.session}", 0, self.world,
-                             self.backend, self.timeout_s)
+                             self.backend, self.timeout_s, bind_host=self.host)
         self.failed_at = None
         log.info("weight-sync session %s formed with %s in %.2fs (versions %s)", self.session,
                  ", ".join(f"{n}/{inc}" for n, inc in self.joined.items()),
