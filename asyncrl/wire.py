@@ -8,8 +8,16 @@ extension (code 1): dtype, shape and raw little-endian bytes, never Python lists
 Trajectory groups travel as columns: one array per field for all the groups of a message
 (`group_columns`), so decoding and checking cost a few numpy calls per message, not several
 Python objects per completion.
-`decode` validates every field and raises `MessageError` with a short `reason` that the
-receiver counts in Prometheus; receivers never crash on a bad frame.
+
+The fields of every kind, their types and bounds are declared once, in SCHEMA. `decode` checks
+a received map against it and raises `MessageError` with a short `reason` that the receiver
+counts in Prometheus, whatever the map holds: each check looks at a value's type before it
+compares, hashes or sums the value, so a receiver never crashes on a frame. `encode` checks
+what a sender builds against the same table and raises ValueError naming the field, so a sender
+bug fails at the sender. Of the group columns, encode checks the types (1-D arrays of the
+declared dtypes, lists of bounded strings); whether their values fit together (lengths add up,
+logprobs <= 0, ids in the vocabulary) is the receiver's check alone, since those values come
+from the model and the tests build such frames on purpose.
 
 Message kinds (docs/architecture.md has the table with directions and sockets):
   trajectories      generator -> buffer   groups of sampled completions
@@ -43,6 +51,21 @@ _ARRAY_EXT = 1
 _DTYPES = {"int32", "int64", "float32", "float64", "uint8", "float16"}
 _LE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in _DTYPES}
 MAX_FRAME_BYTES = 256 * 1024 * 1024
+MAX_ARRAY_DIMS = 8  # group columns are 1-D; nothing else travels as an array
+
+INT64_MAX = 2**63 - 1
+MAX_VERSION = 2**40 - 1  # policy versions: optimizer steps
+MAX_NAME = 64  # sender, incarnation, session, generator: dict keys and metric labels
+MAX_REASON = 1024  # free text: reasons, errors
+MAX_GROUPS_PER_REQUEST = 2**20  # a batch of more would not fit in MAX_FRAME_BYTES anyway
+MAX_RANKS = 2**16  # learner ranks, weight-sync ranks
+# The dtypes asyncrl/sync/weights.py can broadcast, and their sizes in bytes.
+WEIGHT_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MAX_TENSORS = 2**18  # tensors in one weights_update (a 670B MoE checkpoint has ~10**5)
+MAX_TENSOR_NAME = 512
+MAX_TENSOR_DIMS = 8
+MAX_TENSOR_DIM = 2**40
+MAX_WEIGHT_BYTES = 2**41  # 2 TiB: the wire's bound; a generator also checks its own model's
 
 
 class MessageError(ValueError):
@@ -60,6 +83,8 @@ def _pack_array(a: np.ndarray) -> msgpack.ExtType:
     dt = a.dtype.name
     if dt not in _DTYPES:
         raise TypeError(f"dtype {dt} cannot go on the wire")
+    if a.ndim > MAX_ARRAY_DIMS:
+        raise TypeError(f"an array of {a.ndim} dimensions cannot go on the wire")
     a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
     head = struct.pack("<B", len(dt)) + dt.encode() + struct.pack(f"<B{a.ndim}I", a.ndim, *a.shape)
     return msgpack.ExtType(_ARRAY_EXT, head + a.tobytes())
@@ -79,7 +104,9 @@ def _unpack_array(code: int, data: bytes) -> Any:
         raise MessageError("bad_array", f"truncated array header ({e})") from None
     dtype = _LE_DTYPES.get(dt)
     if dtype is None:
-        raise MessageError("bad_array", f"dtype {dt!r} not allowed")
+        raise MessageError("bad_array", f"dtype {dt!r:.40} not allowed")
+    if ndim > MAX_ARRAY_DIMS:
+        raise MessageError("bad_array", f"{ndim} dimensions > {MAX_ARRAY_DIMS}")
     count = math.prod(shape)
     if len(data) - off != count * dtype.itemsize:
         raise MessageError("bad_array", f"{len(data) - off} data bytes for shape {shape} {dt}")
@@ -121,36 +148,133 @@ class TrajectoryGroup:
         return sum(len(c.tokens) for c in self.completions)
 
 
-# ---------------------------------------------------------------- validation
-
-_INT = (int,)
-_NUM = (int, float)
-_STR = (str,)
-
-
-def _need(msg: dict, key: str, types: tuple, where: str = "") -> Any:
-    if key not in msg:
-        raise MessageError("missing_field", f"{where}{key}")
-    v = msg[key]
-    if isinstance(v, bool) or not isinstance(v, types):
-        raise MessageError("bad_type", f"{where}{key} is {type(v).__name__}")
-    return v
+# ---------------------------------------------------------------- field types
+#
+# Each field type's `check(value, where, vocab_size, build)` returns what the receiver gets
+# (the value itself, or for `groups` the TrajectoryGroups when `build`), or raises MessageError.
+# `type(v) is int` rather than isinstance: a bool is not a count, and a numpy scalar never
+# comes out of msgpack (encode turns them into Python numbers first).
 
 
-def _need_array(msg: dict, key: str, kinds: str, where: str) -> np.ndarray:
-    a = msg.get(key)
-    if not isinstance(a, np.ndarray):
-        raise MessageError("missing_field" if a is None else "bad_type", f"{where}{key}")
-    if a.ndim != 1 or a.dtype.kind not in kinds:
-        raise MessageError("bad_array", f"{where}{key} has shape {a.shape} dtype {a.dtype}")
-    return a
+def _type_name(v: Any) -> str:
+    return type(v).__name__
 
 
-def _version(msg: dict, key: str = "policy_version", where: str = "") -> int:
-    v = _need(msg, key, _INT, where)
-    if not 0 <= v < 2**40:
-        raise MessageError("bad_version", f"{where}{key}={v}")
-    return v
+def _brief(v: Any) -> str:
+    """A received value for an error message: never repr() of a container, which may be nested
+    deeper than repr can recurse."""
+    if type(v) in (str, bytes):
+        return repr(v[:40])
+    return repr(v) if type(v) is int else f"<{_type_name(v)}>"
+
+
+@dataclass(frozen=True)
+class Int:
+    lo: int
+    hi: int  # inclusive
+    reason: str = "bad_value"  # label when out of range
+
+    def check(self, v: Any, where: str, vocab_size: int | None, build: bool) -> int:
+        if type(v) is not int:
+            raise MessageError("bad_type", f"{where} is {_type_name(v)}, not int")
+        if not self.lo <= v <= self.hi:
+            raise MessageError(self.reason, f"{where}={v} outside [{self.lo}, {self.hi}]")
+        return v
+
+
+@dataclass(frozen=True)
+class Float:
+    lo: float
+    hi: float
+
+    def check(self, v: Any, where: str, vocab_size: int | None, build: bool) -> float:
+        if type(v) not in (int, float):
+            raise MessageError("bad_type", f"{where} is {_type_name(v)}, not float")
+        if not (math.isfinite(v) and self.lo <= v <= self.hi):
+            raise MessageError("bad_value", f"{where}={v} not finite in [{self.lo}, {self.hi}]")
+        return v
+
+
+@dataclass(frozen=True)
+class Str:
+    max_len: int
+    choices: tuple[str, ...] = ()  # when given, the only values allowed
+    nonempty: bool = False
+
+    def check(self, v: Any, where: str, vocab_size: int | None, build: bool) -> str:
+        if type(v) is not str:
+            raise MessageError("bad_type", f"{where} is {_type_name(v)}, not str")
+        if len(v) > self.max_len:
+            raise MessageError("bad_value", f"{where} longer than {self.max_len} characters")
+        if self.choices and v not in self.choices:
+            raise MessageError("bad_value", f"{where}={v!r} not one of {self.choices}")
+        if self.nonempty and not v:
+            raise MessageError("bad_value", f"{where} is empty")
+        return v
+
+
+@dataclass(frozen=True)
+class TensorSpecs:
+    """`[[name, dtype, shape], ...]`: what a weights_update broadcast holds, in order. Each
+    piece is tested inline (a 0.5B model has ~290 specs, the bound is 2**18); the field types
+    below say why when a test fails."""
+
+    def check(self, v: Any, where: str, vocab_size: int | None, build: bool) -> list:
+        if type(v) is not list:
+            raise MessageError("bad_type", f"{where} is {_type_name(v)}, not a list")
+        if len(v) > MAX_TENSORS:
+            raise MessageError("bad_value", f"{where}: {len(v)} tensors > {MAX_TENSORS}")
+        names: set[str] = set()
+        total = 0
+        for i, spec in enumerate(v):
+            if type(spec) is not list or len(spec) != 3:
+                raise MessageError("bad_value", f"{where}[{i}] is not [name, dtype, shape]")
+            name, dtype, shape = spec
+            if type(name) is not str or not 0 < len(name) <= MAX_TENSOR_NAME:
+                _TENSOR_NAME.check(name, f"{where}[{i}].name", vocab_size, build)
+            if type(dtype) is not str or dtype not in WEIGHT_DTYPES:
+                _TENSOR_DTYPE.check(dtype, f"{where}[{i}].dtype", vocab_size, build)
+            if type(shape) is not list or len(shape) > MAX_TENSOR_DIMS:
+                raise MessageError("bad_value", f"{where}[{i}].shape is not a list of <= "
+                                                f"{MAX_TENSOR_DIMS} sizes")
+            count = 1
+            for d, size in enumerate(shape):
+                if type(size) is not int or not 0 <= size <= MAX_TENSOR_DIM:
+                    _TENSOR_DIM.check(size, f"{where}[{i}].shape[{d}]", vocab_size, build)
+                count *= size
+            if name in names:
+                raise MessageError("bad_value", f"{where}[{i}]: tensor {name!r:.80} listed "
+                                                "twice")
+            names.add(name)
+            total += count * WEIGHT_DTYPES[dtype]
+            if total > MAX_WEIGHT_BYTES:
+                raise MessageError("bad_value", f"{where} describe more than "
+                                                f"{MAX_WEIGHT_BYTES} bytes")
+        return v
+
+
+_TENSOR_NAME = Str(MAX_TENSOR_NAME, nonempty=True)
+_TENSOR_DTYPE = Str(16, choices=tuple(WEIGHT_DTYPES))
+_TENSOR_DIM = Int(0, MAX_TENSOR_DIM)
+
+
+def spec_bytes(specs: list) -> int:
+    """Bytes a weights_update's (checked) tensor specs describe."""
+    return sum(math.prod(shape) * WEIGHT_DTYPES[dt] for _, dt, shape in specs)
+
+
+# ---------------------------------------------------------------- group columns
+
+# column -> numpy kinds allowed, 1-D. Per group: prompt_id .. group_size; per completion:
+# length, reward; concatenated: prompt_tokens, tokens, logprobs.
+_ARRAY_COLUMNS = {
+    "prompt_id": "iu", "policy_version": "iu", "created_at": "f", "prompt_len": "iu",
+    "group_size": "iu", "length": "iu", "reward": "f", "prompt_tokens": "iu", "tokens": "iu",
+    "logprobs": "f",
+}
+# column -> longest string allowed (per group: generator; per completion: finish_reason)
+_STRING_COLUMNS = {"generator": MAX_NAME, "finish_reason": 32}
+_MAX_LENGTH = 2**31 - 1  # one prompt, one completion, one group: fits int32
 
 
 def group_columns(groups: list[TrajectoryGroup]) -> dict:
@@ -178,13 +302,86 @@ def group_columns(groups: list[TrajectoryGroup]) -> dict:
     }
 
 
-def _strings(cols: dict, key: str, n: int) -> list[str]:
-    v = _need(cols, key, (list,), "groups.")
-    if len(v) != n:
-        raise MessageError("inconsistent", f"groups.{key} has {len(v)} entries, expected {n}")
-    if not all(type(x) is str for x in v):
-        raise MessageError("bad_type", f"groups.{key} holds a non-string")
-    return v
+def _typed_columns(cols: Any) -> dict:
+    """Every declared column present with its type: 1-D arrays of the allowed kinds, lists of
+    bounded strings. Columns not declared are ignored."""
+    if type(cols) is not dict:
+        raise MessageError("bad_type", f"groups is {_type_name(cols)}, not a map of columns")
+    out = {}
+    for key, kinds in _ARRAY_COLUMNS.items():
+        if key not in cols:
+            raise MessageError("missing_field", f"groups.{key}")
+        a = cols[key]
+        if type(a) is not np.ndarray:
+            raise MessageError("bad_type", f"groups.{key} is {_type_name(a)}, not an array")
+        if a.ndim != 1 or a.dtype.kind not in kinds:
+            raise MessageError("bad_array", f"groups.{key} has shape {a.shape} dtype {a.dtype}")
+        out[key] = a
+    for key, max_len in _STRING_COLUMNS.items():
+        if key not in cols:
+            raise MessageError("missing_field", f"groups.{key}")
+        v = cols[key]
+        if type(v) is not list:
+            raise MessageError("bad_type", f"groups.{key} is {_type_name(v)}, not a list")
+        if not all(type(x) is str for x in v):
+            raise MessageError("bad_type", f"groups.{key} holds a non-string")
+        if any(len(x) > max_len for x in v):
+            raise MessageError("bad_value", f"groups.{key} holds a string longer than {max_len}")
+        out[key] = v
+    return out
+
+
+def _within(a: np.ndarray, lo: int, hi: int) -> bool:
+    return len(a) == 0 or (int(a.min()) >= lo and int(a.max()) <= hi)
+
+
+def _checked_columns(cols: Any, vocab_size: int | None) -> dict:
+    """The columns of a `groups` field checked as a whole, in dependency order: types, then the
+    bounds of single values, then the sums and counts that tie the columns together."""
+    c = _typed_columns(cols)
+    n_groups = len(c["prompt_id"])
+    for k in ("policy_version", "created_at", "prompt_len", "group_size", "generator"):
+        if len(c[k]) != n_groups:
+            raise MessageError("inconsistent", f"groups.{k} has {len(c[k])}, prompt_id "
+                                               f"{n_groups}")
+    # Bounds before sums: int64 sums of unbounded lengths can wrap around to any total.
+    if not _within(c["group_size"], 1, _MAX_LENGTH):
+        raise MessageError("inconsistent", f"a group has no completions or more than "
+                                           f"{_MAX_LENGTH}")
+    for k in ("prompt_len", "length"):
+        if not _within(c[k], 0, _MAX_LENGTH):
+            raise MessageError("inconsistent", f"groups.{k} outside [0, {_MAX_LENGTH}]")
+    n_comps = len(c["length"])
+    if int(c["group_size"].sum()) != n_comps or len(c["reward"]) != n_comps:
+        raise MessageError("inconsistent", f"group sizes add up to {int(c['group_size'].sum())}, "
+                                           f"length has {n_comps}, reward {len(c['reward'])}")
+    if len(c["finish_reason"]) != n_comps:
+        raise MessageError("inconsistent", f"groups.finish_reason has "
+                                           f"{len(c['finish_reason'])} entries, expected {n_comps}")
+    if int(c["prompt_len"].sum()) != len(c["prompt_tokens"]):
+        raise MessageError("inconsistent", f"prompt lengths do not add up to "
+                                           f"{len(c['prompt_tokens'])}")
+    n_tokens = len(c["tokens"])
+    if int(c["length"].sum()) != n_tokens or len(c["logprobs"]) != n_tokens:
+        raise MessageError("inconsistent", f"completion lengths add up to "
+                                           f"{int(c['length'].sum())}, tokens has {n_tokens}, "
+                                           f"logprobs {len(c['logprobs'])}")
+    # float32 is what the learner computes with: a float64 -1e300 is -inf there.
+    with np.errstate(over="ignore"):
+        logprobs = c["logprobs"] = c["logprobs"].astype(np.float32, copy=False)
+    if n_tokens and not (np.isfinite(logprobs).all() and (logprobs <= 1e-4).all()):
+        raise MessageError("bad_logprob", "groups.logprobs not finite or > 0")
+    if not np.isfinite(c["reward"]).all():
+        raise MessageError("bad_reward", "groups.reward not finite")
+    if not np.isfinite(c["created_at"]).all():
+        raise MessageError("bad_value", "groups.created_at not finite")
+    if not _within(c["policy_version"], 0, MAX_VERSION):
+        raise MessageError("bad_version", f"groups.policy_version outside [0, {MAX_VERSION}]")
+    top = 2**31 if vocab_size is None else vocab_size
+    for name in ("tokens", "prompt_tokens"):
+        if not _within(c[name], 0, top - 1):
+            raise MessageError("bad_token", f"groups.{name}: token id outside [0, {top})")
+    return c
 
 
 def _split(a: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
@@ -196,156 +393,104 @@ def _split(a: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
 def parse_groups(cols: Any, vocab_size: int | None = None) -> list[TrajectoryGroup]:
     """Check the columns of a `groups` field as a whole, then slice them into groups (the
     arrays are read-only views of the frame)."""
-    if not isinstance(cols, dict):
-        raise MessageError("missing_field" if cols is None else "bad_type",
-                           "groups is not a map of columns")
-    per_group = {k: _need_array(cols, k, kinds, "groups.") for k, kinds in (
-        ("prompt_id", "iu"), ("policy_version", "iu"), ("created_at", "f"), ("prompt_len", "iu"),
-        ("group_size", "iu"))}
-    n_groups = len(per_group["prompt_id"])
-    for k, a in per_group.items():
-        if len(a) != n_groups:
-            raise MessageError("inconsistent", f"groups.{k} has {len(a)}, prompt_id {n_groups}")
-    prompt_len, group_size = per_group["prompt_len"], per_group["group_size"]
-    length = _need_array(cols, "length", "iu", "groups.")
-    n_comps = len(length)
-    reward = _need_array(cols, "reward", "f", "groups.")
-    prompts = _need_array(cols, "prompt_tokens", "iu", "groups.")
-    tokens = _need_array(cols, "tokens", "iu", "groups.")
-    logprobs = _need_array(cols, "logprobs", "f", "groups.")
-    if (group_size < 1).any():
-        raise MessageError("inconsistent", "a group has no completions")
-    if int(group_size.sum()) != n_comps or len(reward) != n_comps:
-        raise MessageError("inconsistent", f"group sizes add up to {int(group_size.sum())}, "
-                                           f"length has {n_comps}, reward {len(reward)}")
-    if (prompt_len < 0).any() or int(prompt_len.sum()) != len(prompts):
-        raise MessageError("inconsistent", f"prompt lengths do not add up to {len(prompts)}")
-    if (length < 0).any() or int(length.sum()) != len(tokens) or len(logprobs) != len(tokens):
-        raise MessageError("inconsistent", f"completion lengths add up to {int(length.sum())}, "
-                                           f"tokens has {len(tokens)}, logprobs {len(logprobs)}")
-    if len(logprobs) and not (np.isfinite(logprobs).all() and (logprobs <= 1e-4).all()):
-        raise MessageError("bad_logprob", "groups.logprobs not finite or > 0")
-    if not np.isfinite(reward).all():
-        raise MessageError("bad_reward", "groups.reward not finite")
-    versions = per_group["policy_version"]
-    if len(versions) and not ((versions >= 0).all() and (versions < 2**40).all()):
-        raise MessageError("bad_version", "groups.policy_version outside [0, 2**40)")
-    top = 2**31 if vocab_size is None else vocab_size
-    for name, ids in (("tokens", tokens), ("prompt_tokens", prompts)):
-        if len(ids) and (ids.min() < 0 or ids.max() >= top):
-            raise MessageError("bad_token", f"groups.{name}: token id outside [0, {top})")
-    generators = _strings(cols, "generator", n_groups)
-    finish = _strings(cols, "finish_reason", n_comps)
+    c = _checked_columns(cols, vocab_size)
+    length, group_size = c["length"], c["group_size"]
     comps = [Completion(t, lp, r, f) for t, lp, r, f in zip(
-        _split(tokens.astype(np.int32, copy=False), length),
-        _split(logprobs.astype(np.float32, copy=False), length), reward.tolist(), finish,
-        strict=True)]
+        _split(c["tokens"].astype(np.int32, copy=False), length),
+        _split(c["logprobs"], length), c["reward"].tolist(), c["finish_reason"], strict=True)]
     ends = np.cumsum(group_size).tolist()
     return [TrajectoryGroup(pid, prompt, version, comps[end - size : end], gen, created)
             for pid, prompt, version, end, size, gen, created in zip(
-                per_group["prompt_id"].tolist(), _split(prompts.astype(np.int32, copy=False),
-                                                         prompt_len),
-                versions.tolist(), ends, group_size.tolist(), generators,
-                per_group["created_at"].tolist(), strict=True)]
+                c["prompt_id"].tolist(), _split(c["prompt_tokens"].astype(np.int32, copy=False),
+                                                c["prompt_len"]),
+                c["policy_version"].tolist(), ends, group_size.tolist(), c["generator"],
+                c["created_at"].tolist(), strict=True)]
 
 
-def _check_trajectories(m: dict, vocab_size: int | None) -> None:
-    _need(m, "sender", _STR)
-    _need(m, "incarnation", _STR)
-    _need(m, "seq", _INT)
-    m["groups"] = parse_groups(m.get("groups"), vocab_size)
+@dataclass(frozen=True)
+class Groups:
+    """Group columns (`group_columns`). Decoding checks everything and builds the groups;
+    encoding checks the column types only (see the module docstring)."""
+
+    def check(self, v: Any, where: str, vocab_size: int | None, build: bool) -> Any:
+        if build:
+            return parse_groups(v, vocab_size)
+        _typed_columns(v)
+        return v
 
 
-def _check_ack(m: dict, vocab_size: int | None) -> None:
-    _need(m, "seq", _INT)
-    if _need(m, "status", _STR) not in ("ok", "busy", "rejected"):
-        raise MessageError("bad_value", f"ack status {m['status']!r}")
-    _need(m, "reason", _STR)
+# ---------------------------------------------------------------- the schema
 
+_POLICY_VERSION = Int(0, MAX_VERSION, reason="bad_version")  # every message carries one
+_HEADER = ("kind", "schema", "policy_version")
+_NAME = Str(MAX_NAME)  # sender names, incarnations, sessions
+_REASON = Str(MAX_REASON)
 
-def _check_batch_request(m: dict, vocab_size: int | None) -> None:
-    _need(m, "rank", _INT)
-    if _need(m, "num_groups", _INT) <= 0:
-        raise MessageError("bad_value", "num_groups must be > 0")
-
-
-def _check_batch(m: dict, vocab_size: int | None) -> None:
-    if _need(m, "status", _STR) not in ("ok", "not_ready"):
-        raise MessageError("bad_value", f"batch status {m['status']!r}")
-    m["groups"] = parse_groups(m.get("groups"), vocab_size)
-    _need(m, "stale_dropped_total", _INT)
-
-
-def _check_generator_hello(m: dict, vocab_size: int | None) -> None:
-    _need(m, "sender", _STR)
-    _need(m, "sync_rank", _INT)
-    _need(m, "incarnation", _STR)  # new per generator process
-    _need(m, "session", _STR)  # "" until it has joined one
-
-
-def _check_sync_join(m: dict, vocab_size: int | None) -> None:
-    if not _need(m, "session", _STR):
-        raise MessageError("bad_value", "empty sync session")
-    if _need(m, "world_size", _INT) < 2:
-        raise MessageError("bad_value", f"sync world_size={m['world_size']}")
-
-
-def _check_weights_update(m: dict, vocab_size: int | None) -> None:
-    _need(m, "session", _STR)
-    specs = _need(m, "tensors", (list,))
-    for s in specs:
-        if not (isinstance(s, list) and len(s) == 3 and isinstance(s[0], str)
-                and s[1] in _DTYPES | {"bfloat16"} and isinstance(s[2], list)):
-            raise MessageError("bad_value", f"tensor spec {s!r:.80}")
-
-
-def _check_weights_loaded(m: dict, vocab_size: int | None) -> None:
-    _need(m, "sender", _STR)
-    _need(m, "session", _STR)
-    _need(m, "seconds", _NUM)
-
-
-def _check_shutdown(m: dict, vocab_size: int | None) -> None:
-    _need(m, "reason", _STR)
-
-
-def _check_error(m: dict, vocab_size: int | None) -> None:
-    _need(m, "reason", _STR)
-
-
-def _check_heartbeat(m: dict, vocab_size: int | None) -> None:
-    _need(m, "sender", _STR)
-    if len(m["sender"]) > 64:
-        raise MessageError("bad_value", "sender name longer than 64 characters")
-    _need(m, "role", _STR)
-
-
-_CHECKS = {
-    "trajectories": _check_trajectories,
-    "ack": _check_ack,
-    "batch_request": _check_batch_request,
-    "batch": _check_batch,
-    "generator_hello": _check_generator_hello,
-    "sync_join": _check_sync_join,
-    "weights_update": _check_weights_update,
-    "weights_loaded": _check_weights_loaded,
-    "shutdown": _check_shutdown,
-    "error": _check_error,
-    "heartbeat": _check_heartbeat,
+SCHEMA: dict[str, dict[str, Int | Float | Str | TensorSpecs | Groups]] = {
+    "trajectories": {"sender": _NAME, "incarnation": _NAME, "seq": Int(0, INT64_MAX),
+                     "groups": Groups()},
+    "ack": {"seq": Int(-1, INT64_MAX),  # -1: the frame was too broken to read its seq
+            "status": Str(16, ("ok", "busy", "rejected")), "reason": _REASON},
+    "batch_request": {"rank": Int(0, MAX_RANKS - 1),
+                      "num_groups": Int(1, MAX_GROUPS_PER_REQUEST)},
+    "batch": {"status": Str(16, ("ok", "not_ready")), "groups": Groups(),
+              "stale_dropped_total": Int(0, INT64_MAX)},
+    "generator_hello": {"sender": _NAME, "sync_rank": Int(0, MAX_RANKS - 1),
+                        "incarnation": _NAME,  # new per generator process
+                        "session": _NAME},  # "" until it has joined one
+    "sync_join": {"session": Str(MAX_NAME, nonempty=True), "world_size": Int(2, MAX_RANKS)},
+    "weights_update": {"session": Str(MAX_NAME, nonempty=True), "tensors": TensorSpecs()},
+    "weights_loaded": {"sender": _NAME, "session": _NAME, "seconds": Float(0.0, 1e9)},
+    "shutdown": {"reason": _REASON},
+    "error": {"reason": _REASON},
+    "heartbeat": {"sender": _NAME, "role": Str(16)},
 }
-KINDS = tuple(_CHECKS)
+KINDS = tuple(SCHEMA)
+
+
+def _check_fields(kind: str, msg: dict, vocab_size: int | None, build: bool) -> None:
+    """Check (and with `build`, convert) every declared field of `msg` in place."""
+    if "policy_version" not in msg:
+        raise MessageError("missing_field", "policy_version")
+    msg["policy_version"] = _POLICY_VERSION.check(msg["policy_version"], "policy_version",
+                                                  vocab_size, build)
+    fields = SCHEMA[kind]
+    for key in msg:  # keys are str or bytes (strict_map_key), so hashable
+        if key not in fields and key not in _HEADER:
+            raise MessageError("invalid", f"{key!r:.40} is not a field of {kind}")
+    for key, field in fields.items():
+        if key not in msg:
+            raise MessageError("missing_field", key)
+        msg[key] = field.check(msg[key], key, vocab_size, build)
 
 
 # ---------------------------------------------------------------- codec
 
 
+def _plain(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
+
+
 def encode(kind: str, policy_version: int, **fields: Any) -> bytes:
-    """Build and serialise a message. Groups may be passed as TrajectoryGroup objects."""
-    if kind not in _CHECKS:
+    """Build and serialise a message, checked against SCHEMA: a field missing, undeclared, of
+    the wrong type or out of its bounds raises ValueError naming it. Groups may be passed as
+    TrajectoryGroup objects."""
+    declared = SCHEMA.get(kind) if type(kind) is str else None
+    if declared is None:
         raise ValueError(f"unknown message kind {kind!r}")
-    if isinstance(fields.get("groups"), list):
-        fields["groups"] = group_columns(fields["groups"])
-    msg = {"kind": kind, "schema": SCHEMA_VERSION, "policy_version": policy_version, **fields}
+    missing, extra = sorted(set(declared) - set(fields)), sorted(set(fields) - set(declared))
+    if missing or extra:
+        raise ValueError(f"wire.encode({kind!r}): missing fields {missing}, "
+                         f"undeclared fields {extra}")
+    groups = fields.get("groups")
+    if type(groups) is list and all(isinstance(g, TrajectoryGroup) for g in groups):
+        fields["groups"] = group_columns(groups)
+    msg = {"kind": kind, "schema": SCHEMA_VERSION, "policy_version": _plain(policy_version),
+           **{k: _plain(v) for k, v in fields.items()}}
+    try:
+        _check_fields(kind, msg, None, build=False)
+    except MessageError as e:
+        raise ValueError(f"wire.encode({kind!r}): {e}") from None
     return seal(msgpack.packb(msg, default=_default, use_bin_type=True))
 
 
@@ -370,23 +515,20 @@ def decode(frame: bytes, expect: tuple[str, ...] | None = None,
         msg = msgpack.unpackb(payload, ext_hook=_unpack_array, raw=False, strict_map_key=True)
     except MessageError:
         raise
-    except Exception as e:  # msgpack raises many types for garbage input
+    except Exception as e:  # noqa: BLE001 - msgpack's own errors for bad input are not one
+        # documented set (ValueError and its subclasses, StackError for deep nesting,
+        # TypeError, RecursionError in the pure-Python fallback): all mean "not msgpack".
         raise MessageError("not_msgpack", f"{type(e).__name__}: {e}"[:200]) from None
-    if not isinstance(msg, dict):
-        raise MessageError("not_a_map", f"top level is {type(msg).__name__}")
+    if type(msg) is not dict:
+        raise MessageError("not_a_map", f"top level is {_type_name(msg)}")
     kind = msg.get("kind")
-    if kind not in _CHECKS:
-        raise MessageError("unknown_kind", f"kind={kind!r:.40}")
+    if type(kind) is not str or kind not in SCHEMA:  # the type first: a list is unhashable
+        raise MessageError("unknown_kind", f"kind={_brief(kind)}")
     if expect is not None and kind not in expect:
         raise MessageError("unexpected_kind", f"got {kind}, expected one of {expect}")
-    if msg.get("schema") != SCHEMA_VERSION:
+    schema = msg.get("schema")
+    if type(schema) is not int or schema != SCHEMA_VERSION:
         raise MessageError("schema_version",
-                           f"schema={msg.get('schema')!r:.20}, this build speaks {SCHEMA_VERSION}")
-    _version(msg)
-    try:
-        _CHECKS[kind](msg, vocab_size)
-    except MessageError:
-        raise
-    except Exception as e:  # defensive: a checker bug must not kill a receiver
-        raise MessageError("invalid", f"{type(e).__name__}: {e}"[:200]) from None
+                           f"schema={_brief(schema)}, this build speaks {SCHEMA_VERSION}")
+    _check_fields(kind, msg, vocab_size, build=True)
     return msg
