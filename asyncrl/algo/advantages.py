@@ -4,6 +4,12 @@ Outcome-reward estimators take rewards (G, N), N completions for each of G promp
 advantages (G, N), one per completion (the learner broadcasts it over the completion's tokens).
 They share that signature so ADVANTAGE_ESTIMATORS can pick one by name. GAE needs per-token
 rewards and a critic's values, so it has its own signature and is not in the dict.
+
+A baseline's own rounding must not become a signal: the float32 mean of eight rewards of 1.7 is
+one ulp off 1.7, and dividing that ulp by a std of 0 plus eps gave every completion +0.106. So
+a set of rewards that are all equal gets exactly zero advantage, by selection, not arithmetic;
+and the statistics are taken in float64, so that a group one ulp apart still gets advantages
+of the right sign (in float32 the mean's error outweighs that spread).
 """
 
 from __future__ import annotations
@@ -16,6 +22,13 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 
+def _uniform(rewards: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """True where all rewards along dim (all of them, when dim is None) are equal. Keeps dims."""
+    if dim is None:
+        return rewards.amax() == rewards.amin()
+    return rewards.amax(dim=dim, keepdim=True) == rewards.amin(dim=dim, keepdim=True)
+
+
 def grpo_advantages(rewards: torch.Tensor, normalize_std: bool = True,
                     eps: float = 1e-6) -> torch.Tensor:
     """Group-relative advantages (DeepSeekMath, arXiv 2402.03300, eq. 3's outcome supervision).
@@ -24,11 +37,11 @@ def grpo_advantages(rewards: torch.Tensor, normalize_std: bool = True,
     (r - mean_group(r)) / (std_group(r) + eps), or without the division (Dr.GRPO) when
     normalize_std is False. A group whose rewards are all equal gets zero advantage.
     """
-    mean = rewards.mean(dim=1, keepdim=True)  # (G, 1)
-    adv = rewards - mean
+    r = rewards.double()
+    adv = r - r.mean(dim=1, keepdim=True)  # (G, N)
     if normalize_std:
-        adv = adv / (rewards.std(dim=1, keepdim=True, unbiased=True) + eps)
-    return adv
+        adv = adv / (r.std(dim=1, keepdim=True, unbiased=True) + eps)
+    return torch.where(_uniform(rewards, dim=1), 0.0, adv).to(rewards.dtype)
 
 
 def drgrpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -49,8 +62,9 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     n = rewards.shape[1]
     if n < 2:
         raise ValueError(f"RLOO needs at least 2 completions per prompt, got {n}")
-    others_mean = (rewards.sum(dim=1, keepdim=True) - rewards) / (n - 1)  # (G, N)
-    return rewards - others_mean
+    r = rewards.double()
+    others_mean = (r.sum(dim=1, keepdim=True) - r) / (n - 1)  # (G, N)
+    return torch.where(_uniform(rewards, dim=1), 0.0, r - others_mean).to(rewards.dtype)
 
 
 def reinforce_pp_advantages(rewards: torch.Tensor, group_baseline: bool = False,
@@ -62,11 +76,12 @@ def reinforce_pp_advantages(rewards: torch.Tensor, group_baseline: bool = False,
     sequences, not tokens: with outcome rewards every token of a sequence carries the same value,
     and per-token statistics would weight long completions more.
     """
+    r = rewards.double()
     if group_baseline:
-        centred = rewards - rewards.mean(dim=1, keepdim=True)
+        centred = torch.where(_uniform(rewards, dim=1), 0.0, r - r.mean(dim=1, keepdim=True))
     else:
-        centred = rewards - rewards.mean()
-    return centred / (centred.std() + eps)
+        centred = torch.where(_uniform(rewards), 0.0, r - r.mean())
+    return (centred / (centred.std() + eps)).to(rewards.dtype)
 
 
 def reinforce_pp_baseline_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -92,18 +107,19 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     A_t = delta_t + gamma*lam*A_{t+1}, where t+1 is the next *valid* token: masked positions are
     skipped (the state carries across them), and after the last valid token V = 0 (terminal).
     Returns (advantages, returns), both (B, T), zero at masked positions; returns = A + V is
-    the critic's regression target.
+    the critic's regression target. Whatever rewards and values hold at masked positions
+    (inf, NaN) reaches neither output.
     """
-    mask = mask.to(values.dtype)
+    keep = mask.bool()
     next_value = torch.zeros_like(values[:, 0])  # (B,)
     next_adv = torch.zeros_like(values[:, 0])  # (B,)
     advantages = torch.zeros_like(values)
     for t in reversed(range(values.shape[1])):
-        m = mask[:, t]
+        m = keep[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         adv_t = delta + gamma * lam * next_adv
-        advantages[:, t] = adv_t * m
-        next_adv = m * adv_t + (1 - m) * next_adv
-        next_value = m * values[:, t] + (1 - m) * next_value
-    returns = (advantages + values) * mask
+        advantages[:, t] = torch.where(m, adv_t, 0.0)
+        next_adv = torch.where(m, adv_t, next_adv)
+        next_value = torch.where(m, values[:, t], next_value)
+    returns = torch.where(keep, advantages + values, 0.0)
     return advantages, returns

@@ -113,3 +113,53 @@ def test_gae_matches_loop_with_padding_and_interior_mask(lam):
     torch.testing.assert_close(adv, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ret, (want + values) * mask, rtol=1e-5, atol=1e-5)
     assert torch.all(adv[mask == 0] == 0)
+
+
+# All-equal rewards that are not dyadic fractions: their float32 mean is off by an ulp, which
+# std + eps (std 0) used to turn into a same-sign advantage (+0.106 for eight rewards of 1.7).
+NON_DYADIC = (1.7, 0.1, 1 / 3, -2.9, 1e-3, 12345.678)
+GROUP_RELATIVE = ("grpo", "drgrpo", "rloo", "reinforce_pp_baseline")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [3, 7, 8, 16])
+@pytest.mark.parametrize("name", sorted(ADVANTAGE_ESTIMATORS))
+def test_all_equal_rewards_get_exactly_zero_advantage(name, n, dtype):
+    for value in NON_DYADIC:
+        uniform = torch.full((1, n), value, dtype=dtype)
+        # the whole batch uniform: every estimator, reinforce_pp's batch baseline included
+        adv = ADVANTAGE_ESTIMATORS[name](uniform.expand(3, n).clone())
+        assert torch.equal(adv, torch.zeros(3, n, dtype=dtype)), (value, adv)
+        if name not in GROUP_RELATIVE:
+            continue
+        # a uniform group next to groups with spread: still exactly zero, others untouched
+        mixed = torch.cat([(torch.arange(n, dtype=dtype)[None] ** 2) / n, uniform,
+                           torch.arange(n, dtype=dtype)[None] % 2])  # (3, n)
+        adv = ADVANTAGE_ESTIMATORS[name](mixed)
+        assert torch.equal(adv[1], torch.zeros(n, dtype=dtype)), (value, adv[1])
+        assert torch.all(adv[0] != 0) and torch.all(adv[2] != 0)
+
+
+@pytest.mark.parametrize("name", GROUP_RELATIVE)
+def test_eight_rewards_of_1_7_are_zero_and_one_ulp_of_spread_has_the_right_sign(name):
+    r = torch.full((1, 8), 1.7)
+    assert torch.equal(ADVANTAGE_ESTIMATORS[name](r), torch.zeros(1, 8))
+    # One ulp of spread is a real (if tiny) difference: the higher completion gets the only
+    # positive advantage (float32 statistics gave all eight the same sign).
+    r[0, 0] = torch.nextafter(r[0, 0], torch.tensor(2.0))
+    adv = ADVANTAGE_ESTIMATORS[name](r)
+    assert adv[0, 0] > 0 and torch.all(adv[0, 1:] < 0), adv
+
+
+@pytest.mark.parametrize("garbage", [math.inf, -math.inf, math.nan])
+def test_gae_ignores_rewards_and_values_at_masked_positions(garbage):
+    torch.manual_seed(5)
+    rewards, values = torch.randn(3, 6), torch.randn(3, 6)
+    mask = torch.ones(3, 6)
+    mask[0, 4:] = 0
+    mask[1, 1:3] = 0
+    want = gae_advantages(rewards, values, mask, 0.99, 0.95)
+    bad_r = torch.where(mask == 0, garbage, rewards)
+    bad_v = torch.where(mask == 0, garbage, values)
+    got = gae_advantages(bad_r, bad_v, mask, 0.99, 0.95)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
