@@ -1,6 +1,7 @@
 """With the learner frozen (SIGSTOP), the buffer stays within its admission limit and the
 generator waits (busy replies) instead of dropping anything."""
 
+import re
 import signal
 import time
 import urllib.request
@@ -9,6 +10,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import wait_until
 from tests.e2e.test_loop import _overrides, _rows, _start
 
 pytestmark = pytest.mark.e2e
@@ -37,20 +39,34 @@ def test_stalled_learner_makes_generators_wait_not_drop(model_cache, tmp_path):
         for p in learners:
             p.send_signal(signal.SIGSTOP)
         before = _metrics(base + 20)["asyncrl_generator_busy_retries_total"]
-        time.sleep(15)
-        buf, gen = _metrics(base + 10), _metrics(base + 20)
         admit = 2 * 4  # admit_steps x groups_per_step
-        assert buf["asyncrl_buffer_occupancy_groups"] <= admit
-        assert gen["asyncrl_generator_busy_retries_total"] > before  # it is waiting
-        assert buf["asyncrl_buffer_stale_dropped_trajectories_total"] == 0
-        sent, received = (gen["asyncrl_generator_trajectories_sent_total"],
-                          buf["asyncrl_buffer_trajectories_received_total"])
-        assert sent == received  # nothing the generator counts as sent is missing
+        # The learner stays frozen for 15 s on purpose; the occupancy is sampled throughout.
+        frozen_until, occupancy = time.monotonic() + 15, []
+        while time.monotonic() < frozen_until:
+            occupancy.append(_metrics(base + 10)["asyncrl_buffer_occupancy_groups"])
+            time.sleep(0.5)
+        assert max(occupancy) <= admit, occupancy
+        # The generator waits: busy replies, however long the full buffer took to fill up.
+        wait_until(lambda: _metrics(base + 20)["asyncrl_generator_busy_retries_total"] > before,
+                   120, "the generator getting busy replies from the full buffer")
+        assert _metrics(base + 10)["asyncrl_buffer_occupancy_groups"] <= admit
+
+        def sent_and_received():
+            buf, gen = _metrics(base + 10), _metrics(base + 20)
+            return (gen["asyncrl_generator_trajectories_sent_total"],
+                    buf["asyncrl_buffer_trajectories_received_total"],
+                    buf["asyncrl_buffer_stale_dropped_trajectories_total"])
+
+        # Nothing the generator counts as sent is missing (the two scrapes are not atomic, so
+        # a send completing between them is allowed to settle), and nothing was dropped.
+        sent, received, stale = wait_until(lambda: (c := sent_and_received())[0] == c[1] and c,
+                                           30, "the buffer to have received what was sent")
+        assert stale == 0
         for p in learners:
             p.send_signal(signal.SIGCONT)
         steps = len(_rows(tmp_path))
-        time.sleep(10)
-        assert len(_rows(tmp_path)) > steps  # and training goes on
+        wait_until(lambda: len(_rows(tmp_path)) > steps, 180,  # and training goes on
+                   f"a training step after step {steps} once the learner resumed")
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
@@ -72,19 +88,21 @@ def test_frozen_generator_is_detected_by_heartbeats(model_cache, tmp_path):
                    if " asyncrl generator " in " ".join(p.cmdline()))
         gen.send_signal(signal.SIGSTOP)
         t0 = time.monotonic()
-        while _metrics(base + 10)["asyncrl_buffer_peers_silent"] < 1:
-            assert time.monotonic() - t0 < 15, "frozen generator not detected"
-            time.sleep(0.2)
-        detected_s = time.monotonic() - t0
-        print(f"frozen generator detected after {detected_s:.1f}s")
-        # bound: timeout (3 s) + heartbeat interval (1 s) + the buffer's poll (0.5 s)
-        assert detected_s < 3 + 1 + 0.5 + 0.5
-        assert "peer gen0 silent" in (tmp_path / "logs" / "buffer.log").read_text()
+        wait_until(lambda: _metrics(base + 10)["asyncrl_buffer_peers_silent"] >= 1, 60,
+                   "the buffer reporting the frozen generator as silent")
+        print(f"frozen generator detected after {time.monotonic() - t0:.1f}s")
+        # The bound (docs/reliability.md) is on the buffer's own clock: timeout (3 s) + heartbeat
+        # interval (1 s) + the buffer's poll (0.5 s) after the last heartbeat. The age it logs is
+        # measured there, free of this test's polling and scraping on a loaded machine.
+        log = tmp_path / "logs" / "buffer.log"
+        line = wait_until(lambda: re.search(r"peer gen0 silent for ([\d.]+)s", log.read_text()),
+                          30, "the buffer's log line naming the silent generator")
+        age_s = float(line[1])
+        print(f"the buffer reported it {age_s:.1f}s after its last heartbeat")
+        assert 3 <= age_s <= 3 + 1 + 0.5, age_s
         gen.send_signal(signal.SIGCONT)
-        t0 = time.monotonic()
-        while _metrics(base + 10)["asyncrl_buffer_peers_silent"] > 0:
-            assert time.monotonic() - t0 < 10
-            time.sleep(0.2)
+        wait_until(lambda: _metrics(base + 10)["asyncrl_buffer_peers_silent"] == 0, 60,
+                   "the buffer reporting the resumed generator alive again")
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)

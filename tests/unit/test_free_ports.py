@@ -10,7 +10,8 @@ from tests.conftest import free_base_port
 def test_the_offsets_cover_every_port_a_role_binds():
     net = NetConfig(base_port=0)
     bound = {net.buffer_ingest_port, net.buffer_learner_port, net.sync_control_port,
-             net.sync_store_port, net.heartbeat_port, net.buffer_metrics_port,
+             net.sync_store_port, net.heartbeat_port, net.launcher_metrics_port,
+             net.buffer_metrics_port,
              *(net.generator_metrics_port(i) for i in range(4)),
              *(net.learner_metrics_port(r) for r in range(4))}
     assert bound <= set(run_port_offsets(4, 4))
