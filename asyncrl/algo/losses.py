@@ -3,6 +3,12 @@
 Every loss takes the normaliser from its caller and returns (loss, metrics) with metrics as
 detached Python floats. Off-policy corrections (which policy the ratio is taken against, and
 the importance weights) live in offpolicy.py and call ppo_clip_loss.
+
+Masked-out positions may hold anything (inf, NaN, padding garbage), so masks select with
+torch.where, never by multiplying (inf * 0 is NaN). Selecting the output is not enough for the
+gradient: the backward of exp, a square or a product at a masked position multiplies the zero
+gradient by whatever the forward saw there, so the inputs of such ops are also replaced at
+masked positions. Log-ratios are clamped before exp.
 """
 
 from __future__ import annotations
@@ -17,14 +23,35 @@ if TYPE_CHECKING:
 
 def masked_sum_over(values: torch.Tensor, mask: torch.Tensor,
                     normaliser: float | torch.Tensor) -> torch.Tensor:
-    """The one token-aggregation function: sum(values * mask / normaliser).
+    """The one token-aggregation function: sum(values * mask / normaliser) over mask != 0.
 
     values, mask: (B, T). normaliser is a scalar, or (B, 1) for a per-sequence normaliser.
     Callers choose it, usually from LOSS_NORMALISERS; nothing here does. It is passed in rather
     than computed from this mask because with micro-batches and data parallelism it has to
     count the tokens of the whole optimiser step, not of one micro-batch.
+    Positions where mask is 0 are selected away, so an inf or NaN there adds nothing.
     """
-    return (values * mask / normaliser).sum()
+    return (torch.where(mask != 0, values * mask, 0.0) / normaliser).sum()
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values over mask != 0, 0 when nothing is kept; for metrics. (B, T) -> scalar."""
+    keep = mask != 0
+    return torch.where(keep, values, 0.0).sum() / keep.sum().clamp(min=1)
+
+
+def clamped_exp(log_ratio: torch.Tensor, keep: torch.Tensor, log_ratio_clamp: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(clamp(log_ratio, -c, c)) at kept positions, exactly 1 elsewhere. (B, T) -> (B, T).
+
+    Returns (ratio, the clamped log-ratio). An extreme logprob then gives a ratio of at most
+    e^c with zero gradient (the clamp's) instead of inf, and a masked position never reaches
+    exp, so its backward cannot form inf * 0.
+    """
+    if not log_ratio_clamp > 0:
+        raise ValueError(f"log_ratio_clamp must be > 0, got {log_ratio_clamp}")
+    log_ratio = torch.where(keep, log_ratio, 0.0).clamp(-log_ratio_clamp, log_ratio_clamp)
+    return torch.exp(log_ratio), log_ratio
 
 
 def token_mean_normaliser(mask: torch.Tensor, max_tokens: int | None = None) -> torch.Tensor:
@@ -83,34 +110,38 @@ def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: f
 def ppo_clip_loss(logprobs: torch.Tensor, behav_logprobs: torch.Tensor,
                   advantages: torch.Tensor, mask: torch.Tensor, clip_low: float,
                   clip_high: float, normaliser: float | torch.Tensor,
-                  clip_c: float | None = None, weights: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
+                  clip_c: float | None = None, weights: torch.Tensor | None = None, *,
+                  log_ratio_clamp: float) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate against the behaviour policy (the generator's logprobs).
 
     logprobs, behav_logprobs, mask: (B, T); advantages: (B, T) or (B, 1).
-    ratio = exp(logprobs - behav_logprobs); pg_loss = -min(ratio*A, clip(ratio, 1-low, 1+high)*A).
+    ratio = exp(clamp(logprobs - behav_logprobs, -log_ratio_clamp, log_ratio_clamp));
+    pg_loss = -min(ratio*A, clip(ratio, 1-low, 1+high)*A).
     behav_logprobs is whatever policy the ratio is taken against: offpolicy.py passes the
     proximal policy there for decoupled PPO, with the detached importance weights (B, T) in
     `weights`, multiplied into each token's loss. clip_c enables dual-clip.
+    Masked positions (mask 0) contribute nothing to the loss or the gradient, whatever
+    logprobs, behav_logprobs, advantages or weights hold there.
     Returns (loss, metrics) with metrics as detached Python floats.
     """
+    keep = mask.bool()
     mask = mask.to(logprobs.dtype)
-    log_ratio = logprobs - behav_logprobs
-    ratio = torch.exp(log_ratio)
+    # The input where (in clamped_exp) stops the gradient at masked positions, and
+    # masked_sum_over's where drops their values, whatever advantages or weights hold there.
+    ratio, log_ratio = clamped_exp(logprobs - behav_logprobs, keep, log_ratio_clamp)
     pg_losses, is_clipped, is_dual_clipped = clipped_surrogate(
         ratio, advantages, clip_low, clip_high, clip_c)  # (B, T)
     if weights is not None:
         pg_losses = pg_losses * weights.detach()
     loss = masked_sum_over(pg_losses, mask, normaliser)
     with torch.no_grad():
-        n = mask.sum().clamp(min=1.0)
         metrics = {
             "pg_loss": loss.item(),
-            "clipfrac": ((is_clipped.to(mask.dtype) * mask).sum() / n).item(),
-            "dual_clipfrac": ((is_dual_clipped.to(mask.dtype) * mask).sum() / n).item(),
+            "clipfrac": masked_mean(is_clipped.to(mask.dtype), mask).item(),
+            "dual_clipfrac": masked_mean(is_dual_clipped.to(mask.dtype), mask).item(),
             # k3 estimator of KL(behav || current), non-negative and low-variance.
-            "approx_kl": (((ratio - 1) - log_ratio) * mask).sum().div(n).item(),
-            "ratio_mean": ((ratio * mask).sum() / n).item(),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item(),
+            "ratio_mean": masked_mean(ratio, mask).item(),
             "ratio_max": ratio.masked_fill(mask == 0, 0.0).max().item() if mask.any() else 1.0,
             "ratio_min": (ratio.masked_fill(mask == 0, float("inf")).min().item()
                           if mask.any() else 1.0),
@@ -132,11 +163,13 @@ def entropy_bonus_loss(logits: torch.Tensor, mask: torch.Tensor,
     The caller adds coef * loss to the policy loss, so minimising it raises the entropy.
     metrics["entropy"] is the token-mean entropy whatever the normaliser.
     """
+    # Non-finite logits at a masked position would make softmax's backward NaN there.
+    logits = torch.where(mask.bool()[..., None], logits, 0.0)  # (B, T, V)
     mask = mask.to(logits.dtype)
     entropy = entropy_from_logits(logits)  # (B, T)
     loss = -masked_sum_over(entropy, mask, normaliser)
     with torch.no_grad():
-        mean = (entropy * mask).sum() / mask.sum().clamp(min=1.0)
+        mean = masked_mean(entropy, mask)
     return loss, {"entropy_loss": loss.item(), "entropy": mean.item()}
 
 
@@ -165,9 +198,12 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
     values (with grad), old_values (the critic when the data was scored), returns, mask: (B, T).
     V_clip = old_values + clip(values - old_values, -clip_range, clip_range); clip_range None
-    gives the plain 0.5 * (V - R)^2.
+    gives the plain 0.5 * (V - R)^2. Masked positions contribute nothing, whatever they hold.
     """
+    keep = mask.bool()
     mask = mask.to(values.dtype)
+    values, old_values, returns = (torch.where(keep, x, 0.0)
+                                   for x in (values, old_values, returns))
     unclipped = (values - returns) ** 2
     if clip_range is None:
         per_token = unclipped
@@ -179,10 +215,9 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         is_clipped = clipped > unclipped
     loss = 0.5 * masked_sum_over(per_token, mask, normaliser)
     with torch.no_grad():
-        n = mask.sum().clamp(min=1.0)
         metrics = {
             "value_loss": loss.item(),
-            "value_clipfrac": ((is_clipped.to(mask.dtype) * mask).sum() / n).item(),
+            "value_clipfrac": masked_mean(is_clipped.to(mask.dtype), mask).item(),
             "explained_variance": explained_variance(values, returns, mask),
         }
     return loss, metrics

@@ -10,6 +10,12 @@ log(current/behav) = log(current/prox) + log(prox/behav). The second term is the
 module corrects (staleness plus engine mismatch); the first is the learner's own progress within
 the step, which the PPO clip bounds. Every correction here returns the same metrics, so runs
 with different corrections can be compared column by column.
+
+A dropped token is dropped with torch.where, never by a zero factor: its weight may be huge or
+inf (a behaviour logprob of -101 against a proximal -1 overflows float32), and inf * 0 is NaN.
+Log-ratios are also clamped to +-log_ratio_clamp before exp, so weights are at most
+e^log_ratio_clamp (finite in float32 up to a clamp of 88; past that only the where keeps a
+dropped token's inf out).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from asyncrl.algo.losses import ppo_clip_loss
+from asyncrl.algo.losses import clamped_exp, masked_mean, ppo_clip_loss
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -31,8 +37,10 @@ class Correction(NamedTuple):
     truncated: torch.Tensor  # (B, T) bool, tokens whose weight was capped
 
 
-def _behav_weights(prox_logprobs: torch.Tensor, behav_logprobs: torch.Tensor) -> torch.Tensor:
-    return torch.exp(prox_logprobs - behav_logprobs)  # (B, T), prox/behav
+def _behav_weights(prox_logprobs: torch.Tensor, behav_logprobs: torch.Tensor,
+                   mask: torch.Tensor, log_ratio_clamp: float) -> torch.Tensor:
+    """prox/behav at valid tokens, log-ratio clamped; 1 at masked positions. (B, T)."""
+    return clamped_exp(prox_logprobs - behav_logprobs, mask.bool(), log_ratio_clamp)[0]
 
 
 def _require(name: str, **params: float | None) -> None:
@@ -43,56 +51,59 @@ def _require(name: str, **params: float | None) -> None:
 
 def no_correction(prox_logprobs: torch.Tensor, behav_logprobs: torch.Tensor,
                   mask: torch.Tensor, is_cap: float | None, is_low: float | None,
-                  is_high: float | None) -> Correction:
+                  is_high: float | None, log_ratio_clamp: float) -> Correction:
     """Plain PPO: ratio and clip against the behaviour policy; the proximal policy is unused."""
     return Correction(behav_logprobs, None, mask.bool(), torch.zeros_like(mask, dtype=torch.bool))
 
 
 def decoupled_correction(prox_logprobs: torch.Tensor, behav_logprobs: torch.Tensor,
                          mask: torch.Tensor, is_cap: float | None, is_low: float | None,
-                         is_high: float | None) -> Correction:
+                         is_high: float | None, log_ratio_clamp: float) -> Correction:
     """Decoupled PPO (AReaL, arXiv 2505.24298, eq. 5): w = prox/behav times the clipped
     surrogate whose ratio is current/prox. With is_cap, tokens with w > is_cap are dropped
     (AReaL's behav_imp_weight_cap masks them rather than clamping their weight)."""
-    w = _behav_weights(prox_logprobs, behav_logprobs)
+    w = _behav_weights(prox_logprobs, behav_logprobs, mask, log_ratio_clamp)
     keep = mask.bool()
     if is_cap is not None:
         keep = keep & (w <= is_cap)
-    return Correction(prox_logprobs, w * keep, keep, torch.zeros_like(keep))
+    return Correction(prox_logprobs, torch.where(keep, w, 0.0), keep, torch.zeros_like(keep))
 
 
 def tis_correction(prox_logprobs: torch.Tensor, behav_logprobs: torch.Tensor,
                    mask: torch.Tensor, is_cap: float | None, is_low: float | None,
-                   is_high: float | None) -> Correction:
+                   is_high: float | None, log_ratio_clamp: float) -> Correction:
     """Truncated importance sampling (Yao et al. 2025, "off-policy RL in disguise"): token weight
     min(prox/behav, is_cap) on the PPO clip against prox. Bias for bounded variance."""
     _require("tis", is_cap=is_cap)
-    w = _behav_weights(prox_logprobs, behav_logprobs)
+    w = _behav_weights(prox_logprobs, behav_logprobs, mask, log_ratio_clamp)
     truncated = mask.bool() & (w > is_cap)
     return Correction(prox_logprobs, w.clamp(max=is_cap), mask.bool(), truncated)
 
 
 def icepop_correction(prox_logprobs: torch.Tensor, behav_logprobs: torch.Tensor,
                       mask: torch.Tensor, is_cap: float | None, is_low: float | None,
-                      is_high: float | None) -> Correction:
+                      is_high: float | None, log_ratio_clamp: float) -> Correction:
     """Masked importance sampling, IcePop (Ring-1T, arXiv 2510.18855): weight prox/behav where it
     lies in [is_low, is_high]; tokens outside are masked out (no gradient at all)."""
     _require("icepop", is_low=is_low, is_high=is_high)
-    w = _behav_weights(prox_logprobs, behav_logprobs)
+    w = _behav_weights(prox_logprobs, behav_logprobs, mask, log_ratio_clamp)
     keep = mask.bool() & (w >= is_low) & (w <= is_high)
-    return Correction(prox_logprobs, w * keep, keep, torch.zeros_like(keep))
+    return Correction(prox_logprobs, torch.where(keep, w, 0.0), keep, torch.zeros_like(keep))
 
 
 def seq_mask_correction(prox_logprobs: torch.Tensor, behav_logprobs: torch.Tensor,
                         mask: torch.Tensor, is_cap: float | None, is_low: float | None,
-                        is_high: float | None) -> Correction:
+                        is_high: float | None, log_ratio_clamp: float) -> Correction:
     """Sequence-level rejection: the geometric-mean ratio exp(mean_t(prox - behav)) over a
     sequence's valid tokens outside [is_low, is_high] masks the whole sequence. Kept sequences
-    get no importance weight (rejection only); the clip is against prox."""
+    get no importance weight (rejection only); the clip is against prox. The clamp applies to
+    the sequence's mean log-ratio, not per token, so one extreme token is not diluted by the
+    others into an accepted mean."""
     _require("seq_mask", is_low=is_low, is_high=is_high)
-    m = mask.to(prox_logprobs.dtype)
-    seq_log_ratio = ((prox_logprobs - behav_logprobs) * m).sum(-1) / m.sum(-1).clamp(min=1.0)
-    seq_ratio = torch.exp(seq_log_ratio)  # (B,)
+    valid = mask.bool()
+    log_w = torch.where(valid, prox_logprobs - behav_logprobs, 0.0)  # (B, T)
+    seq_log_ratio = log_w.sum(-1) / valid.sum(-1).clamp(min=1)  # (B,)
+    seq_ratio = clamped_exp(seq_log_ratio, valid.any(-1), log_ratio_clamp)[0]  # (B,)
     in_range = (seq_ratio >= is_low) & (seq_ratio <= is_high)  # (B,)
     keep = mask.bool() & in_range[:, None]
     return Correction(prox_logprobs, None, keep, torch.zeros_like(keep))
@@ -124,14 +135,17 @@ def offpolicy_pg_loss(name: str, logprobs: torch.Tensor, prox_logprobs: torch.Te
                       mask: torch.Tensor, clip_low: float, clip_high: float,
                       normaliser: float | torch.Tensor, clip_c: float | None = None,
                       is_cap: float | None = None, is_low: float | None = None,
-                      is_high: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                      is_high: float | None = None, *, log_ratio_clamp: float
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
     """Policy loss with the off-policy correction OFFPOLICY_CORRECTIONS[name].
 
     logprobs, prox_logprobs, behav_logprobs, mask: (B, T); advantages: (B, T) or (B, 1).
     is_cap: weight cap for "tis" (clamp) and "decoupled" (drop above; optional).
     is_low, is_high: accepted ratio range for "icepop" (per token) and "seq_mask" (per sequence).
     The normaliser is the caller's and is not reduced for dropped tokens, so dropping a token
-    removes its gradient without scaling up the others.
+    removes its gradient without scaling up the others. log_ratio_clamp bounds every log-ratio
+    before exp (the weights w and the PPO ratio); tokens the correction drops or the mask
+    excludes change neither the loss nor the gradient, whatever their logprobs hold.
 
     Metrics, besides ppo_clip_loss's (clipfrac, approx_kl, ratio_* against the anchor, over kept
     tokens), all over valid tokens and with w = prox/behav before any cap or mask:
@@ -145,16 +159,16 @@ def offpolicy_pg_loss(name: str, logprobs: torch.Tensor, prox_logprobs: torch.Te
                          f"choose one of {sorted(OFFPOLICY_CORRECTIONS)}")
     prox_logprobs, behav_logprobs = prox_logprobs.detach(), behav_logprobs.detach()
     corr = OFFPOLICY_CORRECTIONS[name](prox_logprobs, behav_logprobs, mask, is_cap, is_low,
-                                       is_high)
+                                       is_high, log_ratio_clamp)
     loss, metrics = ppo_clip_loss(logprobs, corr.anchor, advantages, corr.keep, clip_low,
-                                  clip_high, normaliser, clip_c=clip_c, weights=corr.weights)
+                                  clip_high, normaliser, clip_c=clip_c, weights=corr.weights,
+                                  log_ratio_clamp=log_ratio_clamp)
     with torch.no_grad():
         valid = mask.bool()
-        n = valid.sum().clamp(min=1).to(logprobs.dtype)
-        w = _behav_weights(prox_logprobs, behav_logprobs)
+        w = _behav_weights(prox_logprobs, behav_logprobs, mask, log_ratio_clamp)
 
         def mean(x: torch.Tensor) -> float:
-            return (x.to(logprobs.dtype) * valid).sum().div(n).item()
+            return masked_mean(x.to(logprobs.dtype), valid).item()
 
         metrics.update({
             "is_weight_mean": mean(w),

@@ -143,7 +143,8 @@ def _policy_update(models: Models, batch: TrainBatch, idx, mask, prox, ref, adv,
     loss, stats = offpolicy_pg_loss(
         lc.offpolicy, logprobs, prox_idx, batch.behav_logprobs[idx],
         adv[idx] if adv.shape[0] > 1 else adv, m, lc.clip_low, lc.clip_high, normaliser,
-        clip_c=lc.clip_c or None, is_cap=lc.is_cap, is_low=lc.is_low, is_high=lc.is_high)
+        clip_c=lc.clip_c or None, is_cap=lc.is_cap, is_low=lc.is_low, is_high=lc.is_high,
+        log_ratio_clamp=lc.log_ratio_clamp)
     if entropy is not None:
         ent = (entropy * m).sum() / m.sum().clamp(min=1)
         loss = loss - lc.entropy_coef * ent

@@ -54,7 +54,8 @@ def test_clipped_loss_matches_naive_token_loop():
     logp = behav + torch.randn(B, T) * 0.4
     adv = torch.randn(B, 1)
     mask = (torch.rand(B, T) > 0.3).float()
-    loss, m = ppo_clip_loss(logp, behav, adv, mask, 0.2, 0.28, float(mask.sum()))
+    loss, m = ppo_clip_loss(logp, behav, adv, mask, 0.2, 0.28, float(mask.sum()),
+                            log_ratio_clamp=20.0)
     want = naive_clip_loss(logp.tolist(), behav.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28)
     assert loss.item() == pytest.approx(want, rel=1e-5)
     assert 0 < m["clipfrac"] < 1
@@ -65,7 +66,8 @@ def test_at_ratio_one_loss_is_minus_mean_advantage():
     behav = -torch.rand(B, T)
     adv = torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
     mask = torch.ones(B, T)
-    loss, m = ppo_clip_loss(behav.clone(), behav, adv, mask, 0.2, 0.2, float(mask.sum()))
+    loss, m = ppo_clip_loss(behav.clone(), behav, adv, mask, 0.2, 0.2, float(mask.sum()),
+                            log_ratio_clamp=20.0)
     assert loss.item() == pytest.approx(-adv.mean().item(), rel=1e-6)
     assert m["clipfrac"] == 0 and m["approx_kl"] == pytest.approx(0, abs=1e-7)
 
@@ -75,7 +77,7 @@ def test_gradient_is_zero_for_tokens_clipped_on_the_losing_side():
     # ratios: 1.5 (A>0, clipped), 0.5 (A<0, clipped), 1.1 (inside), 0.5 (A>0: not clipped)
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.5]])).requires_grad_()
     adv = torch.tensor([[1.0, -1.0, 1.0, 1.0]]).T.reshape(1, 4)
-    loss, _ = ppo_clip_loss(logp, behav, adv, torch.ones(1, 4), 0.2, 0.2, 4.0)
+    loss, _ = ppo_clip_loss(logp, behav, adv, torch.ones(1, 4), 0.2, 0.2, 4.0, log_ratio_clamp=20.0)
     loss.backward()
     g = logp.grad[0]
     assert g[0] == 0 and g[1] == 0
@@ -86,6 +88,7 @@ def test_masked_tokens_do_not_contribute():
     behav = torch.zeros(2, 3)
     logp = torch.randn(2, 3, requires_grad=True)
     mask = torch.tensor([[1.0, 1, 0], [1, 0, 0]])
-    loss, _ = ppo_clip_loss(logp, behav, torch.ones(2, 1), mask, 0.2, 0.2, 3.0)
+    loss, _ = ppo_clip_loss(logp, behav, torch.ones(2, 1), mask, 0.2, 0.2, 3.0,
+                            log_ratio_clamp=20.0)
     loss.backward()
     assert torch.all(logp.grad[mask == 0] == 0)

@@ -9,6 +9,7 @@ from asyncrl.algo.losses import (
     entropy_bonus_loss,
     entropy_from_logits,
     explained_variance,
+    masked_mean,
     masked_sum_over,
     ppo_clip_loss,
     value_loss,
@@ -44,10 +45,11 @@ def test_dual_clip_matches_loop_and_caps_negative_advantage_loss():
     logp = torch.log(torch.tensor([ratios]))
     adv = torch.tensor([advs])
     loss, m = ppo_clip_loss(logp, torch.zeros(1, 8), adv, torch.ones(1, 8), 0.2, 0.28, 8.0,
-                            clip_c=3.0)
+                            clip_c=3.0, log_ratio_clamp=20.0)
     assert loss.item() == pytest.approx(naive_dual_clip(ratios, advs, 0.2, 0.28, 3.0), rel=1e-6)
     assert m["dual_clipfrac"] == pytest.approx(2 / 8)  # ratios 3.5 and 5.0 with A < 0
-    plain, _ = ppo_clip_loss(logp, torch.zeros(1, 8), adv, torch.ones(1, 8), 0.2, 0.28, 8.0)
+    plain, _ = ppo_clip_loss(logp, torch.zeros(1, 8), adv, torch.ones(1, 8), 0.2, 0.28, 8.0,
+                             log_ratio_clamp=20.0)
     assert loss.item() < plain.item()
 
 
@@ -57,12 +59,13 @@ def test_dual_clip_gradient_is_zero_where_any_clip_is_active():
     logp = torch.log(torch.tensor([[5.0, 0.5, 1.5, 2.0]])).requires_grad_()
     adv = torch.tensor([[-1.0, -1.0, 1.0, -1.0]])
     loss, _ = ppo_clip_loss(logp, torch.zeros(1, 4), adv, torch.ones(1, 4), 0.2, 0.2, 4.0,
-                            clip_c=3.0)
+                            clip_c=3.0, log_ratio_clamp=20.0)
     loss.backward()
     g = logp.grad[0]
     assert g[0] == 0 and g[1] == 0 and g[2] == 0 and g[3] != 0
     with pytest.raises(ValueError, match="clip_c > 1"):
-        ppo_clip_loss(logp, torch.zeros(1, 4), adv, torch.ones(1, 4), 0.2, 0.2, 4.0, clip_c=1.0)
+        ppo_clip_loss(logp, torch.zeros(1, 4), adv, torch.ones(1, 4), 0.2, 0.2, 4.0, clip_c=1.0,
+                      log_ratio_clamp=20.0)
 
 
 def test_weights_multiply_each_tokens_loss():
@@ -70,7 +73,7 @@ def test_weights_multiply_each_tokens_loss():
     adv = torch.tensor([[1.0, -2.0, 0.5]])
     w = torch.tensor([[0.5, 2.0, 1.0]])
     loss, _ = ppo_clip_loss(behav.clone(), behav, adv, torch.ones(1, 3), 0.2, 0.2, 3.0,
-                            weights=w)
+                            weights=w, log_ratio_clamp=20.0)
     assert loss.item() == pytest.approx(-(0.5 * 1 + 2 * -2 + 0.5) / 3)
 
 
@@ -164,3 +167,79 @@ def test_kl_as_reward_penalty_and_as_loss():
     assert logp.grad[0, 0] != 0 and logp.grad[0, 2] == 0
     with pytest.raises(ValueError, match="k1"):
         kl_loss(logp, ref, mask, 2.0, "k4")
+
+
+# NaN safety: what masked positions hold must not reach the loss or the gradient.
+GARBAGE = (math.inf, -math.inf, math.nan, 1e30)
+
+
+@pytest.mark.parametrize("garbage", GARBAGE)
+def test_masked_sum_over_ignores_masked_values(garbage):
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    for normaliser in (4.0, LOSS_NORMALISERS["seq_mean"](mask, None)):
+        got = masked_sum_over(torch.where(mask == 0, garbage, values), mask, normaliser)
+        assert torch.equal(got, masked_sum_over(values, mask, normaliser))
+        (grad,) = torch.autograd.grad(got, values)
+        assert torch.isfinite(grad).all() and torch.all(grad[mask == 0] == 0)
+
+
+@pytest.mark.parametrize("garbage", GARBAGE)
+def test_masked_mean_ignores_masked_values(garbage):
+    values = torch.tensor([[1.0, garbage, 3.0], [garbage, garbage, 8.0]])
+    mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    assert masked_mean(values, mask).item() == 4.0
+    assert masked_mean(values, torch.zeros(2, 3)).item() == 0.0
+
+
+@pytest.mark.parametrize("garbage", GARBAGE)
+@pytest.mark.parametrize("clip_range", [None, 0.2])
+def test_value_loss_ignores_masked_values_returns_and_old_values(garbage, clip_range):
+    torch.manual_seed(5)
+    values, old, ret = torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4)
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 1.0]])
+
+    def run(v, o, r):
+        v = v.clone().requires_grad_()
+        loss, m = value_loss(v, o, r, mask, clip_range, 5.0)
+        loss.backward()
+        return loss, v.grad, m
+
+    want = run(values, old, ret)
+    got = run(*(torch.where(mask == 0, garbage, x) for x in (values, old, ret)))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[2] == want[2]
+
+
+@pytest.mark.parametrize("garbage", GARBAGE)
+def test_entropy_bonus_ignores_masked_logits(garbage):
+    torch.manual_seed(6)
+    logits = torch.randn(2, 3, 5)
+    mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+
+    def run(x):
+        x = x.clone().requires_grad_()
+        loss, m = entropy_bonus_loss(x, mask, 4.0)
+        loss.backward()
+        return loss, x.grad, m
+
+    want = run(logits)
+    bad = logits.clone()
+    bad[0, 1, 2] = bad[1, 2, 0] = garbage
+    got = run(bad)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[2] == want[2]
+
+
+@pytest.mark.parametrize("weights", [None, torch.tensor([[1.0, math.inf]])])
+def test_ppo_masked_token_with_a_huge_log_ratio_leaves_the_loss_finite(weights):
+    # The case: A < 0 at a masked token whose ratio overflows; multiplying the mask in
+    # gave inf * 0 = NaN. A clamp of 1e4 lets exp overflow: the mask alone must hold.
+    for clamp in (20.0, 1e4):
+        logp = torch.tensor([[0.0, 100.0]], requires_grad=True)
+        loss, m = ppo_clip_loss(logp, torch.zeros(1, 2), torch.tensor([[-1.0, math.nan]]),
+                                torch.tensor([[1.0, 0.0]]), 0.2, 0.2, 1.0, weights=weights,
+                                log_ratio_clamp=clamp)
+        loss.backward()
+        assert loss.item() == 1.0 and torch.equal(logp.grad, torch.tensor([[1.0, 0.0]]))
+        assert m["ratio_max"] == 1.0 and m["approx_kl"] == 0.0
