@@ -1,16 +1,20 @@
 """Typed run configuration: one dataclass per role, nested in `RunConfig`.
 
 YAML goes through `OmegaConf.structured` + merge + dot-list overrides, so an unknown or
-mistyped key fails when the config loads, naming the key. Cross-field checks live in
-`RunConfig.validate` and name the field to change. Derived values (ports, batch sizes) are
-properties computed here once, so no role recomputes them differently.
+mistyped key fails when the config loads, naming the key. `RunConfig.validate` then checks every
+numeric field against its range in `BOUNDS` (and every variant name), and only when all of those
+hold the checks that combine or divide fields; each failure is one line naming the field, the
+value and what is allowed. Derived values (ports, batch sizes) are properties computed here once,
+so no role recomputes them differently.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -23,6 +27,9 @@ ADVANTAGES = ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline",
 OFFPOLICY = ("none", "decoupled", "tis", "icepop", "seq_mask")
 LOSS_AGG = ("token_mean", "seq_mean", "constant")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# Positions of the builtin model (asyncrl/task/tiny_model.py; tests/unit/test_config_bounds.py
+# keeps them equal): prompt + generator.max_tokens + 8 must fit, or vLLM refuses to start.
+BUILTIN_MAX_POSITIONS = 128
 
 
 class ConfigError(ValueError):
@@ -121,6 +128,10 @@ class NetConfig:
     @property
     def heartbeat_port(self) -> int:
         return self.base_port + 4
+
+    @property
+    def launcher_metrics_port(self) -> int:
+        return self.base_port + 5
 
     @property
     def buffer_metrics_port(self) -> int:
@@ -315,66 +326,106 @@ class RunConfig:
     def groups_per_rank(self) -> int:
         return self.learner.groups_per_step // self.learner_world
 
-    def _variant_errors(self) -> list[str]:
+    def validate(self) -> None:
+        """Single fields first (ranges, variant names), then, only when each of those holds,
+        the checks that combine or divide fields: no check trips over a value another one
+        would have named (learner.nproc=0 once raised ZeroDivisionError here)."""
+        errors = self._field_errors() or self._cross_field_errors()
+        if len(errors) == 1:
+            raise ConfigError(f"invalid config: {errors[0]}")
+        if errors:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+    def _field_errors(self) -> list[str]:
         from asyncrl.rewards import REWARD_FUNCTIONS
 
         lc = self.learner
-        errs = (_choice("learner.advantage", lc.advantage, ADVANTAGES)
-                + _choice("learner.offpolicy", lc.offpolicy, OFFPOLICY)
-                + _choice("learner.loss_agg", lc.loss_agg, LOSS_AGG)
-                + _choice("learner.kl_estimator", lc.kl_estimator, KL_ESTIMATORS)
-                + _choice("learner.kl_mode", lc.kl_mode, ("loss", "reward")))
+        errs = [e for path, bound in BOUNDS.items() for e in bound.errors(path, _get(self, path))]
+        if 0 < lc.clip_c <= 1:
+            errs.append(f"learner.clip_c={lc.clip_c} must be > 1 (or 0 for off)")
+        errs += (_choice("learner.advantage", lc.advantage, ADVANTAGES)
+                 + _choice("learner.offpolicy", lc.offpolicy, OFFPOLICY)
+                 + _choice("learner.loss_agg", lc.loss_agg, LOSS_AGG)
+                 + _choice("learner.kl_estimator", lc.kl_estimator, KL_ESTIMATORS)
+                 + _choice("learner.kl_mode", lc.kl_mode, ("loss", "reward")))
         errs += _choice("task.eval_reward", self.task.eval_reward, REWARD_FUNCTIONS)
         errs += [f"task.rewards has unknown {k!r}: choose from {sorted(REWARD_FUNCTIONS)}"
                  for k in self.task.rewards if k not in REWARD_FUNCTIONS]
-        if not self.task.rewards and not self.task.reward_model:
-            errs.append("task.rewards is empty and no task.reward_model: nothing scores samples")
-        if self.task.reward_model and not (Path(self.task.reward_model).expanduser()
-                                           / "config.json").is_file():
-            errs.append(f"task.reward_model={self.task.reward_model!r} has no config.json")
-        if lc.clip_c and lc.clip_c <= 1:
-            errs.append(f"learner.clip_c={lc.clip_c} must be > 1 (or 0 for off)")
-        if lc.overlong_cache and not 0 < lc.overlong_cache <= self.generator.max_tokens:
-            errs.append("learner.overlong_cache must be in (0, generator.max_tokens]")
-        if lc.ppo_epochs < 1 or not 1 <= lc.minibatches <= self.groups_per_rank:
-            errs.append("learner.ppo_epochs must be >= 1 and learner.minibatches in "
-                        "[1, groups_per_step / nproc]")
-        if lc.pack_row_tokens < 0:
-            errs.append(f"learner.pack_row_tokens={lc.pack_row_tokens} must be >= 0 (0: off)")
-        return errs
-
-    def validate(self) -> None:
-        """Cross-field checks; each error names the field to change."""
         checks = [
             (self.task.name in ("addition", "dataset"),
              f"task.name={self.task.name!r}: choose addition or dataset"),
-            (self.task.name != "dataset" or Path(self.task.path).expanduser().is_file(),
-             f"task.path={self.task.path!r} is not a file (task.name=dataset needs one)"),
             (self.sync.backend in ("auto", "gloo", "nccl"),
              f"sync.backend={self.sync.backend!r}: choose auto, gloo or nccl"),
+            (self.sync.mode in ("async", "sync"), f"sync.mode={self.sync.mode!r}: async or sync"),
             (self.model.dtype in ("float32", "bfloat16", "float16"),
              f"model.dtype={self.model.dtype!r}: choose float32, bfloat16 or float16"),
-            (self.generator.num_generators >= 1, "generator.num_generators must be >= 1"),
-            (self.generator.group_size >= 2,
-             "generator.group_size must be >= 2 (group-relative advantages need a group)"),
-            (self.generator.temperature > 0, "generator.temperature must be > 0"),
-            (self.learner.nproc >= 1, "learner.nproc must be >= 1"),
-            (self.learner.checkpoint_interval >= 1, "learner.checkpoint_interval must be >= 1"),
-            (self.learner.max_restarts >= 0, "learner.max_restarts must be >= 0"),
-            (not self.generator.device_ids
-             or len(self.generator.device_ids) == self.generator.num_generators,
+        ]
+        return errs + [msg for ok, msg in checks if not ok] + self._path_errors()
+
+    def _path_errors(self) -> list[str]:
+        errs = []
+        if self.task.reward_model and not (Path(self.task.reward_model).expanduser()
+                                           / "config.json").is_file():
+            errs.append(f"task.reward_model={self.task.reward_model!r} has no config.json")
+        if not self.model.path.startswith("builtin:"):
+            if not Path(self.model.path).expanduser().is_dir():
+                errs.append(f"model.path={self.model.path!r} is not a directory")
+            elif not (Path(self.model.path).expanduser() / "config.json").is_file():
+                errs.append(f"model.path={self.model.path!r} has no config.json (hub format?)")
+        elif self.model.path != BUILTIN_MODEL:
+            errs.append(f"model.path={self.model.path!r}: the only builtin is {BUILTIN_MODEL}")
+        return errs
+
+    def _cross_field_errors(self) -> list[str]:
+        """Checks that combine fields; every field is already in its range."""
+        task, gen, lc, net = self.task, self.generator, self.learner, self.net
+        addition = task.name == "addition"
+        builtin = self.model.path == BUILTIN_MODEL
+        prompt_tokens = 1 + 2 * task.digits + 2  # BOS, a, "+", b, "="
+        last_port = net.base_port + 60 + self.learner_world - 1
+        checks = [
+            (task.name != "dataset" or Path(task.path).expanduser().is_file(),
+             f"task.path={task.path!r} is not a file (task.name=dataset needs one)"),
+            (task.rewards or task.reward_model,
+             "task.rewards is empty and no task.reward_model: nothing scores samples"),
+            (not addition or task.train_size + task.eval_size <= 100**task.digits,
+             f"task.train_size + task.eval_size = {task.train_size + task.eval_size}: exceeds "
+             f"the {100**task.digits} distinct problems of task.digits={task.digits}"),
+            (not addition or gen.prompts_per_call <= task.train_size,
+             f"generator.prompts_per_call={gen.prompts_per_call}: must be <= "
+             f"task.train_size={task.train_size} (a call samples without replacement)"),
+            (not (addition and builtin and self.warm_start.steps)
+             or self.warm_start.batch_size <= task.train_size,
+             f"warm_start.batch_size={self.warm_start.batch_size}: must be <= "
+             f"task.train_size={task.train_size} (a batch samples without replacement)"),
+            (not (addition and builtin)
+             or prompt_tokens + gen.max_tokens + 8 <= BUILTIN_MAX_POSITIONS,
+             f"generator.max_tokens={gen.max_tokens}: must be <= "
+             f"{BUILTIN_MAX_POSITIONS - 8 - prompt_tokens} (the builtin model has "
+             f"{BUILTIN_MAX_POSITIONS} positions for the prompt of {prompt_tokens} tokens at "
+             "this task.digits, max_tokens and 8 spare)"),
+            (net.heartbeat_interval_s < net.heartbeat_timeout_s,
+             f"net.heartbeat_interval_s={net.heartbeat_interval_s}: must be < "
+             f"net.heartbeat_timeout_s={net.heartbeat_timeout_s}, or live peers look dead"),
+            (last_port <= 65535,
+             f"learner.nproc x learner.nnodes={self.learner_world}: rank metrics ports "
+             f"net.base_port+60+rank reach {last_port} > 65535; lower net.base_port"),
+            (not gen.device_ids or len(gen.device_ids) == gen.num_generators,
              "generator.device_ids needs one entry per generator (generator.num_generators)"),
-            (not self.learner.device_ids or len(self.learner.device_ids) == self.learner.nproc,
+            (not lc.device_ids or len(lc.device_ids) == lc.nproc,
              "learner.device_ids needs one entry per rank (learner.nproc)"),
-            (self.learner.groups_per_step % self.learner_world == 0,
-             f"learner.groups_per_step={self.learner.groups_per_step} must be divisible by "
+            (lc.groups_per_step % self.learner_world == 0,
+             f"learner.groups_per_step={lc.groups_per_step} must be divisible by "
              f"learner.nproc x learner.nnodes={self.learner_world}"),
-            (self.learner.nnodes == 1 or ":" in self.learner.rdzv_endpoint,
+            (lc.minibatches <= self.groups_per_rank,
+             f"learner.minibatches={lc.minibatches}: must be in [1, groups_per_step / "
+             f"(nproc x nnodes) = {self.groups_per_rank}]"),
+            (lc.overlong_cache <= gen.max_tokens,
+             "learner.overlong_cache must be in (0, generator.max_tokens]"),
+            (lc.nnodes == 1 or ":" in lc.rdzv_endpoint,
              "learner.nnodes > 1 needs learner.rdzv_endpoint=host:port"),
-            (self.buffer.capacity_groups >= self.learner.groups_per_step,
+            (self.buffer.capacity_groups >= lc.groups_per_step,
              "buffer.capacity_groups must be >= learner.groups_per_step or no batch ever fits"),
-            (self.sync.interval >= 1, "sync.interval must be >= 1"),
-            (self.sync.mode in ("async", "sync"), f"sync.mode={self.sync.mode!r}: async or sync"),
             (self.sync.mode == "async" or (self.buffer.max_staleness == 0
                                            and self.sync.interval == 1),
              "sync.mode=sync needs buffer.max_staleness=0 and sync.interval=1"),
@@ -383,22 +434,138 @@ class RunConfig:
              f"{self.sync.interval - 1}: generators hold version k*interval while the learner "
              "reaches k*interval+interval-1, so every trajectory would be dropped. Raise "
              "buffer.max_staleness or lower sync.interval"),
-            (self.buffer.max_staleness >= 0, "buffer.max_staleness must be >= 0"),
-            (self.buffer.admit_steps >= 1, "buffer.admit_steps must be >= 1"),
-            (0 <= self.learner.clip_low < 1 and self.learner.clip_high >= 0,
-             "learner.clip_low must be in [0, 1) and learner.clip_high >= 0"),
-            (0 < self.net.base_port < 65536 - 100, "net.base_port must leave room for 100 ports"),
         ]
-        errors = [msg for ok, msg in checks if not ok] + self._variant_errors()
-        if not self.model.path.startswith("builtin:"):
-            if not Path(self.model.path).expanduser().is_dir():
-                errors.append(f"model.path={self.model.path!r} is not a directory")
-            elif not (Path(self.model.path).expanduser() / "config.json").is_file():
-                errors.append(f"model.path={self.model.path!r} has no config.json (hub format?)")
-        elif self.model.path != BUILTIN_MODEL:
-            errors.append(f"model.path={self.model.path!r}: the only builtin is {BUILTIN_MODEL}")
-        if errors:
-            raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        return [msg for ok, msg in checks if not ok]
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The range of one numeric field (of each element, for a list or dict of numbers)."""
+
+    kind: type  # int or float; a float must also be finite
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def holds(self, value: Any) -> bool:
+        numeric = (int, float) if self.kind is float else (int,)
+        if isinstance(value, bool) or not isinstance(value, numeric):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):  # an int never overflows here
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        what, num = ("an integer", str) if self.kind is int else ("a finite number", "{:g}".format)
+        lo, hi = ("(" if self.low_open else "["), (")" if self.high_open else "]")
+        note = f" ({self.note})" if self.note else ""
+        return f"{what} in {lo}{num(self.low)}, {num(self.high)}{hi}{note}"
+
+    def errors(self, path: str, value: Any) -> list[str]:
+        if isinstance(value, dict):
+            items = [(f"{path}.{k}", v) for k, v in value.items()]
+        elif isinstance(value, list):
+            items = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            items = [(path, value)]
+        return [f"{p}={v}: must be {self.describe()}" for p, v in items if not self.holds(v)]
+
+
+def _ints(low: int, high: int, note: str = "") -> Bound:
+    return Bound(int, low, high, note=note)
+
+
+def _floats(low: float, high: float, note: str = "", low_open: bool = False) -> Bound:
+    return Bound(float, low, high, low_open=low_open, note=note)
+
+
+def _positive(high: float, note: str = "") -> Bound:
+    return Bound(float, 0, high, low_open=True, note=note)
+
+
+STEPS = 10**6  # step counts and intervals: far beyond any run, far below any overflow
+SEED = _ints(0, 2**31 - 1)  # numpy and vLLM take 32-bit seeds (generator i adds i)
+DAY_S = 86400.0  # timeouts: zmq polls in int milliseconds, torch in a timedelta
+MAX_TOKENS = 2**17  # vLLM's max_model_len, longer than any model's context here
+# Every numeric field of RunConfig by dotted path; tests/unit/test_config_bounds.py fails
+# when a numeric field has no entry. Upper bounds are where a larger value cannot run: memory
+# built at start-up, port numbers, overflow, exp() in float32, or plainly a typo.
+BOUNDS: dict[str, Bound] = {
+    "seed": SEED,
+    "task.digits": _ints(1, 18),  # 100**digits problems; a + b stays in int64
+    "task.train_size": _ints(1, 10**6),  # problems are built in memory at start-up
+    "task.eval_size": _ints(1, 10**6),
+    "task.seed": SEED,
+    "task.rewards": _floats(-1000, 1000, "a weight per reward"),
+    "task.reward_model_weight": _floats(-1000, 1000),
+    "warm_start.steps": _ints(0, STEPS, "0: RL from random init"),
+    "warm_start.batch_size": _ints(1, 65536),
+    "warm_start.lr": _positive(1.0),
+    "net.base_port": _ints(1024, 65535 - 100, "the run uses base_port..base_port+99"),
+    "net.heartbeat_interval_s": _floats(0.01, 3600),
+    "net.heartbeat_timeout_s": _positive(DAY_S),
+    "net.ready_timeout_s": _positive(DAY_S),
+    "generator.num_generators": _ints(1, 40, "their metrics ports are base_port+20..59"),
+    "generator.prompts_per_call": _ints(1, 10**4),
+    "generator.group_size": _ints(2, 1024, "group-relative advantages need a group"),
+    "generator.temperature": _positive(10.0),
+    "generator.max_tokens": _ints(1, MAX_TOKENS),
+    "generator.kv_cache_gib": _ints(1, 1024),  # vLLM allocates it all at start-up
+    "generator.gpu_memory_utilization": _positive(1.0),
+    "generator.threads": _ints(1, 1024),
+    "generator.device_ids": _ints(0, 1023),
+    "generator.seed": SEED,
+    "buffer.max_staleness": _ints(0, STEPS, "0: on-policy only"),
+    "buffer.admit_steps": _ints(1, STEPS),
+    "buffer.capacity_groups": _ints(1, 10**5),  # held in memory
+    "learner.nproc": _ints(1, 1024),
+    "learner.nnodes": _ints(1, 1024),
+    "learner.total_steps": _ints(1, STEPS),
+    "learner.groups_per_step": _ints(1, 10**5),
+    "learner.lr": _positive(1.0),
+    "learner.warmup_steps": _ints(0, STEPS),
+    "learner.weight_decay": _floats(0, 1),
+    "learner.max_grad_norm": _positive(1e6),
+    "learner.clip_low": Bound(float, 0, 1, high_open=True),
+    "learner.clip_high": _floats(0, 10),
+    "learner.is_cap": _floats(1, 1e4),  # below 1 it would drop on-policy tokens (weight 1)
+    "learner.is_low": _floats(0, 1),
+    "learner.is_high": _floats(1, 1e4),
+    "learner.clip_c": _floats(0, 100, "0: off, else > 1"),
+    "learner.ppo_epochs": _ints(1, 100),
+    "learner.minibatches": _ints(1, 10**5),
+    "learner.pack_row_tokens": _ints(0, 65536, "0: always padded"),  # one row is allocated
+    "learner.entropy_coef": _floats(0, 1, "0: off"),
+    "learner.log_ratio_clamp": _positive(80.0, "exp(80) is still finite in float32"),
+    "learner.kl_coef": _floats(0, 10, "0: off"),
+    "learner.kl_clamp": _positive(1e4),
+    "learner.overlong_cache": _ints(0, MAX_TOKENS, "0: off"),
+    "learner.gamma": _floats(0, 1),
+    "learner.lam": _floats(0, 1),
+    "learner.vf_coef": _positive(100.0),
+    "learner.value_clip": _floats(0, 100, "0: off"),
+    "learner.critic_lr": _positive(1.0),
+    "learner.eval_interval": _ints(1, STEPS),
+    "learner.checkpoint_interval": _ints(1, STEPS),
+    "learner.max_restarts": _ints(0, 100),
+    "learner.device_ids": _ints(0, 1023),
+    "learner.threads": _ints(1, 1024),
+    "learner.seed": SEED,
+    "sync.interval": _ints(1, STEPS),
+    "sync.timeout_s": _positive(DAY_S),
+    "run.max_role_restarts": _ints(0, 100),
+    "run.restart_delay_s": _floats(0, 3600, "doubles after each restart"),
+}
+
+
+def _get(cfg: RunConfig, path: str) -> Any:
+    for name in path.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
 
 
 def _choice(field_name: str, value: str, choices) -> list[str]:
