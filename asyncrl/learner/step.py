@@ -109,7 +109,8 @@ def _advantages(models: Models, batch: TrainBatch, rewards, mask, prox, ref, lc,
         if ref is not None and lc.kl_mode == "reward":
             # Per-token KL penalty turns the sequence advantage into a per-token one.
             zero = torch.zeros_like(prox)
-            pen, kl_stats = kl_reward_penalty(zero, prox, ref, mask, lc.kl_coef, lc.kl_estimator)
+            pen, kl_stats = kl_reward_penalty(zero, prox, ref, mask, lc.kl_coef, lc.kl_estimator,
+                                              kl_clamp=lc.kl_clamp)
             adv = adv + pen.flip(-1).cumsum(-1).flip(-1)  # reward-to-go of the penalty
             stats["kl_ref"] = kl_stats["kl"]
         return adv, None, None
@@ -120,7 +121,7 @@ def _advantages(models: Models, batch: TrainBatch, rewards, mask, prox, ref, lc,
     token_rewards[last] = rewards.reshape(-1)[last.nonzero()[:, 0]]
     if ref is not None and lc.kl_mode == "reward":
         token_rewards, kl_stats = kl_reward_penalty(token_rewards, prox, ref, mask, lc.kl_coef,
-                                                    lc.kl_estimator)
+                                                    lc.kl_estimator, kl_clamp=lc.kl_clamp)
         stats["kl_ref"] = kl_stats["kl"]
     adv, returns = gae_advantages(token_rewards, values, mask, lc.gamma, lc.lam)
     stats["explained_variance"] = explained_variance(values, returns, mask)
@@ -150,7 +151,8 @@ def _policy_update(models: Models, batch: TrainBatch, idx, mask, prox, ref, adv,
         loss = loss - lc.entropy_coef * ent
         stats["entropy"] = ent.item()
     if ref is not None and lc.kl_mode == "loss":
-        kl, kl_stats = kl_loss(logprobs, ref[idx], m, normaliser, lc.kl_estimator)
+        kl, kl_stats = kl_loss(logprobs, ref[idx], m, normaliser, lc.kl_estimator,
+                               kl_clamp=lc.kl_clamp)
         loss = loss + lc.kl_coef * kl
         stats["kl_ref"] = kl_stats["kl"]
     models.policy_opt.zero_grad(set_to_none=True)

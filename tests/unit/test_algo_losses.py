@@ -134,19 +134,19 @@ def test_explained_variance():
 def test_kl_estimators_are_zero_when_policies_agree():
     logp = -torch.rand(3, 4) * 5
     for name, fn in KL_ESTIMATORS.items():
-        assert torch.all(fn(logp, logp.clone()) == 0), name
+        assert torch.all(fn(logp, logp.clone(), 10.0) == 0), name
 
 
 def test_kl_estimators_match_their_formulas_and_k3_is_nonnegative():
     torch.manual_seed(1)
     logp = -torch.rand(4, 6) * 4
     ref = -torch.rand(4, 6) * 4
-    k3 = kl_k3(logp, ref)
+    k3 = kl_k3(logp, ref, 10.0)
     assert torch.all(k3 >= 0)
     for (lp, rf), got1, got2, got3 in zip(zip(logp.flatten().tolist(), ref.flatten().tolist(),
                                               strict=True),
-                                          kl_k1(logp, ref).flatten().tolist(),
-                                          kl_k2(logp, ref).flatten().tolist(),
+                                          kl_k1(logp, ref, 10.0).flatten().tolist(),
+                                          kl_k2(logp, ref, 10.0).flatten().tolist(),
                                           k3.flatten().tolist(), strict=True):
         r = math.exp(rf) / math.exp(lp)  # ref / current
         assert got1 == pytest.approx(math.log(math.exp(lp) / math.exp(rf)), abs=1e-5)
@@ -158,15 +158,16 @@ def test_kl_as_reward_penalty_and_as_loss():
     logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
     ref = torch.tensor([[-1.5, -2.0, -0.1]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    shaped, m = kl_reward_penalty(torch.tensor([[0.0, 0.0, 1.0]]), logp, ref, mask, 0.1, "k1")
+    shaped, m = kl_reward_penalty(torch.tensor([[0.0, 0.0, 1.0]]), logp, ref, mask, 0.1, "k1",
+                                  kl_clamp=10.0)
     torch.testing.assert_close(shaped, torch.tensor([[-0.05, 0.0, 0.0]]))
     assert not shaped.requires_grad and m["kl"] == pytest.approx(0.25)
-    loss, m = kl_loss(logp, ref, mask, 2.0, "k2")
+    loss, m = kl_loss(logp, ref, mask, 2.0, "k2", kl_clamp=10.0)
     assert loss.item() == pytest.approx(0.5 * 0.25 / 2)
     loss.backward()
     assert logp.grad[0, 0] != 0 and logp.grad[0, 2] == 0
     with pytest.raises(ValueError, match="k1"):
-        kl_loss(logp, ref, mask, 2.0, "k4")
+        kl_loss(logp, ref, mask, 2.0, "k4", kl_clamp=10.0)
 
 
 # NaN safety: what masked positions hold must not reach the loss or the gradient.
@@ -243,3 +244,51 @@ def test_ppo_masked_token_with_a_huge_log_ratio_leaves_the_loss_finite(weights):
         loss.backward()
         assert loss.item() == 1.0 and torch.equal(logp.grad, torch.tensor([[1.0, 0.0]]))
         assert m["ratio_max"] == 1.0 and m["approx_kl"] == 0.0
+
+
+def test_kl_estimators_are_clamped_at_the_configured_bound():
+    log_r = torch.tensor([-math.inf, -60.0, -20.0, -11.5, -1.0, 0.5, 2.0, 3.5, 20.0, 50.0,
+                          math.inf])  # log q/p
+    ref = torch.zeros_like(log_r)
+    naive = {  # float64 references
+        "k1": -log_r.double(),
+        "k2": 0.5 * log_r.double() ** 2,
+        "k3": (torch.expm1(log_r.double()) - log_r.double()).nan_to_num(nan=math.inf),
+    }  # (k3 at +inf is inf - inf in floating point)
+    assert naive["k3"][8] > 4.8e8  # the unclamped k3 at a log-ratio of 20
+    for clamp in (10.0, 1000.0):
+        for name, fn in KL_ESTIMATORS.items():
+            logp = (-log_r).clone().requires_grad_()
+            kl = fn(logp, ref, clamp)
+            want = naive[name].clamp(-clamp, clamp)
+            torch.testing.assert_close(kl.double(), want, rtol=1e-6, atol=1e-6)
+            assert kl.max().item() == pytest.approx(clamp), (name, clamp)
+            (grad,) = torch.autograd.grad(kl.sum(), logp)
+            assert torch.isfinite(grad).all(), name
+            inside = naive[name].abs() < clamp
+            # the gradient stops exactly at the bound, and not before it
+            assert torch.all(grad[~inside] == 0) and torch.all(grad[inside] != 0), (name, grad)
+    with pytest.raises(ValueError, match="clamp"):
+        kl_k3(ref, ref, math.inf)
+
+
+@pytest.mark.parametrize("estimator", sorted(KL_ESTIMATORS))
+def test_kl_loss_and_penalty_follow_kl_clamp_and_ignore_masked_tokens(estimator):
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -1.0]])
+    ref = torch.tensor([[-21.0, -2.5, -math.inf, math.nan]])  # log q/p: -20, -0.5, -inf, nan
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    for kl_clamp in (10.0, 3.0):
+        lp = logp.clone().requires_grad_()
+        loss, m = kl_loss(lp, ref, mask, 3.0, estimator, kl_clamp=kl_clamp)
+        loss.backward()
+        per_token = KL_ESTIMATORS[estimator](logp[:, :3], ref[:, :3], kl_clamp)
+        assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
+        assert loss.item() == pytest.approx(per_token.sum().item() / 3, rel=1e-6)
+        assert per_token[0, 0] == kl_clamp and per_token[0, 2] == kl_clamp  # both extremes
+        assert lp.grad[0, 0] == 0 and lp.grad[0, 2] == 0 and lp.grad[0, 3] == 0
+        assert lp.grad[0, 1] != 0
+        rewards = torch.tensor([[0.0, 0.0, 0.0, math.nan]])  # garbage where masked
+        shaped, pm = kl_reward_penalty(rewards, logp, ref, mask, 0.5, estimator,
+                                       kl_clamp=kl_clamp)
+        torch.testing.assert_close(shaped, torch.cat([-0.5 * per_token, torch.zeros(1, 1)], 1))
+        assert pm["kl"] == pytest.approx(m["kl"])

@@ -1,6 +1,9 @@
 """train_step's proximal logprobs: with one update per batch they come from the update's own
 forward pass; they must equal a separate forward of the policy before the update."""
 
+import math
+
+import pytest
 import torch
 
 from asyncrl.learner.batch import collate
@@ -49,3 +52,30 @@ def test_policy_and_critic_have_no_dropout_in_training_mode(model_dir, tmp_path)
                         (critic, lambda: critic_values(critic, batch.input_ids,
                                                        batch.attention_mask))):
             assert torch.equal(fn(), fn()), type(net).__name__
+
+
+@pytest.mark.parametrize("kl_mode", ["loss", "reward"])
+def test_clamps_reach_the_rl_math_from_the_learner_config(model_dir, monkeypatch, kl_mode):  # noqa: F811
+    import asyncrl.learner.step as step
+
+    cfg = _cfg(model_dir)
+    lc = cfg.learner
+    lc.advantage, lc.offpolicy, lc.minibatches, lc.kl_mode = "grpo", "none", 1, kl_mode
+    lc.log_ratio_clamp, lc.kl_clamp = 0.01, 3.25
+    model, tok, models, _ = _learner(cfg, model_dir)
+    seen = []
+    for fn in ("kl_loss", "kl_reward_penalty"):
+        real = getattr(step, fn)
+
+        def spy(*args, _real=real, **kwargs):
+            seen.append(kwargs["kl_clamp"])
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(step, fn, spy)
+    stats = train_step(models, collate(_groups(2), tok.pad_token_id), lc, 1.0, 6)
+    assert seen == [3.25]
+    # The generator's logprobs here are random, far from the tiny model's (unclamped, the ratios
+    # span 0.004 to 0.065): clamped, they lie within exp(+-0.01), and some sit on the bound.
+    bound = math.exp(0.01)
+    assert 1 / bound - 1e-6 <= stats["ratio_min"] <= stats["ratio_max"] <= bound + 1e-6
+    assert max(stats["ratio_max"], 1 / stats["ratio_min"]) == pytest.approx(bound)
