@@ -9,6 +9,7 @@
     asyncrl replay RUN_DIR                   re-train on the logged batches, compare weights
     asyncrl study staleness ... CONFIG       a grid of runs over staleness and correction
     asyncrl keys DIR                         make a run's CURVE keys (roles started on their own)
+    asyncrl audit RUN_DIR                    was every acknowledged group trained exactly once?
 
 Heavy modules (torch, vllm, transformers) are imported after argument parsing, so `--help`
 answers at once and a config error is reported before anything slow starts.
@@ -54,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--target", type=float, default=0.8,
                    help="accuracy for the time-to-target column")
     s.add_argument("--out", default="studies/staleness", help="sweep directory (resumable)")
+    s = sub.add_parser("audit", help="check from RUN_DIR alone that every group the buffer "
+                                     "acknowledged was trained once, dropped as stale or held")
+    s.add_argument("run_dir")
     s = sub.add_parser("keys", help="make the CURVE key pairs for roles started on their own "
                                     "(give every role this directory as net.keys_dir)")
     s.add_argument("dir")
@@ -79,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(plot_run(Path(args.run_dir) / "metrics.jsonl", Path(args.run_dir) / "curves.png"))
             return 0
+        if args.cmd == "audit":
+            from asyncrl.audit import delivery_audit
+
+            audit = delivery_audit(Path(args.run_dir))
+            print(f"[audit] {audit.summary()}")
+            return 0 if audit.ok else 1
         if args.cmd == "keys":
             from asyncrl.transport import make_keys
 

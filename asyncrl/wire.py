@@ -45,7 +45,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION = 2  # 2: groups travel as columns (one array per field per message)
+# 2: groups travel as columns (one array per field per message).
+# 3: each group carries its identity (incarnation, seq, index; asyncrl/buffer/journal.py).
+SCHEMA_VERSION = 3
 MAGIC = b"ARL1"
 _ARRAY_EXT = 1
 _DTYPES = {"int32", "int64", "float32", "float64", "uint8", "float16"}
@@ -142,6 +144,11 @@ class TrajectoryGroup:
     completions: list[Completion]
     generator: str = ""
     created_at: float = 0.0
+    # Identity, stamped by the buffer on acceptance (asyncrl/buffer/journal.py): the sender's
+    # incarnation, the message's seq in that stream, the group's index in the message.
+    incarnation: str = ""
+    seq: int = -1
+    index: int = -1
 
     @property
     def num_tokens(self) -> int:
@@ -270,17 +277,18 @@ def spec_bytes(specs: list) -> int:
 _ARRAY_COLUMNS = {
     "prompt_id": "iu", "policy_version": "iu", "created_at": "f", "prompt_len": "iu",
     "group_size": "iu", "length": "iu", "reward": "f", "prompt_tokens": "iu", "tokens": "iu",
-    "logprobs": "f",
+    "logprobs": "f", "seq": "i", "index": "i",
 }
-# column -> longest string allowed (per group: generator; per completion: finish_reason)
-_STRING_COLUMNS = {"generator": MAX_NAME, "finish_reason": 32}
+# column -> longest string allowed (per group: generator, incarnation; per completion:
+# finish_reason)
+_STRING_COLUMNS = {"generator": MAX_NAME, "incarnation": MAX_NAME, "finish_reason": 32}
 _MAX_LENGTH = 2**31 - 1  # one prompt, one completion, one group: fits int32
 
 
 def group_columns(groups: list[TrajectoryGroup]) -> dict:
     """The `groups` field: per group prompt_id, policy_version, created_at, generator,
-    prompt_len, group_size; prompt_tokens concatenated; per completion length, reward,
-    finish_reason; tokens and logprobs concatenated."""
+    incarnation, seq, index, prompt_len, group_size; prompt_tokens concatenated; per
+    completion length, reward, finish_reason; tokens and logprobs concatenated."""
     comps = [c for g in groups for c in g.completions]
 
     def cat(arrays: list[np.ndarray], dtype: str) -> np.ndarray:
@@ -291,6 +299,9 @@ def group_columns(groups: list[TrajectoryGroup]) -> dict:
         "policy_version": np.array([g.policy_version for g in groups], np.int64),
         "created_at": np.array([g.created_at for g in groups], np.float64),
         "generator": [g.generator for g in groups],
+        "incarnation": [g.incarnation for g in groups],
+        "seq": np.array([g.seq for g in groups], np.int64),
+        "index": np.array([g.index for g in groups], np.int32),
         "prompt_len": np.array([len(g.prompt_tokens) for g in groups], np.int32),
         "prompt_tokens": cat([g.prompt_tokens for g in groups], "int32"),
         "group_size": np.array([len(g.completions) for g in groups], np.int32),
@@ -340,7 +351,8 @@ def _checked_columns(cols: Any, vocab_size: int | None) -> dict:
     bounds of single values, then the sums and counts that tie the columns together."""
     c = _typed_columns(cols)
     n_groups = len(c["prompt_id"])
-    for k in ("policy_version", "created_at", "prompt_len", "group_size", "generator"):
+    for k in ("policy_version", "created_at", "prompt_len", "group_size", "generator",
+              "incarnation", "seq", "index"):
         if len(c[k]) != n_groups:
             raise MessageError("inconsistent", f"groups.{k} has {len(c[k])}, prompt_id "
                                                f"{n_groups}")
@@ -375,6 +387,8 @@ def _checked_columns(cols: Any, vocab_size: int | None) -> dict:
         raise MessageError("bad_reward", "groups.reward not finite")
     if not np.isfinite(c["created_at"]).all():
         raise MessageError("bad_value", "groups.created_at not finite")
+    if not (_within(c["seq"], -1, INT64_MAX - 1) and _within(c["index"], -1, _MAX_LENGTH)):
+        raise MessageError("bad_value", "groups.seq or groups.index negative (-1: not stamped)")
     if not _within(c["policy_version"], 0, MAX_VERSION):
         raise MessageError("bad_version", f"groups.policy_version outside [0, {MAX_VERSION}]")
     top = 2**31 if vocab_size is None else vocab_size
@@ -399,12 +413,14 @@ def parse_groups(cols: Any, vocab_size: int | None = None) -> list[TrajectoryGro
         _split(c["tokens"].astype(np.int32, copy=False), length),
         _split(c["logprobs"], length), c["reward"].tolist(), c["finish_reason"], strict=True)]
     ends = np.cumsum(group_size).tolist()
-    return [TrajectoryGroup(pid, prompt, version, comps[end - size : end], gen, created)
-            for pid, prompt, version, end, size, gen, created in zip(
+    return [TrajectoryGroup(pid, prompt, version, comps[end - size : end], gen, created, inc,
+                            seq, index)
+            for pid, prompt, version, end, size, gen, created, inc, seq, index in zip(
                 c["prompt_id"].tolist(), _split(c["prompt_tokens"].astype(np.int32, copy=False),
                                                 c["prompt_len"]),
                 c["policy_version"].tolist(), ends, group_size.tolist(), c["generator"],
-                c["created_at"].tolist(), strict=True)]
+                c["created_at"].tolist(), c["incarnation"], c["seq"].tolist(),
+                c["index"].tolist(), strict=True)]
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,13 @@ from __future__ import annotations
 import logging
 import struct
 import time
+from pathlib import Path
 
 import msgpack
 
 from asyncrl import wire
 from asyncrl.buffer.durable import ADD, TAKE
+from asyncrl.buffer.journal import DeliveryJournal
 from asyncrl.buffer.store import ReplayBuffer
 from asyncrl.config import RunConfig
 
@@ -54,12 +56,11 @@ def run(cfg: RunConfig, vocab_size: int | None = None) -> None:
              cfg.net.buffer_ingest_port, cfg.net.buffer_learner_port, cfg.net.buffer_metrics_port)
     durable = None
     if cfg.buffer.durable:
-        from pathlib import Path
-
         from asyncrl.buffer.durable import DurableLog
 
         durable = DurableLog(Path(cfg.run_dir) / "buffer" / "log.bin", cfg.buffer.fsync)
-    handler = BufferHandler(store, m, vocab_size, durable)
+    journal = DeliveryJournal(Path(cfg.run_dir) / "buffer") if cfg.run_dir else None
+    handler = BufferHandler(store, m, vocab_size, durable, journal)
     if durable is not None:
         n = handler.recover()
         log.info("recovered %d groups from %s", n, durable.path)
@@ -116,8 +117,10 @@ class Liveness:
 class BufferHandler:
     """Frame in, reply frame out. Kept apart from the sockets so tests can drive it directly."""
 
-    def __init__(self, store: ReplayBuffer, m, vocab_size: int | None, durable=None):
+    def __init__(self, store: ReplayBuffer, m, vocab_size: int | None, durable=None,
+                 journal: DeliveryJournal | None = None):
         self.store, self.m, self.vocab_size, self.durable = store, m, vocab_size, durable
+        self.journal = journal
         # (sender, incarnation) -> highest seq accepted. A generator resends a message whose
         # ack it did not get; acking the resend without storing it again makes delivery
         # exactly-once per (sender, incarnation, seq).
@@ -139,11 +142,13 @@ class BufferHandler:
         if msg["seq"] <= self.accepted_seq.get(key, -1):
             self.m.duplicates.inc()
             return wire.encode("ack", version, seq=msg["seq"], status="ok", reason="duplicate")
-        groups = msg["groups"]
+        groups = _stamp(msg)
         if not self.store.add(groups):
             self.m.busy.inc()
             return wire.encode("ack", version, seq=msg["seq"], status="busy", reason="full")
         self.accepted_seq[key] = msg["seq"]
+        if self.journal is not None:  # before the durable record: see buffer/journal.py
+            self.journal.accepted(msg["sender"], msg["incarnation"], msg["seq"], len(groups))
         if self.durable is not None:
             self.durable.append(ADD, frame)
         self.m.received.inc(sum(len(g.completions) for g in groups))
@@ -157,6 +162,8 @@ class BufferHandler:
             return self._reject(e, kind="error", policy_version=self.store.learner_version,
                                 reason=str(e)[:200])
         res = self.store.take(msg["num_groups"], msg["policy_version"])
+        if self.journal is not None:
+            self.journal.dropped(res.dropped)
         if self.durable is not None and (res.groups or res.stale_dropped_groups):
             self.durable.append(TAKE, struct.pack("<IQ", msg["num_groups"] if res.groups else 0,
                                                   msg["policy_version"]))
@@ -183,7 +190,7 @@ class BufferHandler:
                         f"durable log {self.durable.path}: a record does not decode ({e}); "
                         "it was written by another asyncrl version. Drain it with that "
                         "version, or move the buffer directory aside to start empty") from None
-                self.store.add(msg["groups"], force=True)
+                self.store.add(_stamp(msg), force=True)
                 self.accepted_seq[(msg["sender"], msg["incarnation"])] = msg["seq"]
             elif kind == TAKE:
                 n, version = struct.unpack("<IQ", payload)
@@ -197,3 +204,11 @@ class BufferHandler:
     def _occupancy(self) -> None:
         self.m.occupancy.set(len(self.store))
         self.m.occupancy_traj.set(self.store.num_trajectories)
+
+
+def _stamp(msg: dict) -> list:
+    """The groups of a trajectories message, each stamped with its identity."""
+    for i, g in enumerate(msg["groups"]):
+        g.generator, g.incarnation, g.seq, g.index = (msg["sender"], msg["incarnation"],
+                                                      msg["seq"], i)
+    return msg["groups"]

@@ -12,8 +12,15 @@ from asyncrl.wire import TrajectoryGroup
 @dataclass
 class TakeResult:
     groups: list[TrajectoryGroup]
-    stale_dropped_groups: int
-    stale_dropped_trajectories: int
+    dropped: list[TrajectoryGroup]  # groups dropped as stale on the way
+
+    @property
+    def stale_dropped_groups(self) -> int:
+        return len(self.dropped)
+
+    @property
+    def stale_dropped_trajectories(self) -> int:
+        return sum(len(g.completions) for g in self.dropped)
 
 
 class ReplayBuffer:
@@ -46,8 +53,8 @@ class ReplayBuffer:
         self.num_trajectories += sum(len(g.completions) for g in groups)
         return True
 
-    def drop_stale(self, learner_version: int) -> tuple[int, int]:
-        """Remove every group older than the staleness bound. Returns (groups, trajectories)."""
+    def drop_stale(self, learner_version: int) -> list[TrajectoryGroup]:
+        """Remove every group older than the staleness bound, and return them."""
         self.learner_version = max(self.learner_version, learner_version)
         oldest_ok = self.learner_version - self.max_staleness
         keep = [g for g in self._groups if g.policy_version >= oldest_ok]
@@ -58,13 +65,17 @@ class ReplayBuffer:
         self.num_trajectories -= n_traj
         self.stale_dropped_groups_total += len(dropped)
         self.stale_dropped_trajectories_total += n_traj
-        return len(dropped), n_traj
+        return dropped
 
     def take(self, num_groups: int, learner_version: int) -> TakeResult:
         """The oldest `num_groups` usable groups; none at all if fewer are available."""
-        g_drop, t_drop = self.drop_stale(learner_version)
+        dropped = self.drop_stale(learner_version)
         if len(self._groups) < num_groups:
-            return TakeResult([], g_drop, t_drop)
+            return TakeResult([], dropped)
         out = [self._groups.popleft() for _ in range(num_groups)]
         self.num_trajectories -= sum(len(g.completions) for g in out)
-        return TakeResult(out, g_drop, t_drop)
+        return TakeResult(out, dropped)
+
+    def held(self) -> list[TrajectoryGroup]:
+        """The groups held, oldest first (a copy)."""
+        return list(self._groups)

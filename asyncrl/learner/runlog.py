@@ -22,7 +22,8 @@ def weights_sha256(model) -> str:
 class BatchLog:
     """Every batch this rank trained on, in order, as wire `batch` frames (length-prefixed) in
     RUN_DIR/batches/rank<r>.bin, plus a readable admission log (RUN_DIR/admission.jsonl:
-    step, rank, and each group's generator, prompt id and policy version). With it a finished
+    step, rank, and each group's generator, prompt id, policy version and the rest of its
+    identity: incarnation, seq, index; see asyncrl/buffer/journal.py). With it a finished
     async run replays on the learner alone (`asyncrl replay RUN_DIR`), and a restarted learner
     replays the steps after its checkpoint (`logged`). A frame is written before its step is
     trained, so every batch taken from the buffer is in the log; a torn last frame (killed
@@ -63,7 +64,8 @@ class BatchLog:
 
     def _admit(self, step: int, groups: list) -> None:
         self.jsonl.write(json.dumps({"step": step, "rank": self.rank, "groups": [
-            [g.generator, g.prompt_id, g.policy_version] for g in groups]}) + "\n")
+            [g.generator, g.prompt_id, g.policy_version, g.incarnation, g.seq, g.index]
+            for g in groups]}) + "\n")
         self.jsonl.flush()
 
 
