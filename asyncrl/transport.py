@@ -252,8 +252,8 @@ class _Guard(threading.Thread):
     """Answers ZeroMQ's authentication (ZAP) requests for every CURVE server of a context,
     admitting only the run's client key, and reads each server's handshake events so that
     every refusal is counted and logged once (per peer address for an unknown key; per port
-    and reason for a peer that speaks no CURVE or has the wrong server key, whose address
-    libzmq does not report)."""
+    for a peer that speaks no CURVE, has the wrong server key or drops the handshake, whose
+    address libzmq does not report)."""
 
     def __init__(self, ctx: zmq.Context, keys: Keys):
         super().__init__(daemon=True, name="asyncrl-zap")
@@ -304,8 +304,8 @@ class _Guard(threading.Thread):
     def _refused(self, port: int, on_failure: Callable | None, reason: str) -> None:
         if on_failure is not None:
             on_failure(port, reason)
-        if reason != "unknown_key" and (port, reason) not in self._logged:
-            self._logged.add((port, reason))
+        if reason != "unknown_key" and port not in self._logged:
+            self._logged.add(port)
             log.warning("port %d: a peer failed the CURVE handshake (%s: no CURVE, or not this "
                         "run's server key); further failures are counted, not logged", port,
                         reason)
