@@ -139,10 +139,10 @@ def test_every_process_serves_valid_prometheus_exposition(finished_run, role):
     assert not missing, missing
 
 
-def _running_run(model_cache, tmp_path):
+def _running_run(model_cache, tmp_path, **extra):
     """A long run, returned once the learner has done a few steps, with all its processes."""
     proc = _start(_overrides(model_cache, tmp_path, free_base_port(),
-                             **{"learner.total_steps": 1000}))
+                             **{"learner.total_steps": 1000, **extra}))
     deadline = time.monotonic() + 300
     while not (tmp_path / "metrics.jsonl").exists() or len(_rows(tmp_path)) < 3:
         assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
@@ -163,13 +163,15 @@ def _assert_all_gone(family):
         raise AssertionError([p.cmdline() for p in alive()]) from None
 
 
-def test_killed_role_stops_the_run_with_its_error_and_leaves_no_orphans(model_cache, tmp_path):
-    proc, family = _running_run(model_cache, tmp_path)
+def test_killed_role_past_its_restarts_stops_the_run_and_leaves_no_orphans(model_cache,
+                                                                           tmp_path):
+    # With a restart budget the role would come back (tests/e2e/test_supervision.py).
+    proc, family = _running_run(model_cache, tmp_path, **{"run.max_role_restarts": 0})
     gen = next(p for p in family if " asyncrl generator " in " ".join(p.cmdline()))
     gen.send_signal(signal.SIGKILL)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0
-    assert "gen0 exited with code -9" in out
+    assert "gen0 exited with code -9 after 0 restarts (run.max_role_restarts=0)" in out
     _assert_all_gone(family)
 
 
