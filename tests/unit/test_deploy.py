@@ -295,6 +295,25 @@ def test_k8s_manifests_parse_and_use_the_netconfig_ports(tmp_path):
                             1 if kind == "StatefulSet" else per_pod), name
 
 
+def test_every_k8s_role_mounts_the_curve_keys_secret_owner_only(tmp_path):
+    objs = k8s_objects()
+    cfg = _run_config(objs, tmp_path)
+    assert cfg.net.curve and cfg.net.keys_dir == "/etc/asyncrl/keys"
+    for kind, name in objs:
+        if kind in ("Deployment", "StatefulSet", "Job"):
+            spec = objs[(kind, name)]["spec"]["template"]["spec"]
+            (c,) = spec["containers"]
+            mounts = {m["name"]: m for m in c["volumeMounts"]}
+            assert mounts["keys"]["mountPath"] == cfg.net.keys_dir and mounts["keys"]["readOnly"]
+            (vol,) = [v for v in spec["volumes"] if v["name"] == "keys"]
+            assert vol["secret"] == {"secretName": "asyncrl-keys", "defaultMode": 0o400}, name
+
+
+def test_slurm_job_makes_the_run_keys_before_any_role_starts():
+    text = (DEPLOY / "slurm" / "two-pool.sbatch").read_text()
+    assert text.index('-m asyncrl keys "$RUN_DIR/keys"') < text.index("srun ")
+
+
 def test_service_monitor_keeps_each_port_on_the_pod_that_binds_it(tmp_path):
     objs = k8s_objects()
     cfg = _run_config(objs, tmp_path)
