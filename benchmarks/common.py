@@ -19,6 +19,21 @@ def doc_parser(doc: str) -> argparse.ArgumentParser:
                                    epilog=doc.split("\n\n", 1)[1])
 
 
+def add_json_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON, each target "
+                   "ratio under `ratios`, named for what it divides by what")
+
+
+def write_json(path: str | None, figures: dict, ratios: dict[str, float]) -> None:
+    """`{"machine", "figures", "ratios"}` to path (nothing when path is None)."""
+    if path:
+        import json
+
+        Path(path).write_text(json.dumps({"machine": machine(), "figures": figures,
+                                          "ratios": ratios}, indent=1) + "\n")
+        print(f"figures written to {path}")
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """What the whole-run benchmarks (async_vs_sync, trl_grpo) share."""
     p.add_argument("overrides", nargs="*", help="key=value overrides for both sides")

@@ -20,11 +20,16 @@ Modes: `acked` is what the generator does (one request, wait for its ack, next r
 while it generates the next batch could do). Each mode is run `--reps` times, interleaved with
 the raw run; the table shows medians and the ratio to the raw median of the same case.
 
+CurveZMQ (net.curve, on by default): the acked and pipelined modes run against two buffers side
+by side, one with the run's CURVE keys on every socket and one without, so the table shows what
+authentication and encryption cost on ingest; `--json` writes the ratios
+(`<case>_<mode>_vs_raw`, `<case>_<mode>_curve_vs_plain`).
+
 A second table splits the receiver's per-message cost (CRC, msgpack, array construction,
 validation and building the groups).
 
-Run from the repository root (about 40 s on 2 cores):
-    .venv/bin/python -m benchmarks.transport
+Run from the repository root (about 70 s on 2 cores):
+    .venv/bin/python -m benchmarks.transport [--json PATH]
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="no durable log (buffer.durable=false)")
     p.add_argument("--work-dir", default="~/.cache/asyncrl/bench",
                    help="the durable log goes to a temporary directory in here")
+    common.add_json_argument(p)
     return p
 
 
@@ -108,8 +114,10 @@ def make_frames(case: Case, n: int, incarnation: str) -> list[bytes]:
 # ------------------------------------------------------------------ receivers (child processes)
 
 
-def buffer_loop(port: int, admit_groups: int, log_path: str | None, ready) -> None:
-    """The buffer's ingest loop (asyncrl.buffer.main.run) plus a stand-in learner."""
+def buffer_loop(port: int, admit_groups: int, log_path: str | None, keys_dir: str | None,
+                ready) -> None:
+    """The buffer's ingest loop (asyncrl.buffer.main.run) plus a stand-in learner; with
+    keys_dir, CurveZMQ on its socket as in a run."""
     from prometheus_client import CollectorRegistry
 
     from asyncrl import transport
@@ -121,7 +129,8 @@ def buffer_loop(port: int, admit_groups: int, log_path: str | None, ready) -> No
     store = ReplayBuffer(capacity_groups=10 * admit_groups, max_staleness=2)
     durable = DurableLog(Path(log_path), fsync=False) if log_path else None
     handler = BufferHandler(store, BufferMetrics(CollectorRegistry()), VOCAB, durable)
-    ingest = transport.Server(transport.context(), "127.0.0.1", port)
+    keys = transport.load_keys(keys_dir) if keys_dir else None
+    ingest = transport.Server(transport.context(), "127.0.0.1", port, keys)
     ready.set()
     while True:
         for server in transport.poll_servers([ingest], timeout_s=1.0):
@@ -225,9 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     from asyncrl import transport
     from benchmarks.common import free_port, machine, median, table
 
-    print(f"# buffer ingest vs raw ZeroMQ  ({machine()})")
+    print(f"# buffer ingest vs raw ZeroMQ, CurveZMQ on and off  ({machine()})")
     spawn = mp.get_context("spawn")
-    buf_port, raw_port, done_port = free_port(), free_port(), free_port()
+    buf_port, curve_port, raw_port, done_port = free_port(), free_port(), free_port(), free_port()
     ctx = zmq.Context()
     done = ctx.socket(zmq.PULL)
     done.bind(f"tcp://127.0.0.1:{done_port}")
@@ -236,44 +245,67 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     log_dir = tempfile.mkdtemp(prefix="durable-", dir=work)
     log_path = None if args.no_durable else str(Path(log_dir) / "log.bin")
-    children = [spawn.Process(target=buffer_loop,
-                              args=(buf_port, args.admit_groups, log_path, ready_b), daemon=True),
+    curve_log = None if args.no_durable else str(Path(log_dir) / "log-curve.bin")
+    keys_dir = transport.make_keys(Path(log_dir) / "keys")
+    ready_c = spawn.Event()
+    children = [spawn.Process(target=buffer_loop, daemon=True,
+                              args=(buf_port, args.admit_groups, log_path, None, ready_b)),
+                spawn.Process(target=buffer_loop, daemon=True,
+                              args=(curve_port, args.admit_groups, curve_log, str(keys_dir),
+                                    ready_c)),
                 spawn.Process(target=raw_sink, args=(raw_port, done_port, ready_r), daemon=True)]
     for c in children:
         c.start()
     try:
-        if not (ready_b.wait(60) and ready_r.wait(60)):
+        if not (ready_b.wait(60) and ready_c.wait(60) and ready_r.wait(60)):
             raise TimeoutError("receiver processes did not start within 60 s")
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.connect(f"tcp://127.0.0.1:{raw_port}")
-        client = transport.Client(transport.context(), "127.0.0.1", buf_port, "gen0")
-        rows, costs = [], []
+        clients = {"": transport.Client(transport.context(), "127.0.0.1", buf_port, "gen0"),
+                   "_curve": transport.Client(transport.context(), "127.0.0.1", curve_port,
+                                              "gen0", transport.load_keys(keys_dir))}
+        rows, costs, figures, ratios = [], [], {}, {}
         for ci, case in enumerate(CASES):
             n = max(10, int(case.messages * args.scale))
-            times: dict[str, list[float]] = {"raw": [], "acked": [], "pipelined": []}
+            times: dict[str, list[float]] = {m: [] for m in (
+                "raw", "acked", "pipelined", "acked_curve", "pipelined_curve")}
             run_raw(push, done, make_frames(case, 10, f"warm{ci}"))  # connect, warm up
-            run_acked(client, make_frames(case, 10, f"warmb{ci}"))
+            for tag, client in clients.items():
+                run_acked(client, make_frames(case, 10, f"warmb{ci}{tag}"))
             for rep in range(args.reps):
                 frames = make_frames(case, n, f"c{ci}r{rep}a")
                 times["raw"].append(run_raw(push, done, frames))
-                times["acked"].append(run_acked(client, frames))
-                frames = make_frames(case, n, f"c{ci}r{rep}p")
-                times["pipelined"].append(run_pipelined(client, frames, args.window))
+                for tag, client in clients.items():  # the same frames, one buffer each
+                    times["acked" + tag].append(run_acked(client, frames))
+                for tag, client in clients.items():
+                    frames = make_frames(case, n, f"c{ci}r{rep}p{tag}")
+                    times["pipelined" + tag].append(run_pipelined(client, frames, args.window))
             costs.append([case.name, *(f"{x:.2f}" for x in decode_breakdown(case, frames[:50])),
                           f"{median(times['raw']) / n * 1e3:.3f}"])
             nbytes = sum(map(len, frames)) / n
             traj = case.groups * case.group_size
             raw_s = median(times["raw"])
+            slug = f"{case.groups}x{case.group_size}x{case.tokens}tok"
             for mode, label in (("raw", "raw PUSH/PULL"), ("acked", "asyncrl acked"),
-                                ("pipelined", f"asyncrl pipelined w={args.window}")):
+                                ("acked_curve", "asyncrl acked, CURVE"),
+                                ("pipelined", f"asyncrl pipelined w={args.window}"),
+                                ("pipelined_curve", f"asyncrl pipelined w={args.window}, CURVE")):
                 s = median(times[mode])
+                plain = median(times[mode.removesuffix("_curve")])
                 rows.append([case.name if mode == "raw" else "",
                              f"{nbytes / 1e3:.1f}" if mode == "raw" else "", label,
                              f"{n / s:,.0f}", f"{n * traj / s:,.0f}", f"{n * nbytes / s / 1e6:.1f}",
-                             f"{raw_s / s:.3f}"])
+                             f"{raw_s / s:.3f}",
+                             f"{plain / s:.3f}" if mode.endswith("_curve") else ""])
+                figures[f"{slug}_{mode}_msg_per_s"] = n / s
+                if mode != "raw":
+                    ratios[f"{slug}_{mode}_vs_raw"] = raw_s / s
+                if mode.endswith("_curve"):
+                    ratios[f"{slug}_{mode.removesuffix('_curve')}_curve_vs_plain"] = plain / s
+            figures[f"{slug}_kb_per_msg"] = nbytes / 1e3
         print(table(["case (groups x completions)", "KB/msg", "mode", "msg/s", "traj/s", "MB/s",
-                     "x raw"], rows))
+                     "x raw", "x no CURVE"], rows))
         print(f"messages per repetition: {[max(10, int(c.messages * args.scale)) for c in CASES]}"
               f", repetitions: {args.reps} (medians), durable log "
               f"{'off' if args.no_durable else 'on'}; target: asyncrl >= 0.5 x raw\n")
@@ -281,7 +313,9 @@ def main(argv: list[str] | None = None) -> None:
               "cumulative; then what ZeroMQ needs to move the message (raw):")
         print(table(["case", "crc32", "msgpack, arrays as bytes", "+ numpy arrays",
                      "wire.decode (all checks, groups built)", "raw ms/msg"], costs))
-        client.close()
+        for client in clients.values():
+            client.close()
+        common.write_json(args.json, figures, ratios)
         push.close(linger=0)
         done.close(linger=0)
     finally:
