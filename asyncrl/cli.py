@@ -156,6 +156,9 @@ def execute_run(cfg: RunConfig, out=print) -> int:
 
         load_keys(Path(cfg.net.keys_dir).expanduser())  # missing keys: fail now, naming them
     resolve_model(cfg, out)
+    from asyncrl import devices
+
+    out(f"[run] {devices.apply(cfg, devices.visible_gpus()).describe()}")
     config_path = run_dir / "config.yaml"
     save_config(cfg, config_path)
     code = launch(cfg, run_dir, config_path, out)

@@ -27,6 +27,7 @@ ADVANTAGES = ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline",
 OFFPOLICY = ("none", "decoupled", "tis", "icepop", "seq_mask")
 LOSS_AGG = ("token_mean", "seq_mean", "constant")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+SYNC_BACKENDS = ("auto", "gloo", "nccl", "ipc")
 # Positions of the builtin model (asyncrl/task/tiny_model.py; tests/unit/test_config_bounds.py
 # keeps them equal): prompt + generator.max_tokens + 8 must fit, or vLLM refuses to start.
 BUILTIN_MAX_POSITIONS = 128
@@ -277,7 +278,10 @@ class SyncConfig:
     interval: int = 1
     """Broadcast new weights to the generators every this many learner steps."""
     backend: str = "auto"
-    """`gloo`, `nccl` or `auto` (nccl when CUDA is available)."""
+    """`gloo` (CPU), `nccl` (GPUs: learner rank 0 and each generator on GPUs of their own),
+    `ipc` (one GPU shared by the learner and a generator: weights handed over by CUDA IPC) or
+    `auto`: what `asyncrl run` picks from the GPUs it sees (docs/architecture.md, "Devices");
+    for a role started on its own, nccl when CUDA is available, else gloo."""
     timeout_s: float = 300.0
     """A weight broadcast or group formation that takes longer fails with an error naming
     the peer."""
@@ -354,8 +358,8 @@ class RunConfig:
         checks = [
             (self.task.name in ("addition", "dataset"),
              f"task.name={self.task.name!r}: choose addition or dataset"),
-            (self.sync.backend in ("auto", "gloo", "nccl"),
-             f"sync.backend={self.sync.backend!r}: choose auto, gloo or nccl"),
+            (self.sync.backend in SYNC_BACKENDS,
+             f"sync.backend={self.sync.backend!r}: choose one of {', '.join(SYNC_BACKENDS)}"),
             (self.sync.mode in ("async", "sync"), f"sync.mode={self.sync.mode!r}: async or sync"),
             (self.model.dtype in ("float32", "bfloat16", "float16"),
              f"model.dtype={self.model.dtype!r}: choose float32, bfloat16 or float16"),
@@ -414,6 +418,16 @@ class RunConfig:
              "generator.device_ids needs one entry per generator (generator.num_generators)"),
             (not lc.device_ids or len(lc.device_ids) == lc.nproc,
              "learner.device_ids needs one entry per rank (learner.nproc)"),
+            (self.sync.backend != "nccl" or not set(gen.device_ids) & set(lc.device_ids),
+             f"generator.device_ids={gen.device_ids} and learner.device_ids={lc.device_ids} "
+             f"share GPU(s) {sorted(set(gen.device_ids) & set(lc.device_ids))}: NCCL cannot "
+             "broadcast between two ranks on one GPU. Give each its own GPUs, or on a one-GPU "
+             "host use sync.backend=ipc (colocated: the learner hands the engine its weights "
+             "by CUDA IPC)"),
+            (self.sync.backend != "ipc" or (lc.nnodes == 1 and lc.nproc == 1
+                                            and gen.num_generators == 1),
+             "sync.backend=ipc (colocated, CUDA IPC) needs one learner rank and one generator "
+             "on one host: learner.nproc=1, learner.nnodes=1, generator.num_generators=1"),
             (lc.groups_per_step % self.learner_world == 0,
              f"learner.groups_per_step={lc.groups_per_step} must be divisible by "
              f"learner.nproc x learner.nnodes={self.learner_world}"),
