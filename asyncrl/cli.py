@@ -220,7 +220,9 @@ def _cmd_generator(cfg: RunConfig, args) -> int:
         raise ConfigError(f"--index {args.index} outside generator.num_generators="
                           f"{cfg.generator.num_generators}")
     if cfg.generator.device_ids:  # before vLLM (and CUDA) is imported
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(cfg.generator.device_ids[args.index])
+        tp = cfg.generator.tensor_parallel_size
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(
+            map(str, cfg.generator.device_ids[args.index * tp : (args.index + 1) * tp]))
     resolve_model(cfg)
     run(cfg, args.index, cfg.model.path, _role_run_dir(cfg))
     return 0

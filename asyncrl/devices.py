@@ -67,8 +67,10 @@ def _backend(backend: str, gens: list[int], ranks: list[int]) -> str:
 
 def apply(cfg: RunConfig, visible: int) -> Assignment:
     """Assign and write the result into cfg (saved as RUN_DIR/config.yaml, which every role
-    reads): generator.device_ids, learner.device_ids, sync.backend."""
-    a = assign(cfg.generator.num_generators, cfg.learner.nproc, cfg.generator.device_ids,
+    reads): generator.device_ids, learner.device_ids, sync.backend. With tensor parallelism a
+    generator takes tensor_parallel_size consecutive GPUs (as many "generators" to assign)."""
+    tp = cfg.generator.tensor_parallel_size
+    a = assign(cfg.generator.num_generators * tp, cfg.learner.nproc, cfg.generator.device_ids,
                cfg.learner.device_ids, cfg.sync.backend, visible)
     cfg.generator.device_ids, cfg.learner.device_ids = a.generator_ids, a.learner_ids
     cfg.sync.backend = a.backend

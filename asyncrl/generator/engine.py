@@ -18,8 +18,16 @@ class Sample:
     finish_reason: str
 
 
+def on_gpu() -> bool:
+    """Whether this generator's engine runs on a GPU (CUDA_VISIBLE_DEVICES is already set)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def configure_cpu_env(kv_cache_gib: int, threads: int) -> None:
-    """vLLM reads these at import; set them before `import vllm`.
+    """vLLM reads these at import; set them before `import vllm`. CPU only: on a GPU the engine
+    keeps vLLM's defaults (its own process, its own threads).
 
     VLLM_CPU_KVCACHE_SPACE is required on CPU (vLLM otherwise sizes the KV cache from a whole
     NUMA node and fails). The in-process engine starts in ~3 s instead of ~25 s and lets the
@@ -33,12 +41,17 @@ def configure_cpu_env(kv_cache_gib: int, threads: int) -> None:
 
 class VLLMEngine:
     def __init__(self, model_dir: str, dtype: str, seed: int, max_model_len: int,
-                 gpu_memory_utilization: float):
+                 gpu_memory_utilization: float, gpu: bool = False, cuda_graphs: bool = True,
+                 tensor_parallel_size: int = 1):
         from vllm import LLM
 
         self.llm = LLM(
             model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
-            enforce_eager=True, gpu_memory_utilization=gpu_memory_utilization,
+            # CUDA graphs on a GPU: reload_weights copies into the parameters in place, so the
+            # captured graphs stay valid. The CPU backend has none to capture.
+            enforce_eager=not (gpu and cuda_graphs),
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
             # Logprobs after temperature: the distribution tokens were actually sampled from.
             logprobs_mode="processed_logprobs",
             worker_extension_cls="asyncrl.sync.receiver.WeightReceiver",

@@ -15,6 +15,7 @@ def main() -> int:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s learner[{rank}] %(name)s: %(message)s")
+    from asyncrl.cli import resolve_model
     from asyncrl.config import load_config
     from asyncrl.learner.main import run
 
@@ -23,6 +24,10 @@ def main() -> int:
         print("learner: run_dir must be set in the config", file=sys.stderr)
         return 2
     try:
+        # A config straight from a ConfigMap (Kubernetes) still names a builtin model: build or
+        # reuse it here, as `asyncrl run` and the Slurm script do before starting the ranks
+        # (concurrent builds are safe: the first to finish is kept).
+        resolve_model(cfg, lambda line: print(f"learner[{rank}]: {line}", flush=True))
         run(cfg, Path(cfg.run_dir))
     except (TimeoutError, FileNotFoundError, OSError) as e:
         # An unreachable peer or a missing file: one clear line, not a traceback per rank.

@@ -76,7 +76,10 @@ def save(run_dir: Path, step: int, model, tok, models: Models, sched, state: dic
 def restore(ckpt: Checkpoint, models: Models, sched) -> None:
     """Load the optimizer, schedule, critic and RNG state. The policy's weights were loaded
     from ckpt.path already (load_policy), before the optimizer was built on them."""
-    st = torch.load(ckpt.path / "trainer_state.pt", weights_only=False)
+    # Onto the device this rank trains on, not the one rank 0 saved from: every rank of a GPU
+    # learner would otherwise load the optimizer state onto cuda:0 at once.
+    device = next(_unwrap(models.policy).parameters()).device
+    st = torch.load(ckpt.path / "trainer_state.pt", weights_only=False, map_location=device)
     models.policy_opt.load_state_dict(st["optimizer"])
     sched.load_state_dict(st["scheduler"])
     if models.critic is not None:

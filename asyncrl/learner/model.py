@@ -18,17 +18,28 @@ if TYPE_CHECKING:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_critic(path: str | Path, dtype: str = "float32"):
+def attention_for(device_type: str) -> str:
+    """Eager attention on CPU: the same numerics on every PyTorch build, and vLLM is compared
+    against it. On CUDA, FlashAttention-2 where it is installed, else SDPA (both take packed
+    rows by their position ids, asyncrl/learner/packing.py)."""
+    if device_type != "cuda":
+        return "eager"
+    import importlib.util
+
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def load_critic(path: str | Path, dtype: str = "float32", device_type: str = "cpu"):
     """A value model: the policy's backbone with a fresh one-output head per token."""
     from transformers import AutoModelForTokenClassification
 
     critic = AutoModelForTokenClassification.from_pretrained(
         Path(path).expanduser(), num_labels=1, dtype=_DTYPES[dtype])
-    critic.config._attn_implementation = "eager"
+    critic.config._attn_implementation = attention_for(device_type)
     return without_dropout(critic)
 
 
-def load_policy(path: str | Path, dtype: str = "float32"):
+def load_policy(path: str | Path, dtype: str = "float32", device_type: str = "cpu"):
     """(model, tokenizer) from a hub-format directory, with a clear error if it is not one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,8 +48,7 @@ def load_policy(path: str | Path, dtype: str = "float32"):
         raise FileNotFoundError(f"model directory {path} has no config.json")
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
-    # Eager attention: the same numerics on every PyTorch build, and vLLM is compared against it.
-    model.config._attn_implementation = "eager"
+    model.config._attn_implementation = attention_for(device_type)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return without_dropout(model), tok

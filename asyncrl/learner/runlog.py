@@ -9,13 +9,17 @@ from asyncrl import wire
 
 
 def weights_sha256(model) -> str:
-    """Checksum of every tensor's bytes in state_dict order: equal iff the weights are."""
+    """Checksum of every tensor's bytes in state_dict order: equal iff the weights are. Works for
+    every dtype (numpy has no bfloat16, so the bytes are read as uint8) and device."""
     import hashlib
+
+    import torch
 
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

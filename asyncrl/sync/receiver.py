@@ -3,8 +3,13 @@
 `LLM(worker_extension_cls="asyncrl.sync.receiver.WeightReceiver")` mixes this class into the
 worker; the generator calls its methods with `llm.collective_rpc(name, args=...)`. Only specs
 (plain lists) cross the RPC boundary: tensors do not survive vLLM's multiprocess engine, so the
-tensor data comes over the sync group instead. Loading uses `model_runner.reload_weights`,
-which works on CPU where `model.load_weights` fails on the repacked linear weights.
+tensor data comes over the sync group instead. Loading uses the worker's `reload_weights`
+(the model runner's, inside the worker's vLLM config context), which works on CPU where
+`model.load_weights` fails on the repacked linear weights.
+
+Tensor parallelism: `collective_rpc` runs each method on every worker of the engine; each joins
+the sync group as its own rank (the generator's first rank + its tensor-parallel rank), receives
+the whole broadcast and loads its shard of it.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ class WeightReceiver:
     def asyncrl_init_sync(self, host: str, port: int, rank: int, world_size: int,
                           backend: str, timeout_s: float, prefix: str) -> None:
         self._asyncrl_pg = None  # a previous session's group is dropped first
-        self._asyncrl_pg = group.init_group(host, port, rank, world_size, backend, timeout_s,
-                                            prefix)
+        self._asyncrl_pg = group.init_group(host, port, rank + _tp_rank(), world_size, backend,
+                                            timeout_s, prefix)
 
     def asyncrl_leave_sync(self) -> None:
         self._asyncrl_pg = None
@@ -33,6 +38,12 @@ class WeightReceiver:
             specs, self.device, getattr(self, "_asyncrl_bufs", None))
         for dt in sorted(bufs):  # both ends broadcast dtypes in sorted order
             group.broadcast(self._asyncrl_pg, bufs[dt], root=0)
-        self.model_runner.reload_weights(weights_iterator=weights.unpack(specs, bufs),
-                                         is_checkpoint_format=True)
+        self.reload_weights(weights_iterator=weights.unpack(specs, bufs),
+                            is_checkpoint_format=True)
         return time.perf_counter() - t0, weights.nbytes(bufs)
+
+
+def _tp_rank() -> int:
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank()

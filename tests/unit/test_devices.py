@@ -56,3 +56,12 @@ def test_ipc_is_for_one_rank_and_one_generator():
     with pytest.raises(ConfigError, match="sync.backend=ipc"):
         load_config(None, ["sync.backend=ipc", "generator.num_generators=2"])
     load_config(None, ["sync.backend=ipc", "generator.device_ids=[0]", "learner.device_ids=[0]"])
+
+
+def test_tensor_parallel_generators_take_consecutive_gpus():
+    cfg = load_config(None, ["generator.num_generators=2", "generator.tensor_parallel_size=2",
+                             "learner.nproc=2", "learner.groups_per_step=16"])
+    devices.apply(cfg, visible=6)
+    assert cfg.generator.device_ids == [0, 1, 2, 3] and cfg.learner.device_ids == [4, 5]
+    with pytest.raises(ConfigError, match="tensor_parallel_size entries per generator"):
+        load_config(None, ["generator.tensor_parallel_size=2", "generator.device_ids=[0]"])
