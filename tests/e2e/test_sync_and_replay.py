@@ -25,7 +25,7 @@ def test_sync_mode_is_on_policy_and_wastes_nothing(model_cache, tmp_path):
         assert r["stale_dropped_total"] == 0
     admitted = [json.loads(x) for x in (tmp_path / "admission.jsonl").read_text().splitlines()]
     assert [a["step"] for a in admitted] == [1, 2, 3, 4]
-    assert all(v == a["step"] - 1 for a in admitted for _, _, v in a["groups"])
+    assert all(g[2] == a["step"] - 1 for a in admitted for g in a["groups"])  # policy version
 
 
 def test_async_run_replays_to_the_same_weights(model_cache, tmp_path):
