@@ -123,7 +123,12 @@ class BufferHandler:
         self.journal = journal
         # (sender, incarnation) -> highest seq accepted. A generator resends a message whose
         # ack it did not get; acking the resend without storing it again makes delivery
-        # exactly-once per (sender, incarnation, seq).
+        # exactly-once per (sender, incarnation, seq). A known stream is accepted strictly in
+        # order (seq = last + 1): a generator pipelining several messages resends from the
+        # first one refused (asyncrl/generator/outbox.py), and a later one accepted before it
+        # would make the refused one look like a duplicate. A stream starts at seq 1; only a
+        # buffer without a durable log, which forgets the streams when it restarts, takes a
+        # stream it does not know at any seq.
         self.accepted_seq: dict[tuple[str, str], int] = {}
 
     def _reject(self, e: wire.MessageError, **reply) -> bytes:
@@ -139,9 +144,16 @@ class BufferHandler:
             return self._reject(e, kind="ack", policy_version=version, seq=-1,
                                 status="rejected", reason=str(e)[:200])
         key = (msg["sender"], msg["incarnation"])
-        if msg["seq"] <= self.accepted_seq.get(key, -1):
+        last = self.accepted_seq.get(key)
+        if last is None:
+            last = 0 if self.durable is not None else msg["seq"] - 1
+        if msg["seq"] <= last:
             self.m.duplicates.inc()
             return wire.encode("ack", version, seq=msg["seq"], status="ok", reason="duplicate")
+        if msg["seq"] != last + 1:
+            self.m.busy.inc()
+            return wire.encode("ack", version, seq=msg["seq"], status="busy",
+                               reason=f"out of order: expected seq {last + 1}")
         groups = _stamp(msg)
         if not self.store.add(groups):
             self.m.busy.inc()

@@ -76,6 +76,38 @@ class VLLMEngine:
             result.append(group)
         return result
 
+    # ---------------------------------------------------------- request-level (streaming)
+    # The engine's own loop, one request per completion: add requests whenever there is room,
+    # step, collect what each step produced, abort. vLLM's LLMEngine (in-process on CPU; the
+    # same calls drive the multiprocess engine core on GPU).
+
+    def add(self, request_id: str, prompt: list[int], temperature: float, max_tokens: int,
+            seed: int | None = None) -> None:
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(n=1, temperature=temperature, max_tokens=max_tokens, logprobs=0,
+                                seed=seed, detokenize=False,
+                                output_kind=RequestOutputKind.DELTA)
+        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt),
+                                        params)
+
+    def step(self) -> list[Delta]:
+        out = []
+        for o in self.llm.llm_engine.step():
+            c = o.outputs[0]
+            lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs or [])]
+            out.append(Delta(o.request_id, list(c.token_ids), lps, o.finished,
+                             (c.finish_reason or "length") if o.finished else ""))
+        return out
+
+    def abort(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self.llm.llm_engine.abort_request(request_ids)
+
+    def has_unfinished(self) -> bool:
+        return self.llm.llm_engine.has_unfinished_requests()
+
     def init_sync(self, host: str, port: int, rank: int, world_size: int, backend: str,
                   timeout_s: float, prefix: str) -> None:
         self.llm.collective_rpc("asyncrl_init_sync",
@@ -88,3 +120,14 @@ class VLLMEngine:
         seconds, nbytes = self.llm.collective_rpc("asyncrl_receive_weights", args=(specs,))[0]
         self.llm.reset_prefix_cache()
         return seconds, nbytes
+
+
+@dataclass
+class Delta:
+    """What one engine step added to one running request."""
+
+    request_id: str
+    tokens: list[int]
+    logprobs: list[float]  # behaviour logprob of each new token (temperature applied)
+    finished: bool
+    finish_reason: str  # "stop" | "length" | "abort" once finished, else ""
