@@ -46,7 +46,9 @@ import msgpack
 import numpy as np
 
 # 2: groups travel as columns (one array per field per message).
-# 3: each group carries its identity (incarnation, seq, index; asyncrl/buffer/journal.py).
+# 3: each group carries its identity (incarnation, seq, index; asyncrl/buffer/journal.py)
+#    and each token the policy version that sampled it (`version_lag`: the version minus
+#    its group's policy_version, which is the group's oldest token's).
 SCHEMA_VERSION = 3
 MAGIC = b"ARL1"
 _ARRAY_EXT = 1
@@ -132,6 +134,9 @@ class Completion:
     logprobs: np.ndarray  # (T,) float32, behaviour logprob of each sampled token
     reward: float
     finish_reason: str  # "stop" | "length"
+    # (T,) int64, the policy version that sampled each token (a completion generated across
+    # a weight update spans several); None: every token at its group's policy_version.
+    versions: np.ndarray | None = None
 
 
 @dataclass
@@ -277,7 +282,7 @@ def spec_bytes(specs: list) -> int:
 _ARRAY_COLUMNS = {
     "prompt_id": "iu", "policy_version": "iu", "created_at": "f", "prompt_len": "iu",
     "group_size": "iu", "length": "iu", "reward": "f", "prompt_tokens": "iu", "tokens": "iu",
-    "logprobs": "f", "seq": "i", "index": "i",
+    "logprobs": "f", "seq": "i", "index": "i", "version_lag": "iu",
 }
 # column -> longest string allowed (per group: generator, incarnation; per completion:
 # finish_reason)
@@ -308,6 +313,9 @@ def group_columns(groups: list[TrajectoryGroup]) -> dict:
         "length": np.array([len(c.tokens) for c in comps], np.int32),
         "tokens": cat([c.tokens for c in comps], "int32"),
         "logprobs": cat([c.logprobs for c in comps], "float32"),
+        "version_lag": cat([np.zeros(len(c.tokens), np.int32) if c.versions is None
+                            else np.asarray(c.versions, np.int64) - g.policy_version
+                            for g in groups for c in g.completions], "int32"),
         "reward": np.array([c.reward for c in comps], np.float64),
         "finish_reason": [c.finish_reason for c in comps],
     }
@@ -374,6 +382,9 @@ def _checked_columns(cols: Any, vocab_size: int | None) -> dict:
         raise MessageError("inconsistent", f"prompt lengths do not add up to "
                                            f"{len(c['prompt_tokens'])}")
     n_tokens = len(c["tokens"])
+    if len(c["version_lag"]) != n_tokens:
+        raise MessageError("inconsistent", f"groups.version_lag has {len(c['version_lag'])} "
+                                           f"entries, tokens {n_tokens}")
     if int(c["length"].sum()) != n_tokens or len(c["logprobs"]) != n_tokens:
         raise MessageError("inconsistent", f"completion lengths add up to "
                                            f"{int(c['length'].sum())}, tokens has {n_tokens}, "
@@ -391,6 +402,17 @@ def _checked_columns(cols: Any, vocab_size: int | None) -> dict:
         raise MessageError("bad_value", "groups.seq or groups.index negative (-1: not stamped)")
     if not _within(c["policy_version"], 0, MAX_VERSION):
         raise MessageError("bad_version", f"groups.policy_version outside [0, {MAX_VERSION}]")
+    # A group's policy_version is its oldest token's (what its staleness is judged by): no
+    # token is older, and none newer than the bound on versions.
+    if not _within(c["version_lag"], 0, 2**31 - 1):
+        raise MessageError("bad_version", "groups.version_lag negative: a token older than its "
+                                          "group's policy_version")
+    starts = np.concatenate([[0], np.cumsum(c["group_size"])[:-1]]).astype(np.int64)
+    per_group = (np.add.reduceat(c["length"].astype(np.int64), starts) if n_groups
+                 else np.zeros(0, np.int64))
+    c["versions"] = np.repeat(c["policy_version"].astype(np.int64), per_group) + c["version_lag"]
+    if not _within(c["versions"], 0, MAX_VERSION):
+        raise MessageError("bad_version", f"a token's version is outside [0, {MAX_VERSION}]")
     top = 2**31 if vocab_size is None else vocab_size
     for name in ("tokens", "prompt_tokens"):
         if not _within(c[name], 0, top - 1):
@@ -409,9 +431,10 @@ def parse_groups(cols: Any, vocab_size: int | None = None) -> list[TrajectoryGro
     arrays are read-only views of the frame)."""
     c = _checked_columns(cols, vocab_size)
     length, group_size = c["length"], c["group_size"]
-    comps = [Completion(t, lp, r, f) for t, lp, r, f in zip(
+    comps = [Completion(t, lp, r, f, v) for t, lp, r, f, v in zip(
         _split(c["tokens"].astype(np.int32, copy=False), length),
-        _split(c["logprobs"], length), c["reward"].tolist(), c["finish_reason"], strict=True)]
+        _split(c["logprobs"], length), c["reward"].tolist(), c["finish_reason"],
+        _split(c["versions"], length), strict=True)]
     ends = np.cumsum(group_size).tolist()
     return [TrajectoryGroup(pid, prompt, version, comps[end - size : end], gen, created, inc,
                             seq, index)

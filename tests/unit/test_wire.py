@@ -37,7 +37,7 @@ def test_groups_travel_as_a_few_raw_byte_columns_not_lists():
     arrays = {k for k, v in columns.items() if isinstance(v, msgpack.ExtType)}
     # One array per field for the whole message, however many groups and completions.
     assert arrays == {"prompt_id", "policy_version", "created_at", "prompt_len", "prompt_tokens",
-                      "group_size", "length", "tokens", "logprobs", "reward", "seq", "index"}
+                      "group_size", "length", "tokens", "logprobs", "reward", "seq", "index", "version_lag"}
     assert len(columns["tokens"].data) >= 4 * 1000 * 8 * 4
     assert columns["finish_reason"] == ["stop", "stop"] * 16
     decoded = wire.decode(frame)["groups"]
@@ -188,3 +188,19 @@ def test_mutated_payloads_with_a_valid_checksum_never_crash_the_decoder():
             wire.decode(wire.seal(bytes(b)), vocab_size=300)
         except wire.MessageError:
             pass
+
+
+def test_every_token_carries_the_version_that_sampled_it():
+    comps = [wire.Completion(np.array([5, 6, 7], np.int32), np.array([-1, -1, -1], np.float32),
+                             1.0, "stop", np.array([3, 3, 4])),
+             wire.Completion(np.array([8], np.int32), np.array([-1], np.float32), 0.0, "stop")]
+    g = wire.TrajectoryGroup(1, np.array([1], np.int32), 3, comps, "gen0", 0.0)
+    frame = wire.encode("trajectories", 4, sender="gen0", incarnation="a", seq=1, groups=[g])
+    out = wire.decode(frame)["groups"][0]
+    assert out.completions[0].versions.tolist() == [3, 3, 4]
+    assert out.completions[1].versions.tolist() == [3]  # None: the group's version
+    g.policy_version = 4  # claims to be newer than its oldest token
+    bad = wire.encode("trajectories", 4, sender="gen0", incarnation="a", seq=1, groups=[g])
+    with pytest.raises(wire.MessageError) as e:
+        wire.decode(bad)
+    assert e.value.reason == "bad_version"
