@@ -58,9 +58,17 @@ class VLLMEngine:
             generation_config="vllm",  # ignore the checkpoint's sampling defaults
             enable_prefix_caching=False,
         )
+        self._live: set[str] = set()  # request-level requests not finished or aborted
+        self._stash: list[Delta] = []  # their outputs taken while `generate` ran
+        self._calls = 0
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
                  seed: int | None = None) -> list[list[Sample]]:
+        """n samples of each prompt, blocking until all are done. While streaming requests run
+        (the sync probe after an in-flight update), through the request-level loop, keeping
+        what the other requests produce meanwhile for the next `step`."""
+        if self._live:
+            return self._generate_among_others(prompts, n, temperature, max_tokens, seed)
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0,
@@ -81,6 +89,28 @@ class VLLMEngine:
     # step, collect what each step produced, abort. vLLM's LLMEngine (in-process on CPU; the
     # same calls drive the multiprocess engine core on GPU).
 
+    def _generate_among_others(self, prompts, n, temperature, max_tokens, seed):
+        mine = {f"asyncrl-generate-{self._calls}-{i}-{k}": (i, k)
+                for i in range(len(prompts)) for k in range(n)}
+        self._calls += 1
+        for rid, (i, k) in mine.items():
+            self.add(rid, prompts[i], temperature, max_tokens,
+                     None if seed is None else seed + k)
+        got = {rid: Sample([], [], "") for rid in mine}
+        while any(not s.finish_reason for s in got.values()):
+            for d in self._engine_step():
+                if d.request_id not in mine:
+                    self._stash.append(d)
+                    continue
+                s = got[d.request_id]
+                s.tokens += d.tokens
+                s.logprobs += d.logprobs
+                s.finish_reason = d.finish_reason
+        out = [[None] * n for _ in prompts]
+        for rid, (i, k) in mine.items():
+            out[i][k] = got[rid]
+        return out
+
     def add(self, request_id: str, prompt: list[int], temperature: float, max_tokens: int,
             seed: int | None = None) -> None:
         from vllm import SamplingParams, TokensPrompt
@@ -91,19 +121,29 @@ class VLLMEngine:
                                 output_kind=RequestOutputKind.DELTA)
         self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt),
                                         params)
+        self._live.add(request_id)
 
     def step(self) -> list[Delta]:
+        """What the requests produced since the last step (kept outputs first)."""
+        out, self._stash = self._stash, []
+        return out + self._engine_step()
+
+    def _engine_step(self) -> list[Delta]:
         out = []
         for o in self.llm.llm_engine.step():
             c = o.outputs[0]
             lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs or [])]
             out.append(Delta(o.request_id, list(c.token_ids), lps, o.finished,
                              (c.finish_reason or "length") if o.finished else ""))
+            if o.finished:
+                self._live.discard(o.request_id)
         return out
 
     def abort(self, request_ids: list[str]) -> None:
         if request_ids:
             self.llm.llm_engine.abort_request(request_ids)
+            self._live.difference_update(request_ids)
+            self._stash = [d for d in self._stash if d.request_id not in set(request_ids)]
 
     def has_unfinished(self) -> bool:
         return self.llm.llm_engine.has_unfinished_requests()
