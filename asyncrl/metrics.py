@@ -33,6 +33,10 @@ class GeneratorMetrics:
                                     registry=r)
         self.rejected = Counter("asyncrl_generator_rejected_total",
                                 "Sends the buffer rejected as invalid", registry=r)
+        self.messages_rejected = Counter("asyncrl_generator_messages_rejected_total",
+                                         "Frames this generator received and rejected (weight-"
+                                         "sync control, buffer acks), by reason", ["reason"],
+                                         registry=r)
         self.generate_seconds = Histogram("asyncrl_generator_generate_seconds",
                                           "Wall time of one vLLM generate call",
                                           buckets=_STEP_BUCKETS, registry=r)
@@ -145,6 +149,10 @@ class LearnerMetrics:
                                       buckets=_SYNC_BUCKETS, registry=r)
         self.sync_bytes = Counter("asyncrl_sync_sent_bytes_total", "Weight bytes broadcast",
                                   registry=r)
+        self.messages_rejected = Counter("asyncrl_learner_messages_rejected_total",
+                                         "Frames this rank received and rejected (batches; on "
+                                         "rank 0 also weight-sync control), by reason",
+                                         ["reason"], registry=r)
         self.auth_failures = Counter("asyncrl_learner_auth_failures_total",
                                      "Connections to the sync control port refused by CURVE "
                                      "authentication, by reason", ["port", "reason"],

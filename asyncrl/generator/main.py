@@ -44,6 +44,7 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
 
     from asyncrl import metrics, transport
     from asyncrl.generator.engine import VLLMEngine
+    from asyncrl.sync.weights import push_bytes_bound
 
     name = f"gen{index}"
     registry = CollectorRegistry()
@@ -81,7 +82,9 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
 
     sync = SyncMember(control, engine, name, index + 1, incarnation, cfg.net.learner_host,
                       cfg.net.sync_store_port, cfg.sync.backend, cfg.sync.timeout_s,
-                      cfg.net.heartbeat_interval_s, cfg.net.ready_timeout_s, loaded)
+                      cfg.net.heartbeat_interval_s, cfg.net.ready_timeout_s, loaded,
+                      max_weight_bytes=push_bytes_bound(model_dir),
+                      rejected=m.messages_rejected)
     sync.hello(force=True)
     log.info("%s: engine up; generating, and joining weight sync when the learner asks", name)
 
@@ -155,6 +158,7 @@ def _send_with_backpressure(buffer, payload, seq, sync: SyncMember, m, cfg) -> N
             try:
                 ack = wire.decode(reply, expect=("ack",))
             except wire.MessageError as e:
+                m.messages_rejected.labels(e.reason).inc()
                 log.warning("bad reply from buffer (%s); resending", e)
                 ack = None
             if ack is not None and ack["seq"] == seq:

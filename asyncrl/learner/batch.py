@@ -29,6 +29,37 @@ class TrainBatch:
         return int(self.completion_mask.sum().item())
 
 
+@dataclass(frozen=True)
+class BatchRules:
+    """What a batch from the buffer must be for `collate` and the model, beyond what the wire
+    checks: the buffer is trusted to send these, the learner checks them anyway so that a wrong
+    batch is refused and counted instead of crashing a step."""
+
+    group_size: int  # generator.group_size: advantages work on (G, group_size) rows
+    max_tokens: int  # generator.max_tokens: no completion is longer
+    max_positions: int | None  # the model's max_position_embeddings, when it has one
+
+
+def refusal(groups: list[TrajectoryGroup], asked: int, rules: BatchRules
+            ) -> tuple[str, str] | None:
+    """(reason, detail) when these groups cannot be trained on as one batch, else None."""
+    if len(groups) > asked:
+        return "too_many_groups", f"{len(groups)} groups for a request of {asked}"
+    for g in groups:
+        if len(g.completions) != rules.group_size:
+            return "bad_group_size", (f"prompt {g.prompt_id}: {len(g.completions)} completions, "
+                                      f"generator.group_size is {rules.group_size}")
+        if len(g.prompt_tokens) == 0:
+            return "empty_prompt", f"prompt {g.prompt_id} has no tokens"
+        longest = max(len(c.tokens) for c in g.completions)
+        if longest > rules.max_tokens or (rules.max_positions is not None and len(
+                g.prompt_tokens) + longest > rules.max_positions):
+            return "too_long", (f"prompt {g.prompt_id}: {len(g.prompt_tokens)} + {longest} "
+                                f"tokens (generator.max_tokens={rules.max_tokens}, model "
+                                f"positions {rules.max_positions})")
+    return None
+
+
 def collate(groups: list[TrajectoryGroup], pad_id: int) -> TrainBatch:
     """All groups must have the same size (GRPO advantages are computed per (G, N) row)."""
     sizes = {len(g.completions) for g in groups}

@@ -24,7 +24,9 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,12 +34,17 @@ from asyncrl import wire
 from asyncrl.algo.sampling import dynamic_sampling_mask
 from asyncrl.config import RunConfig
 from asyncrl.learner import checkpoint
-from asyncrl.learner.batch import TrainBatch, collate
+from asyncrl.learner.batch import BatchRules, TrainBatch, collate, refusal
 from asyncrl.learner.model import check_packing, greedy_accuracy, load_critic, load_policy
 from asyncrl.learner.runlog import BatchLog, weights_sha256
 from asyncrl.learner.step import Models, train_step, warmup_schedule
 from asyncrl.rewards import REWARD_FUNCTIONS
 from asyncrl.task import load_task
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+    from asyncrl import transport
 
 log = logging.getLogger("asyncrl.learner")
 
@@ -100,6 +107,10 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
     keys = transport.keys_for(cfg.net, cfg.run_dir)
     buffer = transport.Client(ctx, cfg.net.buffer_host, cfg.net.buffer_learner_port,
                               f"learner{rank}", keys)
+    rules = BatchRules(cfg.generator.group_size, cfg.generator.max_tokens,
+                       getattr(model.config, "max_position_embeddings", None))
+    source = _Source(buffer, rules, model.get_input_embeddings().num_embeddings,
+                     m.messages_rejected)
     transport.Heartbeat(cfg.net.buffer_host, cfg.net.heartbeat_port,
                         lambda: wire.encode("heartbeat", 0, sender=f"learner{rank}",
                                             role="learner"),
@@ -112,7 +123,7 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
             groups, dropped_total = batch_log.logged.pop(step)
             waited, filtered = 0.0, 0
         else:
-            groups, waited, filtered, dropped_total = _fetch(buffer, cfg, rank, step - 1)
+            groups, waited, filtered, dropped_total = _fetch(source, cfg, rank, step - 1)
             batch_log.append(step, groups, dropped_total)
         batch = collate(groups, tok.pad_token_id).to(device)
         if step == start + 1 and cfg.learner.pack_row_tokens > 0:
@@ -164,7 +175,17 @@ def token_staleness(batch: TrainBatch, version: int) -> dict[int, int]:
     return dict(sorted(hist.items()))
 
 
-def _fetch(buffer, cfg: RunConfig, rank: int, version: int
+@dataclass
+class _Source:
+    """Where a rank's batches come from and what it accepts from there."""
+
+    buffer: transport.Client
+    rules: BatchRules
+    vocab_size: int
+    rejected: Counter  # LearnerMetrics.messages_rejected, by reason
+
+
+def _fetch(source: _Source, cfg: RunConfig, rank: int, version: int
            ) -> tuple[list, float, int, int]:
     """This rank's groups for a step at `version`, waiting until the buffer has enough.
     With dynamic sampling, groups whose rewards are all equal are dropped (and counted) and
@@ -175,7 +196,7 @@ def _fetch(buffer, cfg: RunConfig, rank: int, version: int
     kept: list = []
     dropped = 0
     while len(kept) < want:
-        groups, dropped_total = _request(buffer, cfg, rank, version, want - len(kept))
+        groups, dropped_total = _request(source, cfg, rank, version, want - len(kept))
         if cfg.learner.dynamic_sampling:
             rewards = torch.tensor([[c.reward for c in g.completions] for g in groups])
             keep = dynamic_sampling_mask(rewards).tolist()
@@ -185,12 +206,15 @@ def _fetch(buffer, cfg: RunConfig, rank: int, version: int
     return kept, time.perf_counter() - t0, dropped, dropped_total
 
 
-def _request(buffer, cfg: RunConfig, rank: int, version: int, num_groups: int
+def _request(source: _Source, cfg: RunConfig, rank: int, version: int, num_groups: int
              ) -> tuple[list, int]:
+    """Ask until the buffer has num_groups groups. A reply that is not a usable batch is
+    refused, counted and logged, and the request sent again: its groups are lost to training
+    (the buffer handed them out), the step is not."""
     req = wire.encode("batch_request", version, rank=rank, num_groups=num_groups)
     last_reply = time.monotonic()
     while True:
-        reply = buffer.request(req, timeout_s=5.0)
+        reply = source.buffer.request(req, timeout_s=5.0)
         if reply is None:
             if time.monotonic() - last_reply > cfg.net.ready_timeout_s:
                 raise TimeoutError(
@@ -199,10 +223,20 @@ def _request(buffer, cfg: RunConfig, rank: int, version: int, num_groups: int
                     "(net.buffer_host, net.ready_timeout_s)")
             continue
         last_reply = time.monotonic()
-        msg = wire.decode(reply, expect=("batch", "error"))
-        if msg["kind"] == "error":
+        try:
+            msg = wire.decode(reply, expect=("batch", "error"), vocab_size=source.vocab_size)
+        except wire.MessageError as e:
+            msg, refused = None, (e.reason, str(e))
+        else:
+            refused = (refusal(msg["groups"], num_groups, source.rules)
+                       if msg["kind"] == "batch" else None)
+        if refused is not None:
+            source.rejected.labels(refused[0]).inc()
+            log.error("rank %d: refused a reply from the buffer (%s); asking again", rank,
+                      refused[1])
+        elif msg["kind"] == "error":
             raise RuntimeError(f"buffer refused our batch request: {msg['reason']}")
-        if msg["status"] == "ok":
+        elif msg["status"] == "ok":
             return msg["groups"], msg["stale_dropped_total"]
         time.sleep(0.02)
 

@@ -14,8 +14,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from asyncrl import wire
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +32,22 @@ class SyncMember:
     def __init__(self, control, engine, name: str, sync_rank: int, incarnation: str,
                  host: str, store_port: int, backend: str, timeout_s: float,
                  hello_interval_s: float, alone_timeout_s: float,
-                 on_loaded: Callable[[int, float, int], None]):
+                 on_loaded: Callable[[int, float, int], None],
+                 max_weight_bytes: int = wire.MAX_WEIGHT_BYTES, rejected: Counter | None = None):
         """control: a transport.Client to learner rank 0's sync control port. engine: has
         init_sync / leave_sync / receive_weights (asyncrl.generator.engine.VLLMEngine).
         alone_timeout_s: fail when no session has been joined for this long (the learner is
-        gone). on_loaded(version, seconds, bytes) runs after every load."""
+        gone). on_loaded(version, seconds, bytes) runs after every load. max_weight_bytes: a
+        push announcing more is refused before anything is allocated
+        (asyncrl.sync.weights.push_bytes_bound). rejected: counts refused control frames by
+        reason (GeneratorMetrics.messages_rejected)."""
         self.control, self.engine = control, engine
         self.name, self.sync_rank, self.incarnation = name, sync_rank, incarnation
         self.host, self.store_port, self.backend, self.timeout_s = (host, store_port, backend,
                                                                    timeout_s)
         self.hello_interval_s, self.on_loaded = hello_interval_s, on_loaded
         self.alone_timeout_s = alone_timeout_s
+        self.max_weight_bytes, self.rejected = max_weight_bytes, rejected
         self.alone_since = time.monotonic()
         self.session = ""
         self.version = 0
@@ -66,7 +75,7 @@ class SyncMember:
             try:
                 msg = wire.decode(frame, expect=("sync_join", "weights_update", "shutdown"))
             except wire.MessageError as e:
-                log.warning("%s: bad control frame from the learner (%s); ignored", self.name, e)
+                self._reject(e.reason, f"bad control frame from the learner ({e}); ignored")
                 continue
             if msg["kind"] == "shutdown":
                 raise LearnerFinished(msg["reason"])
@@ -90,8 +99,20 @@ class SyncMember:
                  self.sync_rank, world_size)
         self.hello(force=True)  # tells the learner we are in
 
+    def _reject(self, reason: str, why: str) -> None:
+        if self.rejected is not None:
+            self.rejected.labels(reason).inc()
+        log.warning("%s: %s", self.name, why)
+
     def _receive(self, msg: dict) -> None:
         version = msg["policy_version"]
+        nbytes = wire.spec_bytes(msg["tensors"])
+        if nbytes > self.max_weight_bytes:  # refused before the engine allocates anything
+            self._reject("weights_too_large", f"a weight update to version {version} announces "
+                         f"{nbytes} bytes, more than this model can hold "
+                         f"({self.max_weight_bytes}); refused")
+            self._leave("the announced update cannot be received")
+            return
         if version < self.version:
             log.error("%s: learner pushed version %d but we hold %d; loading it anyway",
                       self.name, version, self.version)

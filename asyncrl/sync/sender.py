@@ -27,12 +27,16 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from asyncrl import wire
 from asyncrl.sync import group, weights
 from asyncrl.transport import Server
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +53,11 @@ class _Member:
 
 class WeightSender:
     def __init__(self, server: Server, host: str, store_port: int, num_generators: int,
-                 backend: str, timeout_s: float, ready_timeout_s: float):
-        self.server, self.backend = server, backend
+                 backend: str, timeout_s: float, ready_timeout_s: float,
+                 rejected: Counter | None = None):
+        """rejected: counts, by reason, the control frames refused (a Prometheus counter with
+        a `reason` label, LearnerMetrics.messages_rejected)."""
+        self.server, self.backend, self.rejected = server, backend, rejected
         self.timeout_s, self.ready_timeout_s = timeout_s, ready_timeout_s
         self.expected = [f"gen{i}" for i in range(num_generators)]
         self.world = num_generators + 1
@@ -73,13 +80,23 @@ class WeightSender:
             timeout_s = 0.0
             got = self.server.recv()
             if got is None:
+                self._reject("bad_framing", "not a DEALER-shaped message")
                 continue
             try:
                 msg = wire.decode(got[1], expect=("generator_hello", "weights_loaded"))
             except wire.MessageError as e:
-                log.warning("sync control: rejected frame (%s)", e)
+                self._reject(e.reason, str(e))
+                continue
+            if msg["sender"] not in self.expected:  # bounds self.members to the generators
+                self._reject("unknown_sender", f"{msg['sender']!r} is not one of gen0.."
+                                               f"gen{len(self.expected) - 1}")
                 continue
             self._handle(got[0], msg)
+
+    def _reject(self, reason: str, detail: str) -> None:
+        if self.rejected is not None:
+            self.rejected.labels(reason).inc()
+        log.warning("sync control: rejected frame (%s)", detail)
 
     def _handle(self, ident: bytes, msg: dict) -> None:
         name, now = msg["sender"], time.monotonic()

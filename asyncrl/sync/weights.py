@@ -7,8 +7,11 @@ model ~290, and per-call latency dominated when each went separately.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+
+from asyncrl import wire
 
 _DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,3 +72,13 @@ def unpack(specs: list[list], buffers: dict[str, torch.Tensor]
 
 def nbytes(buffers: dict[str, torch.Tensor]) -> int:
     return sum(b.numel() * b.element_size() for b in buffers.values())
+
+
+def push_bytes_bound(model_dir: str | Path) -> int:
+    """The most bytes a push of this model can hold, from its weight files: 4x their size (the
+    learner may hold a dtype twice as wide as the files, and sends a tied lm_head that the files
+    store once) plus 64 MiB. The wire's own bound when the directory holds no weight file."""
+    d = Path(model_dir)
+    size = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth")
+               for f in d.glob(pattern)) if d.is_dir() else 0
+    return 4 * size + 2**26 if size else wire.MAX_WEIGHT_BYTES

@@ -1,7 +1,8 @@
 import numpy as np
+import pytest
 import torch
 
-from asyncrl.learner.batch import collate
+from asyncrl.learner.batch import BatchRules, collate, refusal
 from asyncrl.wire import Completion, TrajectoryGroup
 
 
@@ -23,3 +24,23 @@ def test_collate_aligns_behaviour_logprobs_with_predicted_tokens():
         pos = torch.nonzero(b.completion_mask[i]).flatten()
         toks = b.input_ids[i, pos + 1].tolist()
         assert toks == comps[i].tokens.tolist()
+
+
+def _groups(sizes, length=2, prompt=2):
+    def comp():
+        return Completion(np.arange(length, dtype=np.int32), np.full(length, -1.0, np.float32), 0.0, "stop")
+    return [TrajectoryGroup(i, np.arange(prompt, dtype=np.int32), 0, [comp() for _ in range(n)]) for i, n in enumerate(sizes)]
+
+
+def test_a_batch_collate_or_the_model_cannot_take_is_refused_with_a_reason():
+    rules = BatchRules(group_size=2, max_tokens=4, max_positions=8)
+    assert refusal(_groups([2, 2]), 2, rules) is None
+    assert refusal([], 2, rules) is None  # not_ready
+    cases = {"too_many_groups": (_groups([2, 2, 2]), 2), "bad_group_size": (_groups([2, 3]), 2),
+             "empty_prompt": (_groups([2], prompt=0), 1), "too_long": (_groups([2], length=5), 1)}
+    for reason, (groups, asked) in cases.items():
+        assert refusal(groups, asked, rules)[0] == reason
+    assert refusal(_groups([2], length=4, prompt=5), 1, rules)[0] == "too_long"  # 9 > 8 positions
+    # each refused case is one collate would crash on or train wrongly: ragged groups, P - 1 = -1
+    with pytest.raises(ValueError):
+        collate(_groups([2, 3]), pad_id=0)

@@ -26,3 +26,20 @@ def test_tied_lm_head_is_still_sent():
                       num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
     names = [n for n, _ in weights.sendable(LlamaForCausalLM(cfg))]
     assert "lm_head.weight" in names and "model.embed_tokens.weight" in names
+
+
+def test_the_wire_allows_exactly_the_dtypes_that_can_be_allocated():
+    from asyncrl import wire
+
+    assert set(weights._DT) == set(wire.WEIGHT_DTYPES)
+    for name, size in wire.WEIGHT_DTYPES.items():
+        assert torch.empty(0, dtype=weights._DT[name]).element_size() == size
+
+
+def test_a_push_is_bounded_by_the_model_files(tmp_path):
+    from asyncrl import wire
+
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
+    (tmp_path / "config.json").write_text("{}")  # not a weight file
+    assert weights.push_bytes_bound(tmp_path) == 4000 + 2**26
+    assert weights.push_bytes_bound(tmp_path / "absent") == wire.MAX_WEIGHT_BYTES
