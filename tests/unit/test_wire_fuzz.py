@@ -151,6 +151,52 @@ def valid_message(kind: str, policy_version: int = 1) -> dict:
             **template(kind)}
 
 
+# ---------------------------------------------------------------- valid values, from SCHEMA
+
+
+@st.composite
+def valid_group(draw) -> wire.TrajectoryGroup:
+    def comp(length: int) -> wire.Completion:
+        return wire.Completion(
+            np.array(draw(st.lists(st.integers(0, VOCAB - 1), min_size=length,
+                                   max_size=length)), np.int32),
+            np.array(draw(st.lists(st.floats(-30, 0, width=32), min_size=length,
+                                   max_size=length)), np.float32),
+            draw(st.floats(-1e6, 1e6)), draw(st.sampled_from(["stop", "length", "abort"])))
+    lengths = draw(st.lists(st.integers(0, 5), min_size=1, max_size=3))
+    return wire.TrajectoryGroup(
+        draw(st.integers(-(2**63), 2**63 - 1)),
+        np.array(draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=4)), np.int32),
+        draw(st.integers(0, wire.MAX_VERSION)), [comp(n) for n in lengths],
+        draw(st.text(max_size=wire.MAX_NAME)), draw(st.floats(0, 2e9)))
+
+
+def in_bounds(field) -> st.SearchStrategy:
+    """Any value the schema allows for this field, its edges included."""
+    if isinstance(field, wire.Int):
+        return st.one_of(st.integers(field.lo, field.hi), st.sampled_from([field.lo, field.hi]))
+    if isinstance(field, wire.Float):
+        return st.floats(field.lo, field.hi)
+    if isinstance(field, wire.Str):
+        if field.choices:
+            return st.sampled_from(field.choices)
+        return st.one_of(st.text(min_size=int(field.nonempty), max_size=12),
+                         st.just("é" * field.max_len))
+    if isinstance(field, wire.TensorSpecs):
+        spec = st.tuples(st.text(min_size=1, max_size=8), st.sampled_from(list(wire.WEIGHT_DTYPES)),
+                         st.lists(st.integers(0, 64), max_size=3)).map(list)
+        return st.lists(spec, max_size=4, unique_by=lambda s: s[0])
+    assert isinstance(field, wire.Groups)
+    return st.lists(valid_group(), max_size=3).map(wire.group_columns)
+
+
+def random_valid_message(kind: str) -> st.SearchStrategy[dict]:
+    return st.fixed_dictionaries({
+        "kind": st.just(kind), "schema": st.just(wire.SCHEMA_VERSION),
+        "policy_version": in_bounds(wire.Int(0, wire.MAX_VERSION)),
+        **{key: in_bounds(field) for key, field in wire.SCHEMA[kind].items()}})
+
+
 # ---------------------------------------------------------------- hostile column edits
 
 _N = {"group": ["prompt_id", "policy_version", "created_at", "prompt_len", "group_size"],
@@ -186,7 +232,7 @@ _TARGETED = _targeted()
 @st.composite
 def column_edit(draw, cols: dict) -> None:
     """Replace (or drop) one column of `cols` in place."""
-    how = draw(st.sampled_from(["targeted", "array", "value", "drop"]))
+    how = draw(st.sampled_from(["targeted"] * 3 + ["array", "value", "drop"]))
     if how == "targeted":
         key, value = draw(st.sampled_from(_TARGETED))
         cols[key] = value
@@ -225,7 +271,7 @@ def hostile_message(draw, kind: str) -> dict:
     replaced by a value of any msgpack type, dropped, or joined by an undeclared field."""
     msg = valid_message(kind)
     for _ in range(draw(st.integers(1, 3))):
-        where = ["field", "drop", "add", "header"]
+        where = ["field", "drop", "add", "header", "in_bounds", "in_bounds"]
         if "groups" in msg and type(msg["groups"]) is dict:
             where += ["column"] * 4
         if type(msg.get("tensors")) is list and msg["tensors"] and all(
@@ -240,6 +286,10 @@ def hostile_message(draw, kind: str) -> dict:
         elif how == "header":
             msg[draw(st.sampled_from(["kind", "schema", "policy_version"]))] = draw(st.one_of(
                 hostile, st.sampled_from(list(wire.KINDS))))
+        elif how == "in_bounds" and keys:  # a valid value, maybe an extreme one
+            key = draw(st.sampled_from(keys))
+            if key in wire.SCHEMA[kind]:
+                msg[key] = draw(in_bounds(wire.SCHEMA[kind][key]))
         elif how == "add":
             msg[draw(st.text(max_size=8))] = draw(hostile)
         elif keys and how == "drop":
@@ -250,14 +300,18 @@ def hostile_message(draw, kind: str) -> dict:
 
 
 def hostile_frames(kind: str) -> st.SearchStrategy[bytes]:
-    """Correctly sealed frames: mostly a spoiled message of `kind`, sometimes any value at all
-    as the payload (deep nesting included), sometimes a spoiled message of another kind."""
-    return st.one_of(
-        hostile_message(kind).map(frame_of),
-        hostile_message(kind).map(frame_of),
-        hostile_message(kind).map(frame_of),
-        st.sampled_from(wire.KINDS).flatmap(hostile_message).map(frame_of),
-        hostile.map(frame_of))
+    """Correctly sealed frames: 6 in 10 a spoiled message of `kind`, 1 a valid one with random
+    values, 2 a spoiled message of any kind, 1 any value at all as the payload (deep nesting
+    included)."""
+    def frames(branch: int) -> st.SearchStrategy:
+        if branch < 6:
+            return hostile_message(kind)
+        if branch < 7:
+            return random_valid_message(kind)
+        if branch < 9:
+            return st.sampled_from(wire.KINDS).flatmap(hostile_message)
+        return hostile
+    return st.integers(0, 9).flatmap(frames).map(frame_of)
 
 
 FUZZ = settings(max_examples=150, deadline=5000, derandomize=True, database=None,
