@@ -28,9 +28,11 @@ OFFPOLICY = ("none", "decoupled", "tis", "icepop", "seq_mask")
 LOSS_AGG = ("token_mean", "seq_mean", "constant")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 SYNC_BACKENDS = ("auto", "gloo", "nccl", "ipc")
-# Positions of the builtin model (asyncrl/task/tiny_model.py; tests/unit/test_config_bounds.py
-# keeps them equal): prompt + generator.max_tokens + 8 must fit, or vLLM refuses to start.
-BUILTIN_MAX_POSITIONS = 128
+# Positions of each builtin model, by model.path (asyncrl/task/tiny_model.py builds them with
+# these; tests/unit/test_config_bounds.py checks): prompt + generator.max_tokens + 8 must fit,
+# or vLLM refuses to start. The reasoning task's scratchpads need more than addition's answers.
+BUILTIN_MAX_POSITIONS = {BUILTIN_MODEL: 128, "builtin:tiny-reasoning": 512}
+TASKS = ("addition", "reasoning", "dataset")
 
 
 class ConfigError(ValueError):
@@ -41,7 +43,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = BUILTIN_MODEL
     """A hub-format model directory (config.json, safetensors, tokenizer), or
-    `builtin:tiny-addition` to build the tiny Llama + SFT warm start locally."""
+    `builtin:tiny-addition` to build the tiny Llama + SFT warm start locally
+    (`builtin:tiny-reasoning`: the same with 512 positions and the format tags as single
+    tokens, for task.name=reasoning)."""
     dtype: str = "float32"
     """Weights dtype in generator and learner. float32 on CPU (bf16 is slow and shifts logprobs)."""
 
@@ -49,8 +53,10 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "addition"
-    """`addition`: the built-in synthetic task (a+b=, answer checked exactly); `dataset`:
-    prompt/answer records from task.path."""
+    """`addition`: the built-in synthetic task (a+b=, answer checked exactly); `reasoning`:
+    sums of several terms answered with a worked scratchpad in <reasoning>/<answer> tags,
+    lengths with a long tail (asyncrl/task/reasoning.py); `dataset`: prompt/answer records
+    from task.path."""
     path: str = ""
     """A local .jsonl or .parquet file of records (task.name=dataset)."""
     prompt_field: str = "prompt"
@@ -60,7 +66,15 @@ class TaskConfig:
     eval_reward: str = "correctness"
     """The reward function (by name) whose greedy mean is eval_accuracy."""
     digits: int = 2
-    """Digits of each operand (zero-padded to this width)."""
+    """Digits of each operand (zero-padded to this width); reasoning: the digits of every term
+    (the terms of a problem are distinct)."""
+    min_terms: int = 2
+    """reasoning: fewest terms in a problem (one scratchpad line per term after the first)."""
+    max_terms: int = 16
+    """reasoning: most terms in a problem; the longest completion has max_terms - 1 lines."""
+    terms_tail: float = 1.0
+    """reasoning: P(k terms) ~ (k - min_terms + 1)^-terms_tail, a long tail of long problems;
+    0 is uniform, larger makes long problems rarer."""
     train_size: int = 5000
     """Number of distinct training problems."""
     eval_size: int = 512
@@ -158,11 +172,34 @@ class GeneratorConfig:
     kv_cache_gib: int = 1
     """VLLM_CPU_KVCACHE_SPACE on CPU (required there); ignored on GPU."""
     gpu_memory_utilization: float = 0.85
+    """Share of its GPU the engine may take (weights, activations, KV cache); colocated with
+    the learner (sync.backend=ipc) leave the learner its share (docs/architecture.md)."""
+    cuda_graphs: bool = True
+    """Capture CUDA graphs on a GPU (vLLM's default; in-place weight reloads keep them valid).
+    false: eager mode, slower but quicker to start. No effect on CPU."""
+    streaming: bool = True
+    """Streaming generation (asyncrl/generator/stream.py): up to max_inflight sequences run,
+    new prompts start as others finish, each group is sent as soon as its last completion
+    finishes, and weights load between engine steps. false: one blocking generate call of
+    prompts_per_call prompts at a time, weights only between calls (for comparison)."""
+    max_inflight: int = 64
+    """Streaming: sequences kept running at once (continuous batching); at least group_size."""
+    send_window: int = 4
+    """Streaming: messages to the buffer unacknowledged at once (each kept until acked and
+    resent on timeout; the buffer takes them in order)."""
+    inflight_update: str = "keep"
+    """Streaming: what a weight update does to sequences in flight. keep: they continue with
+    their KV cache; abort: aborted and resubmitted with their tokens so far as prompt (the
+    new weights recompute the prefix); drain: they finish under the old weights first."""
+    tensor_parallel_size: int = 1
+    """GPUs per generator engine (vLLM tensor parallelism). Each of its workers joins weight
+    sync as a rank of its own and loads its shard of every push."""
     threads: int = 1
     """CPU threads for the engine (OMP); the learner gets the rest of the machine."""
     device_ids: list[int] = field(default_factory=list)
-    """GPU of each generator (generator i gets CUDA_VISIBLE_DEVICES=device_ids[i]); empty:
-    whatever is visible (the CPU here)."""
+    """GPUs of the generators, tensor_parallel_size per generator in order (generator i gets
+    CUDA_VISIBLE_DEVICES=device_ids[i*tp : i*tp+tp]); empty: `asyncrl run` assigns them
+    (asyncrl/devices.py), a role started on its own uses whatever is visible."""
     seed: int = 0
 
 
@@ -356,11 +393,14 @@ class RunConfig:
         errs += [f"task.rewards has unknown {k!r}: choose from {sorted(REWARD_FUNCTIONS)}"
                  for k in self.task.rewards if k not in REWARD_FUNCTIONS]
         checks = [
-            (self.task.name in ("addition", "dataset"),
-             f"task.name={self.task.name!r}: choose addition or dataset"),
+            (self.task.name in TASKS,
+             f"task.name={self.task.name!r}: choose one of {', '.join(TASKS)}"),
             (self.sync.backend in SYNC_BACKENDS,
              f"sync.backend={self.sync.backend!r}: choose one of {', '.join(SYNC_BACKENDS)}"),
             (self.sync.mode in ("async", "sync"), f"sync.mode={self.sync.mode!r}: async or sync"),
+            (self.generator.inflight_update in ("keep", "abort", "drain"),
+             f"generator.inflight_update={self.generator.inflight_update!r}: choose keep, "
+             "abort or drain"),
             (self.model.dtype in ("float32", "bfloat16", "float16"),
              f"model.dtype={self.model.dtype!r}: choose float32, bfloat16 or float16"),
         ]
@@ -376,16 +416,20 @@ class RunConfig:
                 errs.append(f"model.path={self.model.path!r} is not a directory")
             elif not (Path(self.model.path).expanduser() / "config.json").is_file():
                 errs.append(f"model.path={self.model.path!r} has no config.json (hub format?)")
-        elif self.model.path != BUILTIN_MODEL:
-            errs.append(f"model.path={self.model.path!r}: the only builtin is {BUILTIN_MODEL}")
+        elif self.model.path not in BUILTIN_MAX_POSITIONS:
+            errs.append(f"model.path={self.model.path!r}: the builtins are "
+                        f"{', '.join(BUILTIN_MAX_POSITIONS)}")
         return errs
 
     def _cross_field_errors(self) -> list[str]:
         """Checks that combine fields; every field is already in its range."""
         task, gen, lc, net = self.task, self.generator, self.learner, self.net
         addition = task.name == "addition"
-        builtin = self.model.path == BUILTIN_MODEL
-        prompt_tokens = 1 + 2 * task.digits + 2  # BOS, a, "+", b, "="
+        synthetic = task.name in ("addition", "reasoning")
+        positions = BUILTIN_MAX_POSITIONS.get(self.model.path)
+        # BOS, then a, "+", b, "=" (addition) or up to max_terms terms of `digits` digits.
+        prompt_tokens = (1 + 2 * task.digits + 2 if addition
+                         else 1 + task.max_terms * (task.digits + 1))
         last_port = net.base_port + 60 + self.learner_world - 1
         checks = [
             (task.name != "dataset" or Path(task.path).expanduser().is_file(),
@@ -395,27 +439,35 @@ class RunConfig:
             (not addition or task.train_size + task.eval_size <= 100**task.digits,
              f"task.train_size + task.eval_size = {task.train_size + task.eval_size}: exceeds "
              f"the {100**task.digits} distinct problems of task.digits={task.digits}"),
-            (not addition or gen.prompts_per_call <= task.train_size,
+            (task.name != "reasoning" or task.min_terms <= task.max_terms,
+             f"task.min_terms={task.min_terms} > task.max_terms={task.max_terms}"),
+            (task.name != "reasoning" or task.max_terms <= 9 * 10 ** (task.digits - 1),
+             f"task.max_terms={task.max_terms}: more than the {9 * 10 ** (task.digits - 1)} "
+             f"distinct terms of task.digits={task.digits}"),
+            (not synthetic or gen.prompts_per_call <= task.train_size,
              f"generator.prompts_per_call={gen.prompts_per_call}: must be <= "
              f"task.train_size={task.train_size} (a call samples without replacement)"),
-            (not (addition and builtin and self.warm_start.steps)
+            (not (synthetic and positions and self.warm_start.steps)
              or self.warm_start.batch_size <= task.train_size,
              f"warm_start.batch_size={self.warm_start.batch_size}: must be <= "
              f"task.train_size={task.train_size} (a batch samples without replacement)"),
-            (not (addition and builtin)
-             or prompt_tokens + gen.max_tokens + 8 <= BUILTIN_MAX_POSITIONS,
+            (not (synthetic and positions)
+             or prompt_tokens + gen.max_tokens + 8 <= positions,
              f"generator.max_tokens={gen.max_tokens}: must be <= "
-             f"{BUILTIN_MAX_POSITIONS - 8 - prompt_tokens} (the builtin model has "
-             f"{BUILTIN_MAX_POSITIONS} positions for the prompt of {prompt_tokens} tokens at "
-             "this task.digits, max_tokens and 8 spare)"),
+             f"{(positions or 0) - 8 - prompt_tokens} ({self.model.path} has "
+             f"{positions} positions for the prompt of {prompt_tokens} tokens at "
+             "this task.digits (and task.max_terms), max_tokens and 8 spare)"),
             (net.heartbeat_interval_s < net.heartbeat_timeout_s,
              f"net.heartbeat_interval_s={net.heartbeat_interval_s}: must be < "
              f"net.heartbeat_timeout_s={net.heartbeat_timeout_s}, or live peers look dead"),
             (last_port <= 65535,
              f"learner.nproc x learner.nnodes={self.learner_world}: rank metrics ports "
              f"net.base_port+60+rank reach {last_port} > 65535; lower net.base_port"),
-            (not gen.device_ids or len(gen.device_ids) == gen.num_generators,
-             "generator.device_ids needs one entry per generator (generator.num_generators)"),
+            (not gen.device_ids
+             or len(gen.device_ids) == gen.num_generators * gen.tensor_parallel_size,
+             "generator.device_ids needs generator.tensor_parallel_size entries per generator "
+             f"({gen.num_generators} x {gen.tensor_parallel_size}; generator i takes entries "
+             "i*tp .. i*tp+tp-1)"),
             (not lc.device_ids or len(lc.device_ids) == lc.nproc,
              "learner.device_ids needs one entry per rank (learner.nproc)"),
             (self.sync.backend != "nccl" or not set(gen.device_ids) & set(lc.device_ids),
@@ -425,9 +477,14 @@ class RunConfig:
              "host use sync.backend=ipc (colocated: the learner hands the engine its weights "
              "by CUDA IPC)"),
             (self.sync.backend != "ipc" or (lc.nnodes == 1 and lc.nproc == 1
-                                            and gen.num_generators == 1),
+                                            and gen.num_generators == 1
+                                            and gen.tensor_parallel_size == 1),
              "sync.backend=ipc (colocated, CUDA IPC) needs one learner rank and one generator "
-             "on one host: learner.nproc=1, learner.nnodes=1, generator.num_generators=1"),
+             "on one GPU: learner.nproc=1, learner.nnodes=1, generator.num_generators=1, "
+             "generator.tensor_parallel_size=1"),
+            (gen.max_inflight >= gen.group_size,
+             f"generator.max_inflight={gen.max_inflight}: must be >= generator.group_size="
+             f"{gen.group_size} (a group's completions start together)"),
             (lc.groups_per_step % self.learner_world == 0,
              f"learner.groups_per_step={lc.groups_per_step} must be divisible by "
              f"learner.nproc x learner.nnodes={self.learner_world}"),
@@ -511,6 +568,9 @@ MAX_TOKENS = 2**17  # vLLM's max_model_len, longer than any model's context here
 BOUNDS: dict[str, Bound] = {
     "seed": SEED,
     "task.digits": _ints(1, 18),  # 100**digits problems; a + b stays in int64
+    "task.min_terms": _ints(2, 64, "a sum needs two terms"),
+    "task.max_terms": _ints(2, 64),  # a prompt of max_terms x (digits + 1) tokens
+    "task.terms_tail": _floats(0, 10, "0: uniform number of terms"),
     "task.train_size": _ints(1, 10**6),  # problems are built in memory at start-up
     "task.eval_size": _ints(1, 10**6),
     "task.seed": SEED,
@@ -532,6 +592,9 @@ BOUNDS: dict[str, Bound] = {
     "generator.gpu_memory_utilization": _positive(1.0),
     "generator.threads": _ints(1, 1024),
     "generator.device_ids": _ints(0, 1023),
+    "generator.tensor_parallel_size": _ints(1, 64),
+    "generator.max_inflight": _ints(1, 1 << 16),
+    "generator.send_window": _ints(1, 1024),
     "generator.seed": SEED,
     "buffer.max_staleness": _ints(0, STEPS, "0: on-policy only"),
     "buffer.admit_steps": _ints(1, STEPS),

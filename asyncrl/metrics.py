@@ -40,6 +40,19 @@ class GeneratorMetrics:
         self.generate_seconds = Histogram("asyncrl_generator_generate_seconds",
                                           "Wall time of one vLLM generate call",
                                           buckets=_STEP_BUCKETS, registry=r)
+        self.engine_busy_seconds = Counter("asyncrl_generator_engine_busy_seconds_total",
+                                           "Wall time the engine spent generating (generate "
+                                           "calls, or streaming engine steps)", registry=r)
+        self.inflight = Gauge("asyncrl_generator_inflight_sequences",
+                              "Sequences running in the engine (streaming)", registry=r)
+        self.inflight_updates = Counter("asyncrl_generator_inflight_updates_total",
+                                        "Weight loads that found sequences running (streaming; "
+                                        "what happened to them: generator.inflight_update)",
+                                        registry=r)
+        self.delivery_seconds = Histogram("asyncrl_generator_group_delivery_seconds",
+                                          "From a group's first sampled token to the buffer's "
+                                          "acknowledgement of it", buckets=_SYNC_BUCKETS,
+                                          registry=r)
         self.reward = Gauge("asyncrl_generator_reward_mean",
                             "Mean reward of the last generate call", registry=r)
         self.policy_version = Gauge("asyncrl_generator_policy_version",

@@ -262,14 +262,18 @@ class _Guard(threading.Thread):
         self.zap.linger = 0
         self.zap.bind("inproc://zeromq.zap.01")
         self._lock = threading.Lock()
-        self._new: list[tuple[str, int, Callable | None]] = []
+        self._new: list[tuple[zmq.Socket, int, Callable | None]] = []
         self._logged: set = set()
 
     def watch(self, sock: zmq.Socket, port: int, on_failure: Callable | None) -> None:
         addr = f"inproc://asyncrl-monitor-{id(sock)}"
         sock.monitor(addr, sum(_FAILURES))
+        # Connected here, before the server binds, so that no event is emitted before anyone
+        # listens (libzmq drops those); handed to the guard thread under the lock.
+        mon = self.ctx.socket(zmq.PAIR)
+        mon.connect(addr)
         with self._lock:
-            self._new.append((addr, port, on_failure))
+            self._new.append((mon, port, on_failure))
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -278,9 +282,7 @@ class _Guard(threading.Thread):
         while True:
             with self._lock:
                 new, self._new = self._new, []
-            for addr, port, cb in new:
-                mon = self.ctx.socket(zmq.PAIR)
-                mon.connect(addr)
+            for mon, port, cb in new:
                 poller.register(mon, zmq.POLLIN)
                 monitors[mon] = (port, cb)
             for sock, _ in poller.poll(200):

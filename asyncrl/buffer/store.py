@@ -28,8 +28,12 @@ class ReplayBuffer:
 
     A group sampled under version v is usable by a learner at version L while
     L - v <= max_staleness; older groups are dropped and counted when the learner asks.
-    `add` is all-or-nothing: a message that would overflow `capacity_groups` is refused with
-    "busy" so that the generator waits and retries (back-pressure), and nothing is lost.
+    `add` is all-or-nothing and refuses once the buffer holds `capacity_groups` groups: the
+    generator gets "busy", waits and retries (back-pressure), and nothing is lost. A message
+    that arrives below the limit is taken whole, so the buffer may go past the limit by less
+    than one message: a streaming generator's messages hold however many groups finished
+    together, and refusing one that did not fit exactly could leave the buffer short of a
+    learner batch forever (seen: 14 groups held, 16 wanted, a message of 3 refused).
     """
 
     def __init__(self, capacity_groups: int, max_staleness: int):
@@ -47,7 +51,7 @@ class ReplayBuffer:
     def add(self, groups: list[TrajectoryGroup], force: bool = False) -> bool:
         """Append the groups, or refuse all of them (False) when they do not fit. `force`
         skips the admission limit (recovery re-adds what was already acknowledged)."""
-        if not force and len(self._groups) + len(groups) > self.capacity_groups:
+        if not force and len(self._groups) >= self.capacity_groups:
             return False
         self._groups.extend(groups)
         self.num_trajectories += sum(len(g.completions) for g in groups)

@@ -158,7 +158,8 @@ class VLLMEngine:
 
     def receive_weights(self, specs: list[list]) -> tuple[float, int]:
         seconds, nbytes = self.llm.collective_rpc("asyncrl_receive_weights", args=(specs,))[0]
-        self.llm.reset_prefix_cache()
+        if not self._live:  # with requests running their blocks are in use (and the cache off)
+            self.llm.reset_prefix_cache()
         return seconds, nbytes
 
 

@@ -1,11 +1,19 @@
 """Generator process: sample GRPO groups with vLLM, score them, stream them to the buffer.
 
-Loop: serve weight sync (asyncrl/sync/member.py: say hello, join the learner's session, load a
-pushed update), generate
-`prompts_per_call` prompts x `group_size` completions under the current policy version,
-reward each completion, send the groups to the buffer and wait for its ack. A "busy" ack means
-the buffer is full: wait and resend the same message (back-pressure), still serving weight
-updates meanwhile so the learner is never blocked on a waiting generator.
+Streaming (generator.streaming, the default; asyncrl/generator/stream.py): up to
+`generator.max_inflight` sequences run in the engine; whenever there is room a new prompt
+starts (`group_size` requests), a group is scored and queued the moment its last completion
+finishes, and up to `generator.send_window` messages travel to the buffer unacknowledged
+(asyncrl/generator/outbox.py: kept until acked, resent on timeout, go-back-N on "busy").
+Weight sync (asyncrl/sync/member.py: say hello, join the learner's session, load a pushed
+update) is served between engine steps, so new weights arrive while requests are in flight;
+`generator.inflight_update` says what happens to those (keep, abort and resubmit, or drain).
+Every token carries the policy version that sampled it.
+
+Batch generation (generator.streaming=false, for comparison): one blocking generate call of
+`prompts_per_call` prompts x `group_size` completions at a time under the current version,
+then send the groups and wait for the ack; a "busy" ack means wait and resend (back-pressure),
+still serving weight updates meanwhile so the learner is never blocked on a waiting generator.
 
 With sync.mode=sync the generator makes its share of one learner batch under the current
 weights and then waits for the next ones: strictly on-policy, same code as the async mode.
@@ -28,6 +36,7 @@ import numpy as np
 
 from asyncrl import wire
 from asyncrl.config import RunConfig
+from asyncrl.generator.engine import Sample
 from asyncrl.rewards import combine
 from asyncrl.sync.member import LearnerFinished, SyncMember
 from asyncrl.task import encode_prompt, load_task
@@ -36,9 +45,12 @@ log = logging.getLogger("asyncrl.generator")
 
 
 def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
-    from asyncrl.generator.engine import configure_cpu_env
+    from asyncrl.generator.engine import configure_cpu_env, on_gpu
 
-    configure_cpu_env(cfg.generator.kv_cache_gib, cfg.generator.threads)
+    gc = cfg.generator
+    gpu = on_gpu()
+    if not gpu:
+        configure_cpu_env(gc.kv_cache_gib, gc.threads)
     from prometheus_client import CollectorRegistry
     from transformers import AutoTokenizer
 
@@ -53,12 +65,12 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     train, _ = load_task(cfg.task)
-    problems = {p.id: p for p in train}
     chat = cfg.task.chat_template
     prompt_ids = {p.id: encode_prompt(tok, p.prompt, chat) for p in train}
-    max_len = max(map(len, prompt_ids.values())) + cfg.generator.max_tokens + 8
-    engine = VLLMEngine(model_dir, cfg.model.dtype, cfg.generator.seed + index, max_len,
-                        cfg.generator.gpu_memory_utilization)
+    max_len = max(map(len, prompt_ids.values())) + gc.max_tokens + 8
+    engine = VLLMEngine(model_dir, cfg.model.dtype, gc.seed + index, max_len,
+                        gc.gpu_memory_utilization, gpu=gpu, cuda_graphs=gc.cuda_graphs,
+                        tensor_parallel_size=gc.tensor_parallel_size)
 
     ctx = transport.context()
     keys = transport.keys_for(cfg.net, cfg.run_dir)
@@ -71,55 +83,197 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
     probe = _Probe(engine, encode_prompt(tok, cfg.sync.probe_prompt, chat), cfg,
                    run_dir / "sync_probe.jsonl", name, incarnation)
     probe.record(0)
+    stats = _Stats(run_dir / f"{name}_stats.json", "stream" if gc.streaming else "batch",
+                   gc.inflight_update)
 
     def loaded(version: int, seconds: float, nbytes: int) -> None:
         m.policy_version.set(version)
         m.sync_seconds.observe(seconds)
         m.sync_bytes.inc(nbytes)
+        stats.pushes, stats.sync_bytes = stats.pushes + 1, nbytes
         probe.record(version)
         log.info("%s: loaded policy version %d (%.2fs, %.1f MB)", name, version, seconds,
                  nbytes / 1e6)
 
-    sync = SyncMember(control, engine, name, index + 1, incarnation, cfg.net.learner_host,
-                      cfg.net.sync_store_port, cfg.sync.backend, cfg.sync.timeout_s,
-                      cfg.net.heartbeat_interval_s, cfg.net.ready_timeout_s, loaded,
+    # Each tensor-parallel worker of the engine takes a sync rank of its own.
+    sync = SyncMember(control, engine, name, 1 + index * gc.tensor_parallel_size, incarnation,
+                      cfg.net.learner_host, cfg.net.sync_store_port, cfg.sync.backend,
+                      cfg.sync.timeout_s, cfg.net.heartbeat_interval_s,
+                      cfg.net.ready_timeout_s, loaded,
                       max_weight_bytes=push_bytes_bound(model_dir),
                       rejected=m.messages_rejected)
     sync.hello(force=True)
-    log.info("%s: engine up; generating, and joining weight sync when the learner asks", name)
-
-    scorer = _Scorer(cfg, tok)
-    rng = random.Random(cfg.generator.seed * 1000 + index)
-    train_ids = list(prompt_ids)
-    seq = 0
-    # sync mode: this generator's share of one learner batch, in whole generate calls.
-    share = -(-cfg.learner.groups_per_step // cfg.generator.num_generators)  # ceil
-    calls_per_version = -(-share // cfg.generator.prompts_per_call)
-    made: Counter[int] = Counter()  # generate calls made under each policy version
+    log.info("%s: engine up (%s); generating, and joining weight sync when the learner asks",
+             name, f"streaming, up to {gc.max_inflight} sequences, in-flight updates: "
+             f"{gc.inflight_update}" if gc.streaming else "batch generate calls")
+    gen = _Generation(cfg, name, incarnation, engine, sync, _Scorer(cfg, tok),
+                      {p.id: p for p in train}, prompt_ids,
+                      random.Random(gc.seed * 1000 + index), m, stats,
+                      (run_dir / "acks").joinpath(f"{name}.jsonl"))
     try:
-        while True:
-            sync.serve(timeout_s=0.0)
-            while cfg.sync.mode == "sync" and made[sync.version] >= calls_per_version:
-                # Strictly on-policy: this version's share is done; wait for the new weights.
-                sync.serve(timeout_s=1.0)
-            version = sync.version
-            batch = rng.sample(train_ids, cfg.generator.prompts_per_call)
-            t0 = time.perf_counter()
-            samples = engine.generate([prompt_ids[i] for i in batch], cfg.generator.group_size,
-                                      cfg.generator.temperature, cfg.generator.max_tokens)
-            m.generate_seconds.observe(time.perf_counter() - t0)
-            groups = [scorer.group(problems[i], prompt_ids[i], s, version, name)
-                      for i, s in zip(batch, samples)]
-            m.generated_tokens.inc(sum(g.num_tokens for g in groups))
-            m.reward.set(float(np.mean([c.reward for g in groups for c in g.completions])))
-            seq += 1
-            payload = wire.encode("trajectories", version, sender=name, incarnation=incarnation,
-                                  seq=seq, groups=groups)
-            _send_with_backpressure(buffer, payload, seq, sync, m, cfg)
-            made[version] += 1
-            m.trajectories_sent.inc(sum(len(g.completions) for g in groups))
+        if gc.streaming:
+            gen.stream(buffer)
+        else:
+            gen.batches(buffer)
     except LearnerFinished as e:
         log.info("%s: the learner finished (%s); exiting", name, e)
+    finally:
+        stats.write()
+
+
+class _Generation:
+    """One generator's loop and what it shares: the engine, weight sync, the scorer, the
+    prompts, the ack journal (RUN_DIR/acks/<name>.jsonl, read by asyncrl.audit)."""
+
+    def __init__(self, cfg: RunConfig, name: str, incarnation: str, engine, sync: SyncMember,
+                 scorer: _Scorer, problems: dict, prompt_ids: dict, rng: random.Random, m,
+                 stats: _Stats, acks_path: Path):
+        self.cfg, self.name, self.incarnation = cfg, name, incarnation
+        self.engine, self.sync, self.scorer, self.m, self.stats = engine, sync, scorer, m, stats
+        self.problems, self.prompt_ids, self.rng = problems, prompt_ids, rng
+        self.train_ids = list(prompt_ids)
+        acks_path.parent.mkdir(parents=True, exist_ok=True)
+        self.acks = acks_path.open("a")
+        self.seq = 0
+        # sync mode: this generator's share of one learner batch (groups per version).
+        self.share = -(-cfg.learner.groups_per_step // cfg.generator.num_generators)  # ceil
+
+    def _message(self, groups: list[wire.TrajectoryGroup], version: int) -> bytes:
+        self.seq += 1
+        self.m.generated_tokens.inc(sum(g.num_tokens for g in groups))
+        self.m.reward.set(float(np.mean([c.reward for g in groups for c in g.completions])))
+        return wire.encode("trajectories", version, sender=self.name,
+                           incarnation=self.incarnation, seq=self.seq, groups=groups)
+
+    def _acked(self, seq: int, groups: int, completions: int) -> None:
+        self.acks.write(json.dumps({"incarnation": self.incarnation, "seq": seq,
+                                    "groups": groups}) + "\n")
+        self.acks.flush()
+        self.m.trajectories_sent.inc(completions)
+
+    # ------------------------------------------------------------------ batch generation
+
+    def batches(self, buffer) -> None:
+        """One blocking generate call of prompts_per_call prompts at a time; weights change
+        only between calls; each message waits for its ack."""
+        gc, cfg = self.cfg.generator, self.cfg
+        calls_per_version = -(-self.share // gc.prompts_per_call)
+        made: Counter[int] = Counter()  # generate calls made under each policy version
+        while True:
+            self.sync.serve(timeout_s=0.0)
+            while cfg.sync.mode == "sync" and made[self.sync.version] >= calls_per_version:
+                # Strictly on-policy: this version's share is done; wait for the new weights.
+                self.sync.serve(timeout_s=1.0)
+            version = self.sync.version
+            batch = self.rng.sample(self.train_ids, gc.prompts_per_call)
+            t0 = time.perf_counter()
+            samples = self.engine.generate([self.prompt_ids[i] for i in batch], gc.group_size,
+                                           gc.temperature, gc.max_tokens)
+            busy = time.perf_counter() - t0
+            self.m.generate_seconds.observe(busy)
+            self.m.engine_busy_seconds.inc(busy)
+            self.stats.engine_busy_s += busy
+            first_token = time.monotonic() - busy
+            groups = [self.scorer.group(self.problems[i], self.prompt_ids[i], s, version,
+                                        self.name) for i, s in zip(batch, samples)]
+            self.stats.add(groups)
+            payload = self._message(groups, version)
+            _send_with_backpressure(buffer, payload, self.seq, self.sync, self.m, cfg)
+            self.m.delivery_seconds.observe(time.monotonic() - first_token)
+            self._acked(self.seq, len(groups), sum(len(g.completions) for g in groups))
+            made[version] += 1
+
+    # ------------------------------------------------------------------ streaming
+
+    def stream(self, buffer) -> None:
+        """Continuous batching (asyncrl/generator/stream.py): new prompts start whenever there
+        is room, a group is scored and queued the moment it is complete, sends are pipelined,
+        and weight updates load between engine steps."""
+        from asyncrl.generator.outbox import Outbox
+        from asyncrl.generator.stream import Streamer
+
+        gc, cfg = self.cfg.generator, self.cfg
+        streamer = Streamer(self.engine, gc.group_size, gc.temperature, gc.max_tokens,
+                            gc.max_inflight, gc.inflight_update, time.monotonic)
+        ready: list = []  # complete StreamGroups not yet in a message
+        first_token: dict[int, float] = {}  # seq -> earliest first token of its groups
+        completions: dict[int, int] = {}
+
+        def acked(seq: int, groups: int) -> None:
+            self.m.delivery_seconds.observe(time.monotonic() - first_token.pop(seq))
+            self._acked(seq, groups, completions.pop(seq))
+
+        outbox = Outbox(buffer, gc.send_window, min(10.0, cfg.net.ready_timeout_s),
+                        cfg.net.ready_timeout_s, acked, self.m.busy_retries.inc,
+                        f"{cfg.net.buffer_host}:{cfg.net.buffer_ingest_port}")
+        self.sync.before_load = lambda: ready.extend(streamer.before_update(self.sync.version))
+        self.sync.after_load = streamer.after_update
+        made: Counter[int] = Counter()  # groups started under each policy version
+        while True:
+            self.sync.serve(timeout_s=0.0)
+            version = self.sync.version
+            while (streamer.room() and not outbox.full()
+                   and (cfg.sync.mode == "async" or made[version] < self.share)):
+                pid = self.rng.choice(self.train_ids)
+                streamer.start(pid, self.prompt_ids[pid], version)
+                made[version] += 1
+            if streamer.busy:
+                t0 = time.perf_counter()
+                ready += streamer.step(version)
+                busy = time.perf_counter() - t0
+                self.m.engine_busy_seconds.inc(busy)
+                self.stats.engine_busy_s += busy
+            self.m.inflight.set(len(streamer.running))
+            if ready:
+                groups = [self.scorer.stream_group(self.problems[g.key], g, self.name)
+                          for g in ready]
+                self.stats.add(groups)
+                payload = self._message(groups, version)
+                first_token[self.seq] = min(g.first_token_at or g.started_at for g in ready)
+                completions[self.seq] = sum(len(g.completions) for g in groups)
+                outbox.put(self.seq, payload, len(groups))
+                ready = []
+            # Idle (buffer full, or sync mode waiting for new weights): wait on both sockets.
+            wait = 0.0 if streamer.busy else 0.02
+            outbox.pump(timeout_s=wait)
+            if not streamer.busy:
+                self.sync.serve(timeout_s=wait)
+            self.m.inflight_updates.inc(streamer.updates_in_flight
+                                        - self.stats.inflight_updates)
+            self.stats.inflight_updates = streamer.updates_in_flight
+
+
+class _Stats:
+    """What this generator did, written to RUN_DIR/<name>_stats.json when it exits (the
+    benchmarks and scripts/gpu-smoke.sh read it)."""
+
+    def __init__(self, path: Path, mode: str, inflight_update: str):
+        self.path, self.mode, self.inflight_update = path, mode, inflight_update
+        self.t0 = time.monotonic()
+        self.tokens = self.completions = self.pushes = self.sync_bytes = 0
+        self.engine_busy_s = 0.0
+        self.inflight_updates = 0
+        self.multi_version_completions = 0
+
+    def add(self, groups: list[wire.TrajectoryGroup]) -> None:
+        for g in groups:
+            self.tokens += g.num_tokens
+            self.completions += len(g.completions)
+            self.multi_version_completions += sum(
+                c.versions is not None and len(set(c.versions.tolist())) > 1
+                for c in g.completions)
+
+    def write(self) -> None:
+        wall = time.monotonic() - self.t0
+        self.path.write_text(json.dumps({
+            "mode": self.mode, "inflight_update": self.inflight_update, "wall_s": wall,
+            "tokens": self.tokens, "completions": self.completions,
+            "tokens_per_s": self.tokens / max(self.engine_busy_s, 1e-9),
+            "engine_busy_s": self.engine_busy_s,
+            "engine_busy_fraction": self.engine_busy_s / max(wall, 1e-9),
+            "pushes": self.pushes, "sync_bytes_per_push": self.sync_bytes,
+            "inflight_updates": self.inflight_updates,
+            "multi_version_completions": self.multi_version_completions}) + "\n")
 
 
 class _Scorer:
@@ -146,6 +300,15 @@ class _Scorer:
                                     prompt_tokens=np.asarray(prompt, np.int32),
                                     policy_version=version, completions=comps, generator=name,
                                     created_at=time.time())
+
+    def stream_group(self, problem, g, name: str) -> wire.TrajectoryGroup:
+        """A finished StreamGroup, scored: every token keeps the version that sampled it, and
+        the group's policy_version is its oldest token's (what its staleness is judged by)."""
+        samples = [Sample(s.tokens, s.logprobs, s.finish_reason) for s in g.seqs]
+        out = self.group(problem, g.prompt, samples, g.oldest_version, name)
+        for c, s in zip(out.completions, g.seqs):
+            c.versions = np.asarray(s.versions, np.int64)
+        return out
 
 
 def _send_with_backpressure(buffer, payload, seq, sync: SyncMember, m, cfg) -> None:

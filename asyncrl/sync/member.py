@@ -51,6 +51,10 @@ class SyncMember:
         self.alone_since = time.monotonic()
         self.session = ""
         self.version = 0
+        # Run around every load, between two engine steps (asyncrl/generator/stream.py: what
+        # happens to requests in flight); no-ops for batch generation.
+        self.before_load: Callable[[], None] = lambda: None
+        self.after_load: Callable[[], None] = lambda: None
         self._last_hello = float("-inf")
 
     def hello(self, force: bool = False) -> None:
@@ -116,15 +120,18 @@ class SyncMember:
         if version < self.version:
             log.error("%s: learner pushed version %d but we hold %d; loading it anyway",
                       self.name, version, self.version)
+        self.before_load()
         try:
             seconds, nbytes = self.engine.receive_weights(msg["tensors"])
         except Exception as e:  # peer died mid-broadcast; the engine still has the old weights
+            self.after_load()
             self._leave(f"weight update to version {version} failed: {e}")
             return
         self.version = version
         self.control.try_send(wire.encode("weights_loaded", version, sender=self.name,
                                           session=self.session, seconds=seconds))
         self.on_loaded(version, seconds, nbytes)
+        self.after_load()
 
     def _leave(self, why: str) -> None:
         log.warning("%s: %s; keeping policy version %d and waiting for the learner to form a "

@@ -10,6 +10,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from asyncrl.config import load_config
 from tests.conftest import wait_until
 from tests.e2e.test_loop import _overrides, _rows, _start
 
@@ -39,7 +40,10 @@ def test_stalled_learner_makes_generators_wait_not_drop(model_cache, tmp_path):
         for p in learners:
             p.send_signal(signal.SIGSTOP)
         before = _metrics(base + 20)["asyncrl_generator_busy_retries_total"]
-        admit = 2 * 4  # admit_steps x groups_per_step
+        cfg = load_config(tmp_path / "config.yaml")
+        # admit_steps x groups_per_step, passed by less than one message (asyncrl/buffer/store.py):
+        # a streaming generator's message holds at most max_inflight / group_size groups.
+        admit = 2 * 4 + cfg.generator.max_inflight // cfg.generator.group_size - 1
         # The learner stays frozen for 15 s on purpose; the occupancy is sampled throughout.
         frozen_until, occupancy = time.monotonic() + 15, []
         while time.monotonic() < frozen_until:

@@ -45,8 +45,10 @@ def test_max_staleness_zero_serves_only_the_current_version():
 def test_full_buffer_refuses_whole_message_without_dropping():
     buf = ReplayBuffer(capacity_groups=3, max_staleness=5)
     assert buf.add([g(0), g(0)])
-    assert not buf.add([g(0), g(0)])  # would overflow: nothing of it is taken
-    assert len(buf) == 2
+    assert buf.add([g(0), g(0)])  # below the limit when it came: taken whole (4 of 3)
+    assert not buf.add([g(0)])  # at or past the limit: refused, nothing of it is taken
+    assert len(buf) == 4
+    buf.take(2, learner_version=0)
     assert buf.add([g(0)])
     assert len(buf) == 3
 

@@ -103,7 +103,7 @@ def test_abort_mode_resubmits_with_the_tokens_so_far_as_prefix():
     eng.weights = 1
     s.after_update()
     resubmitted = eng.added[-2:]
-    for rid, prompt, max_tokens in resubmitted:
+    for _rid, prompt, max_tokens in resubmitted:
         assert prompt == [7, 7, 2, 3] and max_tokens == 4  # prompt + the 2 tokens sampled
     done = []
     while not done:
