@@ -16,7 +16,9 @@ class TrainBatch:
     completion_mask: torch.Tensor  # (B, L-1) 1 where position t predicts a completion token
     behav_logprobs: torch.Tensor  # (B, L-1) generator logprobs, aligned with completion_mask
     rewards: torch.Tensor  # (G, N)
-    versions: torch.Tensor  # (B,) policy version each sequence was sampled under
+    versions: torch.Tensor  # (B, L-1) policy version that sampled each completion token
+    # (aligned with completion_mask; a completion spans several versions when the weights
+    # changed while it was generated)
     truncated: torch.Tensor  # (B,) bool, stopped by the length limit
 
     def to(self, device: torch.device) -> TrainBatch:
@@ -72,6 +74,7 @@ def collate(groups: list[TrajectoryGroup], pad_id: int) -> TrainBatch:
     attention_mask = torch.zeros((B, width), dtype=torch.long)
     completion_mask = torch.zeros((B, width - 1))
     behav = torch.zeros((B, width - 1))
+    versions = torch.zeros((B, width - 1), dtype=torch.long)
     for i, (g, c) in enumerate(seqs):
         P, T = len(g.prompt_tokens), len(c.tokens)
         input_ids[i, :P] = torch.from_numpy(g.prompt_tokens.astype("int64"))
@@ -80,8 +83,9 @@ def collate(groups: list[TrajectoryGroup], pad_id: int) -> TrainBatch:
         # Logits at position t predict token t+1: completion token j is predicted at P-1+j.
         completion_mask[i, P - 1 : P - 1 + T] = 1
         behav[i, P - 1 : P - 1 + T] = torch.from_numpy(c.logprobs.astype("float32"))
+        versions[i, P - 1 : P - 1 + T] = (g.policy_version if c.versions is None else
+                                          torch.from_numpy(c.versions.astype("int64")))
     rewards = torch.tensor([[c.reward for c in g.completions] for g in groups])
-    versions = torch.tensor([g.policy_version for g, _ in seqs])
     truncated = torch.tensor([c.finish_reason == "length" for _, c in seqs])
     return TrainBatch(input_ids, attention_mask, completion_mask, behav, rewards, versions,
                       truncated)

@@ -16,7 +16,8 @@ def test_collate_aligns_behaviour_logprobs_with_predicted_tokens():
     # position t predicts token t+1: completions start being predicted at P-1 = 1
     assert b.completion_mask.tolist() == [[0, 1, 1, 1], [0, 1, 0, 0]]
     assert b.behav_logprobs.tolist() == [[0, -1, -2, -3], [0, -0.5, 0, 0]]
-    assert b.rewards.tolist() == [[1.0, 0.0]] and b.versions.tolist() == [4, 4]
+    assert b.rewards.tolist() == [[1.0, 0.0]]
+    assert b.versions.tolist() == [[0, 4, 4, 4], [0, 4, 0, 0]]  # per completion token
     assert b.truncated.tolist() == [False, True]
     assert b.num_completion_tokens == 4
     # every predicted completion token is the token at the next position
@@ -44,3 +45,15 @@ def test_a_batch_collate_or_the_model_cannot_take_is_refused_with_a_reason():
     # each refused case is one collate would crash on or train wrongly: ragged groups, P - 1 = -1
     with pytest.raises(ValueError):
         collate(_groups([2, 3]), pad_id=0)
+
+
+def test_a_completion_across_a_weight_update_keeps_every_tokens_version():
+    from asyncrl.learner.main import token_staleness
+
+    comps = [Completion(np.array([7, 8, 9], np.int32), np.array([-1, -2, -3], np.float32), 1.0,
+                        "stop", np.array([4, 4, 6])),
+             Completion(np.array([5], np.int32), np.array([-0.5], np.float32), 0.0, "stop")]
+    b = collate([TrajectoryGroup(0, np.array([1, 2], np.int32), 4, comps, "gen0", 0.0)], 0)
+    assert b.versions.tolist() == [[0, 4, 4, 6], [0, 4, 0, 0]]
+    # trained at version 6: two tokens and the other completion 2 behind, one token current
+    assert token_staleness(b, 6) == {0: 1, 2: 3}
