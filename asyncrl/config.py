@@ -303,6 +303,10 @@ class LearnerConfig:
     """GPUs of the learner ranks on this node (CUDA_VISIBLE_DEVICES for torchrun); empty:
     whatever is visible."""
     threads: int = 1
+    collective_timeout_s: float = 1800.0
+    """Timeout of the learner ranks' own process group: the other ranks wait in their next
+    collective while rank 0 evaluates and pushes weights alone, so it must exceed the longest
+    of those (at least sync.timeout_s)."""
     seed: int = 0
 
 
@@ -482,6 +486,9 @@ class RunConfig:
              "sync.backend=ipc (colocated, CUDA IPC) needs one learner rank and one generator "
              "on one GPU: learner.nproc=1, learner.nnodes=1, generator.num_generators=1, "
              "generator.tensor_parallel_size=1"),
+            (lc.collective_timeout_s > self.sync.timeout_s,
+             f"learner.collective_timeout_s={lc.collective_timeout_s}: must be > "
+             f"sync.timeout_s={self.sync.timeout_s} (the other ranks wait while rank 0 syncs)"),
             (gen.max_inflight >= gen.group_size,
              f"generator.max_inflight={gen.max_inflight}: must be >= generator.group_size="
              f"{gen.group_size} (a group's completions start together)"),
@@ -631,6 +638,7 @@ BOUNDS: dict[str, Bound] = {
     "learner.max_restarts": _ints(0, 100),
     "learner.device_ids": _ints(0, 1023),
     "learner.threads": _ints(1, 1024),
+    "learner.collective_timeout_s": _positive(2 * DAY_S),
     "learner.seed": SEED,
     "sync.interval": _ints(1, STEPS),
     "sync.timeout_s": _positive(DAY_S),

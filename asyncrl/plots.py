@@ -1,4 +1,4 @@
-"""Plots of a run's metrics.jsonl (matplotlib, no display needed)."""
+"""Plots of a run's metrics.jsonl and completion lengths (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ def plot_run(metrics_path: Path, out_path: Path) -> Path:
         ax.annotate(f"{acc[-1][1]:.1%}", acc[-1], textcoords="offset points", xytext=(-20, 8))
     ax.set_xlabel("learner step (policy version)")
     ax.set_ylabel("reward / accuracy")
-    ax.set_ylim(0, 1)
+    # Composite rewards (configs/reasoning.yaml sums to 4) must not run off the top.
+    values = [v for _, v in rew]
+    ax.set_ylim(min(0.0, *values), max(1.0, *(v * 1.05 for v in values)))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     ax.set_title(f"asyncrl run: {Path(metrics_path).parent.name}")
@@ -47,3 +49,39 @@ def plot_run(metrics_path: Path, out_path: Path) -> Path:
     fig.savefig(out_path)
     plt.close(fig)
     return out_path
+
+
+def length_percentiles(lengths: list[int]) -> dict[str, float]:
+    """p10, p50 and p90 of completion lengths in tokens (numpy's linear interpolation)."""
+    import numpy as np
+
+    if not lengths:
+        return {}
+    p10, p50, p90 = np.percentile(np.asarray(lengths, dtype=float), [10, 50, 90])
+    return {"p10": float(p10), "p50": float(p50), "p90": float(p90)}
+
+
+def plot_lengths(lengths: list[int], path: Path) -> Path:
+    """Histogram of completion lengths (tokens) with p10, p50 and p90 marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    if lengths:
+        ax.hist(lengths, bins=min(60, max(1, max(lengths) - min(lengths) + 1)),
+                color="tab:blue", alpha=0.8)
+        pct = length_percentiles(lengths)
+        for (name, value), color in zip(pct.items(), ("tab:green", "tab:orange", "tab:red")):
+            ax.axvline(value, color=color, lw=1.5, ls="--", label=f"{name} {value:.0f}")
+        ax.legend(loc="upper right")
+        ax.set_title(f"completion lengths of {len(lengths)} trained samples "
+                     f"(p90/p10 = {pct['p90'] / max(pct['p10'], 1e-9):.1f})")
+    ax.set_xlabel("completion length (tokens)")
+    ax.set_ylabel("completions")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -458,6 +458,35 @@ class Groups:
         return v
 
 
+@dataclass(frozen=True)
+class IpcHandles:
+    """The CUDA IPC handles of a colocated push (asyncrl/sync/ipc.py): one map per packed
+    buffer with exactly these fields; [] for a broadcast."""
+
+    FIELDS = {"dtype": Str(16, choices=tuple(WEIGHT_DTYPES)), "numel": Int(0, MAX_TENSOR_DIM),
+              "offset": Int(0, MAX_TENSOR_DIM), "device_uuid": Str(MAX_NAME),
+              "handle": None, "storage_size": Int(0, MAX_WEIGHT_BYTES),
+              "storage_offset": Int(0, MAX_WEIGHT_BYTES), "ref_handle": None,
+              "ref_offset": Int(0, INT64_MAX), "event_handle": None, "event_sync": None}
+
+    def check(self, v: Any, where: str, vocab_size: int | None, build: bool) -> list:
+        if type(v) is not list or len(v) > len(WEIGHT_DTYPES):
+            raise MessageError("bad_value", f"{where} is not a list of <= "
+                                            f"{len(WEIGHT_DTYPES)} handles")
+        for i, h in enumerate(v):
+            if type(h) is not dict or set(h) != set(self.FIELDS):
+                raise MessageError("bad_value", f"{where}[{i}] is not a handle map")
+            for key, field in self.FIELDS.items():
+                x = h[key]
+                if field is not None:
+                    field.check(x, f"{where}[{i}].{key}", vocab_size, build)
+                elif key == "event_sync" and type(x) is not bool:
+                    raise MessageError("bad_type", f"{where}[{i}].{key} is not a bool")
+                elif key != "event_sync" and (type(x) is not bytes or len(x) > 4096):
+                    raise MessageError("bad_type", f"{where}[{i}].{key} is not bytes <= 4096")
+        return v
+
+
 # ---------------------------------------------------------------- the schema
 
 _POLICY_VERSION = Int(0, MAX_VERSION, reason="bad_version")  # every message carries one
@@ -465,7 +494,7 @@ _HEADER = ("kind", "schema", "policy_version")
 _NAME = Str(MAX_NAME)  # sender names, incarnations, sessions
 _REASON = Str(MAX_REASON)
 
-SCHEMA: dict[str, dict[str, Int | Float | Str | TensorSpecs | Groups]] = {
+SCHEMA: dict[str, dict[str, Int | Float | Str | TensorSpecs | Groups | IpcHandles]] = {
     "trajectories": {"sender": _NAME, "incarnation": _NAME, "seq": Int(0, INT64_MAX),
                      "groups": Groups()},
     "ack": {"seq": Int(-1, INT64_MAX),  # -1: the frame was too broken to read its seq
@@ -477,8 +506,10 @@ SCHEMA: dict[str, dict[str, Int | Float | Str | TensorSpecs | Groups]] = {
     "generator_hello": {"sender": _NAME, "sync_rank": Int(0, MAX_RANKS - 1),
                         "incarnation": _NAME,  # new per generator process
                         "session": _NAME},  # "" until it has joined one
-    "sync_join": {"session": Str(MAX_NAME, nonempty=True), "world_size": Int(2, MAX_RANKS)},
-    "weights_update": {"session": Str(MAX_NAME, nonempty=True), "tensors": TensorSpecs()},
+    "sync_join": {"session": Str(MAX_NAME, nonempty=True), "world_size": Int(2, MAX_RANKS),
+                  "token": Str(MAX_NAME, nonempty=True)},  # secret part of the store prefix
+    "weights_update": {"session": Str(MAX_NAME, nonempty=True), "tensors": TensorSpecs(),
+                       "ipc": IpcHandles()},
     "weights_loaded": {"sender": _NAME, "session": _NAME, "seconds": Float(0.0, 1e9)},
     "shutdown": {"reason": _REASON},
     "error": {"reason": _REASON},

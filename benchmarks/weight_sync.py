@@ -134,7 +134,7 @@ def generator(path: str, control_port: int, store_port: int, raw_port: int) -> N
                              incarnation="bench", session=""))
     join = wire.decode(control.poll(TIMEOUT_S), expect=("sync_join",))
     engine.init_sync(HOST, store_port, 1, 2, "gloo", TIMEOUT_S,
-                     prefix=f"asyncrl/sync/{join['session']}")
+                     prefix=f"asyncrl/sync/{join['session']}/{join['token']}")
     raw_pg = group.init_group(HOST, raw_port, 1, 2, "gloo", TIMEOUT_S, prefix="bench/raw")
     raw_bufs: dict[str, torch.Tensor] = {}
     receive_s: list[float] = []

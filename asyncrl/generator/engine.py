@@ -156,8 +156,12 @@ class VLLMEngine:
     def leave_sync(self) -> None:
         self.llm.collective_rpc("asyncrl_leave_sync")
 
-    def receive_weights(self, specs: list[list]) -> tuple[float, int]:
-        seconds, nbytes = self.llm.collective_rpc("asyncrl_receive_weights", args=(specs,))[0]
+    def receive_weights(self, specs: list[list], ipc: list[dict] | None = None
+                        ) -> tuple[float, int]:
+        """Load one push: from the sync group's broadcast, or (colocated) from the learner's
+        buffers through their CUDA IPC handles."""
+        seconds, nbytes = self.llm.collective_rpc("asyncrl_receive_weights",
+                                                  args=(specs, ipc or None))[0]
         if not self._live:  # with requests running their blocks are in use (and the cache off)
             self.llm.reset_prefix_cache()
         return seconds, nbytes

@@ -49,20 +49,38 @@ if TYPE_CHECKING:
 log = logging.getLogger("asyncrl.learner")
 
 
-def init_ranks(backend: str) -> None:
+def init_ranks(backend: str, timeout_s: float) -> None:
     """Join the process group of this torchrun attempt.
 
     torchrun's workers use the agent's TCPStore, and that store outlives a restart. The keys
     init_process_group writes carry no attempt number. A restarted rank can therefore read the
     dead attempt's gloo or NCCL addresses, then fail with "connection refused" or wait. Seen on
     CI: it used up every restart and then hung. Each attempt gets its own key prefix.
+
+    The group's timeout is explicit (learner.collective_timeout_s): the other ranks wait in
+    their next collective while rank 0 evaluates and pushes weights alone, which NCCL's
+    10-minute default would cut short on a large model.
     """
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     store, rank, world = next(dist.rendezvous("env://"))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend, store=dist.PrefixStore(f"asyncrl/attempt{attempt}", store),
-                            rank=rank, world_size=world)
+                            rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+
+
+def compute_context(dtype: str, device: torch.device):
+    """Mixed precision: the learner keeps float32 master weights and optimizer state, and runs
+    its forward passes under autocast to model.dtype (bf16/fp16), whose gradients land in
+    float32. Training bf16 weights directly drops most small AdamW updates (below bf16's
+    resolution: at lr 1e-6, 50 steps changed 1.8% of the values)."""
+    import contextlib
+
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 def run(cfg: RunConfig, run_dir: Path) -> None:
@@ -78,22 +96,26 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
                            f"{cfg.learner_world}")
     torch.set_num_threads(cfg.learner.threads)
     torch.manual_seed(cfg.learner.seed)
-    # The device follows the backend: NCCL needs the weights on the GPU it broadcasts from.
+    # The device follows the backend: NCCL needs the weights on the GPU it broadcasts from,
+    # and a colocated (ipc) learner shares its GPU with the engine.
     backend = resolve_backend(cfg.sync.backend)
     device = (torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-              if backend == "nccl" else torch.device("cpu"))
+              if backend in ("nccl", "ipc") else torch.device("cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
-        init_ranks(backend)
+        init_ranks("nccl" if device.type == "cuda" else "gloo", cfg.learner.collective_timeout_s)
     registry = CollectorRegistry()
     m = metrics.LearnerMetrics(registry)
     metrics.serve(registry, cfg.net.bind_host, cfg.net.learner_metrics_port(rank))
 
     ckpt = checkpoint.latest(run_dir)
     start = ckpt.step if ckpt is not None else 0
-    model, tok = load_policy(ckpt.path if ckpt is not None else cfg.model.path, cfg.model.dtype)
+    # float32 master weights whatever model.dtype is (compute_context).
+    model, tok = load_policy(ckpt.path if ckpt is not None else cfg.model.path, "float32",
+                             device.type)
     model.to(device).train()
+    compute = compute_context(cfg.model.dtype, device)
     models = _build_models(cfg, model, device, world)
     sched = warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)
     if ckpt is not None:
@@ -127,13 +149,15 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
             batch_log.append(step, groups, dropped_total)
         batch = collate(groups, tok.pad_token_id).to(device)
         if step == start + 1 and cfg.learner.pack_row_tokens > 0:
-            worst = check_packing(model, batch.input_ids, batch.attention_mask,
-                                  batch.completion_mask, cfg.learner.pack_row_tokens,
-                                  1e-2 if cfg.model.dtype == "float32" else 0.25)
+            with compute:
+                worst = check_packing(model, batch.input_ids, batch.attention_mask,
+                                      batch.completion_mask, cfg.learner.pack_row_tokens,
+                                      1e-2 if cfg.model.dtype == "float32" else 0.25)
             log.info("packed rows of %d tokens: logprobs within %.2g of padded ones",
                      cfg.learner.pack_row_tokens, worst)
-        stats = train_step(models, batch, cfg.learner, cfg.generator.temperature,
-                           cfg.generator.max_tokens)
+        with compute:
+            stats = train_step(models, batch, cfg.learner, cfg.generator.temperature,
+                               cfg.generator.max_tokens)
         sched.step()
         stats.update(dynamic_sampling_filtered_groups=filtered, stale_dropped_total=dropped_total)
         step_seconds = time.perf_counter() - t0
@@ -154,11 +178,11 @@ def _build_models(cfg: RunConfig, model, device, world: int) -> Models:
     policy = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
     ref = critic = critic_opt = None
-    if lc.kl_coef > 0:
-        ref, _ = load_policy(cfg.model.path, cfg.model.dtype)
+    if lc.kl_coef > 0:  # frozen: no master copy needed, it stays in model.dtype
+        ref, _ = load_policy(cfg.model.path, cfg.model.dtype, device.type)
         ref.to(device).eval().requires_grad_(False)
     if lc.advantage == "gae":
-        critic = load_critic(cfg.model.path, cfg.model.dtype).to(device).train()
+        critic = load_critic(cfg.model.path, "float32", device.type).to(device).train()
         if world > 1:
             critic = torch.nn.parallel.DistributedDataParallel(critic)
         critic_opt = torch.optim.AdamW(critic.parameters(), lr=lc.critic_lr)
@@ -167,12 +191,9 @@ def _build_models(cfg: RunConfig, model, device, world: int) -> Models:
 
 def token_staleness(batch: TrainBatch, version: int) -> dict[int, int]:
     """Completion tokens per staleness (policy versions between sampling and this update)."""
-    lags = (version - batch.versions).tolist()
-    counts = batch.completion_mask.sum(dim=1).tolist()
-    hist: dict[int, int] = {}
-    for lag, n in zip(lags, counts):
-        hist[int(lag)] = hist.get(int(lag), 0) + int(n)
-    return dict(sorted(hist.items()))
+    lags = version - batch.versions[batch.completion_mask.bool()]  # one per completion token
+    values, counts = torch.unique(lags, return_counts=True)
+    return {int(v): int(n) for v, n in zip(values.tolist(), counts.tolist())}
 
 
 @dataclass
@@ -255,6 +276,8 @@ class _Lead:
         state = ckpt.state if ckpt is not None else {}
         self.tokens_total = state.get("tokens_total", 0)
         self.samples_total = state.get("samples_total", 0)
+        # Completion tokens of each sequence this process trained on (lengths.png, summary).
+        self.lengths: list[int] = []
         # Rows after the checkpoint are recomputed by the replay: drop them, keep their time.
         if ckpt is not None:
             resumed_t0 = time.time() - checkpoint.truncate_metrics(self.metrics_path, ckpt.step)
@@ -265,7 +288,10 @@ class _Lead:
             lambda port, reason: m.auth_failures.labels(str(port), reason).inc())
         self.sender = WeightSender(self.control, cfg.net.bind_host, cfg.net.sync_store_port,
                                    cfg.generator.num_generators, cfg.sync.backend,
-                                   cfg.sync.timeout_s, cfg.net.ready_timeout_s)
+                                   cfg.sync.timeout_s, cfg.net.ready_timeout_s,
+                                   rejected=m.messages_rejected,
+                                   ranks_per_generator=cfg.generator.tensor_parallel_size,
+                                   dtype=cfg.model.dtype)
         self.sender.start()
         # RL time starts once every generator is up (and goes on from before a restart).
         self.t_start = resumed_t0 if ckpt is not None else time.time()
@@ -275,9 +301,12 @@ class _Lead:
                          "elapsed_s": 0.0})
 
     def _evaluate(self) -> float:
-        acc = greedy_accuracy(self.model, self.tok, self.eval_set, self.cfg.generator.max_tokens,
-                              REWARD_FUNCTIONS[self.cfg.task.eval_reward],
-                              self.cfg.task.chat_template)
+        device = next(self.model.parameters()).device
+        with compute_context(self.cfg.model.dtype, device):
+            acc = greedy_accuracy(self.model, self.tok, self.eval_set,
+                                  self.cfg.generator.max_tokens,
+                                  REWARD_FUNCTIONS[self.cfg.task.eval_reward],
+                                  self.cfg.task.chat_template)
         self.m.eval_accuracy.set(acc)
         return acc
 
@@ -299,6 +328,7 @@ class _Lead:
         n_tok = max(1, sum(hist.values()))
         self.tokens_total += batch.num_completion_tokens
         self.samples_total += batch.input_ids.shape[0]
+        self.lengths += batch.completion_mask.sum(dim=1).long().tolist()
         elapsed = time.time() - self.t_start
         row = {"step": step, "policy_version": step, "reward_mean": stats["reward_mean"],
                "staleness_mean": sum(k * v for k, v in hist.items()) / n_tok,
@@ -320,10 +350,13 @@ class _Lead:
                         {"tokens_total": self.tokens_total, "samples_total": self.samples_total})
 
     def finish(self) -> None:
-        from asyncrl.plots import plot_run
+        from asyncrl.plots import length_percentiles, plot_lengths, plot_run
 
         self.sender.shutdown(f"trained {self.cfg.learner.total_steps} steps")
         plot_run(self.metrics_path, self.run_dir / "curves.png")
+        plot_lengths(self.lengths, self.run_dir / "lengths.png")
         (self.run_dir / "summary.json").write_text(json.dumps(
             {"steps": self.cfg.learner.total_steps, "final_weights_sha256":
-             weights_sha256(self.model), "elapsed_s": time.time() - self.t_start}))
+             weights_sha256(self.model), "elapsed_s": time.time() - self.t_start,
+             "completion_tokens": {**length_percentiles(self.lengths),
+                                   "count": len(self.lengths)}}))

@@ -16,6 +16,7 @@ that reaches the store cannot find the session's keys to join it. See docs/archi
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -104,8 +105,38 @@ def init_group(host: str, port: int, rank: int, world_size: int, backend: str,
                 timeout_s)
 
 
-def broadcast(group: SyncGroup, tensor: torch.Tensor, root: int = 0) -> None:
+def broadcast(group: SyncGroup, tensor: torch.Tensor, root: int = 0,
+              timeout_s: float | None = None) -> None:
+    """Broadcast and wait until it has finished. gloo's wait blocks and raises when a peer is
+    gone (after the group's timeout). NCCL's only orders the current CUDA stream: it neither
+    blocks nor raises, so a dead peer would stall the stream until the watchdog kills the
+    process. On CUDA the work is polled until it completes, with a deadline; past it the
+    communicator is aborted and TimeoutError names sync.timeout_s, so the caller re-forms
+    the session as after a gloo failure, and times only what really finished."""
     opts = dist.BroadcastOptions()
     opts.rootRank = root
     opts.rootTensor = 0
-    group.pg.broadcast([tensor], opts).wait()
+    work = group.pg.broadcast([tensor], opts)
+    if not tensor.is_cuda:
+        work.wait()
+        return
+    deadline = time.monotonic() + (timeout_s if timeout_s is not None else 300.0)
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            abort(group)
+            raise TimeoutError(f"weight broadcast of {tensor.numel() * tensor.element_size()} "
+                               f"bytes did not finish within {timeout_s:.0f}s (sync.timeout_s); "
+                               "a peer of the group is gone or stuck")
+        time.sleep(0.0005)
+    torch.cuda.current_stream(tensor.device).synchronize()
+
+
+def abort(group: SyncGroup | None) -> None:
+    """Abort a group's communicator (NCCL) before it is dropped, so that no kernel of a failed
+    session keeps waiting on the GPU; gloo needs nothing."""
+    nccl = getattr(dist, "ProcessGroupNCCL", None)
+    if nccl is not None and isinstance(getattr(group, "pg", None), nccl):
+        try:
+            group.pg.abort()
+        except Exception:  # noqa: BLE001 - it is being thrown away either way
+            pass

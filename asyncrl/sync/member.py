@@ -84,17 +84,19 @@ class SyncMember:
             if msg["kind"] == "shutdown":
                 raise LearnerFinished(msg["reason"])
             if msg["kind"] == "sync_join":
-                self._join(msg["session"], msg["world_size"])
+                self._join(msg["session"], msg["world_size"], msg["token"])
             elif msg["session"] != self.session:
                 log.warning("%s: ignored a weight update for session %s (we are in %r)",
                             self.name, msg["session"], self.session)
             else:
                 self._receive(msg)
 
-    def _join(self, session: str, world_size: int) -> None:
+    def _join(self, session: str, world_size: int, token: str) -> None:
         try:
-            self.engine.init_sync(self.host, self.store_port, self.sync_rank, world_size,
-                                  self.backend, self.timeout_s, prefix=f"asyncrl/sync/{session}")
+            if self.backend != "ipc":  # colocated: no group, the handles come with each push
+                self.engine.init_sync(self.host, self.store_port, self.sync_rank, world_size,
+                                      self.backend, self.timeout_s,
+                                      prefix=f"asyncrl/sync/{session}/{token}")
         except Exception as e:  # the learner went away while forming: wait for the next one
             self._leave(f"could not join weight-sync session {session}: {e}")
             return
@@ -122,7 +124,7 @@ class SyncMember:
                       self.name, version, self.version)
         self.before_load()
         try:
-            seconds, nbytes = self.engine.receive_weights(msg["tensors"])
+            seconds, nbytes = self.engine.receive_weights(msg["tensors"], msg["ipc"])
         except Exception as e:  # peer died mid-broadcast; the engine still has the old weights
             self.after_load()
             self._leave(f"weight update to version {version} failed: {e}")

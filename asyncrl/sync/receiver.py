@@ -22,22 +22,38 @@ from asyncrl.sync import group, weights
 class WeightReceiver:
     def asyncrl_init_sync(self, host: str, port: int, rank: int, world_size: int,
                           backend: str, timeout_s: float, prefix: str) -> None:
-        self._asyncrl_pg = None  # a previous session's group is dropped first
+        group.abort(getattr(self, "_asyncrl_pg", None))  # a previous session's group first
+        self._asyncrl_pg = None
+        self._asyncrl_timeout = timeout_s
         self._asyncrl_pg = group.init_group(host, port, rank + _tp_rank(), world_size, backend,
                                             timeout_s, prefix)
 
     def asyncrl_leave_sync(self) -> None:
         self._asyncrl_pg = None
 
-    def asyncrl_receive_weights(self, specs: list[list]) -> tuple[float, int]:
-        """Receive one broadcast and load it in place. Returns (seconds, bytes)."""
+    def asyncrl_receive_weights(self, specs: list[list], ipc_handles: list[dict] | None = None
+                                ) -> tuple[float, int]:
+        """Receive one broadcast (or open the colocated learner's buffers) and load it in
+        place. Returns (seconds, bytes)."""
         t0 = time.perf_counter()
+        if ipc_handles:
+            import torch
+
+            from asyncrl.sync import ipc
+
+            bufs = ipc.open_buffers(ipc_handles, self.device)
+            self.reload_weights(weights_iterator=weights.unpack(specs, bufs),
+                                is_checkpoint_format=True)
+            torch.cuda.synchronize(self.device)  # done reading before the learner may write
+            n = weights.nbytes(bufs)
+            del bufs  # release the learner's memory
+            return time.perf_counter() - t0, n
         # Reused across updates: allocating (and faulting in) GBs per push cost more than the
         # broadcast itself for a 0.5B model.
         bufs = self._asyncrl_bufs = weights.empty_buffers(
             specs, self.device, getattr(self, "_asyncrl_bufs", None))
         for dt in sorted(bufs):  # both ends broadcast dtypes in sorted order
-            group.broadcast(self._asyncrl_pg, bufs[dt], root=0)
+            group.broadcast(self._asyncrl_pg, bufs[dt], root=0, timeout_s=self._asyncrl_timeout)
         self.reload_weights(weights_iterator=weights.unpack(specs, bufs),
                             is_checkpoint_format=True)
         return time.perf_counter() - t0, weights.nbytes(bufs)

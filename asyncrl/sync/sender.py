@@ -24,6 +24,7 @@ as a session forms.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,13 +33,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from asyncrl import wire
-from asyncrl.sync import group, weights
+from asyncrl.sync import group, ipc, weights
 from asyncrl.transport import Server
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
+_COLOCATED = object()  # the "group" of sync.backend=ipc: nothing to form, nothing to broadcast
 
 
 @dataclass
@@ -54,13 +56,19 @@ class _Member:
 class WeightSender:
     def __init__(self, server: Server, host: str, store_port: int, num_generators: int,
                  backend: str, timeout_s: float, ready_timeout_s: float,
-                 rejected: Counter | None = None):
+                 rejected: Counter | None = None, ranks_per_generator: int = 1,
+                 dtype: str | None = None):
         """rejected: counts, by reason, the control frames refused (a Prometheus counter with
-        a `reason` label, LearnerMetrics.messages_rejected)."""
+        a `reason` label, LearnerMetrics.messages_rejected). ranks_per_generator: the
+        generators' tensor_parallel_size (each worker is a rank of the group). dtype: what
+        the engines hold (model.dtype); floating weights are cast to it as they are packed.
+        backend `ipc` (colocated): no group; each push hands the engine CUDA IPC handles to
+        the packed buffers instead of broadcasting them (asyncrl/sync/ipc.py)."""
         self.server, self.backend, self.rejected = server, backend, rejected
         self.timeout_s, self.ready_timeout_s = timeout_s, ready_timeout_s
         self.expected = [f"gen{i}" for i in range(num_generators)]
-        self.world = num_generators + 1
+        self.world = num_generators * ranks_per_generator + 1
+        self.dtype = dtype
         self.host = host
         self.store = group.open_store(host, store_port, True, timeout_s)
         self.tag = uuid.uuid4().hex[:8]  # fresh per learner process, so per torchrun restart
@@ -147,18 +155,25 @@ class WeightSender:
 
     def _form(self) -> None:
         self._await_members()
-        self.pg = None  # drop the old group first (its peers' pending receives then fail)
+        group.abort(self.pg)  # drop the old group first (its peers' pending receives then fail)
+        self.pg = None
         self.sessions += 1
         self.session = f"{self.tag}.{self.sessions}"
-        join = wire.encode("sync_join", 0, session=self.session, world_size=self.world)
+        # The group's store keys live under a prefix with a secret that only generators told
+        # over the authenticated control channel know: a peer that reaches the (unauthenticated)
+        # store cannot find the session's keys to join it.
+        token = secrets.token_hex(16)
+        join = wire.encode("sync_join", 0, session=self.session, world_size=self.world,
+                           token=token)
         for name in self.expected:
             m = self.members[name]
             m.confirmed = False
             self.server.send(m.ident, join)
         self.joined = {n: self.members[n].incarnation for n in self.expected}
         t0 = time.perf_counter()
-        self.pg = group.join(self.store, f"asyncrl/sync/{self.session}", 0, self.world,
-                             self.backend, self.timeout_s, bind_host=self.host)
+        self.pg = (_COLOCATED if self.backend == "ipc" else
+                   group.join(self.store, f"asyncrl/sync/{self.session}/{token}", 0, self.world,
+                              self.backend, self.timeout_s, bind_host=self.host))
         self.failed_at = None
         log.info("weight-sync session %s formed with %s in %.2fs (versions %s)", self.session,
                  ", ".join(f"{n}/{inc}" for n, inc in self.joined.items()),
@@ -205,19 +220,22 @@ class WeightSender:
                     raise
                 log.warning("weight sync to version %d failed (%s); re-forming the group with "
                             "the generators heard from after the failure", version, e)
+                group.abort(self.pg)
                 self.pg, self.failed_at = None, time.monotonic()
         raise AssertionError("unreachable")
 
     def _push(self, model: torch.nn.Module, version: int) -> tuple[float, int]:
         t0 = time.perf_counter()
         named = weights.sendable(model)
-        bufs = self._bufs = weights.pack(named, self._bufs)
+        bufs = self._bufs = weights.pack(named, self._bufs, self.dtype)
+        colocated = self.pg is _COLOCATED
         announce = wire.encode("weights_update", version, session=self.session,
-                               tensors=weights.specs_of(named))
+                               tensors=weights.specs_of(named, self.dtype),
+                               ipc=ipc.export(bufs) if colocated else [])
         for name in self.expected:
             self.server.send(self.members[name].ident, announce)
-        for dt in sorted(bufs):
-            group.broadcast(self.pg, bufs[dt], root=0)
+        for dt in sorted(bufs) if not colocated else ():
+            group.broadcast(self.pg, bufs[dt], root=0, timeout_s=self.timeout_s)
         deadline = time.monotonic() + self.timeout_s
         while waiting := [n for n in self.expected if self.members[n].version < version]:
             if self._needs_forming():

@@ -20,9 +20,12 @@ def dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def specs_of(named: list[tuple[str, torch.Tensor]]) -> list[list]:
-    """[[name, dtype, shape], ...] in the order the flat buffers are packed."""
-    return [[n, dtype_name(t), list(t.shape)] for n, t in named]
+def specs_of(named: list[tuple[str, torch.Tensor]], dtype: str | None = None) -> list[list]:
+    """[[name, dtype, shape], ...] in the order the flat buffers are packed. With `dtype` (the
+    engine's, model.dtype), floating tensors travel in it: a learner keeping float32 master
+    weights sends bf16 to a bf16 engine, cast as it packs."""
+    return [[n, dtype if dtype and t.is_floating_point() else dtype_name(t), list(t.shape)]
+            for n, t in named]
 
 
 def sendable(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -33,10 +36,12 @@ def sendable(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def pack(named: list[tuple[str, torch.Tensor]],
-         out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """dtype name -> one contiguous 1-D buffer with the tensors of that dtype in spec order.
-    Pass the previous result as `out` to refill it in place (no 2 GB allocation per push)."""
-    specs = specs_of(named)
+         out: dict[str, torch.Tensor] | None = None,
+         dtype: str | None = None) -> dict[str, torch.Tensor]:
+    """dtype name -> one contiguous 1-D buffer with the tensors of that dtype in spec order
+    (cast to `dtype` as in specs_of). Pass the previous result as `out` to refill it in place
+    (no 2 GB allocation per push)."""
+    specs = specs_of(named, dtype)
     if out is None or {dt: b.numel() for dt, b in out.items()} != _sizes(specs):
         out = empty_buffers(specs, named[0][1].device)
     for (_, t), (_, view) in zip(named, unpack(specs, out)):

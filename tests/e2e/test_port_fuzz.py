@@ -88,10 +88,11 @@ def buffer(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"vocab_size": VOCAB}))
-    # net.curve=false until this test gets the run's keys (the ports' CURVE is tested apart).
+    # With the run's CURVE keys, as in a run: the fuzzing peer is an authenticated but buggy
+    # or compromised one (intruders without keys: tests/e2e/test_auth.py).
     cfg = load_config(None, [f"model.path={model}", f"run_dir={tmp_path / 'run'}",
-                             f"net.base_port={free_base_port()}", "buffer.durable=true",
-                             "net.curve=false"])
+                             f"net.base_port={free_base_port()}", "buffer.durable=true"])
+    transport.make_keys(tmp_path / "run" / "keys")
     save_config(cfg, tmp_path / "buffer.yaml")
     proc = subprocess.Popen([sys.executable, "-m", "asyncrl", "buffer", "--config",
                              str(tmp_path / "buffer.yaml")], cwd=ROOT,
@@ -107,9 +108,10 @@ def test_the_buffer_survives_hostile_sealed_frames_on_all_three_ports(buffer):
     cfg, proc = buffer
     net, t0 = cfg.net, time.monotonic()
     ctx = transport.context()
-    ingest = transport.Client(ctx, HOST, net.buffer_ingest_port, "fuzz-ingest")
-    learner = transport.Client(ctx, HOST, net.buffer_learner_port, "fuzz-learner")
-    beats = transport.Client(ctx, HOST, net.heartbeat_port, "fuzz-beats")
+    keys = transport.keys_for(net, cfg.run_dir)
+    ingest = transport.Client(ctx, HOST, net.buffer_ingest_port, "fuzz-ingest", keys)
+    learner = transport.Client(ctx, HOST, net.buffer_learner_port, "fuzz-learner", keys)
+    beats = transport.Client(ctx, HOST, net.heartbeat_port, "fuzz-beats", keys)
     assert ingest.request(_trajectories(1), timeout_s=60) is not None, "buffer not up"
     probe = {"seq": 1, "beat": 0}
     expected = Counter()
@@ -177,14 +179,17 @@ def test_the_buffer_survives_hostile_sealed_frames_on_all_three_ports(buffer):
 # ---------------------------------------------------------------- learner rank 0's sync port
 
 
-def test_the_sync_control_port_survives_hostile_sealed_frames_and_still_forms_a_session():
+def test_the_sync_control_port_survives_hostile_sealed_frames_and_still_forms_a_session(
+        tmp_path):
     base, t0 = free_base_port(), time.monotonic()
     registry = CollectorRegistry()
     m = metrics.LearnerMetrics(registry)
     ctx = transport.context()
-    sender = WeightSender(transport.Server(ctx, HOST, base + 2), HOST, base + 3, 1, "gloo",
-                          timeout_s=30.0, ready_timeout_s=30.0, rejected=m.messages_rejected)
-    fuzz = transport.Client(ctx, HOST, base + 2, "fuzz")
+    keys = transport.load_keys(transport.make_keys(tmp_path / "keys"))
+    sender = WeightSender(transport.Server(ctx, HOST, base + 2, keys), HOST, base + 3, 1,
+                          "gloo", timeout_s=30.0, ready_timeout_s=30.0,
+                          rejected=m.messages_rejected)
+    fuzz = transport.Client(ctx, HOST, base + 2, "fuzz", keys)
     expected, sent = Counter(), 0
 
     def hello_is_heard(k: int) -> None:
@@ -216,7 +221,7 @@ def test_the_sync_control_port_survives_hostile_sealed_frames_and_still_forms_a_
     assert set(sender.members) <= {"gen0"}  # hostile names never reach the table
 
     # The sender still does its job: a real generator joins a session and loads a push.
-    gen = Generator(0, base)
+    gen = Generator(0, base, keys=keys)
     gen.start()
     try:
         wait_until(lambda: gen.member is not None, 10, "the generator thread to start")
@@ -250,20 +255,21 @@ class RecordingEngine:
     def leave_sync(self):
         pass
 
-    def receive_weights(self, specs):
+    def receive_weights(self, specs, ipc=None):
         self.received_bytes.append(wire.spec_bytes(specs))
         return 0.0, self.received_bytes[-1]
 
 
-def test_a_generator_control_socket_survives_hostile_sealed_frames():
+def test_a_generator_control_socket_survives_hostile_sealed_frames(tmp_path):
     base, t0 = free_base_port(), time.monotonic()
     registry = CollectorRegistry()
     m = metrics.GeneratorMetrics(registry)
     ctx = transport.context()
-    learner = transport.Server(ctx, HOST, base + 2)  # plays learner rank 0
+    keys = transport.load_keys(transport.make_keys(tmp_path / "keys"))
+    learner = transport.Server(ctx, HOST, base + 2, keys)  # plays learner rank 0
     engine = RecordingEngine()
     limit = 2**20
-    member = SyncMember(transport.Client(ctx, HOST, base + 2, "gen0"), engine, "gen0", 1,
+    member = SyncMember(transport.Client(ctx, HOST, base + 2, "gen0", keys), engine, "gen0", 1,
                         "inc", HOST, base + 3, "gloo", 5.0, hello_interval_s=3600.0,
                         alone_timeout_s=3600.0, on_loaded=lambda *a: None,
                         max_weight_bytes=limit, rejected=m.messages_rejected)
@@ -287,7 +293,8 @@ def test_a_generator_control_socket_survives_hostile_sealed_frames():
     expected, sent, finished = Counter(), 0, 0
 
     def join(session: str) -> None:  # the session of the fuzzed weights_update frames
-        learner.send(ident[0], wire.encode("sync_join", 0, session=session, world_size=2))
+        learner.send(ident[0], wire.encode("sync_join", 0, session=session, world_size=2,
+                                           token="t0"))
         member.serve(timeout_s=10.0)
         listen(lambda msg: msg["kind"] == "generator_hello" and msg["session"] == session)
 
@@ -296,7 +303,7 @@ def test_a_generator_control_socket_survives_hostile_sealed_frames():
         session = f"probe.{k}"
         join(session)
         learner.send(ident[0], wire.encode("weights_update", k, session=session,
-                                           tensors=[["w", "float32", [4, 4]]]))
+                                           tensors=[["w", "float32", [4, 4]]], ipc=[]))
         member.serve(timeout_s=10.0)
         listen(lambda msg: msg["kind"] == "weights_loaded" and msg["session"] == session)
         join("s.1")
@@ -326,6 +333,13 @@ def test_a_generator_control_socket_survives_hostile_sealed_frames():
             still_answers(sent)
 
     one()
+    # And one push that is valid on the wire but larger than this model can hold, whatever the
+    # random draws above happened to contain.
+    join("s.1")
+    learner.send(ident[0], wire.encode("weights_update", 9, session="s.1",
+                                       tensors=[["w", "float32", [2**18, 2**18]]], ipc=[]))
+    member.serve(timeout_s=10.0)
+    expected["weights_too_large"] += 1
     ctx.destroy(linger=0)
     counted = Counter({reason: int(registry.get_sample_value(
         "asyncrl_generator_messages_rejected_total", {"reason": reason}) or 0)

@@ -30,7 +30,7 @@ class FakeEngine:
     def leave_sync(self):
         self.pg = None
 
-    def receive_weights(self, specs):
+    def receive_weights(self, specs, ipc=None):
         bufs = weights.empty_buffers(specs, torch.device("cpu"))
         for dt in sorted(bufs):
             group.broadcast(self.pg, bufs[dt], root=0)
@@ -41,16 +41,17 @@ class FakeEngine:
 class Generator(threading.Thread):
     """A generator's serving loop; the control socket is created and used in this thread."""
 
-    def __init__(self, index: int, base: int, version: int = 0):
+    def __init__(self, index: int, base: int, version: int = 0, keys=None):
         super().__init__(daemon=True)
-        self.index, self.base, self.start_version = index, base, version
+        self.index, self.base, self.start_version, self.keys = index, base, version, keys
         self.engine = FakeEngine()
         self.stop = threading.Event()
         self.finished = None
         self.member: SyncMember | None = None
 
     def run(self):
-        control = transport.Client(transport.context(), HOST, self.base + 2, f"gen{self.index}")
+        control = transport.Client(transport.context(), HOST, self.base + 2, f"gen{self.index}",
+                                   self.keys)
         self.member = SyncMember(control, self.engine, f"gen{self.index}", self.index + 1,
                                  uuid.uuid4().hex[:8], HOST, self.base + 3, "gloo", 30.0,
                                  hello_interval_s=0.2, alone_timeout_s=60.0,

@@ -137,8 +137,8 @@ def template(kind: str) -> dict:
         "batch_request": lambda: dict(rank=0, num_groups=4),
         "batch": lambda: dict(status="ok", groups=columns(), stale_dropped_total=5),
         "generator_hello": lambda: dict(sender="gen0", sync_rank=1, incarnation="i", session=""),
-        "sync_join": lambda: dict(session="s.1", world_size=2),
-        "weights_update": lambda: dict(session="s.1", tensors=specs()),
+        "sync_join": lambda: dict(session="s.1", world_size=2, token="t"),
+        "weights_update": lambda: dict(session="s.1", tensors=specs(), ipc=[]),
         "weights_loaded": lambda: dict(sender="gen0", session="s.1", seconds=0.5),
         "shutdown": lambda: dict(reason="done"),
         "error": lambda: dict(reason="x"),
@@ -186,6 +186,12 @@ def in_bounds(field) -> st.SearchStrategy:
         spec = st.tuples(st.text(min_size=1, max_size=8), st.sampled_from(list(wire.WEIGHT_DTYPES)),
                          st.lists(st.integers(0, 64), max_size=3)).map(list)
         return st.lists(spec, max_size=4, unique_by=lambda s: s[0])
+    if isinstance(field, wire.IpcHandles):
+        handle = st.fixed_dictionaries({
+            k: (in_bounds(f) if f is not None else
+                st.booleans() if k == "event_sync" else st.binary(max_size=64))
+            for k, f in wire.IpcHandles.FIELDS.items()})
+        return st.lists(handle, max_size=2)
     assert isinstance(field, wire.Groups)
     return st.lists(valid_group(), max_size=3).map(wire.group_columns)
 
@@ -455,8 +461,8 @@ def test_an_undeclared_field_is_refused_both_ways():
     ("heartbeat", dict(sender="x" * 65, role="generator"), "sender"),
     ("batch_request", dict(rank=0, num_groups=0), "num_groups"),
     ("batch_request", dict(rank=0, num_groups=True), "num_groups"),
-    ("sync_join", dict(session="", world_size=2), "session"),
-    ("weights_update", dict(session="s", tensors=[["w", "int64", [2]]]), "tensors[0].dtype"),
+    ("sync_join", dict(session="", world_size=2, token="t"), "session"),
+    ("weights_update", dict(session="s", tensors=[["w", "int64", [2]]], ipc=[]), "tensors[0].dtype"),
     ("weights_loaded", dict(sender="g", session="s", seconds=math.nan), "seconds"),
     ("ack", dict(seq=1, status="maybe", reason=""), "status"),
 ])
