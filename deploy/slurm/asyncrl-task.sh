@@ -14,11 +14,12 @@ case "$role" in
     exec "$PY" -m asyncrl generator --config "$ASYNCRL_CONFIG" --index "$SLURM_PROCID"
     ;;
   learner)
-    # --max-restarts: a failed rank restarts every rank, which resume from the last
-    # checkpoint (docs/reliability.md). --local-addr: the node name, which both decides the node's rank order in the c10d
+    # --max-restarts: learner.max_restarts of the run's config (two-pool.sbatch exports it);
+    # a failed rank restarts every rank, which resume from the last checkpoint
+    # (docs/reliability.md). --local-addr: the node name, which both decides the node's rank order in the c10d
     # rendezvous (sorted) and is the address the others use if this node gets rank 0.
     exec "$PY" -m torch.distributed.run \
-      --nnodes="$LEARNER_NNODES" --nproc-per-node="$GPUS_PER_TRAIN_NODE" --max-restarts=3 \
+      --nnodes="$LEARNER_NNODES" --nproc-per-node="$GPUS_PER_TRAIN_NODE" --max-restarts="${LEARNER_MAX_RESTARTS:-0}" \
       --rdzv-backend=c10d --rdzv-endpoint="$LEARNER_HOST:$RDZV_PORT" --rdzv-id="$RDZV_ID" \
       --local-addr="$SLURMD_NODENAME" \
       -m asyncrl.learner --config "$ASYNCRL_CONFIG"

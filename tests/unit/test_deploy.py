@@ -401,7 +401,7 @@ def test_slurm_dry_run_writes_hosts_and_starts_every_role(tmp_path, mode):
                                                           "train": "--nodelist=trn-a,trn-b",
                                                           "buffer": "--nodes=1"}
     r = subprocess.run(["bash", str(DEPLOY / "slurm" / "two-pool.sbatch"), "configs/default.yaml",
-                        f"model.path={model}", "learner.lr=1e-4"],
+                        f"model.path={model}", "learner.lr=1e-4", "learner.max_restarts=2"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -436,7 +436,8 @@ def test_slurm_dry_run_writes_hosts_and_starts_every_role(tmp_path, mode):
     assert f"-m asyncrl buffer {config}" in cmds
     assert f"-m asyncrl generator {config} --index 1" in cmds
     (torchrun,) = [c for c in cmds if "torch.distributed.run" in c]
-    assert torchrun == (f"-m torch.distributed.run --nnodes=2 --nproc-per-node=2 --max-restarts=3 "
+    # --max-restarts is the config's learner.max_restarts, not a number in the script
+    assert torchrun == (f"-m torch.distributed.run --nnodes=2 --nproc-per-node=2 --max-restarts=2 "
                         f"--rdzv-backend=c10d --rdzv-endpoint={train[0]}:29400 "
                         f"--rdzv-id=asyncrl-42 --local-addr=node-x -m asyncrl.learner {config}")
 
