@@ -146,3 +146,20 @@ def test_progress_shows_the_restart_and_the_replayed_steps_once_more(tmp_path):
     assert [x.split("]")[0] for x in lines] == [
         "[step 0/10", "[step 1/10", "[step 2/10", "[step 3/10",
         "[run", "[step 2/10"]
+
+
+def test_restore_loads_onto_the_ranks_own_device(model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """Every rank loads the optimizer state onto the device it trains on (map_location), not
+    onto the device rank 0 saved it from (on GPUs all ranks would load onto cuda:0 at once)."""
+    import asyncrl.learner.checkpoint as ck
+
+    cfg = _cfg(model_dir)
+    model, tok, models, sched = _learner(cfg, model_dir)
+    _train(cfg, models, sched, tok, 1)
+    ck.save(tmp_path, 1, model, tok, models, sched, {})
+    seen = []
+    real_load = torch.load
+    monkeypatch.setattr(ck.torch, "load", lambda *a, **k: seen.append(k.get("map_location"))
+                        or real_load(*a, **k))
+    ck.restore(ck.latest(tmp_path), models, sched)
+    assert seen == [torch.device("cpu")] == [next(model.parameters()).device]
