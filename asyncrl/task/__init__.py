@@ -13,6 +13,11 @@ def load_task(task: Any) -> tuple[list[Problem], list[Problem]]:
     """(train, held-out) problems for a TaskConfig."""
     if task.name == "addition":
         return make_problems(task.digits, task.train_size, task.eval_size, task.seed)
+    if task.name == "reasoning":
+        from asyncrl.task.reasoning import make_problems as make_reasoning
+
+        return make_reasoning(task.digits, task.min_terms, task.max_terms, task.terms_tail,
+                              task.train_size, task.eval_size, task.seed)
     if task.name == "dataset":
         from asyncrl.task.dataset import load_dataset
 

@@ -15,6 +15,8 @@ class Problem:
     id: int
     prompt: str
     answer: str
+    reference: str = ""
+    """The completion the SFT warm start trains on; empty: the answer itself."""
 
 
 def make_problems(digits: int, train_size: int, eval_size: int, seed: int

@@ -27,6 +27,7 @@ ACCEPTED = {
     ("learner.seed", 0): "any 31-bit seed",
     ("task.reward_model_weight", 0): "the reward model's score is ignored (no model by default)",
     ("task.reward_model_weight", -1): "a reward model's score may be a penalty",
+    ("task.terms_tail", 0): "reasoning: a uniform number of terms (documented)",
     ("warm_start.steps", 0): "RL from random init (documented)",
     ("buffer.max_staleness", 0): "on-policy only (documented)",
     ("learner.warmup_steps", 0): "no warm-up: full lr from the first step",
@@ -146,11 +147,25 @@ def test_fields_are_bounded_before_any_check_divides_or_combines_them():
                                                           "learner.lr"]
 
 
-def test_the_builtin_model_has_the_positions_config_assumes(tmp_path):
-    from asyncrl.task.tiny_model import build_model
+def test_the_builtin_models_have_the_positions_config_assumes(tmp_path):
+    from asyncrl.task.tiny_model import BUILTINS, build_model
 
-    model = build_model(tmp_path, 16, 0, 1, 2, seed=0)
-    assert model.config.max_position_embeddings == BUILTIN_MAX_POSITIONS
+    assert set(BUILTINS) == set(BUILTIN_MAX_POSITIONS)
+    for name, spec in BUILTINS.items():
+        model = build_model(tmp_path, 16, 0, 1, 2, seed=0, positions=spec.positions)
+        assert model.config.max_position_embeddings == BUILTIN_MAX_POSITIONS[name], name
+    assert build_model(tmp_path, 16, 0, 1, 2, seed=0).config.max_position_embeddings == 128
+
+
+def test_the_positions_check_is_per_builtin():
+    reasoning = ["task.name=reasoning", "model.path=builtin:tiny-reasoning"]
+    load_config(None, [*reasoning, "generator.max_tokens=400"])  # 512 positions
+    with pytest.raises(ConfigError, match="builtin:tiny-reasoning has 512 positions"):
+        load_config(None, [*reasoning, "generator.max_tokens=500"])
+    with pytest.raises(ConfigError, match="builtin:tiny-addition has 128 positions"):
+        load_config(None, ["task.name=reasoning", "generator.max_tokens=100"])
+    with pytest.raises(ConfigError, match="task.min_terms=9 > task.max_terms=4"):
+        load_config(None, [*reasoning, "task.min_terms=9", "task.max_terms=4"])
 
 
 def test_cli_names_a_bad_field_before_anything_starts(tmp_path):

@@ -1,0 +1,144 @@
+"""The reasoning task: right problems, disjoint splits, a long tail of lengths in the tokens of
+the builtin:tiny-reasoning tokenizer, and reference completions every reward scores at its
+maximum."""
+
+import re
+
+import numpy as np
+import pytest
+
+from asyncrl.config import load_config
+from asyncrl.rewards import REWARD_FUNCTIONS
+from asyncrl.task import load_task
+from asyncrl.task.reasoning import TAGS, make_problems, prompt_terms, solution, term_weights
+from tests.conftest import ROOT
+
+CONFIG = ROOT / "configs" / "reasoning.yaml"
+# Each reward's maximum (rewards.py: 1.0, except xmlcount's four 0.125s).
+MAX_REWARD = {"correctness": 1.0, "int": 1.0, "strict_format": 1.0, "soft_format": 1.0,
+              "xmlcount": 0.5}
+
+
+@pytest.fixture(scope="module")
+def task():
+    return load_config(CONFIG).task
+
+
+@pytest.fixture(scope="module")
+def problems(task):
+    return load_task(task)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from asyncrl.task.tiny_model import BUILTINS, build_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    build_tokenizer(d, BUILTINS["builtin:tiny-reasoning"].added_tokens)
+    return AutoTokenizer.from_pretrained(d)
+
+
+def test_the_scratchpad_adds_up_and_the_answer_is_the_sum(problems):
+    train, held_out = problems
+    for p in train[:2000] + held_out:
+        terms = prompt_terms(p.prompt)
+        assert p.answer == str(sum(terms))
+        body = re.fullmatch(r"<reasoning>\n(.*)\n</reasoning>\n<answer>\n(\d+)\n</answer>",
+                            p.reference, re.DOTALL)
+        assert body and body.group(2) == p.answer, p.reference
+        total = terms[0]
+        lines = body.group(1).split("\n")
+        assert len(lines) == len(terms) - 1
+        for line, term in zip(lines, terms[1:]):
+            a, b, c = map(int, re.fullmatch(r"(\d+)\+(\d+)=(\d+)", line).groups())
+            assert (a, b) == (total, term) and c == a + b
+            total = c
+
+
+def test_train_and_held_out_are_disjoint_distinct_and_seeded(task, problems):
+    train, held_out = problems
+    assert len(train) == task.train_size and len(held_out) == task.eval_size
+    prompts = [p.prompt for p in train + held_out]
+    assert len(set(prompts)) == len(prompts)
+    assert not {p.prompt for p in train} & {p.prompt for p in held_out}
+    again = make_problems(task.digits, task.min_terms, task.max_terms, task.terms_tail,
+                          task.train_size, task.eval_size, task.seed)
+    assert again == problems
+    other = make_problems(task.digits, task.min_terms, task.max_terms, task.terms_tail,
+                          100, 10, task.seed + 1)
+    assert [p.prompt for p in other[1]] != [p.prompt for p in held_out[:10]]
+
+
+def test_number_of_terms_follows_the_power_law(task, problems):
+    train, _ = problems
+    ks = np.array([len(prompt_terms(p.prompt)) for p in train])
+    assert ks.min() == task.min_terms and ks.max() == task.max_terms
+    weights = term_weights(task.min_terms, task.max_terms, task.terms_tail)
+    assert sum(weights) == pytest.approx(1.0) and weights == sorted(weights, reverse=True)
+    # the shortest problems are the most common, as drawn (the short ones are not exhausted)
+    share = np.mean(ks == task.min_terms)
+    assert share == pytest.approx(weights[0], abs=0.02)
+
+
+def test_reference_lengths_in_tokens_have_a_long_tail(problems, tok):
+    train, _ = problems
+    # what the generator samples: the completion and its EOS
+    lengths = [len(tok.encode(p.reference, add_special_tokens=False)) + 1 for p in train[:5000]]
+    p10, p50, p90 = np.percentile(lengths, [10, 50, 90])
+    assert p50 >= 30, (p10, p50, p90)
+    assert p90 >= 4 * p10, (p10, p50, p90)
+
+
+def test_the_longest_reference_fits_in_max_tokens_and_the_model(problems, tok):
+    from asyncrl.config import BUILTIN_MAX_POSITIONS
+    from asyncrl.task import encode_prompt
+
+    cfg = load_config(CONFIG)
+    train, held_out = problems
+    longest = max(len(tok.encode(p.reference, add_special_tokens=False)) + 1
+                  for p in train + held_out)
+    assert longest <= cfg.generator.max_tokens
+    prompt = max(len(encode_prompt(tok, p.prompt)) for p in train + held_out)
+    assert prompt + cfg.generator.max_tokens + 8 <= BUILTIN_MAX_POSITIONS[cfg.model.path]
+
+
+def test_the_reference_scores_the_maximum_of_every_reward(problems):
+    train, held_out = problems
+    cfg = load_config(CONFIG)
+    assert set(cfg.task.rewards) <= set(MAX_REWARD)
+    for p in train[:300] + held_out[:300]:
+        for name, best in MAX_REWARD.items():
+            assert REWARD_FUNCTIONS[name](p.reference, p.answer) == best, (name, p.reference)
+    wrong = solution([17, 5]).replace("22\n</answer>", "23\n</answer>")
+    assert REWARD_FUNCTIONS["correctness"](wrong, "22") == 0.0
+
+
+def test_the_tags_are_single_tokens_that_decode_back(tok):
+    for tag in TAGS:
+        ids = tok.encode(tag, add_special_tokens=False)
+        assert len(ids) == 1, tag
+        assert ids[0] not in tok.all_special_ids  # skip_special_tokens must keep it
+    text = solution([17, 5, 33, 8])
+    ids = tok.encode(text, add_special_tokens=False)
+    assert sum(i in {tok.convert_tokens_to_ids(t) for t in TAGS} for i in ids) == 4
+    # the generator decodes sampled tokens (ending in EOS) like this
+    assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == text
+    assert len(ids) == len(text) - sum(len(t) - 1 for t in TAGS)  # one token per other char
+
+
+def test_cache_keys_separate_the_builtins_and_keep_the_default(task):
+    from asyncrl.task.tiny_model import cache_key
+
+    default = load_config(ROOT / "configs" / "default.yaml")
+    # the embedded default's cached model (~/.cache/asyncrl/tiny-addition-e784bf8d0444) stays valid
+    assert cache_key(default) == "e784bf8d0444"
+    reasoning = load_config(CONFIG)
+    other = load_config(CONFIG, [f"task.max_terms={task.max_terms - 1}"])
+    assert len({cache_key(default), cache_key(reasoning), cache_key(other)}) == 3
+
+
+def test_too_many_problems_for_the_space_fail_naming_the_fields():
+    with pytest.raises(ValueError, match="task.train_size"):
+        make_problems(1, 2, 2, 1.0, 100, 10, 0)  # only 81 two-term sums of one digit
