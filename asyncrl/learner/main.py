@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -138,6 +139,8 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
                                             role="learner"),
                         cfg.net.heartbeat_interval_s, keys).start()
     lead = _Lead(cfg, run_dir, model, tok, m, ckpt) if rank == 0 else None
+    if lead is not None:
+        source.while_waiting = lead.keep_in_sync
 
     for step in range(start + 1, cfg.learner.total_steps + 1):
         t0 = time.perf_counter()
@@ -204,6 +207,8 @@ class _Source:
     rules: BatchRules
     vocab_size: int
     rejected: Counter  # LearnerMetrics.messages_rejected, by reason
+    # Rank 0, while the buffer has too little: keep weight sync going (see _Lead.keep_in_sync).
+    while_waiting: Callable[[int], None] = lambda version: None
 
 
 def _fetch(source: _Source, cfg: RunConfig, rank: int, version: int
@@ -259,6 +264,7 @@ def _request(source: _Source, cfg: RunConfig, rank: int, version: int, num_group
             raise RuntimeError(f"buffer refused our batch request: {msg['reason']}")
         elif msg["status"] == "ok":
             return msg["groups"], msg["stale_dropped_total"]
+        source.while_waiting(version)
         time.sleep(0.02)
 
 
@@ -282,6 +288,7 @@ class _Lead:
         if ckpt is not None:
             resumed_t0 = time.time() - checkpoint.truncate_metrics(self.metrics_path, ckpt.step)
         self.resumed_from = ckpt.step if ckpt is not None else None
+        self._last_keep = 0.0
         self.control = transport.Server(
             transport.context(), cfg.net.bind_host, cfg.net.sync_control_port,
             transport.keys_for(cfg.net, cfg.run_dir),
@@ -344,6 +351,22 @@ class _Lead:
         if step % cfg.learner.eval_interval == 0 or last:
             row["eval_accuracy"] = self._evaluate()
         self._write(row)
+
+    def keep_in_sync(self, version: int) -> None:
+        """While this rank waits for data: a generator that restarted (a new incarnation, at
+        version 0) samples data too stale to be trained on, so waiting for that data to step
+        and sync would wait forever. At most once a second, re-form the session if it changed
+        and bring any generator that is behind up to `version` (the weights as they are)."""
+        now = time.monotonic()
+        if now - self._last_keep < 1.0:
+            return
+        self._last_keep = now
+        pushed = self.sender.sync(self.model, version, due=False)
+        if pushed is not None:
+            self.m.sync_seconds.observe(pushed[0])
+            self.m.sync_bytes.inc(pushed[1])
+            log.info("pushed version %d to a generator that was behind while waiting for data",
+                     version)
 
     def save_checkpoint(self, step: int, models: Models, sched) -> None:
         checkpoint.save(self.run_dir, step, self.model, self.tok, models, sched,
