@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import asyncrl, free_base_port
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.long]
 
 
 def test_reasoning_run_has_a_long_tail_and_gains_ten_points(tmp_path):
