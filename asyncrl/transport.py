@@ -285,7 +285,11 @@ class _Guard(threading.Thread):
             for mon, port, cb in new:
                 poller.register(mon, zmq.POLLIN)
                 monitors[mon] = (port, cb)
-            for sock, _ in poller.poll(200):
+            try:
+                events = poller.poll(200)
+            except zmq.ZMQError:  # the context was closed under us: the process is ending
+                return
+            for sock, _ in events:
                 if sock is self.zap:
                     self._answer(self.zap.recv_multipart())
                 else:

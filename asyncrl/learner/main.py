@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("asyncrl.learner")
 
 
-def init_ranks(backend: str, timeout_s: float) -> None:
+def init_ranks(backend: str, timeout_s: float = 1800.0) -> None:
     """Join the process group of this torchrun attempt.
 
     torchrun's workers use the agent's TCPStore, and that store outlives a restart. The keys

@@ -16,16 +16,18 @@ from tests.conftest import asyncrl, free_base_port
 pytestmark = pytest.mark.e2e
 
 STEPS = 6
+TEMPERATURE = 2.0
 
 
 def _run(model_cache, run_dir, mode):
-    # Longer answers than the default's 6 tokens, so that updates find sequences running.
+    # Longer completions than the default's answers of ~4 tokens (a hot temperature rarely
+    # samples the end of sequence), so that updates find sequences running.
     r = asyncrl("run", "configs/default.yaml", f"warm_start.cache_dir={model_cache}",
                 f"run_dir={run_dir}", f"net.base_port={free_base_port()}",
                 f"learner.total_steps={STEPS}", "learner.eval_interval=100",
                 "learner.checkpoint_interval=1", "generator.streaming=true",
                 f"generator.inflight_update={mode}", "generator.max_tokens=24",
-                "buffer.max_staleness=4", timeout=600)
+                f"generator.temperature={TEMPERATURE}", "buffer.max_staleness=4", timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
 
 
@@ -53,10 +55,11 @@ def _after_update_diffs(run_dir, spanning, limit=12):
             models[v] = load_policy(run_dir / "checkpoints" / f"step_{v}")[0].eval()
         ids = torch.tensor([g.prompt_tokens.tolist() + c.tokens.tolist()])
         with torch.no_grad():
-            lp = token_logprobs(models[v], ids, torch.ones_like(ids), 1.0)[0]
+            lp = token_logprobs(models[v], ids, torch.ones_like(ids), TEMPERATURE)[0]
         lp = lp[len(g.prompt_tokens) - 1:]
         after = torch.tensor([x == v for x in versions])
-        diffs.append((lp[after] - torch.from_numpy(c.logprobs)[after]).abs().max().item())
+        behav = torch.tensor(c.logprobs.tolist())
+        diffs.append((lp[after] - behav[after]).abs().max().item())
     return diffs
 
 
