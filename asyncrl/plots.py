@@ -43,7 +43,7 @@ def plot_run(metrics_path: Path, out_path: Path) -> Path:
     values = [v for _, v in rew]
     ax.set_ylim(min(0.0, *values), max(1.0, *(v * 1.05 for v in values)))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     ax.set_title(f"asyncrl run: {Path(metrics_path).parent.name}")
     fig.tight_layout()
     fig.savefig(out_path)
