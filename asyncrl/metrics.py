@@ -45,6 +45,9 @@ class GeneratorMetrics:
                                            "calls, or streaming engine steps)", registry=r)
         self.inflight = Gauge("asyncrl_generator_inflight_sequences",
                               "Sequences running in the engine (streaming)", registry=r)
+        self.unacked = Gauge("asyncrl_generator_unacked_messages",
+                             "Trajectory messages sent and not yet acknowledged by the buffer "
+                             "(streaming; at most generator.send_window)", registry=r)
         self.inflight_updates = Counter("asyncrl_generator_inflight_updates_total",
                                         "Weight loads that found sequences running (streaming; "
                                         "what happened to them: generator.inflight_update)",

@@ -224,7 +224,7 @@ class _Generation:
                 self.m.engine_busy_seconds.inc(busy)
                 self.stats.engine_busy_s += busy
             self.m.inflight.set(len(streamer.running))
-            if ready:
+            if ready and not outbox.full():  # a full window holds finished groups back
                 groups = [self.scorer.stream_group(self.problems[g.key], g, self.name)
                           for g in ready]
                 self.stats.add(groups)
@@ -236,6 +236,7 @@ class _Generation:
             # Idle (buffer full, or sync mode waiting for new weights): wait on both sockets.
             wait = 0.0 if streamer.busy else 0.02
             outbox.pump(timeout_s=wait)
+            self.m.unacked.set(len(outbox))
             if not streamer.busy:
                 self.sync.serve(timeout_s=wait)
             self.m.inflight_updates.inc(streamer.updates_in_flight

@@ -16,7 +16,7 @@ import pytest
 
 from asyncrl.audit import delivery_audit
 from asyncrl.config import load_config
-from tests.conftest import ROOT, asyncrl, free_base_port
+from tests.conftest import ROOT, asyncrl, free_base_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -25,10 +25,11 @@ STEPS = 24
 
 def _start_run(model_cache, run_dir, *extra):
     base = free_base_port()
+    extra = extra or ("run.restart_delay_s=0.5",)
     args = [f"warm_start.cache_dir={model_cache}", f"run_dir={run_dir}", f"net.base_port={base}",
             f"learner.total_steps={STEPS}", "learner.eval_interval=100",
             "learner.checkpoint_interval=100", "net.ready_timeout_s=120",
-            "run.restart_delay_s=0.5", *extra]
+            *extra]
     load_config(ROOT / "configs" / "default.yaml", args)  # a bad override fails here, not later
     proc = subprocess.Popen([sys.executable, "-m", "asyncrl", "run", "configs/default.yaml",
                              *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -69,6 +70,12 @@ def _restarts(base) -> dict[str, float]:
         r'asyncrl_run_role_restarts_total\{role="(\w+)"\} (\S+)', text.decode())}
 
 
+def _gauge(base, port_offset, name) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{base + port_offset}/metrics",
+                                  timeout=5).read().decode()
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
 def _kill(pid):
     os.killpg(pid, signal.SIGKILL)  # the role and anything it started
 
@@ -82,7 +89,10 @@ def _stop(proc):
 
 
 def test_killed_generator_then_buffer_are_restarted_and_nothing_is_lost(model_cache, tmp_path):
-    proc, base = _start_run(model_cache, tmp_path)
+    # The buffer stays down 4 s (the first restart's delay): long enough for the streaming
+    # generator to fill its send window with messages the dead buffer never acknowledged.
+    proc, base = _start_run(model_cache, tmp_path, "run.restart_delay_s=4")
+    window = load_config(ROOT / "configs" / "default.yaml").generator.send_window
     out = Output(proc)
     try:
         pids = _pids(out.until(r"\[run\] started .*").group(0))
@@ -96,6 +106,9 @@ def test_killed_generator_then_buffer_are_restarted_and_nothing_is_lost(model_ca
         out.until(r"\[step 15/")
         _kill(pids["buffer"])
         out.until(r"buffer exited with code -9; restarting it")
+        # gen0's metrics (base + 20): the window fills and stays full while the buffer is down
+        wait_until(lambda: _gauge(base, 20, "asyncrl_generator_unacked_messages") == window,
+                   timeout_s=3.5, what=f"gen0's send window ({window} messages) to fill")
         out.until(r"buffer restarted")
         assert _restarts(base)["buffer"] == 1.0
         text = out.rest()
