@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from asyncrl.learner.runlog import read_jsonl
+from asyncrl.jsonl import read_jsonl
 
 Ident = tuple[str, str, int, int]
 

@@ -22,10 +22,9 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
-from asyncrl.config import ConfigError, RunConfig, load_config, save_config
+from asyncrl.config import ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,31 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.cmd} %(name)s: %(message)s")
     try:
-        if args.cmd == "plot":
-            from asyncrl.plots import plot_run
-
-            print(plot_run(Path(args.run_dir) / "metrics.jsonl", Path(args.run_dir) / "curves.png"))
-            return 0
-        if args.cmd == "audit":
-            from asyncrl.audit import delivery_audit
-
-            audit = delivery_audit(Path(args.run_dir))
-            print(f"[audit] {audit.summary()}")
-            return 0 if audit.ok else 1
-        if args.cmd == "keys":
-            from asyncrl.transport import make_keys
-
-            print(f"CURVE keys in {make_keys(Path(args.dir).expanduser())} (owner-only; copy "
-                  "the directory to every host of the run and set net.keys_dir to it)")
-            return 0
-        if args.cmd == "study":
-            return _cmd_study(args)
-        if args.cmd == "replay":
-            from asyncrl.learner.replay import replay
-
-            return 0 if replay(Path(args.run_dir)) else 1
-        cfg = load_config(args.config, args.overrides)
-        return _COMMANDS[args.cmd](cfg, args)
+        return COMMANDS[args.cmd](args)
     except ConfigError as e:
         print(f"asyncrl: {e}", file=sys.stderr)
         return 2
@@ -111,62 +86,72 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def resolve_model(cfg: RunConfig, progress=print) -> RunConfig:
-    """Replace a builtin model path by the built directory (building it once, cached)."""
-    if cfg.model.path.startswith("builtin:"):
-        from asyncrl.task.tiny_model import prepare_builtin
-
-        cfg.model.path = str(prepare_builtin(cfg, progress))
-    return cfg
+# ---------------------------------------------------------------- one function per command
+# Each takes the parsed arguments and returns the exit code; the work lives elsewhere.
 
 
-def _run_dir(cfg: RunConfig) -> Path:
-    if not cfg.run_dir:
-        cfg.run_dir = str(Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    path = Path(cfg.run_dir).resolve()
-    cfg.run_dir = str(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def _config(args):
+    return load_config(args.config, args.overrides)
 
 
-def _cmd_prepare(cfg: RunConfig, args) -> int:
-    print(resolve_model(cfg).model.path)
+def _run(args) -> int:
+    from asyncrl.runner import execute_run
+
+    return execute_run(_config(args))
+
+
+def _prepare(args) -> int:
+    from asyncrl.runner import resolve_model
+
+    print(resolve_model(_config(args)).model.path)
     return 0
 
 
-def _cmd_run(cfg: RunConfig, args) -> int:
-    return execute_run(cfg)
+def _buffer(args) -> int:
+    from asyncrl.buffer.main import run
+    from asyncrl.runner import resolve_model, role_run_dir
+
+    cfg = resolve_model(_config(args))
+    if cfg.buffer.durable:
+        role_run_dir(cfg)  # the durable log lives in RUN_DIR/buffer/
+    vocab = json.loads((Path(cfg.model.path) / "config.json").read_text()).get("vocab_size")
+    run(cfg, vocab_size=vocab)
+    return 0
 
 
-def execute_run(cfg: RunConfig, out=print) -> int:
-    """Prepare the model, write RUN_DIR/config.yaml, run every role until the learner ends."""
-    from asyncrl.launcher import launch
+def _generator(args) -> int:
+    cfg = _config(args)
+    if not 0 <= args.index < cfg.generator.num_generators:
+        raise ConfigError(f"--index {args.index} outside generator.num_generators="
+                          f"{cfg.generator.num_generators}")
+    if cfg.generator.device_ids:  # before vLLM (and CUDA) is imported
+        tp = cfg.generator.tensor_parallel_size
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(
+            map(str, cfg.generator.device_ids[args.index * tp : (args.index + 1) * tp]))
+    from asyncrl.generator.main import run
+    from asyncrl.runner import resolve_model, role_run_dir
 
-    run_dir = _run_dir(cfg)
-    if (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(f"run_dir {run_dir} already holds a run (metrics.jsonl); "
-                          "choose another run_dir")
-    out(f"[run] run directory {run_dir}")
-    if cfg.net.curve and not cfg.net.keys_dir:
-        from asyncrl.transport import make_keys
-
-        make_keys(run_dir / "keys")  # every role of this run finds them in RUN_DIR/keys
-    elif cfg.net.curve:
-        from asyncrl.transport import load_keys
-
-        load_keys(Path(cfg.net.keys_dir).expanduser())  # missing keys: fail now, naming them
-    resolve_model(cfg, out)
-    from asyncrl import devices
-
-    out(f"[run] {devices.apply(cfg, devices.visible_gpus()).describe()}")
-    config_path = run_dir / "config.yaml"
-    save_config(cfg, config_path)
-    code = launch(cfg, run_dir, config_path, out)
-    _summary(run_dir, out)
-    return code
+    resolve_model(cfg)
+    run(cfg, args.index, cfg.model.path, role_run_dir(cfg))
+    return 0
 
 
-def _cmd_study(args) -> int:
+def _learner(args) -> int:
+    from asyncrl.launcher import run_learner
+    from asyncrl.runner import resolve_model, role_run_dir
+
+    cfg = resolve_model(_config(args))
+    return run_learner(cfg, role_run_dir(cfg))
+
+
+def _plot(args) -> int:
+    from asyncrl.plots import plot_run
+
+    print(plot_run(Path(args.run_dir) / "metrics.jsonl", Path(args.run_dir) / "curves.png"))
+    return 0
+
+
+def _study(args) -> int:
     from asyncrl.study import grid, run_sweep
 
     load_config(args.config, args.overrides)  # fail now on a bad config, not at run 7
@@ -181,81 +166,28 @@ def _cmd_study(args) -> int:
     return 0
 
 
-def _summary(run_dir: Path, out=print) -> None:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    evals = [r for r in map(json.loads, path.read_text().splitlines()) if "eval_accuracy" in r]
-    if len(evals) >= 2:
-        a0, a1 = evals[0]["eval_accuracy"], evals[-1]["eval_accuracy"]
-        out(f"[run] held-out accuracy: SFT {a0:.1%} -> step {evals[-1]['step']} {a1:.1%} "
-            f"({(a1 - a0) * 100:+.1f} points)")
-    if (run_dir / "curves.png").exists():
-        out(f"[run] plot: {run_dir / 'curves.png'}")
+def _audit(args) -> int:
+    from asyncrl.audit import delivery_audit
+
+    audit = delivery_audit(Path(args.run_dir))
+    print(f"[audit] {audit.summary()}")
+    return 0 if audit.ok else 1
 
 
-def _role_run_dir(cfg: RunConfig) -> Path:
-    if not cfg.run_dir:
-        raise ConfigError("run_dir must be set when a role is started on its own")
-    path = Path(cfg.run_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def _keys(args) -> int:
+    from asyncrl.transport import make_keys
 
-
-def _cmd_buffer(cfg: RunConfig, args) -> int:
-    from asyncrl.buffer.main import run
-
-    resolve_model(cfg)
-    if cfg.buffer.durable:
-        _role_run_dir(cfg)  # the durable log lives in RUN_DIR/buffer/
-    vocab = json.loads((Path(cfg.model.path) / "config.json").read_text()).get("vocab_size")
-    run(cfg, vocab_size=vocab)
+    print(f"CURVE keys in {make_keys(Path(args.dir).expanduser())} (owner-only; copy "
+          "the directory to every host of the run and set net.keys_dir to it)")
     return 0
 
 
-def _cmd_generator(cfg: RunConfig, args) -> int:
-    from asyncrl.generator.main import run
+def _replay(args) -> int:
+    from asyncrl.learner.replay import replay
 
-    if not 0 <= args.index < cfg.generator.num_generators:
-        raise ConfigError(f"--index {args.index} outside generator.num_generators="
-                          f"{cfg.generator.num_generators}")
-    if cfg.generator.device_ids:  # before vLLM (and CUDA) is imported
-        tp = cfg.generator.tensor_parallel_size
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(
-            map(str, cfg.generator.device_ids[args.index * tp : (args.index + 1) * tp]))
-    resolve_model(cfg)
-    run(cfg, args.index, cfg.model.path, _role_run_dir(cfg))
-    return 0
+    return 0 if replay(Path(args.run_dir)) else 1
 
 
-def _cmd_learner(cfg: RunConfig, args) -> int:
-    import signal
-    import subprocess
-
-    from asyncrl.launcher import learner_command, role_env
-
-    resolve_model(cfg)
-    run_dir = _role_run_dir(cfg)
-    path = run_dir / "config.yaml"
-    save_config(cfg, path)
-    # Pass torchrun's output through, and end a failure with the ranks' own one-line errors
-    # rather than torchrun's ChildFailedError traceback.
-    proc = subprocess.Popen(learner_command(cfg, path), env=role_env(cfg, "learner", dict(
-        os.environ)), stderr=subprocess.PIPE, text=True, bufsize=1)
-    # Ctrl-C / SIGTERM go to torchrun, which stops its workers; we keep reading until it exits.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda s, _f: proc.send_signal(s))
-    errors = []
-    for line in proc.stderr:
-        sys.stderr.write(line)
-        if line.startswith("learner[") and "]: " in line:
-            errors.append(line.strip())
-    code = proc.wait()
-    if code != 0:
-        print(f"asyncrl learner: {errors[0] if errors else f'torchrun exited with code {code}'}",
-              file=sys.stderr)
-    return code
-
-
-_COMMANDS = {"run": _cmd_run, "prepare": _cmd_prepare, "buffer": _cmd_buffer,
-             "generator": _cmd_generator, "learner": _cmd_learner}
+COMMANDS = {"run": _run, "prepare": _prepare, "buffer": _buffer, "generator": _generator,
+            "learner": _learner, "plot": _plot, "study": _study, "audit": _audit,
+            "keys": _keys, "replay": _replay}

@@ -18,7 +18,6 @@ are printed and the launcher exits non-zero.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -28,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from asyncrl.config import RunConfig
+from asyncrl.config import RunConfig, save_config
+from asyncrl.jsonl import parse_rows
 
 GRACE_S = 10.0
 
@@ -81,6 +81,28 @@ def learner_command(cfg: RunConfig, config_path: Path) -> list[str]:
             "--nproc-per-node", str(lc.nproc), "--max-restarts", str(lc.max_restarts),
             "-m", "asyncrl.learner",
             "--config", str(config_path)]
+
+
+def run_learner(cfg: RunConfig, run_dir: Path) -> int:
+    """`asyncrl learner`: torchrun for this host's ranks, in the foreground. Its output passes
+    through, and a failure ends with the ranks' own one-line errors rather than torchrun's
+    ChildFailedError traceback. Ctrl-C / SIGTERM go to torchrun, which stops its workers."""
+    path = run_dir / "config.yaml"
+    save_config(cfg, path)
+    proc = subprocess.Popen(learner_command(cfg, path), env=role_env(cfg, "learner", dict(
+        os.environ)), stderr=subprocess.PIPE, text=True, bufsize=1)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _f: proc.send_signal(s))
+    errors = []
+    for line in proc.stderr:  # read until torchrun exits
+        sys.stderr.write(line)
+        if line.startswith("learner[") and "]: " in line:
+            errors.append(line.strip())
+    code = proc.wait()
+    if code != 0:
+        print(f"asyncrl learner: {errors[0] if errors else f'torchrun exited with code {code}'}",
+              file=sys.stderr)
+    return code
 
 
 def launch(cfg: RunConfig, run_dir: Path, config_path: Path, out=print) -> int:
@@ -222,11 +244,11 @@ class _Progress:
             chunk = f.read()
         complete = chunk[: chunk.rfind("\n") + 1]
         self.offset += len(complete.encode())
-        for line in complete.splitlines():
+        for row in parse_rows(complete.splitlines()):
             self.started = True
             try:
-                self._show(json.loads(line))
-            except (json.JSONDecodeError, KeyError, TypeError):
+                self._show(row)
+            except (KeyError, TypeError):
                 continue  # a malformed row is not worth stopping the run for
 
     def _show(self, r: dict) -> None:

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def read_metrics(path: Path) -> list[dict]:
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    return rows
+from asyncrl.jsonl import read_jsonl
 
 
 def plot_run(metrics_path: Path, out_path: Path) -> Path:
@@ -21,7 +14,7 @@ def plot_run(metrics_path: Path, out_path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_path)
+    rows = read_jsonl(metrics_path)
     rew = [(r["step"], r["reward_mean"]) for r in rows if r.get("reward_mean") is not None]
     acc = [(r["step"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)

@@ -19,13 +19,13 @@ and importance-weight ESS per setting, and summary.md.
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from asyncrl.config import load_config
+from asyncrl.jsonl import read_jsonl
 
 CSV_KEYS = ["step", "elapsed_s", "samples_trained", "stale_dropped_total", "reward_mean",
             "eval_accuracy", "staleness_mean", "is_ess", "tokens_per_s", "clipfrac",
@@ -51,7 +51,7 @@ def grid(max_staleness: list[int], corrections: list[str]) -> list[Setting]:
 
 def run_sweep(config: str, overrides: list[str], settings: list[Setting], seeds: int,
               out_dir: Path, target: float, progress=print) -> Path:
-    from asyncrl.cli import execute_run
+    from asyncrl.runner import execute_run
 
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [(s, k) for k in range(seeds) for s in settings]
@@ -73,7 +73,7 @@ def run_sweep(config: str, overrides: list[str], settings: list[Setting], seeds:
 
 
 def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def write_report(out_dir: Path, settings: list[Setting], seeds: int, target: float) -> Path:

@@ -3,7 +3,7 @@
 Both sides are whole runs of the embedded default (configs/default.yaml: tiny Llama after the
 SFT warm start, 2-digit addition, one vLLM generator with one thread, one learner rank with one
 thread, weight push after every step), started by `asyncrl run`'s own code path
-(`asyncrl.cli.execute_run`), with the two settings of the staleness study
+(`asyncrl.runner.execute_run`), with the two settings of the staleness study
 (`asyncrl.study.grid`):
 - async: sync.mode=async, buffer.max_staleness=M (--max-staleness, default 2),
   buffer.admit_steps=max(1, M), learner.offpolicy=--correction (default none);
@@ -244,8 +244,8 @@ def _at(samples: list[Sample], t: float) -> Sample:
 
 
 def run_one(args, setting, seed: int, order: int, out_dir: Path) -> Run:
-    from asyncrl.cli import execute_run
     from asyncrl.config import load_config
+    from asyncrl.runner import execute_run
 
     run_dir = out_dir / f"{order}-{setting.name}-seed{seed}"
     probe = load_config(args.config, args.overrides)
@@ -269,8 +269,8 @@ def run_one(args, setting, seed: int, order: int, out_dir: Path) -> Run:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     import asyncrl
-    from asyncrl.cli import resolve_model
     from asyncrl.config import load_config
+    from asyncrl.runner import resolve_model
     from asyncrl.study import grid
     from benchmarks.common import machine
 

@@ -450,9 +450,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}")
     import torch
 
-    from asyncrl.cli import resolve_model
     from asyncrl.config import load_config
     from asyncrl.learner.model import load_policy
+    from asyncrl.runner import resolve_model
 
     torch.set_num_threads(1)  # the engine has the other core
     print(f"# streaming vs batch generation  ({common.machine()})", flush=True)

@@ -2,7 +2,7 @@
 
 Both sides train the same model on the same task with the same algorithm, from one config
 (configs/default.yaml plus any key=value overrides), one after the other:
-- asyncrl: a whole run started by `asyncrl run`'s own code path (`asyncrl.cli.execute_run`): one
+- asyncrl: a whole run started by `asyncrl run`'s own code path (`asyncrl.runner.execute_run`): one
   vLLM generator (one thread), the buffer, one torchrun learner rank (one thread), weights pushed
   over gloo after every step. Run dirs under --out.
 - TRL: `trl.GRPOTrainer` in one process (transformers `generate` for sampling, no vLLM), run by
@@ -277,8 +277,8 @@ def summarise(side: str, rows: list[dict], target: float, wall_s: float) -> dict
 
 
 def run_asyncrl(args, run_dir: Path, seed: int) -> tuple[list[dict], float]:
-    from asyncrl.cli import execute_run
     from asyncrl.config import load_config
+    from asyncrl.runner import execute_run
 
     cfg = load_config(args.config, [
         *args.overrides, f"learner.seed={seed}", f"generator.seed={seed}",
@@ -324,8 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         return trl_side(args)
     if args.setup:
         return setup(Path(args.trl_python).parents[1])
-    from asyncrl.cli import resolve_model
     from asyncrl.config import load_config
+    from asyncrl.runner import resolve_model
     from benchmarks.common import machine
 
     title = f"# asyncrl vs TRL GRPOTrainer, time to {args.target:.0%} held-out accuracy"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from asyncrl.learner.runlog import read_jsonl
+from asyncrl.jsonl import read_jsonl
 from asyncrl.learner.step import Models
 
 

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from asyncrl.config import load_config
+from asyncrl.jsonl import read_jsonl
 from asyncrl.learner.batch import collate
 from asyncrl.learner.main import _build_models
 from asyncrl.learner.model import load_policy
-from asyncrl.learner.runlog import read_batch_log, read_jsonl, weights_sha256
+from asyncrl.learner.runlog import read_batch_log, weights_sha256
 from asyncrl.learner.step import train_step, warmup_schedule
 
 

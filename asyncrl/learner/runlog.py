@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from asyncrl import wire
+from asyncrl.jsonl import read_jsonl
 
 
 def weights_sha256(model) -> str:
@@ -89,18 +90,6 @@ def _frames(data: bytes):
             return
         off += 8 + n
         yield off, msg["policy_version"] + 1, msg
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSON-lines file, skipping a torn (unparsable) line; [] if missing."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 def read_batch_log(path: Path):

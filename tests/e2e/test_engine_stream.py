@@ -13,8 +13,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def engine(model_cache):
-    from asyncrl.cli import resolve_model
     from asyncrl.generator.engine import VLLMEngine, configure_cpu_env
+    from asyncrl.runner import resolve_model
 
     cfg = resolve_model(load_config(ROOT / "configs" / "default.yaml",
                                     [f"warm_start.cache_dir={model_cache}"]), lambda _: None)

@@ -32,6 +32,8 @@ def test_async_run_replays_to_the_same_weights(model_cache, tmp_path):
     rows = _run(model_cache, tmp_path, "buffer.max_staleness=2", "buffer.admit_steps=2",
                 "learner.offpolicy=decoupled")
     assert any(r["staleness_max"] > 0 for r in rows[1:])  # really off-policy data
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 99, "lo')  # a torn last line (a learner killed mid-write)
     r = asyncrl("replay", str(tmp_path), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "==" in r.stdout

@@ -60,7 +60,7 @@ def test_sweep_resumes_finished_runs_without_rerunning(tmp_path, monkeypatch):
         _fake_run(Path(cfg.run_dir), 0.5, 0.8, 0) if not Path(cfg.run_dir).exists() else None
         return 0
 
-    monkeypatch.setattr("asyncrl.cli.execute_run", fake_execute)
+    monkeypatch.setattr("asyncrl.runner.execute_run", fake_execute)
     run_sweep("configs/default.yaml", [], settings, seeds=2, out_dir=tmp_path, target=0.8,
               progress=lambda _: None)
     assert started == ["sync-seed1", "ms2-none-seed1"]
