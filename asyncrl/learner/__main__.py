@@ -15,9 +15,9 @@ def main() -> int:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s learner[{rank}] %(name)s: %(message)s")
-    from asyncrl.cli import resolve_model
     from asyncrl.config import load_config
     from asyncrl.learner.main import run
+    from asyncrl.runner import resolve_model
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.run_dir:
