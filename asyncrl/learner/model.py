@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from asyncrl.algo.losses import entropy_from_logits
 from asyncrl.learner.packing import Packing, pack, packed_logits
-from asyncrl.task import Problem, correctness_reward, encode_prompt
+from asyncrl.rewards import correctness_reward
+from asyncrl.task import Problem, encode_prompt
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from asyncrl.task.addition import Problem, correctness_reward, make_problems
+from asyncrl.task.addition import Problem, make_problems
 
-__all__ = ["Problem", "correctness_reward", "encode_prompt", "load_task"]
+__all__ = ["Problem", "encode_prompt", "load_task"]
 
 
 def load_task(task: Any) -> tuple[list[Problem], list[Problem]]:

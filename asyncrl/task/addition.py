@@ -1,4 +1,5 @@
-"""The built-in verifiable task: multi-digit addition, `007+345=` -> `352`.
+"""The built-in verifiable task: multi-digit addition, `007+345=` -> `352`, scored by the one
+`correctness` reward of asyncrl/rewards.py (a tag-free completion is its own answer).
 
 Problems are drawn from a seeded generator; the held-out set is disjoint from the training set
 by construction, so eval_accuracy measures generalisation, not memorisation.
@@ -39,7 +40,3 @@ def make_problems(digits: int, train_size: int, eval_size: int, seed: int
         out.append(Problem(len(out), f"{a:0{digits}d}+{b:0{digits}d}=", str(a + b)))
     return out[eval_size:], out[:eval_size]
 
-
-def correctness_reward(completion: str, answer: str) -> float:
-    """1.0 when the completion (up to end of sequence) is exactly the answer, else 0.0."""
-    return 1.0 if completion.strip() == answer else 0.0

@@ -154,3 +154,14 @@ def test_every_reader_of_run_files_uses_the_one_reader():
                  if p.name != "jsonl.py" and "splitlines()" in p.read_text()
                  and "json.loads" in p.read_text() and p.name != "dataset.py"]
     assert offenders == [], offenders
+
+
+def test_rewards_have_one_home_and_one_meaning_per_name():
+    from asyncrl.rewards import REWARD_FUNCTIONS
+
+    homes = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")
+             for node in ast.walk(ast.parse(p.read_text()))
+             if isinstance(node, ast.FunctionDef) and node.name.endswith("_reward")]
+    assert set(homes) == {"asyncrl/rewards.py"}, homes
+    correctness = REWARD_FUNCTIONS["correctness"]
+    assert correctness("352", "352") == correctness("<answer>\n352\n</answer>", "352") == 1.0
