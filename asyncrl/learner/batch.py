@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from asyncrl.algo.sampling import truncated_from_finish_reasons
 from asyncrl.wire import TrajectoryGroup
 
 
@@ -86,6 +87,6 @@ def collate(groups: list[TrajectoryGroup], pad_id: int) -> TrainBatch:
         versions[i, P - 1 : P - 1 + T] = (g.policy_version if c.versions is None else
                                           torch.from_numpy(c.versions.astype("int64")))
     rewards = torch.tensor([[c.reward for c in g.completions] for g in groups])
-    truncated = torch.tensor([c.finish_reason == "length" for _, c in seqs])
+    truncated = truncated_from_finish_reasons([c.finish_reason for _, c in seqs])
     return TrainBatch(input_ids, attention_mask, completion_mask, behav, rewards, versions,
                       truncated)

@@ -66,7 +66,7 @@ def build_tokenizer(out_dir: Path, added_tokens: tuple[str, ...] = ()) -> None:
     fast.save_pretrained(out_dir)
 
 
-def build_model(out_dir: Path, vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
+def build_model(vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
                 seed: int, positions: int = BUILTINS[BUILTIN_MODEL].positions):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -126,8 +126,8 @@ def _build(cfg: RunConfig, out: Path, progress: Callable[[str], None]) -> None:
     spec = BUILTINS[cfg.model.path]
     build_tokenizer(out, spec.added_tokens)
     tok = AutoTokenizer.from_pretrained(out)
-    model = build_model(out, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
-                        cfg.seed, spec.positions)
+    model = build_model(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+                      cfg.seed, spec.positions)
     train, held_out = load_task(cfg.task)
     ws = cfg.warm_start
     progress(f"[prepare] building tiny Llama ({sum(p.numel() for p in model.parameters())/1e6:.1f}M"

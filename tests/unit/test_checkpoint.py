@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     build_tokenizer(out)
     tok = AutoTokenizer.from_pretrained(out)
-    build_model(out, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+    build_model(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
                 seed=0).save_pretrained(out)
     return out
 

@@ -152,9 +152,9 @@ def test_the_builtin_models_have_the_positions_config_assumes(tmp_path):
 
     assert set(BUILTINS) == set(BUILTIN_MAX_POSITIONS)
     for name, spec in BUILTINS.items():
-        model = build_model(tmp_path, 16, 0, 1, 2, seed=0, positions=spec.positions)
+        model = build_model(16, 0, 1, 2, seed=0, positions=spec.positions)
         assert model.config.max_position_embeddings == BUILTIN_MAX_POSITIONS[name], name
-    assert build_model(tmp_path, 16, 0, 1, 2, seed=0).config.max_position_embeddings == 128
+    assert build_model(16, 0, 1, 2, seed=0).config.max_position_embeddings == 128
 
 
 def test_the_positions_check_is_per_builtin():
