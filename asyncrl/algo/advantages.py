@@ -123,3 +123,31 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
         next_value = torch.where(m, values[:, t], next_value)
     returns = torch.where(keep, advantages + values, 0.0)
     return advantages, returns
+
+
+def terminal_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards with each completion's outcome reward on its last valid token.
+
+    rewards: (B,) one per completion; mask: (B, T). Returns (B, T), zero elsewhere (a
+    completion with no valid token gets none), for GAE and the per-token KL penalty.
+    """
+    keep = mask.bool()
+    last = keep & (keep.cumsum(-1) == keep.sum(-1, keepdim=True))  # (B, T) last valid token
+    return torch.where(last, rewards.reshape(-1, 1).to(torch.float32), 0.0)
+
+
+def reward_to_go(token_rewards: torch.Tensor) -> torch.Tensor:
+    """sum_{s >= t} r_s along the tokens (undiscounted): what a per-token penalty adds to a
+    sequence-level advantage from token t on. (B, T) -> (B, T)."""
+    return token_rewards.flip(-1).cumsum(-1).flip(-1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(x - mean) / (std + eps) over the valid tokens (population std), zero elsewhere: PPO's
+    advantage whitening. (B, T) -> (B, T)."""
+    keep = mask.bool()
+    n = keep.sum().clamp(min=1)
+    x = torch.where(keep, values, 0.0)
+    mean = x.sum() / n
+    std = (torch.where(keep, (values - mean) ** 2, 0.0).sum() / n).sqrt()
+    return torch.where(keep, (values - mean) / (std + eps), 0.0)

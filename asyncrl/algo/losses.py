@@ -155,18 +155,19 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def entropy_bonus_loss(logits: torch.Tensor, mask: torch.Tensor,
+def entropy_bonus_loss(entropy: torch.Tensor, mask: torch.Tensor,
                        normaliser: float | torch.Tensor
                        ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Entropy bonus as a loss term: -aggregate(H). logits: (B, T, V); mask: (B, T).
+    """Entropy bonus as a loss term: -aggregate(H), aggregated with the same normaliser as the
+    policy loss (learner.loss_agg). entropy: (B, T) per-token entropy (entropy_from_logits, or
+    the learner's chunked pass); mask: (B, T).
 
     The caller adds coef * loss to the policy loss, so minimising it raises the entropy.
     metrics["entropy"] is the token-mean entropy whatever the normaliser.
     """
-    # Non-finite logits at a masked position would make softmax's backward NaN there.
-    logits = torch.where(mask.bool()[..., None], logits, 0.0)  # (B, T, V)
-    mask = mask.to(logits.dtype)
-    entropy = entropy_from_logits(logits)  # (B, T)
+    # A non-finite entropy at a masked position must reach neither the loss nor its gradient.
+    entropy = torch.where(mask.bool(), entropy, 0.0)  # (B, T)
+    mask = mask.to(entropy.dtype)
     loss = -masked_sum_over(entropy, mask, normaliser)
     with torch.no_grad():
         mean = masked_mean(entropy, mask)

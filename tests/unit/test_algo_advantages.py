@@ -163,3 +163,46 @@ def test_gae_ignores_rewards_and_values_at_masked_positions(garbage):
     bad_v = torch.where(mask == 0, garbage, values)
     got = gae_advantages(bad_r, bad_v, mask, 0.99, 0.95)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ------------------------------------------------------------ per-token placement and whitening
+
+
+def test_terminal_token_rewards_put_each_outcome_on_the_last_valid_token():
+    from asyncrl.algo.advantages import terminal_token_rewards
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
+    rewards = torch.tensor([2.0, -1.0, 5.0])
+    want = torch.zeros(3, 4)
+    for b in range(3):  # naive: scan for the last 1
+        valid = [t for t in range(4) if mask[b, t]]
+        if valid:
+            want[b, valid[-1]] = rewards[b]
+    assert torch.equal(terminal_token_rewards(rewards, mask), want)
+
+
+def test_reward_to_go_is_the_suffix_sum():
+    from asyncrl.algo.advantages import reward_to_go
+
+    torch.manual_seed(3)
+    r = torch.randn(2, 5)
+    want = torch.tensor([[sum(r[b, s].item() for s in range(t, 5)) for t in range(5)]
+                         for b in range(2)])
+    torch.testing.assert_close(reward_to_go(r), want)
+
+
+def test_masked_whiten_matches_a_loop_and_ignores_masked_values():
+    from asyncrl.algo.advantages import masked_whiten
+
+    torch.manual_seed(4)
+    x = torch.randn(3, 4)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 0, 1]])
+    vals = [x[b, t].item() for b in range(3) for t in range(4) if mask[b, t]]
+    mean = sum(vals) / len(vals)
+    std = (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5
+    want = torch.tensor([[(x[b, t].item() - mean) / (std + 1e-6) if mask[b, t] else 0.0
+                          for t in range(4)] for b in range(3)])
+    torch.testing.assert_close(masked_whiten(x, mask), want)
+    bad = x.clone()
+    bad[0, 3] = float("nan")  # a masked position's garbage reaches nothing
+    assert torch.equal(masked_whiten(bad, mask), masked_whiten(x, mask))

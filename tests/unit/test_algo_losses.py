@@ -90,7 +90,7 @@ def test_entropy_matches_loop_and_bonus_aggregates_it():
     uniform = entropy_from_logits(torch.zeros(1, 1, 7))
     assert uniform.item() == pytest.approx(math.log(7), rel=1e-6)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    loss, m = entropy_bonus_loss(logits, mask, 3.0)
+    loss, m = entropy_bonus_loss(entropy_from_logits(logits), mask, 3.0)
     assert loss.item() == pytest.approx(-(want * mask).sum().item() / 3, rel=1e-5)
     assert m["entropy"] == pytest.approx((want * mask).sum().item() / 3, rel=1e-5)
 
@@ -213,9 +213,9 @@ def test_value_loss_ignores_masked_values_returns_and_old_values(garbage, clip_r
 
 
 @pytest.mark.parametrize("garbage", GARBAGE)
-def test_entropy_bonus_ignores_masked_logits(garbage):
+def test_entropy_bonus_ignores_masked_positions(garbage):
     torch.manual_seed(6)
-    logits = torch.randn(2, 3, 5)
+    entropy = entropy_from_logits(torch.randn(2, 3, 5))  # (B, T)
     mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
 
     def run(x):
@@ -224,9 +224,9 @@ def test_entropy_bonus_ignores_masked_logits(garbage):
         loss.backward()
         return loss, x.grad, m
 
-    want = run(logits)
-    bad = logits.clone()
-    bad[0, 1, 2] = bad[1, 2, 0] = garbage
+    want = run(entropy)
+    bad = entropy.clone()
+    bad[0, 1] = bad[1, 2] = garbage
     got = run(bad)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert got[2] == want[2]
