@@ -54,6 +54,7 @@ class RemoteEvals:
         self.asks = 0
         self.last_added = -1  # policy_version of the newest row added
         self.last_pushed = -1  # the newest version after_push has seen
+        self.finishing = False  # no row goes out before the last answer (or the deadline)
         sender.on_eval_result = self.on_result
 
     # ------------------------------------------------------------------ asking
@@ -116,6 +117,8 @@ class RemoteEvals:
         self._flush()
 
     def _flush(self) -> None:
+        if self.finishing:
+            return
         first_pending = min(self.pending, default=None)
         while self.held and (first_pending is None
                              or self.held[0]["policy_version"] < first_pending):
@@ -146,6 +149,8 @@ class RemoteEvals:
         """End of training: wait (up to deadline_s) for the evaluations outstanding, asking
         again for the last version's if it was given up; then write every row."""
         end = self.clock() + deadline_s
+        # An evaluation given up now is asked again for the same version: keep its row.
+        self.finishing = True
         while (self.pending or self.owed) and self.clock() < end:
             keep_in_sync()  # brings a restarted generator up to `version`
             self.after_push(version)
@@ -155,4 +160,5 @@ class RemoteEvals:
             log.error("no evaluation of the final version %d within %.0fs; metrics.jsonl ends "
                       "without it", version, deadline_s)
         self.pending.clear()
+        self.finishing = False
         self._flush()

@@ -348,7 +348,6 @@ class _Lead:
                "elapsed_s": elapsed}
         if self.resumed_from is not None:
             row["resumed_from_step"], self.resumed_from = self.resumed_from, None
-        self.evals.check()
         self.evals.after_push(step)
         self.evals.add_row(row)
 
@@ -374,6 +373,7 @@ class _Lead:
         the load. The generators keep the older weights a little longer instead (bounded by
         buffer.max_staleness); the push goes out at the first sync after the answer."""
         self.sender.poll()  # an answer waiting clears the way now, not at the next sync
+        self.evals.check()  # and so does an evaluation given up
         self.push_owed = self.push_owed or due
         due = self.push_owed and not self.evals.pending
         pushed = self.sender.sync(self.model, version, due=due)
