@@ -58,10 +58,9 @@ def _scrape_when_up(port, deadline):
 def finished_run(model_cache, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     base = free_base_port()
-    # Checkpoints at every evaluated version, and a small held-out set, so that the test below
-    # can evaluate the same weights on the learner side.
-    proc = _start(_overrides(model_cache, run_dir, base, **{"learner.checkpoint_interval": 2,
-                                                          "task.eval_size": 64}))
+    # Checkpoints at every evaluated version, so that the test below can evaluate the same
+    # weights on the learner side (task.eval_size stays: it is part of the model cache's key).
+    proc = _start(_overrides(model_cache, run_dir, base, **{"learner.checkpoint_interval": 2}))
     deadline = time.monotonic() + 300
     ports = {"buffer": base + 10, "gen0": base + 20, "learner0": base + 60, "learner1": base + 61}
     expositions = {name: _scrape_when_up(port, deadline) for name, port in ports.items()}
