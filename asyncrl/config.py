@@ -292,7 +292,10 @@ class LearnerConfig:
     value_clip: float = 0.2
     critic_lr: float = 1e-4
     eval_interval: int = 10
-    """Evaluate held-out accuracy every this many steps (and at step 0, the SFT policy)."""
+    """Evaluate held-out accuracy every this many policy versions (and version 0, the SFT
+    policy, and the last): rank 0 asks a generator to evaluate the version it just pushed
+    (with sync.interval > 1, the next one pushed) and joins the answer into metrics.jsonl by
+    version without waiting for it (docs/architecture.md, "Evaluation")."""
     checkpoint_interval: int = 50
     """Save weights, optimizer, scheduler and RNG state every this many steps (and at the
     end), under RUN_DIR/checkpoints/step_<n>; a restarted learner resumes from the newest."""
@@ -305,7 +308,7 @@ class LearnerConfig:
     threads: int = 1
     collective_timeout_s: float = 1800.0
     """Timeout of the learner ranks' own process group: the other ranks wait in their next
-    collective while rank 0 evaluates and pushes weights alone, so it must exceed the longest
+    collective while rank 0 pushes weights alone, so it must exceed the longest
     of those (at least sync.timeout_s)."""
     seed: int = 0
 

@@ -58,6 +58,14 @@ class GeneratorMetrics:
                                           registry=r)
         self.reward = Gauge("asyncrl_generator_reward_mean",
                             "Mean reward of the last generate call", registry=r)
+        self.eval_seconds = Histogram("asyncrl_generator_eval_seconds",
+                                      "Wall time of one held-out evaluation (greedy, "
+                                      "task.eval_size problems)", buckets=_STEP_BUCKETS,
+                                      registry=r)
+        self.eval_load_wait_seconds = Counter("asyncrl_generator_eval_load_wait_seconds_total",
+                                              "Time weight loads waited for the requests of "
+                                              "a running evaluation to finish (streaming)",
+                                              registry=r)
         self.policy_version = Gauge("asyncrl_generator_policy_version",
                                     "Policy version of the weights in the engine", registry=r)
         self.sync_seconds = Histogram("asyncrl_sync_receive_seconds",

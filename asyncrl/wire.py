@@ -30,6 +30,9 @@ Message kinds (docs/architecture.md has the table with directions and sockets):
   weights_update    learner -> generator  a broadcast of these tensors follows on session S
   weights_loaded    generator -> learner  the new weights are live in the engine
   shutdown          learner -> generator  training finished: exit (status 0)
+  eval_request      learner -> generator  evaluate the policy version you hold (held-out, greedy)
+  eval_result       generator -> learner  the accuracy of one evaluation, tagged with the version
+                                          evaluated and the version asked for
   error             any reply             the request was rejected and why
   heartbeat         generator, learner -> buffer   "I am alive" (no reply)
 """
@@ -512,6 +515,12 @@ SCHEMA: dict[str, dict[str, Int | Float | Str | TensorSpecs | Groups | IpcHandle
                        "ipc": IpcHandles()},
     "weights_loaded": {"sender": _NAME, "session": _NAME, "seconds": Float(0.0, 1e9)},
     "shutdown": {"reason": _REASON},
+    # policy_version: the version the learner wants evaluated (the one it just pushed).
+    "eval_request": {},
+    # policy_version: the version the engine held while it evaluated (that of every token).
+    "eval_result": {"sender": _NAME, "asked": Int(0, MAX_VERSION, reason="bad_version"),
+                    "accuracy": Float(-1e6, 1e6), "problems": Int(0, 2**31 - 1),
+                    "seconds": Float(0.0, 1e9)},
     "error": {"reason": _REASON},
     "heartbeat": {"sender": _NAME, "role": Str(16)},
 }

@@ -18,6 +18,10 @@ still serving weight updates meanwhile so the learner is never blocked on a wait
 With sync.mode=sync the generator makes its share of one learner batch under the current
 weights and then waits for the next ones: strictly on-policy, same code as the async mode.
 
+Held-out evaluation (asyncrl/generator/evaluate.py): when the learner asks, the generator
+evaluates the version it holds (greedy, task.eval_size problems) among its training requests
+and answers with the accuracy, tagged with that version.
+
 Run (normally started by `asyncrl run`):
     python -m asyncrl generator --config RUN_DIR/config.yaml --index 0
 """
@@ -37,7 +41,8 @@ import numpy as np
 from asyncrl import wire
 from asyncrl.config import RunConfig
 from asyncrl.generator.engine import Sample
-from asyncrl.rewards import combine
+from asyncrl.generator.evaluate import EvalResult, Evaluator
+from asyncrl.rewards import REWARD_FUNCTIONS, combine
 from asyncrl.sync.member import LearnerFinished, SyncMember
 from asyncrl.task import encode_prompt, load_task
 
@@ -64,10 +69,11 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
     metrics.serve(registry, cfg.net.bind_host, cfg.net.generator_metrics_port(index))
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    train, _ = load_task(cfg.task)
+    train, held_out = load_task(cfg.task)
     chat = cfg.task.chat_template
     prompt_ids = {p.id: encode_prompt(tok, p.prompt, chat) for p in train}
-    max_len = max(map(len, prompt_ids.values())) + gc.max_tokens + 8
+    eval_ids = [encode_prompt(tok, p.prompt, chat) for p in held_out]
+    max_len = max(map(len, [*prompt_ids.values(), *eval_ids])) + gc.max_tokens + 8
     engine = VLLMEngine(model_dir, cfg.model.dtype, gc.seed + index, max_len,
                         gc.gpu_memory_utilization, gpu=gpu, cuda_graphs=gc.cuda_graphs,
                         tensor_parallel_size=gc.tensor_parallel_size)
@@ -106,10 +112,14 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
     log.info("%s: engine up (%s); generating, and joining weight sync when the learner asks",
              name, f"streaming, up to {gc.max_inflight} sequences, in-flight updates: "
              f"{gc.inflight_update}" if gc.streaming else "batch generate calls")
+    evaluator = Evaluator(eval_ids, [p.answer for p in held_out],
+                          lambda ids: tok.decode(ids, skip_special_tokens=True),
+                          REWARD_FUNCTIONS[cfg.task.eval_reward], gc.max_tokens)
+    sync.on_eval_request = evaluator.ask
     gen = _Generation(cfg, name, incarnation, engine, sync, _Scorer(cfg, tok),
                       {p.id: p for p in train}, prompt_ids,
                       random.Random(gc.seed * 1000 + index), m, stats,
-                      (run_dir / "acks").joinpath(f"{name}.jsonl"))
+                      (run_dir / "acks").joinpath(f"{name}.jsonl"), evaluator)
     try:
         if gc.streaming:
             gen.stream(buffer)
@@ -127,10 +137,11 @@ class _Generation:
 
     def __init__(self, cfg: RunConfig, name: str, incarnation: str, engine, sync: SyncMember,
                  scorer: _Scorer, problems: dict, prompt_ids: dict, rng: random.Random, m,
-                 stats: _Stats, acks_path: Path):
+                 stats: _Stats, acks_path: Path, evaluator: Evaluator):
         self.cfg, self.name, self.incarnation = cfg, name, incarnation
         self.engine, self.sync, self.scorer, self.m, self.stats = engine, sync, scorer, m, stats
         self.problems, self.prompt_ids, self.rng = problems, prompt_ids, rng
+        self.evaluator = evaluator
         self.train_ids = list(prompt_ids)
         acks_path.parent.mkdir(parents=True, exist_ok=True)
         self.acks = acks_path.open("a")
@@ -151,6 +162,15 @@ class _Generation:
         self.acks.flush()
         self.m.trajectories_sent.inc(completions)
 
+    def _report(self, r: EvalResult | None) -> None:
+        if r is None:
+            return
+        self.sync.report_eval(r.asked, r.version, r.accuracy, r.problems, r.seconds)
+        self.m.eval_seconds.observe(r.seconds)
+        self.stats.evals, self.stats.eval_s = self.stats.evals + 1, self.stats.eval_s + r.seconds
+        log.info("%s: policy version %d: held-out accuracy %.1f%% (%d problems, %.2fs)",
+                 self.name, r.version, 100 * r.accuracy, r.problems, r.seconds)
+
     # ------------------------------------------------------------------ batch generation
 
     def batches(self, buffer) -> None:
@@ -163,8 +183,11 @@ class _Generation:
             self.sync.serve(timeout_s=0.0)
             while cfg.sync.mode == "sync" and made[self.sync.version] >= calls_per_version:
                 # Strictly on-policy: this version's share is done; wait for the new weights.
+                self._report(self.evaluator.run_blocking(self.engine, self.sync.version))
                 self.sync.serve(timeout_s=1.0)
             version = self.sync.version
+            while self.evaluator.asked:  # between two calls: nothing else is in flight
+                self._report(self.evaluator.run_blocking(self.engine, version))
             batch = self.rng.sample(self.train_ids, gc.prompts_per_call)
             t0 = time.perf_counter()
             samples = self.engine.generate([self.prompt_ids[i] for i in batch], gc.group_size,
@@ -212,6 +235,7 @@ class _Generation:
         while True:
             self.sync.serve(timeout_s=0.0)
             version = self.sync.version
+            self.evaluator.start(streamer, version)
             while (streamer.room() and not outbox.full()
                    and (cfg.sync.mode == "async" or made[version] < self.share)):
                 pid = self.rng.choice(self.train_ids)
@@ -224,6 +248,9 @@ class _Generation:
                 self.m.engine_busy_seconds.inc(busy)
                 self.stats.engine_busy_s += busy
             self.m.inflight.set(len(streamer.running))
+            self._report(self.evaluator.collect(streamer.take_evals()))
+            self.m.eval_load_wait_seconds.inc(streamer.eval_drain_s - self.stats.eval_load_wait_s)
+            self.stats.eval_load_wait_s = streamer.eval_drain_s
             if ready and not outbox.full():  # a full window holds finished groups back
                 groups = [self.scorer.stream_group(self.problems[g.key], g, self.name)
                           for g in ready]
@@ -255,6 +282,7 @@ class _Stats:
         self.engine_busy_s = 0.0
         self.inflight_updates = 0
         self.multi_version_completions = 0
+        self.evals, self.eval_s, self.eval_load_wait_s = 0, 0.0, 0.0
 
     def add(self, groups: list[wire.TrajectoryGroup]) -> None:
         for g in groups:
@@ -274,7 +302,9 @@ class _Stats:
             "engine_busy_fraction": self.engine_busy_s / max(wall, 1e-9),
             "pushes": self.pushes, "sync_bytes_per_push": self.sync_bytes,
             "inflight_updates": self.inflight_updates,
-            "multi_version_completions": self.multi_version_completions}) + "\n")
+            "multi_version_completions": self.multi_version_completions,
+            "evals": self.evals, "eval_s": self.eval_s,
+            "eval_load_wait_s": self.eval_load_wait_s}) + "\n")
 
 
 class _Scorer:

@@ -17,6 +17,11 @@ Weights can change while requests are in flight (`generator.inflight_update`):
   drain  the running requests finish under the old weights before the load (no new ones
          start meanwhile): every completion has one version, as with batch generation.
 
+Held-out evaluation runs among the training requests (`start_eval`): one greedy request per
+problem, outside the max_inflight budget (the engine's scheduler runs what it can next to the
+training sequences). An evaluation must see one policy version, so whatever the mode, running
+evaluation requests finish under the old weights before a load (`before_update`).
+
 `Streamer` holds no sockets and imports no vllm: the engine is anything with
 add / step / abort (asyncrl/generator/engine.py's VLLMEngine), so tests drive it with a fake.
 """
@@ -81,6 +86,10 @@ class Streamer:
         self._ids = itertools.count()
         self._aborted: list[Sequence] = []
         self.updates_in_flight = 0  # weight loads that found sequences running
+        # Greedy evaluation requests: id -> (caller's key, sequence); finished ones until taken.
+        self.eval_running: dict[str, tuple[object, Sequence]] = {}
+        self.eval_done: list[tuple[object, Sequence]] = []
+        self.eval_drain_s = 0.0  # time weight loads waited for evaluation requests to finish
 
     # ------------------------------------------------------------------ adding work
 
@@ -97,6 +106,17 @@ class Streamer:
         self.groups.append(g)
         return g
 
+    def start_eval(self, key: object, prompt: list[int], max_tokens: int) -> None:
+        """One greedy request (temperature 0); it comes back through `take_evals`."""
+        s = Sequence(list(prompt), max_tokens, request_id=f"e{next(self._ids)}")
+        self.eval_running[s.request_id] = (key, s)
+        self.engine.add(s.request_id, s.prompt, 0.0, max_tokens)
+
+    def take_evals(self) -> list[tuple[object, Sequence]]:
+        """The evaluation requests finished since the last call: (key, sequence)."""
+        done, self.eval_done = self.eval_done, []
+        return done
+
     def _submit(self, g: StreamGroup, s: Sequence) -> None:
         s.request_id = f"r{next(self._ids)}"
         self.running[s.request_id] = (g, s)
@@ -108,13 +128,21 @@ class Streamer:
 
     @property
     def busy(self) -> bool:
-        return bool(self.running)
+        return bool(self.running or self.eval_running)
 
     def step(self, version: int) -> list[StreamGroup]:
         """One engine step; every token it produced is tagged `version`. Returns the groups
         whose last completion finished in it (in the order they were started)."""
         now = None
         for d in self.engine.step():
+            if d.request_id in self.eval_running:
+                key, s = self.eval_running[d.request_id]
+                s.tokens += d.tokens
+                s.versions += [version] * len(d.tokens)
+                if d.finished:
+                    s.finish_reason = d.finish_reason or "length"
+                    self.eval_done.append(self.eval_running.pop(d.request_id))
+                continue
             if d.request_id not in self.running:
                 continue  # an aborted request's last output
             g, s = self.running[d.request_id]
@@ -139,15 +167,21 @@ class Streamer:
     def before_update(self, version: int) -> list[StreamGroup]:
         """Called between two steps, before new weights are loaded; `version` is the one still
         loaded. Returns the groups that finished meanwhile (drain mode steps the engine until
-        nothing runs)."""
+        nothing runs). Evaluation requests always finish first: an evaluation is of one
+        version (the training sequences step along meanwhile, under the same old weights)."""
+        done = []
+        if self.eval_running:
+            t0 = self.clock()
+            while self.eval_running:
+                done += self.step(version)
+            self.eval_drain_s += self.clock() - t0
         if self.running:
             self.updates_in_flight += 1
         if self.mode == "abort":
             self._aborted = [s for _, s in self.running.values()]
             self.engine.abort(list(self.running))
             self.running.clear()
-            return []
-        done = []
+            return done
         if self.mode == "drain":
             while self.running:
                 done += self.step(version)

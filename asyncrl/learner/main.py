@@ -4,8 +4,10 @@ Each step: ask the buffer for this rank's share of groups usable at the current 
 (waiting while it has too few), recompute token logprobs with the transformers model, compute
 group-relative advantages and the PPO-clipped loss against the generators' behaviour logprobs,
 step the optimizer (DDP averages gradients when nproc > 1). The policy version is the number of
-optimizer steps done. Rank 0 also evaluates held-out accuracy, writes RUN_DIR/metrics.jsonl,
-checkpoints, and every sync.interval steps broadcasts the weights to the generators.
+optimizer steps done. Rank 0 also writes RUN_DIR/metrics.jsonl, checkpoints, every
+sync.interval steps broadcasts the weights to the generators, and every learner.eval_interval
+versions asks a generator to evaluate held-out accuracy, which it joins into metrics.jsonl by
+version when the answer comes (asyncrl/learner/evals.py): training never waits for it.
 
 The algorithm (advantage estimator, off-policy correction, KL, entropy, critic, DAPO's
 dynamic sampling and overlong shaping) is chosen in config; asyncrl/learner/step.py applies it.
@@ -36,11 +38,10 @@ from asyncrl.algo.sampling import dynamic_sampling_mask
 from asyncrl.config import RunConfig
 from asyncrl.learner import checkpoint
 from asyncrl.learner.batch import BatchRules, TrainBatch, collate, refusal
-from asyncrl.learner.model import check_packing, greedy_accuracy, load_critic, load_policy
-from asyncrl.learner.runlog import BatchLog, weights_sha256
+from asyncrl.learner.evals import RemoteEvals
+from asyncrl.learner.model import check_packing, load_critic, load_policy
+from asyncrl.learner.runlog import BatchLog, read_jsonl, weights_sha256
 from asyncrl.learner.step import Models, train_step, warmup_schedule
-from asyncrl.rewards import REWARD_FUNCTIONS
-from asyncrl.task import load_task
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -59,7 +60,7 @@ def init_ranks(backend: str, timeout_s: float = 1800.0) -> None:
     CI: it used up every restart and then hung. Each attempt gets its own key prefix.
 
     The group's timeout is explicit (learner.collective_timeout_s): the other ranks wait in
-    their next collective while rank 0 evaluates and pushes weights alone, which NCCL's
+    their next collective while rank 0 pushes weights alone, which NCCL's
     10-minute default would cut short on a large model.
     """
     from datetime import timedelta
@@ -269,7 +270,8 @@ def _request(source: _Source, cfg: RunConfig, rank: int, version: int, num_group
 
 
 class _Lead:
-    """Rank 0's extra duties: weight sync, evaluation, metrics.jsonl, checkpoints, plot."""
+    """Rank 0's extra duties: weight sync, asking for evaluations, metrics.jsonl, checkpoints,
+    plot."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, model, tok, m,
                  ckpt: checkpoint.Checkpoint | None):
@@ -277,7 +279,6 @@ class _Lead:
         from asyncrl.sync.sender import WeightSender
 
         self.cfg, self.run_dir, self.model, self.tok, self.m = cfg, run_dir, model, tok, m
-        _, self.eval_set = load_task(cfg.task)
         self.metrics_path = run_dir / "metrics.jsonl"
         state = ckpt.state if ckpt is not None else {}
         self.tokens_total = state.get("tokens_total", 0)
@@ -289,6 +290,7 @@ class _Lead:
             resumed_t0 = time.time() - checkpoint.truncate_metrics(self.metrics_path, ckpt.step)
         self.resumed_from = ckpt.step if ckpt is not None else None
         self._last_keep = 0.0
+        self.push_owed = False  # a due push held back while an evaluation ran
         self.control = transport.Server(
             transport.context(), cfg.net.bind_host, cfg.net.sync_control_port,
             transport.keys_for(cfg.net, cfg.run_dir),
@@ -300,22 +302,20 @@ class _Lead:
                                    ranks_per_generator=cfg.generator.tensor_parallel_size,
                                    dtype=cfg.model.dtype)
         self.sender.start()
+        self.evals = RemoteEvals(self.sender, cfg.learner.eval_interval, cfg.learner.total_steps,
+                                 cfg.sync.timeout_s, self._write, m.eval_accuracy.set)
         # RL time starts once every generator is up (and goes on from before a restart).
         self.t_start = resumed_t0 if ckpt is not None else time.time()
-        if ckpt is None:
-            self._write({"step": 0, "policy_version": 0, "reward_mean": None,
-                         "staleness_mean": None, "eval_accuracy": self._evaluate(),
-                         "elapsed_s": 0.0})
-
-    def _evaluate(self) -> float:
-        device = next(self.model.parameters()).device
-        with compute_context(self.cfg.model.dtype, device):
-            acc = greedy_accuracy(self.model, self.tok, self.eval_set,
-                                  self.cfg.generator.max_tokens,
-                                  REWARD_FUNCTIONS[self.cfg.task.eval_reward],
-                                  self.cfg.task.chat_template)
-        self.m.eval_accuracy.set(acc)
-        return acc
+        if ckpt is None:  # row 0: the SFT policy, evaluated by a generator like the others
+            self.evals.after_push(0)
+            self.evals.add_row({"step": 0, "policy_version": 0, "reward_mean": None,
+                                "staleness_mean": None, "elapsed_s": 0.0})
+        else:  # rows whose evaluation was in flight when the learner died: without it
+            written = {r["step"] for r in read_jsonl(self.metrics_path)}
+            for row in state.get("metrics_held", []):
+                if row["step"] not in written:
+                    self._write(row)
+            self.evals.owed = True
 
     def _write(self, row: dict) -> None:
         with self.metrics_path.open("a") as f:
@@ -326,7 +326,7 @@ class _Lead:
         cfg = self.cfg
         last = step == cfg.learner.total_steps
         sync_s = None
-        pushed = self.sender.sync(self.model, step, due=step % cfg.sync.interval == 0 or last)
+        pushed = self._sync(step, due=step % cfg.sync.interval == 0 or last)
         if pushed is not None:
             sync_s, nbytes = pushed
             self.m.sync_seconds.observe(sync_s)
@@ -348,9 +348,8 @@ class _Lead:
                "elapsed_s": elapsed}
         if self.resumed_from is not None:
             row["resumed_from_step"], self.resumed_from = self.resumed_from, None
-        if step % cfg.learner.eval_interval == 0 or last:
-            row["eval_accuracy"] = self._evaluate()
-        self._write(row)
+        self.evals.after_push(step)
+        self.evals.add_row(row)
 
     def keep_in_sync(self, version: int) -> None:
         """While this rank waits for data: a generator that restarted (a new incarnation, at
@@ -361,21 +360,38 @@ class _Lead:
         if now - self._last_keep < 1.0:
             return
         self._last_keep = now
-        pushed = self.sender.sync(self.model, version, due=False)
+        pushed = self._sync(version, due=False)
         if pushed is not None:
             self.m.sync_seconds.observe(pushed[0])
             self.m.sync_bytes.inc(pushed[1])
             log.info("pushed version %d to a generator that was behind while waiting for data",
                      version)
 
+    def _sync(self, version: int, due: bool) -> tuple[float, int] | None:
+        """Weight sync, holding back a due push while a generator evaluates: the load would
+        wait for the evaluation to finish (its requests see one version), and the push for
+        the load. The generators keep the older weights a little longer instead (bounded by
+        buffer.max_staleness); the push goes out at the first sync after the answer."""
+        self.sender.poll()  # an answer waiting clears the way now, not at the next sync
+        self.evals.check()  # and so does an evaluation given up
+        self.push_owed = self.push_owed or due
+        due = self.push_owed and not self.evals.pending
+        pushed = self.sender.sync(self.model, version, due=due)
+        if due:
+            self.push_owed = False
+        return pushed
+
     def save_checkpoint(self, step: int, models: Models, sched) -> None:
         checkpoint.save(self.run_dir, step, self.model, self.tok, models, sched,
-                        {"tokens_total": self.tokens_total, "samples_total": self.samples_total})
+                        {"tokens_total": self.tokens_total, "samples_total": self.samples_total,
+                         "metrics_held": self.evals.held_upto(step)})
 
     def finish(self) -> None:
         from asyncrl.plots import length_percentiles, plot_lengths, plot_run
 
-        self.sender.shutdown(f"trained {self.cfg.learner.total_steps} steps")
+        total = self.cfg.learner.total_steps
+        self.evals.finish(total, lambda: self.keep_in_sync(total), self.cfg.sync.timeout_s)
+        self.sender.shutdown(f"trained {total} steps")
         plot_run(self.metrics_path, self.run_dir / "curves.png")
         plot_lengths(self.lengths, self.run_dir / "lengths.png")
         (self.run_dir / "summary.json").write_text(json.dumps(

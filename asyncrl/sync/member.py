@@ -55,6 +55,9 @@ class SyncMember:
         # happens to requests in flight); no-ops for batch generation.
         self.before_load: Callable[[], None] = lambda: None
         self.after_load: Callable[[], None] = lambda: None
+        # An eval_request from the learner (the version it asks for); the generator evaluates
+        # the version it holds and answers with report_eval (asyncrl/generator/evaluate.py).
+        self.on_eval_request: Callable[[int], None] = lambda version: None
         self._last_hello = float("-inf")
 
     def hello(self, force: bool = False) -> None:
@@ -77,19 +80,29 @@ class SyncMember:
         while (frame := self.control.poll(timeout_s)) is not None:
             timeout_s = 0.0
             try:
-                msg = wire.decode(frame, expect=("sync_join", "weights_update", "shutdown"))
+                msg = wire.decode(frame, expect=("sync_join", "weights_update", "shutdown",
+                                                 "eval_request"))
             except wire.MessageError as e:
                 self._reject(e.reason, f"bad control frame from the learner ({e}); ignored")
                 continue
             if msg["kind"] == "shutdown":
                 raise LearnerFinished(msg["reason"])
-            if msg["kind"] == "sync_join":
+            if msg["kind"] == "eval_request":
+                self.on_eval_request(msg["policy_version"])
+            elif msg["kind"] == "sync_join":
                 self._join(msg["session"], msg["world_size"], msg["token"])
             elif msg["session"] != self.session:
                 log.warning("%s: ignored a weight update for session %s (we are in %r)",
                             self.name, msg["session"], self.session)
             else:
                 self._receive(msg)
+
+    def report_eval(self, asked: int, version: int, accuracy: float, problems: int,
+                    seconds: float) -> None:
+        """Answer an eval_request: the accuracy of `version`, the one the engine held."""
+        self.control.try_send(wire.encode("eval_result", version, sender=self.name,
+                                          asked=asked, accuracy=accuracy, problems=problems,
+                                          seconds=seconds))
 
     def _join(self, session: str, world_size: int, token: str) -> None:
         try:

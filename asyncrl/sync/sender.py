@@ -27,6 +27,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -79,6 +80,8 @@ class WeightSender:
         self.members: dict[str, _Member] = {}
         self.failed_at: float | None = None  # a push failed: wait for fresh hellos
         self._bufs: dict[str, torch.Tensor] | None = None  # refilled in place on every push
+        # Each eval_result a generator sends (asyncrl/learner/evals.py joins them by version).
+        self.on_eval_result: Callable[[dict], None] = lambda msg: None
 
     # ------------------------------------------------------------------ control messages
 
@@ -91,7 +94,8 @@ class WeightSender:
                 self._reject("bad_framing", "not a DEALER-shaped message")
                 continue
             try:
-                msg = wire.decode(got[1], expect=("generator_hello", "weights_loaded"))
+                msg = wire.decode(got[1], expect=("generator_hello", "weights_loaded",
+                                                  "eval_result"))
             except wire.MessageError as e:
                 self._reject(e.reason, str(e))
                 continue
@@ -99,7 +103,22 @@ class WeightSender:
                 self._reject("unknown_sender", f"{msg['sender']!r} is not one of gen0.."
                                                f"gen{len(self.expected) - 1}")
                 continue
-            self._handle(got[0], msg)
+            if msg["kind"] == "eval_result":
+                self.on_eval_result(msg)
+            else:
+                self._handle(got[0], msg)
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """Handle the control messages waiting (or arriving within timeout_s)."""
+        self._drain(timeout_s)
+
+    def ask_eval(self, name: str, version: int) -> str | None:
+        """Ask generator `name` to evaluate the version it holds; the incarnation asked, or
+        None when it is unknown or its socket would not take the message."""
+        m = self.members.get(name)
+        if m is None or not self.server.send(m.ident, wire.encode("eval_request", version)):
+            return None
+        return m.incarnation
 
     def _reject(self, reason: str, detail: str) -> None:
         if self.rejected is not None:

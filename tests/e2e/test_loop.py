@@ -12,7 +12,10 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from asyncrl.learner.model import load_policy, token_logprobs
+from asyncrl.config import load_config
+from asyncrl.learner.model import greedy_accuracy, load_policy, token_logprobs
+from asyncrl.rewards import REWARD_FUNCTIONS
+from asyncrl.task import load_task
 from tests.conftest import ROOT, free_base_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +58,9 @@ def _scrape_when_up(port, deadline):
 def finished_run(model_cache, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     base = free_base_port()
-    proc = _start(_overrides(model_cache, run_dir, base))
+    # Checkpoints at every evaluated version, so that the test below can evaluate the same
+    # weights on the learner side (task.eval_size stays: it is part of the model cache's key).
+    proc = _start(_overrides(model_cache, run_dir, base, **{"learner.checkpoint_interval": 2}))
     deadline = time.monotonic() + 300
     ports = {"buffer": base + 10, "gen0": base + 20, "learner0": base + 60, "learner1": base + 61}
     expositions = {name: _scrape_when_up(port, deadline) for name, port in ports.items()}
@@ -78,6 +83,26 @@ def test_run_finishes_with_every_step_logged(finished_run):
     assert "eval_accuracy" in rows[2] and "eval_accuracy" in rows[STEPS]
     assert (finished_run["run_dir"] / "curves.png").stat().st_size > 10_000
     assert "[step 0/4] SFT policy" in finished_run["out"]
+
+
+def test_the_generators_evaluation_of_a_version_is_that_of_its_checkpoint(finished_run):
+    # Evaluation runs on the generator (greedy vLLM, among its training requests); the
+    # learner-side transformers evaluation of checkpoint v must give the same accuracy as the
+    # generator's evaluation of version v, so that evaluation used exactly v's weights.
+    run_dir = finished_run["run_dir"]
+    cfg = load_config(run_dir / "config.yaml")
+    _, held_out = load_task(cfg.task)
+    evaluated = {r["policy_version"]: r for r in _rows(run_dir) if "eval_accuracy" in r}
+    assert sorted(evaluated) == [0, 2, STEPS]
+    learner_side = {}
+    for v in evaluated:
+        path = run_dir / "checkpoints" / f"step_{v}" if v else cfg.model.path  # 0: the SFT model
+        model, tok = load_policy(path)
+        learner_side[v] = greedy_accuracy(model, tok, held_out, cfg.generator.max_tokens,
+                                          REWARD_FUNCTIONS[cfg.task.eval_reward])
+    assert {v: r["eval_accuracy"] for v, r in evaluated.items()} == learner_side
+    assert all(r["eval_by"] == "gen0" for r in evaluated.values())
+    print("held-out accuracy by version:", learner_side)
 
 
 def test_on_policy_mode_never_trains_on_stale_data(finished_run):

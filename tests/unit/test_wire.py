@@ -57,6 +57,8 @@ def test_every_kind_round_trips():
         "shutdown": dict(reason="done"),
         "error": dict(reason="x"),
         "heartbeat": dict(sender="gen0", role="generator"),
+        "eval_request": dict(),
+        "eval_result": dict(sender="gen0", asked=2, accuracy=0.75, problems=512, seconds=0.4),
     }
     for kind, fields in cases.items():
         assert wire.decode(wire.encode(kind, 2, **fields))["kind"] == kind

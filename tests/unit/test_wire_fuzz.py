@@ -143,6 +143,9 @@ def template(kind: str) -> dict:
         "shutdown": lambda: dict(reason="done"),
         "error": lambda: dict(reason="x"),
         "heartbeat": lambda: dict(sender="gen0", role="generator"),
+        "eval_request": lambda: dict(),
+        "eval_result": lambda: dict(sender="gen0", asked=1, accuracy=0.5, problems=8,
+                                    seconds=0.1),
     }[kind]()
 
 
@@ -356,7 +359,7 @@ def test_decode_raises_only_message_error_and_what_it_accepts_encode_accepts(kin
         assert again["kind"] == got["kind"] and again["policy_version"] == got["policy_version"]
 
 
-@pytest.mark.parametrize("kind", wire.KINDS)
+@pytest.mark.parametrize("kind", [k for k in wire.KINDS if wire.SCHEMA[k]])  # a field to spoil
 @FUZZ
 @given(data=st.data())
 def test_encode_refuses_a_bad_field_naming_it(kind, data):

@@ -1,0 +1,112 @@
+"""Held-out evaluation on the inference side: greedy completions of the task's eval split under
+the policy version the engine holds, scored with `task.eval_reward`.
+
+The learner asks (an `eval_request` on the weight-sync control channel, right after it pushed
+the version it wants evaluated) and never waits for the answer: the generator runs the
+evaluation among its training requests and reports an `eval_result` tagged with the version
+its engine held (asyncrl/learner/evals.py joins it into metrics.jsonl by version).
+
+Streaming: every problem becomes one greedy request at once (`Streamer.start_eval`); a weight
+load waits for those still running (`Streamer.before_update`), so every token of an evaluation
+comes from one version, which `collect` checks. Batch generation: one blocking generate call
+between two training calls. Requests that come while one evaluation runs wait their turn.
+
+Scoring is the learner's `greedy_accuracy`: the same prompt ids (`encode_prompt`), the
+completion decoded without special tokens, the mean of the reward.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    asked: int  # the version the learner asked for
+    version: int  # the version the engine held: that of every evaluated token
+    accuracy: float  # mean eval_reward over the problems
+    problems: int
+    seconds: float  # from the first request to the last completion
+
+
+@dataclass
+class _Job:
+    asked: int
+    version: int
+    started: float
+    left: int
+    total: float = 0.0
+
+
+class Evaluator:
+    def __init__(self, prompts: list[list[int]], answers: list[str], decode: Callable,
+                 reward: Callable[[str, str], float], max_tokens: int,
+                 clock: Callable[[], float] = time.monotonic):
+        """prompts: the eval split's prompt ids; decode(token ids) -> text; reward(text,
+        answer) -> float (REWARD_FUNCTIONS[task.eval_reward])."""
+        if len(prompts) != len(answers):
+            raise ValueError("one answer per prompt")
+        self.prompts, self.answers, self.decode, self.reward = prompts, answers, decode, reward
+        self.max_tokens, self.clock = max_tokens, clock
+        self.asked: list[int] = []  # versions asked for, not started yet
+        self.job: _Job | None = None
+
+    def ask(self, version: int) -> None:
+        self.asked.append(version)
+
+    @property
+    def running(self) -> bool:
+        return self.job is not None
+
+    def _score(self, i: int, tokens: list[int]) -> float:
+        return float(self.reward(self.decode(tokens), self.answers[i]))
+
+    # ------------------------------------------------------------------ streaming
+
+    def start(self, streamer, version: int) -> bool:
+        """Start the next evaluation asked for, if none runs: `version` is the one the engine
+        holds now. Returns whether one started."""
+        if self.job is not None or not self.asked:
+            return False
+        self.job = _Job(self.asked.pop(0), version, self.clock(), len(self.prompts))
+        for i, p in enumerate(self.prompts):
+            streamer.start_eval(i, p, self.max_tokens)
+        if self.job.asked != version:
+            log.warning("evaluating policy version %d (asked for %d)", version, self.job.asked)
+        return True
+
+    def collect(self, finished: list) -> EvalResult | None:
+        """Score the requests `Streamer.take_evals` returned; the result once the last is in."""
+        job = self.job
+        for i, seq in finished:
+            if job is None:
+                raise RuntimeError("an evaluation request finished with no evaluation running")
+            if any(v != job.version for v in seq.versions):
+                raise RuntimeError(f"an evaluation of version {job.version} has tokens of "
+                                   f"versions {sorted(set(seq.versions))}")
+            job.total += self._score(i, seq.tokens)
+            job.left -= 1
+        if job is None or job.left:
+            return None
+        self.job = None
+        n = len(self.prompts)
+        return EvalResult(job.asked, job.version, job.total / max(1, n), n,
+                          self.clock() - job.started)
+
+    # ------------------------------------------------------------------ batch generation
+
+    def run_blocking(self, engine, version: int) -> EvalResult | None:
+        """The next evaluation asked for, as one blocking generate call (batch generation)."""
+        if not self.asked:
+            return None
+        asked = self.asked.pop(0)
+        t0 = self.clock()
+        samples = engine.generate(self.prompts, 1, 0.0, self.max_tokens)
+        total = sum(self._score(i, s[0].tokens) for i, s in enumerate(samples))
+        n = len(self.prompts)
+        return EvalResult(asked, version, total / max(1, n), n, self.clock() - t0)

@@ -1,0 +1,164 @@
+"""Held-out evaluation, learner side: ask a generator to evaluate a version it holds, and join
+the answers into metrics.jsonl by version, without ever waiting for one while training.
+
+When: version 0 (the SFT policy) and every `learner.eval_interval` versions an evaluation is
+owed; it is asked for at the first version pushed at or after that (with sync.interval=1, that
+very version) from a generator that confirmed holding it (round robin over the generators), so
+the version evaluated is the version asked for. The generator answers with the accuracy and
+the version its engine held (asyncrl/generator/evaluate.py).
+
+Joining: metrics.jsonl keeps one row per step, in order, and a row carries the evaluation of
+its version. A row is therefore written once no evaluation asked at or before its version is
+outstanding: rows wait (in memory, a few steps) while an answer is on its way, training does
+not. An answer tagged with another version than asked goes to that version's row if it is not
+written yet. An evaluation is given up (its row goes out without accuracy, the next pushed
+version owes one) when its generator restarted before answering or after `timeout_s`. At the
+end of the run the learner waits for the last version's evaluation (`finish`), asking again if
+it was given up, so the final accuracy is known.
+
+A learner restart loses the evaluations in flight: the rows up to the checkpoint still held
+are saved with it (`held_upto`) and written without accuracy on resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Asked:
+    generator: str
+    incarnation: str
+    at: float  # clock() when asked
+
+
+class RemoteEvals:
+    def __init__(self, sender, interval: int, total_steps: int, timeout_s: float,
+                 write: Callable[[dict], None], on_accuracy: Callable[[float], None],
+                 clock: Callable[[], float] = time.monotonic):
+        """sender: the WeightSender (expected, versions(), members, ask_eval, poll); its
+        eval_results come to `on_result`. write(row) appends one metrics.jsonl row;
+        on_accuracy(acc) runs for every answer (the Prometheus gauge)."""
+        self.sender, self.interval, self.total_steps = sender, interval, total_steps
+        self.timeout_s, self.write, self.on_accuracy, self.clock = (timeout_s, write,
+                                                                    on_accuracy, clock)
+        self.owed = False  # an evaluation is due at the next version a generator holds
+        self.pending: dict[int, _Asked] = {}  # version asked for -> who
+        self.held: list[dict] = []  # rows not written yet, in step order
+        self.early: dict[int, dict] = {}  # answers for versions whose row is not built yet
+        self.asks = 0
+        self.last_added = -1  # policy_version of the newest row added
+        self.last_pushed = -1  # the newest version after_push has seen
+        self.finishing = False  # no row goes out before the last answer (or the deadline)
+        sender.on_eval_result = self.on_result
+
+    # ------------------------------------------------------------------ asking
+
+    def due(self, version: int) -> bool:
+        return version % self.interval == 0 or version == self.total_steps
+
+    def after_push(self, version: int) -> None:
+        """After the sync of `version` (pushed or not), before its row is added: owe an
+        evaluation if it is due, and ask for an owed one when a generator holds exactly this
+        version."""
+        if version > self.last_pushed:
+            self.last_pushed = version
+            self.owed = self.owed or self.due(version)
+        if not self.owed or version in self.pending:
+            return
+        held = self.sender.versions()
+        names = self.sender.expected
+        for k in range(len(names)):
+            name = names[(self.asks + k) % len(names)]
+            if held.get(name) != version:
+                continue
+            incarnation = self.sender.ask_eval(name, version)
+            if incarnation is not None:
+                self.pending[version] = _Asked(name, incarnation, self.clock())
+                self.owed, self.asks = False, self.asks + 1
+                return
+
+    # ------------------------------------------------------------------ rows and answers
+
+    def add_row(self, row: dict) -> None:
+        """The row of a step (its policy_version); written as soon as nothing before it is
+        outstanding."""
+        answer = self.early.pop(row["policy_version"], None)
+        if answer is not None:
+            row.update(answer)
+        self.held.append(row)
+        self.last_added = row["policy_version"]
+        self._flush()
+
+    def on_result(self, msg: dict) -> None:
+        """An eval_result from a generator."""
+        asked, version = msg["asked"], msg["policy_version"]
+        if self.pending.pop(asked, None) is None:
+            log.warning("an evaluation of version %d from %s that was not asked for (or was "
+                        "given up); not joined", version, msg["sender"])
+            self._flush()
+            return
+        self.on_accuracy(msg["accuracy"])
+        answer = {"eval_accuracy": msg["accuracy"], "eval_s": msg["seconds"],
+                  "eval_by": msg["sender"]}
+        row = next((r for r in self.held if r["policy_version"] == version), None)
+        if row is not None:
+            row.update(answer)
+        elif version > self.last_added:
+            self.early[version] = answer
+        else:
+            log.warning("the evaluation of version %d (asked for %d) came after its row was "
+                        "written; not joined", version, asked)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.finishing:
+            return
+        first_pending = min(self.pending, default=None)
+        while self.held and (first_pending is None
+                             or self.held[0]["policy_version"] < first_pending):
+            self.write(self.held.pop(0))
+
+    def check(self) -> None:
+        """Give up evaluations whose generator restarted or that took longer than timeout_s;
+        the next version pushed owes one instead."""
+        now = self.clock()
+        for version, a in list(self.pending.items()):
+            m = self.sender.members.get(a.generator)
+            restarted = m is None or m.incarnation != a.incarnation
+            if restarted or now - a.at > self.timeout_s:
+                log.warning("gave up the evaluation of version %d by %s (%s)", version,
+                            a.generator, "it restarted" if restarted
+                            else f"no answer within {self.timeout_s:.0f}s (sync.timeout_s)")
+                del self.pending[version]
+                self.owed = True
+        self._flush()
+
+    # ------------------------------------------------------------------ restarts, the end
+
+    def held_upto(self, step: int) -> list[dict]:
+        """The rows up to `step` not written yet (saved with a checkpoint at `step`)."""
+        return [r for r in self.held if r["step"] <= step]
+
+    def finish(self, version: int, keep_in_sync: Callable[[], None], deadline_s: float) -> None:
+        """End of training: wait (up to deadline_s) for the evaluations outstanding, asking
+        again for the last version's if it was given up; then write every row."""
+        end = self.clock() + deadline_s
+        # An evaluation given up now is asked again for the same version: keep its row.
+        self.finishing = True
+        while (self.pending or self.owed) and self.clock() < end:
+            keep_in_sync()  # brings a restarted generator up to `version`
+            self.after_push(version)
+            self.sender.poll(0.2)
+            self.check()
+        if self.pending or self.owed:
+            log.error("no evaluation of the final version %d within %.0fs; metrics.jsonl ends "
+                      "without it", version, deadline_s)
+        self.pending.clear()
+        self.finishing = False
+        self._flush()
