@@ -50,3 +50,11 @@ def model_cache() -> Path:
     r = asyncrl("prepare", "configs/default.yaml", f"warm_start.cache_dir={d}", timeout=1200)
     assert r.returncode == 0, r.stderr
     return d
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """The tiny Llama's shape with random weights and its tokenizer (tests/helpers/learner.py)."""
+    from tests.helpers.learner import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))

@@ -13,7 +13,7 @@ import pytest
 from asyncrl import transport, wire
 from asyncrl.config import load_config, save_config
 from tests.conftest import ROOT, free_base_port
-from tests.unit.test_durable import _traj
+from tests.helpers.wire import traj_frame
 
 pytestmark = pytest.mark.e2e
 
@@ -48,12 +48,12 @@ def test_buffer_serves_only_holders_of_the_run_keys(tmp_path):
     net = cfg.net
     try:
         gen = transport.Client(ctx, "127.0.0.1", net.buffer_ingest_port, "gen0", keys)
-        assert wire.decode(gen.request(_traj(1, pid=1), timeout_s=60))["status"] == "ok"
+        assert wire.decode(gen.request(traj_frame(1, pid=1), timeout_s=60))["status"] == "ok"
         intruders = {
             "no key": None, "unknown client key": forged, "another run's keys": other}
         for what, k in intruders.items():
             ingest = transport.Client(ctx, "127.0.0.1", net.buffer_ingest_port, "evil", k)
-            assert ingest.request(_traj(7, pid=7), timeout_s=1.0) is None, what
+            assert ingest.request(traj_frame(7, pid=7), timeout_s=1.0) is None, what
             taker = transport.Client(ctx, "127.0.0.1", net.buffer_learner_port, "evil", k)
             req = wire.encode("batch_request", 0, rank=0, num_groups=1)
             assert taker.request(req, timeout_s=1.0) is None, what
@@ -74,7 +74,7 @@ def test_buffer_serves_only_holders_of_the_run_keys(tmp_path):
             time.sleep(0.2)
         assert all(v >= 1 for v in by.values()), by
         # Nothing of theirs got in: one message accepted (ours), no heartbeat from "evil".
-        assert _value(text, "asyncrl_buffer_trajectories_received_total") == 2  # _traj: 2 each
+        assert _value(text, "asyncrl_buffer_trajectories_received_total") == 2  # traj_frame: 2 each
         assert 'peer="evil"' not in text
         # The run's own peers are still served, and take exactly what they sent.
         learner = transport.Client(ctx, "127.0.0.1", net.buffer_learner_port, "learner0", keys)

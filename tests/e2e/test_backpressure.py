@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from asyncrl.config import load_config
 from tests.conftest import wait_until
-from tests.e2e.test_loop import _overrides, _rows, _start
+from tests.helpers.runs import metrics_rows, run_overrides, start_run
 
 pytestmark = pytest.mark.e2e
 
@@ -27,12 +27,12 @@ def test_stalled_learner_makes_generators_wait_not_drop(model_cache, tmp_path):
     from tests.conftest import free_base_port
 
     base = free_base_port()
-    proc = _start(_overrides(model_cache, tmp_path, base, **{
+    proc = start_run(run_overrides(model_cache, tmp_path, base, **{
         "learner.total_steps": 1000, "learner.nproc": 1, "buffer.max_staleness": 1000,
         "buffer.admit_steps": 2}))
     try:
         deadline = time.monotonic() + 300
-        while not (tmp_path / "metrics.jsonl").exists() or len(_rows(tmp_path)) < 3:
+        while not (tmp_path / "metrics.jsonl").exists() or len(metrics_rows(tmp_path)) < 3:
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.5)
         learners = [p for p in psutil.Process(proc.pid).children(recursive=True)
@@ -68,8 +68,8 @@ def test_stalled_learner_makes_generators_wait_not_drop(model_cache, tmp_path):
         assert stale == 0
         for p in learners:
             p.send_signal(signal.SIGCONT)
-        steps = len(_rows(tmp_path))
-        wait_until(lambda: len(_rows(tmp_path)) > steps, 180,  # and training goes on
+        steps = len(metrics_rows(tmp_path))
+        wait_until(lambda: len(metrics_rows(tmp_path)) > steps, 180,  # and training goes on
                    f"a training step after step {steps} once the learner resumed")
     finally:
         proc.send_signal(signal.SIGINT)
@@ -80,11 +80,11 @@ def test_frozen_generator_is_detected_by_heartbeats(model_cache, tmp_path):
     from tests.conftest import free_base_port
 
     base = free_base_port()
-    proc = _start(_overrides(model_cache, tmp_path, base, **{
+    proc = start_run(run_overrides(model_cache, tmp_path, base, **{
         "learner.total_steps": 1000, "learner.nproc": 1, "net.heartbeat_timeout_s": 3}))
     try:
         deadline = time.monotonic() + 300
-        while not (tmp_path / "metrics.jsonl").exists() or len(_rows(tmp_path)) < 2:
+        while not (tmp_path / "metrics.jsonl").exists() or len(metrics_rows(tmp_path)) < 2:
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.5)
         assert _metrics(base + 10)["asyncrl_buffer_peers_silent"] == 0

@@ -11,7 +11,7 @@ import pytest
 from asyncrl import transport, wire
 from asyncrl.config import load_config, save_config
 from tests.conftest import ROOT, free_base_port
-from tests.unit.test_durable import _traj
+from tests.helpers.wire import traj_frame
 
 pytestmark = pytest.mark.e2e
 
@@ -47,14 +47,14 @@ def test_buffer_killed_and_restarted_loses_nothing_it_acked(tmp_path):
     proc = _start(path)
     try:
         for seq in range(1, 11):
-            assert _ack(gen, _traj(seq, pid=seq))["status"] == "ok"
+            assert _ack(gen, traj_frame(seq, pid=seq))["status"] == "ok"
         assert [g.prompt_id for g in _take(learner, 3)["groups"]] == [1, 2, 3]
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         t0 = time.monotonic()
         proc = _start(path)
         # the generator did not get this ack (say): it resends, and it is not stored twice
-        assert _ack(gen, _traj(10, pid=10))["reason"] == "duplicate"
+        assert _ack(gen, traj_frame(10, pid=10))["reason"] == "duplicate"
         recovery_s = time.monotonic() - t0
         assert [g.prompt_id for g in _take(learner, 7)["groups"]] == list(range(4, 11))
         assert _take(learner, 1)["status"] == "not_ready"

@@ -15,14 +15,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from asyncrl import transport, wire
 from asyncrl.config import load_config, save_config
 from tests.conftest import ROOT, free_base_port
-from tests.unit.test_durable import _traj
+from tests.helpers.wire import traj_frame
 
 pytestmark = pytest.mark.e2e
 FUZZ_SECONDS = 10
 
 
 def _frames(rng: random.Random):
-    good = _traj(1, pid=1)
+    good = traj_frame(1, pid=1)
     payload = good[8:]
     kinds = {
         "random": lambda: bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))),
@@ -55,7 +55,7 @@ def test_fuzzed_buffer_survives_and_counts_every_reject(tmp_path):
     sent = replies = 0
     try:
         client = transport.Client(ctx, "127.0.0.1", cfg.net.buffer_ingest_port, "fuzz", keys)
-        assert client.request(_traj(1, pid=1), timeout_s=60) is not None  # up
+        assert client.request(traj_frame(1, pid=1), timeout_s=60) is not None  # up
         kinds = _frames(rng)
         oversized = kinds.pop("oversized")()  # built once: 256 MiB
         deadline = time.monotonic() + FUZZ_SECONDS
@@ -65,7 +65,7 @@ def test_fuzzed_buffer_survives_and_counts_every_reject(tmp_path):
             if client.request(frame, timeout_s=10) is not None:
                 replies += 1
         assert proc.poll() is None, "the buffer died"
-        ok = wire.decode(client.request(_traj(2, pid=2), timeout_s=10))
+        ok = wire.decode(client.request(traj_frame(2, pid=2), timeout_s=10))
         assert ok["status"] == "ok"
         with urllib.request.urlopen(
                 f"http://127.0.0.1:{cfg.net.buffer_metrics_port}/metrics") as r:

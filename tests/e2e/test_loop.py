@@ -2,8 +2,6 @@
 
 import json
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -16,28 +14,11 @@ from asyncrl.config import load_config
 from asyncrl.learner.model import greedy_accuracy, load_policy, token_logprobs
 from asyncrl.rewards import REWARD_FUNCTIONS
 from asyncrl.task import load_task
-from tests.conftest import ROOT, free_base_port, wait_until
+from tests.conftest import free_base_port, wait_until
+from tests.helpers.runs import STEPS, metrics_rows, run_overrides, start_run
 
 pytestmark = pytest.mark.e2e
 
-STEPS = 4
-
-
-def _overrides(model_cache, run_dir, base_port, **extra):
-    o = {"warm_start.cache_dir": model_cache, "learner.lr": 1e-3, "run_dir": run_dir,
-         "net.base_port": base_port, "learner.total_steps": STEPS, "learner.nproc": 2,
-         "learner.groups_per_step": 4, "generator.group_size": 4,
-         "generator.prompts_per_call": 4, "generator.temperature": 0.7,
-         "buffer.max_staleness": 0, "sync.interval": 1, "learner.eval_interval": 2,
-         "net.ready_timeout_s": 120, "sync.timeout_s": 120}
-    o.update(extra)
-    return [f"{k}={v}" for k, v in o.items()]
-
-
-def _start(args):
-    return subprocess.Popen([sys.executable, "-m", "asyncrl", "run", "configs/default.yaml", *args],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
 
 
 def _scrape(port):
@@ -60,7 +41,7 @@ def finished_run(model_cache, tmp_path_factory):
     base = free_base_port()
     # Checkpoints at every evaluated version, so that the test below can evaluate the same
     # weights on the learner side (task.eval_size stays: it is part of the model cache's key).
-    proc = _start(_overrides(model_cache, run_dir, base, **{"learner.checkpoint_interval": 2}))
+    proc = start_run(run_overrides(model_cache, run_dir, base, **{"learner.checkpoint_interval": 2}))
     deadline = time.monotonic() + 300
     ports = {"buffer": base + 10, "gen0": base + 20, "learner0": base + 60, "learner1": base + 61}
     expositions = {name: _scrape_when_up(port, deadline) for name, port in ports.items()}
@@ -68,13 +49,9 @@ def finished_run(model_cache, tmp_path_factory):
     return {"code": proc.returncode, "out": out, "run_dir": run_dir, "metrics": expositions}
 
 
-def _rows(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_run_finishes_with_every_step_logged(finished_run):
     assert finished_run["code"] == 0, finished_run["out"]
-    rows = _rows(finished_run["run_dir"])
+    rows = metrics_rows(finished_run["run_dir"])
     assert [r["step"] for r in rows] == list(range(STEPS + 1))
     assert rows[0]["policy_version"] == 0 and "eval_accuracy" in rows[0]
     for r in rows[1:]:
@@ -92,7 +69,7 @@ def test_the_generators_evaluation_of_a_version_is_that_of_its_checkpoint(finish
     run_dir = finished_run["run_dir"]
     cfg = load_config(run_dir / "config.yaml")
     _, held_out = load_task(cfg.task)
-    evaluated = {r["policy_version"]: r for r in _rows(run_dir) if "eval_accuracy" in r}
+    evaluated = {r["policy_version"]: r for r in metrics_rows(run_dir) if "eval_accuracy" in r}
     assert sorted(evaluated) == [0, 2, STEPS]
     learner_side = {}
     for v in evaluated:
@@ -106,14 +83,14 @@ def test_the_generators_evaluation_of_a_version_is_that_of_its_checkpoint(finish
 
 
 def test_on_policy_mode_never_trains_on_stale_data(finished_run):
-    rows = _rows(finished_run["run_dir"])[1:]
+    rows = metrics_rows(finished_run["run_dir"])[1:]
     assert all(r["staleness_max"] == 0 for r in rows)
 
 
 def test_on_fresh_data_the_first_minibatch_ratio_is_one(finished_run):
     # behaviour logprobs come from vLLM, current ones from transformers: equal within float
     # tolerance when the data is on-policy, so every token's ratio is 1 (+- 1e-3).
-    for r in _rows(finished_run["run_dir"])[1:]:
+    for r in metrics_rows(finished_run["run_dir"])[1:]:
         assert abs(r["ratio_max"] - 1) < 1e-3 and abs(r["ratio_min"] - 1) < 1e-3, r
 
 
@@ -166,10 +143,10 @@ def test_every_process_serves_valid_prometheus_exposition(finished_run, role):
 
 def _running_run(model_cache, tmp_path, **extra):
     """A long run, returned once the learner has done a few steps, with all its processes."""
-    proc = _start(_overrides(model_cache, tmp_path, free_base_port(),
+    proc = start_run(run_overrides(model_cache, tmp_path, free_base_port(),
                              **{"learner.total_steps": 1000, **extra}))
     deadline = time.monotonic() + 300
-    while not (tmp_path / "metrics.jsonl").exists() or len(_rows(tmp_path)) < 3:
+    while not (tmp_path / "metrics.jsonl").exists() or len(metrics_rows(tmp_path)) < 3:
         assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
         time.sleep(0.5)
     family = psutil.Process(proc.pid).children(recursive=True)

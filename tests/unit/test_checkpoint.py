@@ -2,75 +2,25 @@
 
 import json
 
-import numpy as np
-import pytest
 import torch
 
-from asyncrl.config import RunConfig
 from asyncrl.launcher import _Progress
 from asyncrl.learner import checkpoint
 from asyncrl.learner.batch import collate
-from asyncrl.learner.main import _build_models
-from asyncrl.learner.model import load_policy
 from asyncrl.learner.runlog import BatchLog, read_batch_log, weights_sha256
-from asyncrl.learner.step import train_step, warmup_schedule
-from asyncrl.wire import Completion, TrajectoryGroup
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from asyncrl.task.tiny_model import build_model, build_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny")
-    build_tokenizer(out)
-    tok = AutoTokenizer.from_pretrained(out)
-    build_model(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
-                seed=0).save_pretrained(out)
-    return out
-
-
-def _groups(seed: int, n: int = 2, size: int = 4) -> list[TrajectoryGroup]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for g in range(n):
-        comps = [Completion(rng.integers(3, 60, rng.integers(1, 6)).astype(np.int32), None,
-                            float(rng.integers(0, 2)), "stop") for _ in range(size)]
-        for c in comps:
-            c.logprobs = rng.uniform(-3, -0.1, len(c.tokens)).astype(np.float32)
-        out.append(TrajectoryGroup(g, rng.integers(3, 60, 5).astype(np.int32), 0, comps,
-                                   "gen0", float(seed)))
-    return out
-
-
-def _cfg(model_dir) -> RunConfig:
-    cfg = RunConfig()
-    cfg.model.path = str(model_dir)
-    # Everything a checkpoint must carry: Adam moments, warm-up schedule, critic and its
-    # optimizer, the reference model for KL (reloaded from model.path, not the checkpoint).
-    cfg.learner.advantage, cfg.learner.kl_coef, cfg.learner.warmup_steps = "gae", 0.05, 3
-    cfg.learner.minibatches = 2
-    return cfg
-
-
-def _learner(cfg, path):
-    torch.manual_seed(0)
-    model, tok = load_policy(path)
-    model.train()
-    models = _build_models(cfg, model, torch.device("cpu"), world=1)
-    return model, tok, models, warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)
+from asyncrl.learner.step import train_step
+from tests.helpers.learner import learner_cfg, make_groups, make_learner
 
 
 def _train(cfg, models, sched, tok, step):
-    stats = train_step(models, collate(_groups(step), tok.pad_token_id), cfg.learner, 1.0, 6)
+    stats = train_step(models, collate(make_groups(step), tok.pad_token_id), cfg.learner, 1.0, 6)
     sched.step()
     return stats["loss"]
 
 
 def test_resume_from_a_checkpoint_trains_exactly_like_an_uninterrupted_run(model_dir, tmp_path):
-    cfg = _cfg(model_dir)
-    model, tok, models, sched = _learner(cfg, model_dir)
+    cfg = learner_cfg(model_dir)
+    model, tok, models, sched = make_learner(cfg, model_dir)
     losses = []
     for step in range(1, 5):
         losses.append(_train(cfg, models, sched, tok, step))
@@ -81,7 +31,7 @@ def test_resume_from_a_checkpoint_trains_exactly_like_an_uninterrupted_run(model
     ckpt = checkpoint.latest(tmp_path)
     assert ckpt.step == 2 and ckpt.state["tokens_total"] == 7
     torch.manual_seed(123)  # a restarted process starts from some other RNG state
-    model2, tok2, models2, sched2 = _learner(cfg, ckpt.path)
+    model2, tok2, models2, sched2 = make_learner(cfg, ckpt.path)
     checkpoint.restore(ckpt, models2, sched2)
     resumed = [_train(cfg, models2, sched2, tok2, step) for step in (3, 4)]
     assert resumed == losses[2:]
@@ -89,8 +39,8 @@ def test_resume_from_a_checkpoint_trains_exactly_like_an_uninterrupted_run(model
 
 
 def test_a_checkpoint_is_only_seen_once_complete(model_dir, tmp_path):
-    cfg = _cfg(model_dir)
-    model, tok, models, sched = _learner(cfg, model_dir)
+    cfg = learner_cfg(model_dir)
+    model, tok, models, sched = make_learner(cfg, model_dir)
     checkpoint.save(tmp_path, 4, model, tok, models, sched, {})
     # A rank killed while writing step 8 leaves a temporary directory behind, never step_8.
     (tmp_path / "checkpoints" / ".step_8.tmp").mkdir()
@@ -103,7 +53,7 @@ def test_the_batch_log_cuts_a_torn_frame_and_hands_back_the_steps_after_the_chec
         tmp_path):
     log = BatchLog(tmp_path, rank=0)
     for step in range(1, 5):
-        log.append(step, _groups(step), dropped_total=step)
+        log.append(step, make_groups(step), dropped_total=step)
     log.bin.close()
     path = tmp_path / "batches" / "rank0.bin"
     with path.open("ab") as f:  # killed while writing step 5
@@ -113,7 +63,7 @@ def test_the_batch_log_cuts_a_torn_frame_and_hands_back_the_steps_after_the_chec
     assert sorted(resumed.logged) == [3, 4]
     groups, dropped = resumed.logged[3]
     assert dropped == 3 and [g.created_at for g in groups] == [3.0, 3.0]
-    resumed.append(5, _groups(5), 5)
+    resumed.append(5, make_groups(5), 5)
     assert [gs[0].created_at for gs in read_batch_log(path)] == [1.0, 2.0, 3.0, 4.0, 5.0]
     rows = [json.loads(x) for x in (tmp_path / "admission.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
@@ -148,13 +98,13 @@ def test_progress_shows_the_restart_and_the_replayed_steps_once_more(tmp_path):
         "[run", "[step 2/10"]
 
 
-def test_restore_loads_onto_the_ranks_own_device(model_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_restore_loads_onto_the_ranks_own_device(model_dir, tmp_path, monkeypatch):
     """Every rank loads the optimizer state onto the device it trains on (map_location), not
     onto the device rank 0 saved it from (on GPUs all ranks would load onto cuda:0 at once)."""
     import asyncrl.learner.checkpoint as ck
 
-    cfg = _cfg(model_dir)
-    model, tok, models, sched = _learner(cfg, model_dir)
+    cfg = learner_cfg(model_dir)
+    model, tok, models, sched = make_learner(cfg, model_dir)
     _train(cfg, models, sched, tok, 1)
     ck.save(tmp_path, 1, model, tok, models, sched, {})
     seen = []

@@ -2,7 +2,6 @@
 
 import struct
 
-import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -11,18 +10,12 @@ from asyncrl.buffer.durable import ADD, DurableLog
 from asyncrl.buffer.main import BufferHandler
 from asyncrl.buffer.store import ReplayBuffer
 from asyncrl.metrics import BufferMetrics
+from tests.helpers.wire import traj_frame
 
 
 def _handler(path, capacity=100):
     return BufferHandler(ReplayBuffer(capacity, 5), BufferMetrics(CollectorRegistry()), 50,
                          DurableLog(path))
-
-
-def _traj(seq, pid, version=0):
-    comps = [wire.Completion(np.array([3], np.int32), np.array([-0.5], np.float32), r, "stop")
-             for r in (0.0, 1.0)]
-    g = wire.TrajectoryGroup(pid, np.array([1], np.int32), version, comps, "g", 0.0)
-    return wire.encode("trajectories", version, sender="g", incarnation="i", seq=seq, groups=[g])
 
 
 def _take(h, n, version=0):
@@ -33,29 +26,29 @@ def _take(h, n, version=0):
 def test_recovery_holds_what_was_acked_and_not_served(tmp_path):
     h = _handler(tmp_path / "log.bin")
     for i in range(1, 6):
-        assert wire.decode(h.on_trajectories(_traj(i, pid=i)))["status"] == "ok"
+        assert wire.decode(h.on_trajectories(traj_frame(i, pid=i)))["status"] == "ok"
     assert [g.prompt_id for g in _take(h, 2)["groups"]] == [1, 2]
     again = _handler(tmp_path / "log.bin")  # a new process reading the same log
     assert again.recover() == 3
     assert [g.prompt_id for g in _take(again, 3)["groups"]] == [3, 4, 5]
     # the dedup table survived: a resend of an acked message is not stored twice
-    assert wire.decode(again.on_trajectories(_traj(5, pid=5)))["reason"] == "duplicate"
+    assert wire.decode(again.on_trajectories(traj_frame(5, pid=5)))["reason"] == "duplicate"
 
 
 def test_compaction_keeps_the_dedup_table(tmp_path):
     h = _handler(tmp_path / "log.bin")
-    h.on_trajectories(_traj(1, pid=1))
+    h.on_trajectories(traj_frame(1, pid=1))
     _take(h, 1)  # store empty: the log is compacted to a snapshot
     assert (tmp_path / "log.bin").stat().st_size < 100
     again = _handler(tmp_path / "log.bin")
     assert again.recover() == 0
-    assert wire.decode(again.on_trajectories(_traj(1, pid=1)))["reason"] == "duplicate"
+    assert wire.decode(again.on_trajectories(traj_frame(1, pid=1)))["reason"] == "duplicate"
 
 
 def test_stale_drops_replay_the_same_way(tmp_path):
     h = _handler(tmp_path / "log.bin")
-    h.on_trajectories(_traj(1, pid=1, version=0))
-    h.on_trajectories(_traj(2, pid=2, version=9))
+    h.on_trajectories(traj_frame(1, pid=1, version=0))
+    h.on_trajectories(traj_frame(2, pid=2, version=9))
     assert _take(h, 5, version=9)["status"] == "not_ready"  # drops version 0 (bound 5)
     again = _handler(tmp_path / "log.bin")
     assert again.recover() == 1
@@ -65,7 +58,7 @@ def test_torn_tail_is_detected_and_cut(tmp_path):
     path = tmp_path / "log.bin"
     h = _handler(path)
     for i in range(1, 4):
-        h.on_trajectories(_traj(i, pid=i))
+        h.on_trajectories(traj_frame(i, pid=i))
     good = path.stat().st_size
     with path.open("ab") as f:  # the process died in the middle of a record
         f.write(b"\x40\x00\x00\x00\x12\x34\x56\x78\x01partial")
@@ -83,9 +76,9 @@ def test_a_complete_but_corrupted_last_record_is_cut(tmp_path, where):
     path = tmp_path / "log.bin"
     h = _handler(path)
     for i in range(1, 4):
-        h.on_trajectories(_traj(i, pid=i))
+        h.on_trajectories(traj_frame(i, pid=i))
     size = path.stat().st_size
-    last = size - 9 - len(_traj(3, pid=3))  # start of the last record (9-byte record head)
+    last = size - 9 - len(traj_frame(3, pid=3))  # start of the last record (9-byte record head)
     offset = {"magic": last + 9 + 1, "frame_crc": last + 9 + 5, "body": last + 9 + 30,
               "last_byte": size - 1, "record_crc": last + 5}[where]
     data = bytearray(path.read_bytes())
@@ -108,12 +101,12 @@ def test_a_log_written_by_another_message_schema_is_named_not_cut(tmp_path):
 
     from asyncrl.learner.runlog import BatchLog
 
-    old = _old_schema(_traj(1, pid=1))  # as the log of an older asyncrl wrote it
+    old = _old_schema(traj_frame(1, pid=1))  # as the log of an older asyncrl wrote it
     (tmp_path / "log.bin").write_bytes(struct.pack("<IIB", len(old), zlib.crc32(old), ADD) + old)
     with pytest.raises(RuntimeError, match="log.bin: a record does not decode .*another asyncrl"):
         _handler(tmp_path / "log.bin").recover()
     # The learner's batch log: an old frame is not mistaken for a torn one and cut off.
-    batch = wire.decode(_traj(1, pid=1))["groups"]
+    batch = wire.decode(traj_frame(1, pid=1))["groups"]
     BatchLog(tmp_path, rank=0).append(1, batch, 0)
     path = tmp_path / "batches" / "rank0.bin"
     frame = path.read_bytes()[8:]

@@ -12,7 +12,7 @@ from asyncrl.learner.model import check_packing, critic_values, forward_logprobs
 from asyncrl.learner.packing import pack, pack_if_smaller, sequence_lengths
 from asyncrl.learner.step import padding_fraction, train_step
 from asyncrl.wire import Completion, TrajectoryGroup
-from tests.unit.test_checkpoint import _cfg, _learner, model_dir  # noqa: F401
+from tests.helpers.learner import learner_cfg, make_learner
 
 
 def _varied_groups(seed: int, n: int = 4, size: int = 4) -> list[TrajectoryGroup]:
@@ -78,9 +78,9 @@ def test_left_padded_rows_are_refused():
         sequence_lengths(mask)
 
 
-def test_packed_logprobs_entropy_and_gradients_equal_padded_ones(model_dir):  # noqa: F811
-    cfg = _cfg(model_dir)
-    model, tok, _, _ = _learner(cfg, model_dir)
+def test_packed_logprobs_entropy_and_gradients_equal_padded_ones(model_dir):
+    cfg = learner_cfg(model_dir)
+    model, tok, _, _ = make_learner(cfg, model_dir)
     batch = collate(_varied_groups(2), tok.pad_token_id)
     packing = pack_if_smaller(batch.input_ids, batch.attention_mask, 48)
     assert packing is not None
@@ -97,9 +97,9 @@ def test_packed_logprobs_entropy_and_gradients_equal_padded_ones(model_dir):  # 
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), float((a - b).abs().max())
 
 
-def test_packed_critic_values_equal_padded_ones(model_dir):  # noqa: F811
-    cfg = _cfg(model_dir)
-    _, tok, models, _ = _learner(cfg, model_dir)
+def test_packed_critic_values_equal_padded_ones(model_dir):
+    cfg = learner_cfg(model_dir)
+    _, tok, models, _ = make_learner(cfg, model_dir)
     batch = collate(_varied_groups(3), tok.pad_token_id)
     packing = pack_if_smaller(batch.input_ids, batch.attention_mask, 48)
     assert packing is not None
@@ -112,8 +112,8 @@ def test_packed_critic_values_equal_padded_ones(model_dir):  # noqa: F811
 
 
 @pytest.mark.parametrize("setup", ["gae_kl_minibatches", "grpo_entropy_seq_mean", "decoupled"])
-def test_train_step_packed_gives_the_padded_update(model_dir, setup):  # noqa: F811
-    cfg = _cfg(model_dir)  # gae + critic, KL to the reference, 2 minibatches
+def test_train_step_packed_gives_the_padded_update(model_dir, setup):
+    cfg = learner_cfg(model_dir)  # gae + critic, KL to the reference, 2 minibatches
     lc = cfg.learner
     if setup == "grpo_entropy_seq_mean":
         lc.advantage, lc.entropy_coef, lc.loss_agg, lc.kl_coef = "grpo", 0.01, "seq_mean", 0.0
@@ -123,7 +123,7 @@ def test_train_step_packed_gives_the_padded_update(model_dir, setup):  # noqa: F
     runs = {}
     for rows in (0, 64):
         lc.pack_row_tokens = rows
-        model, tok, models, sched = _learner(cfg, model_dir)
+        model, tok, models, sched = make_learner(cfg, model_dir)
         stats = []
         for step in range(1, 3):
             stats.append(train_step(models, collate(_varied_groups(10 + step), tok.pad_token_id),
@@ -140,9 +140,9 @@ def test_train_step_packed_gives_the_padded_update(model_dir, setup):  # noqa: F
     assert worst < 1e-4, worst
 
 
-def test_a_model_that_mixes_packed_sequences_is_stopped_naming_the_setting(model_dir):  # noqa: F811
-    cfg = _cfg(model_dir)
-    model, tok, _, _ = _learner(cfg, model_dir)
+def test_a_model_that_mixes_packed_sequences_is_stopped_naming_the_setting(model_dir):
+    cfg = learner_cfg(model_dir)
+    model, tok, _, _ = make_learner(cfg, model_dir)
     batch = collate(_varied_groups(4), tok.pad_token_id)
     args = (batch.input_ids, batch.attention_mask, batch.completion_mask, 64)
     assert check_packing(model, *args) < 1e-4

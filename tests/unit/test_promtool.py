@@ -14,7 +14,7 @@ import yaml
 from prometheus_client import generate_latest
 
 from tests.conftest import ROOT
-from tests.unit.test_deploy import ROLE_CLASSES, dashboard_exprs, doc_queries, filled
+from tests.helpers.metrics import ROLE_CLASSES, dashboard_exprs, doc_queries, filled
 
 
 def _in_ci() -> bool:

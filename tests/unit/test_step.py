@@ -9,15 +9,15 @@ import torch
 from asyncrl.learner.batch import collate
 from asyncrl.learner.model import forward_logprobs
 from asyncrl.learner.step import train_step
-from tests.unit.test_checkpoint import _cfg, _groups, _learner, model_dir  # noqa: F401
+from tests.helpers.learner import learner_cfg, make_groups, make_learner
 
 
-def test_single_update_proximal_logprobs_are_the_policy_before_the_update(model_dir):  # noqa: F811
-    cfg = _cfg(model_dir)
+def test_single_update_proximal_logprobs_are_the_policy_before_the_update(model_dir):
+    cfg = learner_cfg(model_dir)
     cfg.learner.advantage, cfg.learner.kl_coef, cfg.learner.minibatches = "grpo", 0.0, 1
     cfg.learner.offpolicy = "decoupled"  # uses prox in the loss, not only in metrics
-    model, tok, models, _ = _learner(cfg, model_dir)
-    batch = collate(_groups(0), tok.pad_token_id)
+    model, tok, models, _ = make_learner(cfg, model_dir)
+    batch = collate(make_groups(0), tok.pad_token_id)
     with torch.no_grad():
         before, _ = forward_logprobs(model, batch.input_ids, batch.attention_mask, 1.0)
     m = batch.completion_mask.bool()
@@ -27,7 +27,7 @@ def test_single_update_proximal_logprobs_are_the_policy_before_the_update(model_
     assert stats["prox_vs_current"] == 0.0
 
 
-def test_policy_and_critic_have_no_dropout_in_training_mode(model_dir, tmp_path):  # noqa: F811
+def test_policy_and_critic_have_no_dropout_in_training_mode(model_dir, tmp_path):
     # A hub model with attention dropout, and a critic whose token-classification head
     # transformers gives dropout 0.1: two forwards of the same batch must still agree, or the
     # ratio is not 1 on-policy and GAE is noisy.
@@ -45,7 +45,7 @@ def test_policy_and_critic_have_no_dropout_in_training_mode(model_dir, tmp_path)
     critic = load_critic(path)
     model.train()
     critic.train()
-    batch = collate(_groups(1), tok.pad_token_id)
+    batch = collate(make_groups(1), tok.pad_token_id)
     with torch.no_grad():
         for net, fn in ((model, lambda: forward_logprobs(model, batch.input_ids,
                                                          batch.attention_mask, 1.0)[0]),
@@ -55,14 +55,14 @@ def test_policy_and_critic_have_no_dropout_in_training_mode(model_dir, tmp_path)
 
 
 @pytest.mark.parametrize("kl_mode", ["loss", "reward"])
-def test_clamps_reach_the_rl_math_from_the_learner_config(model_dir, monkeypatch, kl_mode):  # noqa: F811
+def test_clamps_reach_the_rl_math_from_the_learner_config(model_dir, monkeypatch, kl_mode):
     import asyncrl.learner.step as step
 
-    cfg = _cfg(model_dir)
+    cfg = learner_cfg(model_dir)
     lc = cfg.learner
     lc.advantage, lc.offpolicy, lc.minibatches, lc.kl_mode = "grpo", "none", 1, kl_mode
     lc.log_ratio_clamp, lc.kl_clamp = 0.01, 3.25
-    model, tok, models, _ = _learner(cfg, model_dir)
+    model, tok, models, _ = make_learner(cfg, model_dir)
     seen = []
     for fn in ("kl_loss", "kl_reward_penalty"):
         real = getattr(step, fn)
@@ -72,7 +72,7 @@ def test_clamps_reach_the_rl_math_from_the_learner_config(model_dir, monkeypatch
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(step, fn, spy)
-    stats = train_step(models, collate(_groups(2), tok.pad_token_id), lc, 1.0, 6)
+    stats = train_step(models, collate(make_groups(2), tok.pad_token_id), lc, 1.0, 6)
     assert seen == [3.25]
     # The generator's logprobs here are random, far from the tiny model's (unclamped, the ratios
     # span 0.004 to 0.065): clamped, they lie within exp(+-0.01), and some sit on the bound.
@@ -81,7 +81,7 @@ def test_clamps_reach_the_rl_math_from_the_learner_config(model_dir, monkeypatch
     assert max(stats["ratio_max"], 1 / stats["ratio_min"]) == pytest.approx(bound)
 
 
-def test_bf16_training_keeps_float32_master_weights_and_moves_them_like_float32(model_dir):  # noqa: F811
+def test_bf16_training_keeps_float32_master_weights_and_moves_them_like_float32(model_dir):
     """model.dtype=bfloat16: float32 master weights, forwards under bf16 autocast. The update
     of a few steps matches float32 training within bf16's tolerance, and at a small learning
     rate nearly every weight still moves (trained in bf16 directly most updates are below
@@ -91,15 +91,15 @@ def test_bf16_training_keeps_float32_master_weights_and_moves_them_like_float32(
 
     deltas = {}
     for dtype in ("float32", "bfloat16"):
-        cfg = _cfg(model_dir)
+        cfg = learner_cfg(model_dir)
         cfg.learner.advantage, cfg.learner.kl_coef, cfg.learner.warmup_steps = "grpo", 0.0, 0
         cfg.learner.lr, cfg.model.dtype = 1e-4, dtype
-        model, tok, models, _ = _learner(cfg, model_dir)
+        model, tok, models, _ = make_learner(cfg, model_dir)
         assert all(p.dtype == torch.float32 for p in model.parameters())
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         for step in range(3):
             with compute_context(dtype, torch.device("cpu")):
-                train_step(models, collate(_groups(step), tok.pad_token_id), cfg.learner, 1.0, 6)
+                train_step(models, collate(make_groups(step), tok.pad_token_id), cfg.learner, 1.0, 6)
         deltas[dtype] = torch.cat([(p.detach() - before[n]).flatten()
                                    for n, p in model.named_parameters()])
         assert len(weights_sha256(model)) == 64
