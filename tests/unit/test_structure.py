@@ -165,3 +165,24 @@ def test_rewards_have_one_home_and_one_meaning_per_name():
     assert set(homes) == {"asyncrl/rewards.py"}, homes
     correctness = REWARD_FUNCTIONS["correctness"]
     assert correctness("352", "352") == correctness("<answer>\n352\n</answer>", "352") == 1.0
+
+
+def test_the_architecture_file_map_matches_the_tree():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("\n## Files\n", 1)[1].split("\n## ", 1)[0]
+    import re
+
+    named = set(re.findall(r"^\| `(asyncrl/[\w/]+\.py)` \|", section, re.M))
+    tree = {str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")}
+    assert sorted(tree - named) == [], "modules missing from docs/architecture.md's file map"
+    assert sorted(named - tree) == [], "the file map names modules that do not exist"
+
+
+def test_no_test_module_imports_another():
+    offenders = []
+    for p in sorted((ROOT / "tests").rglob("test_*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                    ("tests.unit", "tests.e2e")):
+                offenders.append(f"{p.relative_to(ROOT)}: from {node.module}")
+    assert offenders == [], "shared test helpers belong in tests/helpers/: " + str(offenders)
