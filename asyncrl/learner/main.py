@@ -34,7 +34,7 @@ import torch
 from asyncrl import wire
 from asyncrl.algo.sampling import dynamic_sampling_mask
 from asyncrl.config import RunConfig
-from asyncrl.learner import checkpoint
+from asyncrl.learner import checkpoint, shard
 from asyncrl.learner.batch import BatchRules, TrainBatch, collate, refusal
 from asyncrl.learner.model import check_packing, greedy_accuracy, load_critic, load_policy
 from asyncrl.learner.runlog import BatchLog, weights_sha256
@@ -177,17 +177,25 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
 
 
 def _build_models(cfg: RunConfig, model, device, world: int) -> Models:
+    """The policy (DDP-wrapped or FSDP-sharded over the ranks, learner.strategy), its
+    optimizer, and the reference model and critic when the algorithm needs them, shared out
+    the same way. Under fsdp `model` itself is sharded in place, so build this before anything
+    reads the whole model from it."""
     lc = cfg.learner
-    policy = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
+
+    def share(m):
+        return shard.wrap(m, lc.strategy, world, cfg.model.dtype, lc.activation_checkpointing)
+
+    policy = share(model)
+    opt = torch.optim.AdamW(policy.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
     ref = critic = critic_opt = None
     if lc.kl_coef > 0:  # frozen: no master copy needed, it stays in model.dtype
         ref, _ = load_policy(cfg.model.path, cfg.model.dtype, device.type)
         ref.to(device).eval().requires_grad_(False)
+        if lc.strategy == "fsdp" and world > 1:  # DDP has nothing to do for a frozen model
+            ref = shard.wrap(ref, "fsdp", world, cfg.model.dtype)
     if lc.advantage == "gae":
-        critic = load_critic(cfg.model.path, "float32", device.type).to(device).train()
-        if world > 1:
-            critic = torch.nn.parallel.DistributedDataParallel(critic)
+        critic = share(load_critic(cfg.model.path, "float32", device.type).to(device).train())
         critic_opt = torch.optim.AdamW(critic.parameters(), lr=lc.critic_lr)
     return Models(policy, opt, ref, critic, critic_opt)
 
