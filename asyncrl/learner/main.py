@@ -37,9 +37,10 @@ from asyncrl.config import RunConfig
 from asyncrl.learner import checkpoint, shard
 from asyncrl.learner.batch import BatchRules, TrainBatch, collate, refusal
 from asyncrl.learner.model import check_packing, greedy_accuracy, load_critic, load_policy
-from asyncrl.learner.runlog import BatchLog, weights_sha256
+from asyncrl.learner.runlog import BatchLog, named_sha256, weights_sha256
 from asyncrl.learner.step import Models, train_step, warmup_schedule
 from asyncrl.rewards import REWARD_FUNCTIONS
+from asyncrl.sync import weights
 from asyncrl.task import load_task
 
 if TYPE_CHECKING:
@@ -112,14 +113,18 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
 
     ckpt = checkpoint.latest(run_dir)
     start = ckpt.step if ckpt is not None else 0
-    # float32 master weights whatever model.dtype is (compute_context).
-    model, tok = load_policy(ckpt.path if ckpt is not None else cfg.model.path, "float32",
-                             device.type)
+    sharded_ckpt = ckpt is not None and checkpoint.is_sharded(ckpt)
+    # float32 master weights whatever model.dtype is (compute_context). A sharded checkpoint
+    # is loaded into the model once it is sharded, over the starting weights.
+    model, tok = load_policy(ckpt.path if ckpt is not None and not sharded_ckpt
+                             else cfg.model.path, "float32", device.type)
     model.to(device).train()
     compute = compute_context(cfg.model.dtype, device)
     models = _build_models(cfg, model, device, world)
     sched = warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)
-    if ckpt is not None:
+    if sharded_ckpt:
+        checkpoint.restore_sharded(ckpt, models, sched, rank)
+    elif ckpt is not None:
         checkpoint.restore(ckpt, models, sched)
     batch_log = BatchLog(run_dir, rank, start)
     if ckpt is not None:
@@ -139,8 +144,15 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
                                             role="learner"),
                         cfg.net.heartbeat_interval_s, keys).start()
     lead = _Lead(cfg, run_dir, model, tok, m, ckpt) if rank == 0 else None
+    whole = _Whole(cfg, run_dir, models, tok, lead, rank, device)
     if lead is not None:
         source.while_waiting = lead.keep_in_sync
+        if whole.every_rank:  # rank 0 cannot gather the shards alone
+            source.while_waiting = lead.keep_session
+    if ckpt is None:
+        accuracy = whole.evaluate()
+        if lead is not None:
+            lead.write_start(accuracy)
 
     for step in range(start + 1, cfg.learner.total_steps + 1):
         t0 = time.perf_counter()
@@ -166,12 +178,21 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
         step_seconds = time.perf_counter() - t0
         m.record_step(step, stats, batch.num_completion_tokens,
                       token_staleness(batch, step - 1), waited, step_seconds)
+        last = step == cfg.learner.total_steps
+        pushed = whole.push(step, due=step % cfg.sync.interval == 0 or last)
+        accuracy = (whole.evaluate() if step % cfg.learner.eval_interval == 0 or last
+                    else None)
         if lead is not None:
-            lead.after_step(step, batch, stats, waited, step_seconds)
-            if step % cfg.learner.checkpoint_interval == 0 or step == cfg.learner.total_steps:
-                lead.save_checkpoint(step, models, sched)
+            lead.after_step(step, batch, stats, waited, step_seconds, pushed, accuracy)
+        if step % cfg.learner.checkpoint_interval == 0 or last:
+            whole.save_checkpoint(step, sched)
+        if cfg.learner.strategy == "fsdp" and (last or (cfg.learner.export_interval
+                                          and step % cfg.learner.export_interval == 0)):
+            checkpoint.export(run_dir / "export" / ("final" if last else f"step_{step}"),
+                              models.policy, tok, rank)
+    sha256 = whole.checksum()
     if lead is not None:
-        lead.finish()
+        lead.finish(sha256)
     if world > 1:
         dist.destroy_process_group()
 
@@ -285,7 +306,6 @@ class _Lead:
         from asyncrl.sync.sender import WeightSender
 
         self.cfg, self.run_dir, self.model, self.tok, self.m = cfg, run_dir, model, tok, m
-        _, self.eval_set = load_task(cfg.task)
         self.metrics_path = run_dir / "metrics.jsonl"
         state = ckpt.state if ckpt is not None else {}
         self.tokens_total = state.get("tokens_total", 0)
@@ -306,35 +326,25 @@ class _Lead:
                                    cfg.sync.timeout_s, cfg.net.ready_timeout_s,
                                    rejected=m.messages_rejected,
                                    ranks_per_generator=cfg.generator.tensor_parallel_size,
-                                   dtype=cfg.model.dtype)
+                                   dtype=cfg.model.dtype, bucket_bytes=cfg.sync.bucket_mb << 20)
         self.sender.start()
         # RL time starts once every generator is up (and goes on from before a restart).
         self.t_start = resumed_t0 if ckpt is not None else time.time()
-        if ckpt is None:
-            self._write({"step": 0, "policy_version": 0, "reward_mean": None,
-                         "staleness_mean": None, "eval_accuracy": self._evaluate(),
-                         "elapsed_s": 0.0})
 
-    def _evaluate(self) -> float:
-        device = next(self.model.parameters()).device
-        with compute_context(self.cfg.model.dtype, device):
-            acc = greedy_accuracy(self.model, self.tok, self.eval_set,
-                                  self.cfg.generator.max_tokens,
-                                  REWARD_FUNCTIONS[self.cfg.task.eval_reward],
-                                  self.cfg.task.chat_template)
-        self.m.eval_accuracy.set(acc)
-        return acc
+    def write_start(self, accuracy: float) -> None:
+        """Row 0 of a fresh run: the starting policy's accuracy."""
+        self.m.eval_accuracy.set(accuracy)
+        self._write({"step": 0, "policy_version": 0, "reward_mean": None,
+                     "staleness_mean": None, "eval_accuracy": accuracy, "elapsed_s": 0.0})
 
     def _write(self, row: dict) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
     def after_step(self, step: int, batch: TrainBatch, stats: dict, waited: float,
-                   step_seconds: float) -> None:
-        cfg = self.cfg
-        last = step == cfg.learner.total_steps
+                   step_seconds: float, pushed: tuple[float, int] | None,
+                   accuracy: float | None) -> None:
         sync_s = None
-        pushed = self.sender.sync(self.model, step, due=step % cfg.sync.interval == 0 or last)
         if pushed is not None:
             sync_s, nbytes = pushed
             self.m.sync_seconds.observe(sync_s)
@@ -356,8 +366,9 @@ class _Lead:
                "elapsed_s": elapsed}
         if self.resumed_from is not None:
             row["resumed_from_step"], self.resumed_from = self.resumed_from, None
-        if step % cfg.learner.eval_interval == 0 or last:
-            row["eval_accuracy"] = self._evaluate()
+        if accuracy is not None:
+            self.m.eval_accuracy.set(accuracy)
+            row["eval_accuracy"] = accuracy
         self._write(row)
 
     def keep_in_sync(self, version: int) -> None:
@@ -376,18 +387,96 @@ class _Lead:
             log.info("pushed version %d to a generator that was behind while waiting for data",
                      version)
 
-    def save_checkpoint(self, step: int, models: Models, sched) -> None:
-        checkpoint.save(self.run_dir, step, self.model, self.tok, models, sched,
-                        {"tokens_total": self.tokens_total, "samples_total": self.samples_total})
+    def keep_session(self, version: int) -> None:
+        """keep_in_sync for a sharded learner: rank 0 cannot gather the weights while the
+        other ranks are elsewhere, so it only keeps the session formed; a generator found
+        behind is pushed to after the next step."""
+        now = time.monotonic()
+        if now - self._last_keep >= 1.0:
+            self._last_keep = now
+            self.sender.due(version, due=False)
 
-    def finish(self) -> None:
+    def counters(self) -> dict:
+        return {"tokens_total": self.tokens_total, "samples_total": self.samples_total}
+
+    def finish(self, sha256: str) -> None:
         from asyncrl.plots import length_percentiles, plot_lengths, plot_run
 
         self.sender.shutdown(f"trained {self.cfg.learner.total_steps} steps")
         plot_run(self.metrics_path, self.run_dir / "curves.png")
         plot_lengths(self.lengths, self.run_dir / "lengths.png")
         (self.run_dir / "summary.json").write_text(json.dumps(
-            {"steps": self.cfg.learner.total_steps, "final_weights_sha256":
-             weights_sha256(self.model), "elapsed_s": time.time() - self.t_start,
+            {"steps": self.cfg.learner.total_steps, "final_weights_sha256": sha256,
+             "elapsed_s": time.time() - self.t_start,
              "completion_tokens": {**length_percentiles(self.lengths),
                                    "count": len(self.lengths)}}))
+
+
+class _Whole:
+    """What needs the whole model: weight pushes, evaluation, checkpoints, the checksum. With
+    learner.strategy=ddp rank 0 holds it and does these alone (the others skip them); with
+    fsdp every rank takes part, gathering its shards, and rank 0 keeps the results."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, models: Models, tok, lead: _Lead | None,
+                 rank: int, device: torch.device):
+        self.cfg, self.run_dir, self.models, self.tok, self.lead = cfg, run_dir, models, tok, lead
+        self.rank, self.device = rank, device
+        self.every_rank = shard.is_sharded(models.policy)
+        self.takes_part = self.every_rank or lead is not None
+        self.eval_set = load_task(cfg.task)[1] if self.takes_part else []
+
+    def push(self, version: int, due: bool) -> tuple[float, int] | None:
+        if not self.every_rank:
+            return (self.lead.sender.sync(shard.unwrap(self.models.policy), version, due)
+                    if self.lead is not None else None)
+        # Rank 0 decides; every rank gathers; a failed push is retried once, as in sync().
+        sender = self.lead.sender if self.lead is not None else None
+        for attempt in (1, 2):
+            if not shard.from_rank0(sender is not None and sender.due(version, due),
+                                    self.device):
+                return None
+            tensors = shard.full_tensors(self.models.policy)
+            pushed = None
+            if sender is None:
+                for _ in tensors:
+                    pass
+            else:
+                specs = weights.specs_of(weights.sendable(shard.unwrap(self.models.policy)),
+                                         sender.dtype)
+                try:
+                    pushed = sender.push(version, specs, tensors)
+                except (RuntimeError, TimeoutError) as e:
+                    if attempt == 2:
+                        shard.from_rank0(False, self.device)
+                        raise
+                    log.warning("weight sync to version %d failed (%s); re-forming the group",
+                                version, e)
+            if shard.from_rank0(pushed is not None, self.device):
+                return pushed
+        return None
+
+    def evaluate(self) -> float | None:
+        """Held-out greedy accuracy (rank 0's value). Under fsdp every rank generates the
+        same completions: each forward is a collective, and identical inputs and weights make
+        every rank take the same number of steps."""
+        if not self.takes_part:
+            return None
+        policy = self.models.policy if self.every_rank else shard.unwrap(self.models.policy)
+        with compute_context(self.cfg.model.dtype, self.device):
+            return greedy_accuracy(policy, self.tok, self.eval_set,
+                                   self.cfg.generator.max_tokens,
+                                   REWARD_FUNCTIONS[self.cfg.task.eval_reward],
+                                   self.cfg.task.chat_template)
+
+    def save_checkpoint(self, step: int, sched) -> None:
+        if self.cfg.learner.strategy == "fsdp":
+            state = self.lead.counters() if self.lead is not None else {}
+            checkpoint.save_sharded(self.run_dir, step, self.models, sched, state, self.rank)
+        elif self.lead is not None:
+            checkpoint.save(self.run_dir, step, shard.unwrap(self.models.policy), self.tok,
+                            self.models, sched, self.lead.counters())
+
+    def checksum(self) -> str | None:
+        if self.every_rank:
+            return named_sha256(shard.full_tensors(self.models.policy))
+        return weights_sha256(shard.unwrap(self.models.policy)) if self.lead else None

@@ -73,6 +73,16 @@ def full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, (t.full_tensor() if isinstance(t, DTensor) else t).detach()
 
 
+def from_rank0(flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag` on every rank (a broadcast over the learner's process group): how rank
+    0's decisions (push now? did it work?) reach the ranks that must take part."""
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def local_bytes(tensors) -> int:
     """Bytes this rank holds of these tensors (a DTensor's local shard only)."""
     from torch.distributed.tensor import DTensor

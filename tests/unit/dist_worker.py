@@ -52,3 +52,53 @@ def train(rank: int, world: int, store: str, model_dir: str, strategy: str, step
     if rank == 0:
         Path(out).write_text(json.dumps({"losses": gathered, "sha256": sha}))
     dist.destroy_process_group()
+
+
+def push(rank: int, world: int, store: str, model_dir: str, base: int, bucket_bytes: int,
+         out: str) -> None:
+    """Train 2 steps sharded, then push through the learner's own push path to a generator
+    thread on rank 0; rank 0 writes the checksum the generator received and that of an
+    unsharded copy of the weights (gathered by torch.distributed.checkpoint, loaded into a
+    plain model) to `out`."""
+    from types import SimpleNamespace
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from asyncrl import transport
+    from asyncrl.learner.batch import collate
+    from asyncrl.learner.main import _Whole
+    from asyncrl.learner.model import load_policy
+    from asyncrl.learner.runlog import named_sha256, weights_sha256
+    from asyncrl.learner.step import train_step
+    from asyncrl.sync.sender import WeightSender
+    from tests.unit.test_checkpoint import _groups
+    from tests.unit.test_sync_sessions import HOST, Generator
+
+    cfg, tok, models, sched = _setup(rank, world, store, model_dir, "fsdp")
+    for step in (1, 2):
+        train_step(models, collate(_groups(10 * step + rank), tok.pad_token_id), cfg.learner,
+                   1.0, 6)
+        sched.step()
+    lead = gen = None
+    if rank == 0:
+        gen = Generator(0, base)
+        gen.start()
+        server = transport.Server(transport.context(), HOST, base + 2)
+        sender = WeightSender(server, HOST, base + 3, 1, "gloo", timeout_s=60.0,
+                              ready_timeout_s=60.0, bucket_bytes=bucket_bytes)
+        sender.start()
+        lead = SimpleNamespace(sender=sender)
+    whole = _Whole(cfg, Path(out).parent, models, tok, lead, rank, torch.device("cpu"))
+    pushed = whole.push(2, due=True)
+    full = get_model_state_dict(models.policy, options=StateDictOptions(full_state_dict=True,
+                                                                        cpu_offload=True))
+    if rank == 0:
+        plain, _ = load_policy(model_dir)
+        plain.load_state_dict(full)
+        gen.stop.set()
+        gen.join()
+        Path(out).write_text(json.dumps({
+            "pushed_bytes": pushed[1], "received": named_sha256(gen.engine.weights.items()),
+            "unsharded": weights_sha256(plain), "initial": weights_sha256(load_policy(model_dir)[0]),
+            "peak_buffer_bytes": lead.sender.peak_buffer_bytes}))
+    dist.destroy_process_group()

@@ -65,3 +65,18 @@ def test_chunked_logprobs_equal_the_full_logits_computation(model_dir, packed,  
         for g, f in zip(grads, full_grads):  # summed in another order: float32 rounding
             assert (g - f).abs().max() <= 1e-5 * f.abs().max()
     assert model.get_output_embeddings() is model.lm_head  # the head was put back
+
+
+def test_a_push_from_a_sharded_learner_gives_the_generator_the_unsharded_weights(
+        model_dir, tmp_path):  # noqa: F811
+    from tests.conftest import free_base_port
+
+    out = tmp_path / "push.json"
+    bucket = 256 << 10  # the tiny model's 10 MB in ~40 buckets; its embedding alone in one
+    mp.start_processes(dist_worker.push, nprocs=2, start_method="spawn", join=True,
+                       args=(2, str(tmp_path / "store"), str(model_dir), free_base_port(),
+                             bucket, str(out)))
+    got = json.loads(out.read_text())
+    assert got["received"] == got["unsharded"] != got["initial"]  # trained, then pushed
+    assert got["pushed_bytes"] > 20 * bucket
+    assert got["peak_buffer_bytes"] <= 2 * max(bucket, got["pushed_bytes"] // 10)
