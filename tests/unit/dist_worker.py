@@ -102,3 +102,37 @@ def push(rank: int, world: int, store: str, model_dir: str, base: int, bucket_by
             "unsharded": weights_sha256(plain), "initial": weights_sha256(load_policy(model_dir)[0]),
             "peak_buffer_bytes": lead.sender.peak_buffer_bytes}))
     dist.destroy_process_group()
+
+
+def resume(rank: int, world: int, store: str, model_dir: str, run_dir: str, resumed: bool,
+           out: str) -> None:
+    """4 steps sharded with a sharded checkpoint at step 2 (resumed=False), or from that
+    checkpoint on (resumed=True, a fresh set of processes as after a torchrun restart); rank 0
+    writes the final checksum, and the hub-format export's, to `out`."""
+    from asyncrl.learner import checkpoint
+    from asyncrl.learner.batch import collate
+    from asyncrl.learner.model import load_policy
+    from asyncrl.learner.runlog import named_sha256, weights_sha256
+    from asyncrl.learner.shard import full_tensors
+    from asyncrl.learner.step import train_step
+    from tests.unit.test_checkpoint import _groups
+
+    cfg, tok, models, sched = _setup(rank, world, store, model_dir, "fsdp")
+    start = 0
+    if resumed:
+        ckpt = checkpoint.latest(Path(run_dir))
+        checkpoint.restore_sharded(ckpt, models, sched, rank)
+        start = ckpt.step
+    for step in range(start + 1, 5):
+        train_step(models, collate(_groups(10 * step + rank), tok.pad_token_id), cfg.learner,
+                   1.0, 6)
+        sched.step()
+        if step == 2 and not resumed:
+            checkpoint.save_sharded(Path(run_dir), step, models, sched, {}, rank)
+    sha = named_sha256(full_tensors(models.policy))
+    exported = checkpoint.export(Path(run_dir) / "export" / f"resumed{int(resumed)}",
+                                 models.policy, tok, rank)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"sha256": sha, "export": weights_sha256(
+            load_policy(exported)[0])}))
+    dist.destroy_process_group()

@@ -80,3 +80,21 @@ def test_a_push_from_a_sharded_learner_gives_the_generator_the_unsharded_weights
     assert got["received"] == got["unsharded"] != got["initial"]  # trained, then pushed
     assert got["pushed_bytes"] > 20 * bucket
     assert got["peak_buffer_bytes"] <= 2 * max(bucket, got["pushed_bytes"] // 10)
+
+
+def test_a_sharded_checkpoint_resumes_to_the_weights_of_an_uninterrupted_run(
+        model_dir, tmp_path):  # noqa: F811
+    def run(resumed):
+        out = tmp_path / f"resumed{int(resumed)}.json"
+        mp.start_processes(dist_worker.resume, nprocs=2, start_method="spawn", join=True,
+                           args=(2, str(tmp_path / f"store{int(resumed)}"), str(model_dir),
+                                 str(tmp_path / "run"), resumed, str(out)))
+        return json.loads(out.read_text())
+
+    uninterrupted = run(False)
+    step_2 = tmp_path / "run" / "checkpoints" / "step_2"
+    assert (step_2 / "sharded" / ".metadata").is_file()
+    assert not list(step_2.glob("*.safetensors"))  # sharded only: no rank held it all
+    resumed = run(True)
+    assert resumed["sha256"] == uninterrupted["sha256"]
+    assert resumed["export"] == uninterrupted["export"] == uninterrupted["sha256"]
