@@ -142,11 +142,10 @@ def export(out: Path, policy, tok, rank: int) -> Path | None:
     """Hub-format weights (safetensors, config, tokenizer) of a possibly sharded policy, written
     by rank 0 to `out` (atomically). A collective under fsdp: the full weights are gathered
     to rank 0's CPU memory for the write, the one moment a rank holds them all."""
+    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from asyncrl.learner.shard import unwrap
-
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True,

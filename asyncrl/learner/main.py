@@ -145,10 +145,8 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
                         cfg.net.heartbeat_interval_s, keys).start()
     lead = _Lead(cfg, run_dir, model, tok, m, ckpt) if rank == 0 else None
     whole = _Whole(cfg, run_dir, models, tok, lead, rank, device)
-    if lead is not None:
+    if lead is not None and not whole.every_rank:  # fsdp: _fetch(together=whole)
         source.while_waiting = lead.keep_in_sync
-        if whole.every_rank:  # rank 0 cannot gather the shards alone
-            source.while_waiting = lead.keep_session
     if ckpt is None:
         accuracy = whole.evaluate()
         if lead is not None:
@@ -160,7 +158,8 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
             groups, dropped_total = batch_log.logged.pop(step)
             waited, filtered = 0.0, 0
         else:
-            groups, waited, filtered, dropped_total = _fetch(source, cfg, rank, step - 1)
+            groups, waited, filtered, dropped_total = _fetch(
+                source, cfg, rank, step - 1, whole if whole.every_rank else None)
             batch_log.append(step, groups, dropped_total)
         batch = collate(groups, tok.pad_token_id).to(device)
         if step == start + 1 and cfg.learner.pack_row_tokens > 0:
@@ -240,32 +239,50 @@ class _Source:
     while_waiting: Callable[[int], None] = lambda version: None
 
 
-def _fetch(source: _Source, cfg: RunConfig, rank: int, version: int
-           ) -> tuple[list, float, int, int]:
+def _fetch(source: _Source, cfg: RunConfig, rank: int, version: int,
+           together: _Whole | None = None) -> tuple[list, float, int, int]:
     """This rank's groups for a step at `version`, waiting until the buffer has enough.
     With dynamic sampling, groups whose rewards are all equal are dropped (and counted) and
     fetching goes on until the batch is full.
+
+    `together` (learner.strategy=fsdp): rank 0 cannot push weights while the others wait
+    elsewhere, so every rank fetches in rounds, one request per round, and between rounds the
+    ranks agree whether all have their batch and, if not, let rank 0 bring a generator that
+    is behind up to date (_Whole.keep_in_sync), all of them gathering.
     Returns (groups, seconds waited, groups filtered, buffer's stale-dropped total)."""
     t0 = time.perf_counter()
     want = cfg.groups_per_rank
     kept: list = []
-    dropped = 0
-    while len(kept) < want:
-        groups, dropped_total = _request(source, cfg, rank, version, want - len(kept))
-        if cfg.learner.dynamic_sampling:
-            rewards = torch.tensor([[c.reward for c in g.completions] for g in groups])
-            keep = dynamic_sampling_mask(rewards).tolist()
-            dropped += keep.count(False)
-            groups = [g for g, k in zip(groups, keep) if k]
-        kept += groups
+    dropped = dropped_total = 0
+    while True:
+        if len(kept) < want:
+            got = _request(source, cfg, rank, version, want - len(kept),
+                           once=together is not None)
+            if got is not None:
+                groups, dropped_total = got
+                if cfg.learner.dynamic_sampling:
+                    rewards = torch.tensor([[c.reward for c in g.completions] for g in groups])
+                    keep = dynamic_sampling_mask(rewards).tolist()
+                    dropped += keep.count(False)
+                    groups = [g for g, k in zip(groups, keep) if k]
+                kept += groups
+        if together is None:
+            if len(kept) >= want:
+                break
+            continue
+        if shard.on_every_rank(len(kept) >= want, together.device):
+            break
+        together.keep_in_sync(version)
+        time.sleep(0.02)
     return kept, time.perf_counter() - t0, dropped, dropped_total
 
 
-def _request(source: _Source, cfg: RunConfig, rank: int, version: int, num_groups: int
-             ) -> tuple[list, int]:
-    """Ask until the buffer has num_groups groups. A reply that is not a usable batch is
-    refused, counted and logged, and the request sent again: its groups are lost to training
-    (the buffer handed them out), the step is not."""
+def _request(source: _Source, cfg: RunConfig, rank: int, version: int, num_groups: int,
+             once: bool = False) -> tuple[list, int] | None:
+    """Ask until the buffer has num_groups groups (`once`: None after one answer without
+    them). A reply that is not a usable batch is refused, counted and logged, and the request
+    sent again: its groups are lost to training (the buffer handed them out), the step is
+    not."""
     req = wire.encode("batch_request", version, rank=rank, num_groups=num_groups)
     last_reply = time.monotonic()
     while True:
@@ -293,6 +310,8 @@ def _request(source: _Source, cfg: RunConfig, rank: int, version: int, num_group
             raise RuntimeError(f"buffer refused our batch request: {msg['reason']}")
         elif msg["status"] == "ok":
             return msg["groups"], msg["stale_dropped_total"]
+        if once:
+            return None
         source.while_waiting(version)
         time.sleep(0.02)
 
@@ -387,15 +406,6 @@ class _Lead:
             log.info("pushed version %d to a generator that was behind while waiting for data",
                      version)
 
-    def keep_session(self, version: int) -> None:
-        """keep_in_sync for a sharded learner: rank 0 cannot gather the weights while the
-        other ranks are elsewhere, so it only keeps the session formed; a generator found
-        behind is pushed to after the next step."""
-        now = time.monotonic()
-        if now - self._last_keep >= 1.0:
-            self._last_keep = now
-            self.sender.due(version, due=False)
-
     def counters(self) -> dict:
         return {"tokens_total": self.tokens_total, "samples_total": self.samples_total}
 
@@ -424,16 +434,33 @@ class _Whole:
         self.every_rank = shard.is_sharded(models.policy)
         self.takes_part = self.every_rank or lead is not None
         self.eval_set = load_task(cfg.task)[1] if self.takes_part else []
+        self._last_keep = 0.0
 
-    def push(self, version: int, due: bool) -> tuple[float, int] | None:
+    def keep_in_sync(self, version: int) -> None:
+        """Every rank, between fetch rounds (fsdp): _Lead.keep_in_sync, with every rank
+        gathering. Rank 0 looks at most once a second; the others follow its answer."""
+        now = time.monotonic()
+        look = self.lead is not None and now - self._last_keep >= 1.0
+        if look:
+            self._last_keep = now
+        pushed = self.push(version, due=False, look=look)
+        if pushed is not None:
+            self.lead.m.sync_seconds.observe(pushed[0])
+            self.lead.m.sync_bytes.inc(pushed[1])
+            log.info("pushed version %d to a generator that was behind while waiting for data",
+                     version)
+
+    def push(self, version: int, due: bool, look: bool = True) -> tuple[float, int] | None:
+        """Push `version` if rank 0's sender says so (`look=False`: rank 0 does not even ask,
+        but the others still learn that). Under fsdp a collective of every rank."""
         if not self.every_rank:
             return (self.lead.sender.sync(shard.unwrap(self.models.policy), version, due)
                     if self.lead is not None else None)
         # Rank 0 decides; every rank gathers; a failed push is retried once, as in sync().
         sender = self.lead.sender if self.lead is not None else None
         for attempt in (1, 2):
-            if not shard.from_rank0(sender is not None and sender.due(version, due),
-                                    self.device):
+            wanted = sender is not None and look and sender.due(version, due)
+            if not shard.from_rank0(wanted, self.device):
                 return None
             tensors = shard.full_tensors(self.models.policy)
             pushed = None

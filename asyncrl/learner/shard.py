@@ -83,6 +83,15 @@ def from_rank0(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def on_every_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank (an all-reduce of the learner's process group)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def local_bytes(tensors) -> int:
     """Bytes this rank holds of these tensors (a DTensor's local shard only)."""
     from torch.distributed.tensor import DTensor

@@ -30,8 +30,8 @@ as a session forms.
 
 from __future__ import annotations
 
-import logging
 import itertools
+import logging
 import secrets
 import time
 import uuid
