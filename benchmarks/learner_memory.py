@@ -24,7 +24,8 @@ sync: one push of the model (`WeightSender.sync`, gloo, one generator process wh
 engine receives bucket by bucket with `asyncrl.sync.weights.received_tensors` and copies each
 tensor into its own copy of the model, as vLLM's reload does) with sync.bucket_mb = --bucket-mb;
 peak extra memory of the learner and of the generator during the push (VmHWM above the
-resident memory before it). The whole-model flat buffer this replaces held the push's size at
+resident memory before it; both models are made resident first, since transformers maps the
+weight file and pages first touched by the push would otherwise count). The whole-model flat buffer this replaces held the push's size at
 each end.
 
 Run from the repository root (about 6 minutes on 2 cores; the first run also builds the model):
@@ -226,6 +227,17 @@ def run_logprobs(model_dir: Path, args) -> dict:
 # ------------------------------------------------------------------ sync: one bucketed push
 
 
+def _resident(model):
+    """The model's weights in private resident memory: transformers maps the safetensors file,
+    so pages first read (or written) during a push would otherwise count as the push's."""
+    import torch
+
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            t.add_(0)
+    return model
+
+
 class _CopyingEngine:
     """Receives like asyncrl.sync.receiver (bucket by bucket into a BucketPool) and copies each
     tensor into its own model, as vLLM's reload does."""
@@ -270,7 +282,7 @@ def _generator(model_dir: str, base: int, out: str) -> None:
     from asyncrl.sync.member import LearnerFinished, SyncMember
 
     torch.set_num_threads(1)
-    engine = _CopyingEngine(load_policy(model_dir)[0])
+    engine = _CopyingEngine(_resident(load_policy(model_dir)[0]))
     control = transport.Client(transport.context(), HOST, base + 2, "gen0")
     member = SyncMember(control, engine, "gen0", 1, uuid.uuid4().hex[:8], HOST, base + 3,
                         "gloo", 600.0, hello_interval_s=0.2, alone_timeout_s=600.0,
@@ -300,7 +312,7 @@ def run_sync(model_dir: Path, args, tmp: Path) -> dict:
     child.start()
     try:
         torch.set_num_threads(1)
-        model, _ = load_policy(model_dir)
+        model = _resident(load_policy(model_dir)[0])
         server = transport.Server(transport.context(), HOST, base + 2)
         sender = WeightSender(server, HOST, base + 3, 1, "gloo", timeout_s=600.0,
                               ready_timeout_s=600.0, bucket_bytes=args.bucket_mb << 20)
