@@ -3,9 +3,12 @@
 Each step: ask the buffer for this rank's share of groups usable at the current policy version
 (waiting while it has too few), recompute token logprobs with the transformers model, compute
 group-relative advantages and the PPO-clipped loss against the generators' behaviour logprobs,
-step the optimizer (DDP averages gradients when nproc > 1). The policy version is the number of
+step the optimizer (when nproc > 1 the ranks share the model as learner.strategy says: DDP
+copies, or FSDP2 shards, asyncrl/learner/shard.py). The policy version is the number of
 optimizer steps done. Rank 0 also evaluates held-out accuracy, writes RUN_DIR/metrics.jsonl,
-checkpoints, and every sync.interval steps broadcasts the weights to the generators.
+checkpoints, and every sync.interval steps pushes the weights to the generators in buckets;
+under fsdp every rank takes part in what needs the whole model (_Whole: gathers for the push,
+the evaluation, the sharded checkpoints and hub-format exports, the final checksum).
 
 The algorithm (advantage estimator, off-policy correction, KL, entropy, critic, DAPO's
 dynamic sampling and overlong shaping) is chosen in config; asyncrl/learner/step.py applies it.
