@@ -28,6 +28,7 @@ OFFPOLICY = ("none", "decoupled", "tis", "icepop", "seq_mask")
 LOSS_AGG = ("token_mean", "seq_mean", "constant")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 SYNC_BACKENDS = ("auto", "gloo", "nccl", "ipc")
+STRATEGIES = ("ddp", "fsdp")
 # Positions of each builtin model, by model.path (asyncrl/task/tiny_model.py builds them with
 # these; tests/unit/test_config_bounds.py checks): prompt + generator.max_tokens + 8 must fit,
 # or vLLM refuses to start. The reasoning task's scratchpads need more than addition's answers.
@@ -225,7 +226,8 @@ class BufferConfig:
 @dataclass
 class LearnerConfig:
     nproc: int = 1
-    """Learner processes per node (torchrun --nproc-per-node); DDP over gloo/NCCL when > 1."""
+    """Learner processes per node (torchrun --nproc-per-node); data-parallel over gloo/NCCL
+    when > 1, as learner.strategy says."""
     nnodes: int = 1
     """Learner nodes; > 1 uses torchrun's c10d rendezvous at rdzv_endpoint instead of
     --standalone (start `asyncrl learner` on every node)."""
@@ -311,6 +313,25 @@ class LearnerConfig:
     collective while rank 0 pushes weights alone, so it must exceed the longest
     of those (at least sync.timeout_s)."""
     seed: int = 0
+    strategy: str = "ddp"
+    """How the ranks share the model: `ddp` (every rank holds the whole model, its gradients
+    and Adam moments: 16 bytes per parameter in float32) or `fsdp` (FSDP2: each decoder layer
+    and the root are sharded over the ranks, so each holds 1/nproc of the weights, gradients
+    and optimizer state; checkpoints are sharded too). On GPUs fsdp computes in model.dtype
+    with float32 gradient reduction and master weights. docs/architecture.md has a memory
+    estimate per GPU."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping
+    them: less memory per token, about a third more compute."""
+    logprob_chunk_tokens: int = 1024
+    """Token logprobs (and the entropy) are computed from the final hidden states this many
+    positions at a time, recomputed in the backward pass, so the (tokens x vocab) float32
+    logits never exist at once (1.6 GB for 16 x 512 tokens of a 49k vocabulary). 0: all at
+    once."""
+    export_interval: int = 0
+    """Under learner.strategy=fsdp (whose checkpoints are sharded), also write the policy in
+    hub format to RUN_DIR/export/step_<n> every this many steps (0: only at the end,
+    RUN_DIR/export/final). Under ddp every checkpoint is already in hub format."""
 
 
 @dataclass
@@ -329,6 +350,11 @@ class SyncConfig:
     timeout_s: float = 300.0
     """A weight broadcast or group formation that takes longer fails with an error naming
     the peer."""
+    bucket_mb: int = 64
+    """A push streams the weights in buckets of this many MiB (a larger tensor goes alone):
+    each is filled (gathered from the shards under fsdp) while the previous one is being
+    broadcast, and each generator loads bucket by bucket, so neither end holds a second copy
+    of the model, only about two buckets (asyncrl/sync/weights.py)."""
     probe_prompt: str = "12+34="
     """After each weight load each generator records greedy logprobs for this prompt in
     RUN_DIR/sync_probe.jsonl, so the learner/generator mismatch can be checked offline."""
@@ -395,7 +421,8 @@ class RunConfig:
                  + _choice("learner.offpolicy", lc.offpolicy, OFFPOLICY)
                  + _choice("learner.loss_agg", lc.loss_agg, LOSS_AGG)
                  + _choice("learner.kl_estimator", lc.kl_estimator, KL_ESTIMATORS)
-                 + _choice("learner.kl_mode", lc.kl_mode, ("loss", "reward")))
+                 + _choice("learner.kl_mode", lc.kl_mode, ("loss", "reward"))
+                 + _choice("learner.strategy", lc.strategy, STRATEGIES))
         errs += _choice("task.eval_reward", self.task.eval_reward, REWARD_FUNCTIONS)
         errs += [f"task.rewards has unknown {k!r}: choose from {sorted(REWARD_FUNCTIONS)}"
                  for k in self.task.rewards if k not in REWARD_FUNCTIONS]
@@ -643,8 +670,11 @@ BOUNDS: dict[str, Bound] = {
     "learner.threads": _ints(1, 1024),
     "learner.collective_timeout_s": _positive(2 * DAY_S),
     "learner.seed": SEED,
+    "learner.logprob_chunk_tokens": _ints(0, 1 << 20, "0: all positions at once"),
+    "learner.export_interval": _ints(0, STEPS, "0: only at the end"),
     "sync.interval": _ints(1, STEPS),
     "sync.timeout_s": _positive(DAY_S),
+    "sync.bucket_mb": _ints(1, 1 << 16),  # two buckets are allocated at each end
     "run.max_role_restarts": _ints(0, 100),
     "run.restart_delay_s": _floats(0, 3600, "doubles after each restart"),
 }

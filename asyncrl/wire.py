@@ -27,7 +27,8 @@ Message kinds (docs/architecture.md has the table with directions and sockets):
   generator_hello   generator -> learner  "I am here, in sync session S, holding version v";
                                           sent at start and every net.heartbeat_interval_s
   sync_join         learner -> generator  join weight-sync session S (a fresh store prefix)
-  weights_update    learner -> generator  a broadcast of these tensors follows on session S
+  weights_update    learner -> generator  broadcasts of these tensors, in buckets of at most
+                                          bucket_bytes, follow on session S
   weights_loaded    generator -> learner  the new weights are live in the engine
   shutdown          learner -> generator  training finished: exit (status 0)
   eval_request      learner -> generator  evaluate the policy version you hold (held-out, greedy)
@@ -52,7 +53,7 @@ import numpy as np
 # 3: each group carries its identity (incarnation, seq, index; asyncrl/buffer/journal.py)
 #    and each token the policy version that sampled it (`version_lag`: the version minus
 #    its group's policy_version, which is the group's oldest token's).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: weights_update says its bucket_bytes (bucketed pushes)
 MAGIC = b"ARL1"
 _ARRAY_EXT = 1
 _DTYPES = {"int32", "int64", "float32", "float64", "uint8", "float16"}
@@ -72,6 +73,8 @@ MAX_TENSORS = 2**18  # tensors in one weights_update (a 670B MoE checkpoint has 
 MAX_TENSOR_NAME = 512
 MAX_TENSOR_DIMS = 8
 MAX_TENSOR_DIM = 2**40
+MAX_BUCKET_BYTES = 2**36  # 64 GiB: sync.bucket_mb's bound
+DEFAULT_BUCKET_BYTES = 64 << 20  # sync.bucket_mb's default, for callers without a config
 MAX_WEIGHT_BYTES = 2**41  # 2 TiB: the wire's bound; a generator also checks its own model's
 
 
@@ -512,7 +515,10 @@ SCHEMA: dict[str, dict[str, Int | Float | Str | TensorSpecs | Groups | IpcHandle
     "sync_join": {"session": Str(MAX_NAME, nonempty=True), "world_size": Int(2, MAX_RANKS),
                   "token": Str(MAX_NAME, nonempty=True)},  # secret part of the store prefix
     "weights_update": {"session": Str(MAX_NAME, nonempty=True), "tensors": TensorSpecs(),
-                       "ipc": IpcHandles()},
+                       "ipc": IpcHandles(),
+                       # both ends split `tensors` into the same buckets from this
+                       # (asyncrl/sync/weights.py plan_buckets); two are allocated at each end
+                       "bucket_bytes": Int(1, MAX_BUCKET_BYTES)},
     "weights_loaded": {"sender": _NAME, "session": _NAME, "seconds": Float(0.0, 1e9)},
     "shutdown": {"reason": _REASON},
     # policy_version: the version the learner wants evaluated (the one it just pushed).

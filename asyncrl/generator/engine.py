@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from asyncrl.wire import DEFAULT_BUCKET_BYTES
+
 
 @dataclass
 class Sample:
@@ -156,12 +158,12 @@ class VLLMEngine:
     def leave_sync(self) -> None:
         self.llm.collective_rpc("asyncrl_leave_sync")
 
-    def receive_weights(self, specs: list[list], ipc: list[dict] | None = None
-                        ) -> tuple[float, int]:
-        """Load one push: from the sync group's broadcast, or (colocated) from the learner's
-        buffers through their CUDA IPC handles."""
+    def receive_weights(self, specs: list[list], ipc: list[dict] | None = None,
+                        bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> tuple[float, int]:
+        """Load one push: from the sync group's broadcasts, bucket by bucket, or (colocated)
+        from the learner's buffers through their CUDA IPC handles."""
         seconds, nbytes = self.llm.collective_rpc("asyncrl_receive_weights",
-                                                  args=(specs, ipc or None))[0]
+                                                  args=(specs, ipc or None, bucket_bytes))[0]
         if not self._live:  # with requests running their blocks are in use (and the cache off)
             self.llm.reset_prefix_cache()
         return seconds, nbytes

@@ -6,6 +6,12 @@ learning-rate schedule, critic and its optimizer, torch RNG state) and asyncrl_s
 (step, counters). A checkpoint is written to a temporary directory and renamed into place, so
 every step_<n> directory is complete: a rank killed mid-write leaves the previous one newest.
 
+Under learner.strategy=fsdp a checkpoint is sharded instead: step_<n>/sharded/ is a
+torch.distributed.checkpoint of the policy, its optimizer, the critic and its optimizer, each
+rank writing its own shards (the same directory can be loaded by another number of ranks), and
+step_<n>/rank<r>.pt holds each rank's schedule and RNG state. No rank ever holds the whole
+model or optimizer for it. Users get hub-format weights from `export` (RUN_DIR/export/...).
+
 Resume (torchrun --max-restarts restarts every rank after a failure): each rank loads the
 newest checkpoint, step k, then replays steps k+1.. from its own batch log
 (asyncrl/learner/runlog.py), which holds every batch it had taken from the buffer before the
@@ -73,6 +79,97 @@ def save(run_dir: Path, step: int, model, tok, models: Models, sched, state: dic
     return out
 
 
+def is_sharded(ckpt: Checkpoint) -> bool:
+    return (ckpt.path / "sharded").is_dir()
+
+
+def save_sharded(run_dir: Path, step: int, models: Models, sched, state: dict,
+                 rank: int) -> Path:
+    """Write checkpoint `step` from every rank (a collective): each rank's shards, then rank 0
+    marks the directory complete and renames it into place."""
+    import torch.distributed.checkpoint as dcp
+
+    root = run_dir / "checkpoints"
+    tmp, out = root / f".step_{step}.tmp", root / f"step_{step}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dcp.save(_sharded_state(models), checkpoint_id=tmp / "sharded")
+    torch.save({"scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()},
+               tmp / f"rank{rank}.pt")
+    _barrier()  # every rank's files are written
+    if rank == 0:
+        (tmp / "asyncrl_state.json").write_text(json.dumps({**state, "step": step,
+                                                            "policy_version": step}))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    _barrier()  # nobody goes on (and may crash) before the checkpoint is in place
+    return out
+
+
+def restore_sharded(ckpt: Checkpoint, models: Models, sched, rank: int) -> None:
+    """Load a sharded checkpoint into models built on the starting weights (every rank)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _sharded_state(models)
+    dcp.load(state, checkpoint_id=ckpt.path / "sharded")
+    set_state_dict(models.policy, models.policy_opt, model_state_dict=state["policy"],
+                   optim_state_dict=state["policy_optimizer"])
+    if models.critic is not None:
+        if "critic" not in state:
+            raise ValueError(f"{ckpt.path} has no critic but learner.advantage=gae needs one")
+        set_state_dict(models.critic, models.critic_opt, model_state_dict=state["critic"],
+                       optim_state_dict=state["critic_optimizer"])
+    st = torch.load(ckpt.path / f"rank{rank}.pt", weights_only=False)
+    sched.load_state_dict(st["scheduler"])
+    torch.set_rng_state(st["torch_rng"])
+
+
+def _sharded_state(models: Models) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    policy, policy_opt = get_state_dict(models.policy, models.policy_opt)
+    state = {"policy": policy, "policy_optimizer": policy_opt}
+    if models.critic is not None:
+        state["critic"], state["critic_optimizer"] = get_state_dict(models.critic,
+                                                                    models.critic_opt)
+    return state
+
+
+def export(out: Path, policy, tok, rank: int) -> Path | None:
+    """Hub-format weights (safetensors, config, tokenizer) of a possibly sharded policy, written
+    by rank 0 to `out` (atomically). A collective under fsdp: the full weights are gathered
+    to rank 0's CPU memory for the write, the one moment a rank holds them all."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from asyncrl.learner.shard import unwrap
+
+    if dist.is_available() and dist.is_initialized():
+        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=True))
+    else:
+        full = unwrap(policy).state_dict()
+    if rank != 0:
+        return None
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrap(policy).save_pretrained(tmp, state_dict=full, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def restore(ckpt: Checkpoint, models: Models, sched) -> None:
     """Load the optimizer, schedule, critic and RNG state. The policy's weights were loaded
     from ckpt.path already (load_policy), before the optimizer was built on them."""
@@ -107,4 +204,6 @@ def truncate_metrics(path: Path, step: int) -> float:
 
 
 def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
-    return m.module if isinstance(m, torch.nn.parallel.DistributedDataParallel) else m
+    from asyncrl.learner.shard import unwrap
+
+    return unwrap(m)

@@ -3,11 +3,14 @@
 Each step: ask the buffer for this rank's share of groups usable at the current policy version
 (waiting while it has too few), recompute token logprobs with the transformers model, compute
 group-relative advantages and the PPO-clipped loss against the generators' behaviour logprobs,
-step the optimizer (DDP averages gradients when nproc > 1). The policy version is the number of
-optimizer steps done. Rank 0 also writes RUN_DIR/metrics.jsonl, checkpoints, every
-sync.interval steps broadcasts the weights to the generators, and every learner.eval_interval
-versions asks a generator to evaluate held-out accuracy, which it joins into metrics.jsonl by
-version when the answer comes (asyncrl/learner/evals.py): training never waits for it.
+step the optimizer (when nproc > 1 the ranks share the model as learner.strategy says: DDP
+copies, or FSDP2 shards, asyncrl/learner/shard.py). The policy version is the number of
+optimizer steps done. Rank 0 also writes RUN_DIR/metrics.jsonl and checkpoints, every
+sync.interval steps pushes the weights to the generators in buckets, and every
+learner.eval_interval versions asks a generator to evaluate held-out accuracy, which it joins
+into metrics.jsonl by version when the answer comes (asyncrl/learner/evals.py): training never
+waits for it. Under fsdp every rank takes part in what needs the whole model (_Whole: gathers
+for the push, the sharded checkpoints and hub-format exports, the final checksum).
 
 The algorithm (advantage estimator, off-policy correction, KL, entropy, critic, DAPO's
 dynamic sampling and overlong shaping) is chosen in config; asyncrl/learner/step.py applies it.
@@ -36,12 +39,14 @@ import torch
 from asyncrl import wire
 from asyncrl.algo.sampling import dynamic_sampling_mask
 from asyncrl.config import RunConfig
-from asyncrl.learner import checkpoint
+from asyncrl.jsonl import read_jsonl
+from asyncrl.learner import checkpoint, shard
 from asyncrl.learner.batch import BatchRules, TrainBatch, collate, refusal
 from asyncrl.learner.evals import RemoteEvals
 from asyncrl.learner.model import check_packing, load_critic, load_policy
-from asyncrl.learner.runlog import BatchLog, read_jsonl, weights_sha256
+from asyncrl.learner.runlog import BatchLog, named_sha256, weights_sha256
 from asyncrl.learner.step import Models, train_step, warmup_schedule
+from asyncrl.sync import weights
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -113,14 +118,18 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
 
     ckpt = checkpoint.latest(run_dir)
     start = ckpt.step if ckpt is not None else 0
-    # float32 master weights whatever model.dtype is (compute_context).
-    model, tok = load_policy(ckpt.path if ckpt is not None else cfg.model.path, "float32",
-                             device.type)
+    sharded_ckpt = ckpt is not None and checkpoint.is_sharded(ckpt)
+    # float32 master weights whatever model.dtype is (compute_context). A sharded checkpoint
+    # is loaded into the model once it is sharded, over the starting weights.
+    model, tok = load_policy(ckpt.path if ckpt is not None and not sharded_ckpt
+                             else cfg.model.path, "float32", device.type)
     model.to(device).train()
     compute = compute_context(cfg.model.dtype, device)
     models = _build_models(cfg, model, device, world)
     sched = warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)
-    if ckpt is not None:
+    if sharded_ckpt:
+        checkpoint.restore_sharded(ckpt, models, sched, rank)
+    elif ckpt is not None:
         checkpoint.restore(ckpt, models, sched)
     batch_log = BatchLog(run_dir, rank, start)
     if ckpt is not None:
@@ -140,7 +149,8 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
                                             role="learner"),
                         cfg.net.heartbeat_interval_s, keys).start()
     lead = _Lead(cfg, run_dir, model, tok, m, ckpt) if rank == 0 else None
-    if lead is not None:
+    whole = _Whole(cfg, run_dir, models, tok, lead, rank, device)
+    if lead is not None and not whole.every_rank:  # fsdp: _fetch(together=whole)
         source.while_waiting = lead.keep_in_sync
 
     for step in range(start + 1, cfg.learner.total_steps + 1):
@@ -149,7 +159,8 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
             groups, dropped_total = batch_log.logged.pop(step)
             waited, filtered = 0.0, 0
         else:
-            groups, waited, filtered, dropped_total = _fetch(source, cfg, rank, step - 1)
+            groups, waited, filtered, dropped_total = _fetch(
+                source, cfg, rank, step - 1, whole if whole.every_rank else None)
             batch_log.append(step, groups, dropped_total)
         batch = collate(groups, tok.pad_token_id).to(device)
         if step == start + 1 and cfg.learner.pack_row_tokens > 0:
@@ -167,28 +178,44 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
         step_seconds = time.perf_counter() - t0
         m.record_step(step, stats, batch.num_completion_tokens,
                       token_staleness(batch, step - 1), waited, step_seconds)
+        last = step == cfg.learner.total_steps
+        pushed = whole.push(step, due=step % cfg.sync.interval == 0 or last)
         if lead is not None:
-            lead.after_step(step, batch, stats, waited, step_seconds)
-            if step % cfg.learner.checkpoint_interval == 0 or step == cfg.learner.total_steps:
-                lead.save_checkpoint(step, models, sched)
+            lead.after_step(step, batch, stats, waited, step_seconds, pushed)
+        if step % cfg.learner.checkpoint_interval == 0 or last:
+            whole.save_checkpoint(step, sched)
+        if cfg.learner.strategy == "fsdp" and (last or (cfg.learner.export_interval
+                                          and step % cfg.learner.export_interval == 0)):
+            checkpoint.export(run_dir / "export" / ("final" if last else f"step_{step}"),
+                              models.policy, tok, rank)
+    whole.finish_evals(cfg.learner.total_steps)
+    sha256 = whole.checksum()
     if lead is not None:
-        lead.finish()
+        lead.finish(sha256)
     if world > 1:
         dist.destroy_process_group()
 
 
 def _build_models(cfg: RunConfig, model, device, world: int) -> Models:
+    """The policy (DDP-wrapped or FSDP-sharded over the ranks, learner.strategy), its
+    optimizer, and the reference model and critic when the algorithm needs them, shared out
+    the same way. Under fsdp `model` itself is sharded in place, so build this before anything
+    reads the whole model from it."""
     lc = cfg.learner
-    policy = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
+
+    def share(m):
+        return shard.wrap(m, lc.strategy, world, cfg.model.dtype, lc.activation_checkpointing)
+
+    policy = share(model)
+    opt = torch.optim.AdamW(policy.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
     ref = critic = critic_opt = None
     if lc.kl_coef > 0:  # frozen: no master copy needed, it stays in model.dtype
         ref, _ = load_policy(cfg.model.path, cfg.model.dtype, device.type)
         ref.to(device).eval().requires_grad_(False)
+        if lc.strategy == "fsdp" and world > 1:  # DDP has nothing to do for a frozen model
+            ref = shard.wrap(ref, "fsdp", world, cfg.model.dtype)
     if lc.advantage == "gae":
-        critic = load_critic(cfg.model.path, "float32", device.type).to(device).train()
-        if world > 1:
-            critic = torch.nn.parallel.DistributedDataParallel(critic)
+        critic = share(load_critic(cfg.model.path, "float32", device.type).to(device).train())
         critic_opt = torch.optim.AdamW(critic.parameters(), lr=lc.critic_lr)
     return Models(policy, opt, ref, critic, critic_opt)
 
@@ -212,32 +239,50 @@ class _Source:
     while_waiting: Callable[[int], None] = lambda version: None
 
 
-def _fetch(source: _Source, cfg: RunConfig, rank: int, version: int
-           ) -> tuple[list, float, int, int]:
+def _fetch(source: _Source, cfg: RunConfig, rank: int, version: int,
+           together: _Whole | None = None) -> tuple[list, float, int, int]:
     """This rank's groups for a step at `version`, waiting until the buffer has enough.
     With dynamic sampling, groups whose rewards are all equal are dropped (and counted) and
     fetching goes on until the batch is full.
+
+    `together` (learner.strategy=fsdp): rank 0 cannot push weights while the others wait
+    elsewhere, so every rank fetches in rounds, one request per round, and between rounds the
+    ranks agree whether all have their batch and, if not, let rank 0 bring a generator that
+    is behind up to date (_Whole.keep_in_sync), all of them gathering.
     Returns (groups, seconds waited, groups filtered, buffer's stale-dropped total)."""
     t0 = time.perf_counter()
     want = cfg.groups_per_rank
     kept: list = []
-    dropped = 0
-    while len(kept) < want:
-        groups, dropped_total = _request(source, cfg, rank, version, want - len(kept))
-        if cfg.learner.dynamic_sampling:
-            rewards = torch.tensor([[c.reward for c in g.completions] for g in groups])
-            keep = dynamic_sampling_mask(rewards).tolist()
-            dropped += keep.count(False)
-            groups = [g for g, k in zip(groups, keep) if k]
-        kept += groups
+    dropped = dropped_total = 0
+    while True:
+        if len(kept) < want:
+            got = _request(source, cfg, rank, version, want - len(kept),
+                           once=together is not None)
+            if got is not None:
+                groups, dropped_total = got
+                if cfg.learner.dynamic_sampling:
+                    rewards = torch.tensor([[c.reward for c in g.completions] for g in groups])
+                    keep = dynamic_sampling_mask(rewards).tolist()
+                    dropped += keep.count(False)
+                    groups = [g for g, k in zip(groups, keep) if k]
+                kept += groups
+        if together is None:
+            if len(kept) >= want:
+                break
+            continue
+        if shard.on_every_rank(len(kept) >= want, together.device):
+            break
+        together.keep_in_sync(version)
+        time.sleep(0.02)
     return kept, time.perf_counter() - t0, dropped, dropped_total
 
 
-def _request(source: _Source, cfg: RunConfig, rank: int, version: int, num_groups: int
-             ) -> tuple[list, int]:
-    """Ask until the buffer has num_groups groups. A reply that is not a usable batch is
-    refused, counted and logged, and the request sent again: its groups are lost to training
-    (the buffer handed them out), the step is not."""
+def _request(source: _Source, cfg: RunConfig, rank: int, version: int, num_groups: int,
+             once: bool = False) -> tuple[list, int] | None:
+    """Ask until the buffer has num_groups groups (`once`: None after one answer without
+    them). A reply that is not a usable batch is refused, counted and logged, and the request
+    sent again: its groups are lost to training (the buffer handed them out), the step is
+    not."""
     req = wire.encode("batch_request", version, rank=rank, num_groups=num_groups)
     last_reply = time.monotonic()
     while True:
@@ -265,6 +310,8 @@ def _request(source: _Source, cfg: RunConfig, rank: int, version: int, num_group
             raise RuntimeError(f"buffer refused our batch request: {msg['reason']}")
         elif msg["status"] == "ok":
             return msg["groups"], msg["stale_dropped_total"]
+        if once:
+            return None
         source.while_waiting(version)
         time.sleep(0.02)
 
@@ -300,7 +347,7 @@ class _Lead:
                                    cfg.sync.timeout_s, cfg.net.ready_timeout_s,
                                    rejected=m.messages_rejected,
                                    ranks_per_generator=cfg.generator.tensor_parallel_size,
-                                   dtype=cfg.model.dtype)
+                                   dtype=cfg.model.dtype, bucket_bytes=cfg.sync.bucket_mb << 20)
         self.sender.start()
         self.evals = RemoteEvals(self.sender, cfg.learner.eval_interval, cfg.learner.total_steps,
                                  cfg.sync.timeout_s, self._write, m.eval_accuracy.set)
@@ -322,11 +369,8 @@ class _Lead:
             f.write(json.dumps(row) + "\n")
 
     def after_step(self, step: int, batch: TrainBatch, stats: dict, waited: float,
-                   step_seconds: float) -> None:
-        cfg = self.cfg
-        last = step == cfg.learner.total_steps
+                   step_seconds: float, pushed: tuple[float, int] | None) -> None:
         sync_s = None
-        pushed = self._sync(step, due=step % cfg.sync.interval == 0 or last)
         if pushed is not None:
             sync_s, nbytes = pushed
             self.m.sync_seconds.observe(sync_s)
@@ -360,42 +404,138 @@ class _Lead:
         if now - self._last_keep < 1.0:
             return
         self._last_keep = now
-        pushed = self._sync(version, due=False)
+        pushed = self.sync(self.model, version, due=False)
         if pushed is not None:
             self.m.sync_seconds.observe(pushed[0])
             self.m.sync_bytes.inc(pushed[1])
             log.info("pushed version %d to a generator that was behind while waiting for data",
                      version)
 
-    def _sync(self, version: int, due: bool) -> tuple[float, int] | None:
-        """Weight sync, holding back a due push while a generator evaluates: the load would
-        wait for the evaluation to finish (its requests see one version), and the push for
-        the load. The generators keep the older weights a little longer instead (bounded by
-        buffer.max_staleness); the push goes out at the first sync after the answer."""
+    def push_due(self, due: bool) -> bool:
+        """Whether to push now: a due push is held back while a generator evaluates (the load
+        would wait for the evaluation to finish, its requests seeing one version, and the push
+        for the load). The generators keep the older weights a little longer instead (bounded
+        by buffer.max_staleness); the push goes out at the first sync after the answer."""
         self.sender.poll()  # an answer waiting clears the way now, not at the next sync
         self.evals.check()  # and so does an evaluation given up
         self.push_owed = self.push_owed or due
-        due = self.push_owed and not self.evals.pending
-        pushed = self.sender.sync(self.model, version, due=due)
+        return self.push_owed and not self.evals.pending
+
+    def sync(self, model, version: int, due: bool) -> tuple[float, int] | None:
+        """Rank 0 alone (ddp): weight sync, with a due push held back as push_due says."""
+        due = self.push_due(due)
+        pushed = self.sender.sync(model, version, due=due)
         if due:
             self.push_owed = False
         return pushed
 
-    def save_checkpoint(self, step: int, models: Models, sched) -> None:
-        checkpoint.save(self.run_dir, step, self.model, self.tok, models, sched,
-                        {"tokens_total": self.tokens_total, "samples_total": self.samples_total,
-                         "metrics_held": self.evals.held_upto(step)})
+    def counters(self, step: int) -> dict:
+        return {"tokens_total": self.tokens_total, "samples_total": self.samples_total,
+                "metrics_held": self.evals.held_upto(step)}
 
-    def finish(self) -> None:
+    def finish(self, sha256: str) -> None:
         from asyncrl.plots import length_percentiles, plot_lengths, plot_run
 
-        total = self.cfg.learner.total_steps
-        self.evals.finish(total, lambda: self.keep_in_sync(total), self.cfg.sync.timeout_s)
-        self.sender.shutdown(f"trained {total} steps")
+        self.sender.shutdown(f"trained {self.cfg.learner.total_steps} steps")
         plot_run(self.metrics_path, self.run_dir / "curves.png")
         plot_lengths(self.lengths, self.run_dir / "lengths.png")
         (self.run_dir / "summary.json").write_text(json.dumps(
-            {"steps": self.cfg.learner.total_steps, "final_weights_sha256":
-             weights_sha256(self.model), "elapsed_s": time.time() - self.t_start,
+            {"steps": self.cfg.learner.total_steps, "final_weights_sha256": sha256,
+             "elapsed_s": time.time() - self.t_start,
              "completion_tokens": {**length_percentiles(self.lengths),
                                    "count": len(self.lengths)}}))
+
+
+class _Whole:
+    """What needs the whole model: weight pushes, checkpoints, the checksum. With
+    learner.strategy=ddp rank 0 holds it and does these alone (the others skip them); with
+    fsdp every rank takes part, gathering its shards, and rank 0 keeps the results."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, models: Models, tok, lead: _Lead | None,
+                 rank: int, device: torch.device):
+        self.cfg, self.run_dir, self.models, self.tok, self.lead = cfg, run_dir, models, tok, lead
+        self.rank, self.device = rank, device
+        self.every_rank = shard.is_sharded(models.policy)
+        self._last_keep = 0.0
+
+    def keep_in_sync(self, version: int) -> None:
+        """Every rank, between fetch rounds (fsdp): _Lead.keep_in_sync, with every rank
+        gathering. Rank 0 looks at most once a second; the others follow its answer."""
+        now = time.monotonic()
+        look = self.lead is not None and now - self._last_keep >= 1.0
+        if look:
+            self._last_keep = now
+        pushed = self.push(version, due=False, look=look)
+        if pushed is not None:
+            self.lead.m.sync_seconds.observe(pushed[0])
+            self.lead.m.sync_bytes.inc(pushed[1])
+            log.info("pushed version %d to a generator that was behind while waiting for data",
+                     version)
+
+    def push(self, version: int, due: bool, look: bool = True) -> tuple[float, int] | None:
+        """Push `version` if rank 0's sender says so (`look=False`: rank 0 does not even ask,
+        but the others still learn that). Under fsdp a collective of every rank."""
+        if not self.every_rank:
+            return (self.lead.sync(shard.unwrap(self.models.policy), version, due)
+                    if self.lead is not None else None)
+        # Rank 0 decides; every rank gathers; a failed push is retried once, as in sync().
+        sender = self.lead.sender if self.lead is not None else None
+        due = self.lead.push_due(due) if self.lead is not None else False
+        for attempt in (1, 2):
+            wanted = sender is not None and look and sender.due(version, due)
+            if not shard.from_rank0(wanted, self.device):
+                return None
+            tensors = shard.full_tensors(self.models.policy)
+            pushed = None
+            if sender is None:
+                for _ in tensors:
+                    pass
+            else:
+                specs = weights.specs_of(weights.sendable(shard.unwrap(self.models.policy)),
+                                         sender.dtype)
+                try:
+                    pushed = sender.push(version, specs, tensors)
+                except (RuntimeError, TimeoutError) as e:
+                    if attempt == 2:
+                        shard.from_rank0(False, self.device)
+                        raise
+                    log.warning("weight sync to version %d failed (%s); re-forming the group",
+                                version, e)
+            if shard.from_rank0(pushed is not None, self.device):
+                if due and self.lead is not None:
+                    self.lead.push_owed = False
+                return pushed
+        return None
+
+    def finish_evals(self, version: int) -> None:
+        """End of training: rank 0 waits (up to sync.timeout_s) for the evaluations still
+        outstanding (RemoteEvals.finish), pushing the final version if it was held back; under
+        fsdp the other ranks follow each round so that they gather with it for a push."""
+        if not self.every_rank:
+            if self.lead is not None:
+                self.lead.evals.finish(version, lambda: self.lead.keep_in_sync(version),
+                                       self.cfg.sync.timeout_s)
+            return
+        if self.lead is not None:
+            def one_round() -> None:
+                shard.from_rank0(True, self.device)  # the others: one more round
+                self.keep_in_sync(version)
+
+            self.lead.evals.finish(version, one_round, self.cfg.sync.timeout_s)
+            shard.from_rank0(False, self.device)
+        else:
+            while shard.from_rank0(False, self.device):
+                self.keep_in_sync(version)
+
+    def save_checkpoint(self, step: int, sched) -> None:
+        if self.cfg.learner.strategy == "fsdp":
+            state = self.lead.counters(step) if self.lead is not None else {}
+            checkpoint.save_sharded(self.run_dir, step, self.models, sched, state, self.rank)
+        elif self.lead is not None:
+            checkpoint.save(self.run_dir, step, shard.unwrap(self.models.policy), self.tok,
+                            self.models, sched, self.lead.counters(step))
+
+    def checksum(self) -> str | None:
+        if self.every_rank:
+            return named_sha256(shard.full_tensors(self.models.policy))
+        return weights_sha256(shard.unwrap(self.models.policy)) if self.lead else None

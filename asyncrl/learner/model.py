@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,7 +74,7 @@ def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      temperature: float, with_entropy: bool = False,
-                     packing: Packing | None = None
+                     packing: Packing | None = None, chunk_tokens: int = 0
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprob of each next token under softmax(logits / temperature), (B, T-1), and the
     policy's entropy at each position (B, T-1) when asked.
@@ -82,7 +83,28 @@ def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     generator sampled from (vLLM's processed logprobs), so the ratio starts at 1 on-policy.
     With a `packing` of these rows (packing.py) the model runs on the packed rows and the results
     are put back into the padded layout, 0 after each sequence's end.
+
+    chunk_tokens > 0: the lm_head runs on that many positions at a time inside the model's
+    forward (token_logprob_head), so the (positions x vocab) float32 logits never exist at once
+    (learner.logprob_chunk_tokens). The model's own forward is still the one called, so DDP and
+    FSDP hooks run as usual.
     """
+    if chunk_tokens > 0:
+        if packing is not None:
+            p = packing
+            with token_logprob_head(model, lambda h: h[p.row, p.col],
+                                    input_ids[p.seq, p.pos + 1], temperature, chunk_tokens,
+                                    with_entropy):
+                out = model(input_ids=p.input_ids, position_ids=p.position_ids,
+                            use_cache=False).logits  # (N, 2)
+            return p.unpack(out[:, 0]), p.unpack(out[:, 1]) if with_entropy else None
+        b, t = input_ids.shape
+        with token_logprob_head(model, lambda h: h[:, :-1].reshape(b * (t - 1), -1),
+                                input_ids[:, 1:].reshape(-1), temperature, chunk_tokens,
+                                with_entropy):
+            out = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (N, 2)
+        out = out.reshape(b, t - 1, 2)
+        return out[..., 0], out[..., 1] if with_entropy else None
     if packing is not None:
         p = packing
         logits = packed_logits(model, p).float() / temperature  # (N, V)
@@ -96,6 +118,65 @@ def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     logprobs = torch.gather(logp_all, 2, targets.unsqueeze(-1)).squeeze(-1)
     entropy = entropy_from_logits(logits.float() / temperature) if with_entropy else None
     return logprobs, entropy
+
+
+def chunked_token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                           temperature: float, chunk_tokens: int, with_entropy: bool
+                           ) -> torch.Tensor:
+    """[logprob of target, entropy (0 unless asked)] at each position, (N, 2), from the final
+    hidden states (N, H), `chunk_tokens` positions at a time. With gradients each chunk is
+    recomputed in the backward pass (activation checkpointing), so only one chunk's logits are
+    alive at a time there too."""
+    n = hidden.shape[0]
+
+    def one(h: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float() / temperature  # (n, V)
+        lp = torch.gather(F.log_softmax(logits, dim=-1), 1, tgt.unsqueeze(-1)).squeeze(-1)
+        ent = entropy_from_logits(logits) if with_entropy else torch.zeros_like(lp)
+        return torch.stack([lp, ent], dim=-1)  # (n, 2)
+
+    if n <= chunk_tokens:
+        return one(hidden, targets)
+    recompute = torch.is_grad_enabled()
+    outs = []
+    for s in range(0, n, chunk_tokens):
+        h, tgt = hidden[s : s + chunk_tokens], targets[s : s + chunk_tokens]
+        outs.append(torch.utils.checkpoint.checkpoint(one, h, tgt, use_reentrant=False)
+                    if recompute else one(h, tgt))
+    return torch.cat(outs)
+
+
+class _LogprobHead(torch.nn.Module):
+    """Takes the lm_head's place for one forward: hidden (B, T, H) -> (N, 2)."""
+
+    def __init__(self, head, select, targets, temperature, chunk_tokens, with_entropy):
+        super().__init__()
+        self.head = head
+        self.select, self.targets, self.temperature = select, targets, temperature
+        self.chunk_tokens, self.with_entropy = chunk_tokens, with_entropy
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return chunked_token_logprobs(self.head, self.select(hidden), self.targets,
+                                      self.temperature, self.chunk_tokens, self.with_entropy)
+
+
+@contextlib.contextmanager
+def token_logprob_head(model, select, targets: torch.Tensor, temperature: float,
+                       chunk_tokens: int, with_entropy: bool):
+    """Within this context the model's forward returns [logprob, entropy] per selected position
+    as its `logits`, computed chunk by chunk (chunked_token_logprobs) inside the forward, where
+    DDP and FSDP expect the lm_head's weight to be used. The same lm_head module (and its tied
+    weight) does the work; it is put back on exit."""
+    from asyncrl.learner.shard import unwrap
+
+    inner = unwrap(model)
+    head = inner.get_output_embeddings()
+    inner.set_output_embeddings(_LogprobHead(head, select, targets, temperature, chunk_tokens,
+                                             with_entropy))
+    try:
+        yield
+    finally:
+        inner.set_output_embeddings(head)
 
 
 def critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -11,13 +11,20 @@ from asyncrl.jsonl import read_jsonl
 
 def weights_sha256(model) -> str:
     """Checksum of every tensor's bytes in state_dict order: equal iff the weights are. Works for
-    every dtype (numpy has no bfloat16, so the bytes are read as uint8) and device."""
+    every dtype (numpy has no bfloat16, so the bytes are read as uint8) and device. For a model
+    sharded by FSDP use named_sha256(shard.full_tensors(model)) on every rank."""
+    return named_sha256(model.state_dict().items())
+
+
+def named_sha256(named) -> str:
+    """weights_sha256 of (name, tensor) pairs, taken one at a time (a sharded model's are
+    gathered as they come, asyncrl/learner/shard.py)."""
     import hashlib
 
     import torch
 
     h = hashlib.sha256()
-    for name, t in model.state_dict().items():
+    for name, t in named:
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -21,11 +21,12 @@ from asyncrl.config import LearnerConfig
 from asyncrl.learner.batch import TrainBatch
 from asyncrl.learner.model import critic_values, forward_logprobs
 from asyncrl.learner.packing import Packing, pack_if_smaller
+from asyncrl.learner.shard import clip_grad_norm
 
 
 @dataclass
 class Models:
-    policy: torch.nn.Module  # possibly DDP-wrapped
+    policy: torch.nn.Module  # possibly DDP-wrapped or FSDP-sharded (asyncrl/learner/shard.py)
     policy_opt: torch.optim.Optimizer
     ref: torch.nn.Module | None = None  # frozen copy of the starting policy, for KL
     critic: torch.nn.Module | None = None  # value model, for advantage="gae"
@@ -73,11 +74,13 @@ def train_step(models: Models, batch: TrainBatch, lc: LearnerConfig, temperature
         prox = None
         if not single:
             prox, _ = forward_logprobs(models.policy, batch.input_ids, batch.attention_mask,
-                                       temperature, packing=packing)  # (B, L-1)
+                                       temperature, packing=packing,
+                                       chunk_tokens=lc.logprob_chunk_tokens)  # (B, L-1)
         ref = None
         if models.ref is not None:
             ref, _ = forward_logprobs(models.ref, batch.input_ids, batch.attention_mask,
-                                      temperature, packing=packing)
+                                      temperature, packing=packing,
+                                      chunk_tokens=lc.logprob_chunk_tokens)
         adv, returns, old_values = _advantages(models, batch, rewards, mask, prox, ref, lc,
                                                stats, packing)
     rows = torch.arange(batch.input_ids.shape[0])
@@ -138,7 +141,8 @@ def _policy_update(models: Models, batch: TrainBatch, idx, mask, prox, ref, adv,
                    packing: Packing | None) -> dict[str, float]:
     logprobs, entropy = forward_logprobs(models.policy, batch.input_ids[idx],
                                          batch.attention_mask[idx], temperature,
-                                         with_entropy=lc.entropy_coef != 0, packing=packing)
+                                         with_entropy=lc.entropy_coef != 0, packing=packing,
+                                         chunk_tokens=lc.logprob_chunk_tokens)
     m = mask[idx]
     prox_idx = logprobs.detach() if prox is None else prox[idx]  # see train_step
     loss, stats = offpolicy_pg_loss(
@@ -157,8 +161,7 @@ def _policy_update(models: Models, batch: TrainBatch, idx, mask, prox, ref, adv,
         stats["kl_ref"] = kl_stats["kl"]
     models.policy_opt.zero_grad(set_to_none=True)
     loss.backward()
-    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(models.policy.parameters(),
-                                                              lc.max_grad_norm))
+    stats["grad_norm"] = clip_grad_norm(models.policy.parameters(), lc.max_grad_norm)
     models.policy_opt.step()
     stats["loss"] = loss.item()
     return stats
@@ -173,7 +176,7 @@ def _critic_update(models: Models, batch: TrainBatch, idx, mask, returns, old_va
                              m.sum().clamp(min=1))
     models.critic_opt.zero_grad(set_to_none=True)
     (lc.vf_coef * loss).backward()
-    torch.nn.utils.clip_grad_norm_(models.critic.parameters(), lc.max_grad_norm)
+    clip_grad_norm(models.critic.parameters(), lc.max_grad_norm)
     models.critic_opt.step()
     return stats
 

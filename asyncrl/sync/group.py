@@ -107,28 +107,49 @@ def init_group(host: str, port: int, rank: int, world_size: int, backend: str,
 
 def broadcast(group: SyncGroup, tensor: torch.Tensor, root: int = 0,
               timeout_s: float | None = None) -> None:
-    """Broadcast and wait until it has finished. gloo's wait blocks and raises when a peer is
-    gone (after the group's timeout). NCCL's only orders the current CUDA stream: it neither
-    blocks nor raises, so a dead peer would stall the stream until the watchdog kills the
-    process. On CUDA the work is polled until it completes, with a deadline; past it the
-    communicator is aborted and TimeoutError names sync.timeout_s, so the caller re-forms
-    the session as after a gloo failure, and times only what really finished."""
+    """Broadcast and wait until it has finished (see Broadcast.wait)."""
+    start_broadcast(group, tensor, root, timeout_s).wait()
+
+
+@dataclass
+class Broadcast:
+    """A broadcast in flight; the tensor must not be written before wait() returns."""
+
+    group: SyncGroup
+    work: Any
+    tensor: torch.Tensor
+    timeout_s: float | None
+
+    def wait(self) -> None:
+        """gloo's wait blocks and raises when a peer is gone (after the group's timeout).
+        NCCL's only orders the current CUDA stream: it neither blocks nor raises, so a dead
+        peer would stall the stream until the watchdog kills the process. On CUDA the work is
+        polled until it completes, with a deadline; past it the communicator is aborted and
+        TimeoutError names sync.timeout_s, so the caller re-forms the session as after a gloo
+        failure, and times only what really finished."""
+        if not self.tensor.is_cuda:
+            self.work.wait()
+            return
+        timeout_s = self.timeout_s if self.timeout_s is not None else 300.0
+        deadline = time.monotonic() + timeout_s
+        while not self.work.is_completed():
+            if time.monotonic() > deadline:
+                abort(self.group)
+                raise TimeoutError(
+                    f"weight broadcast of {self.tensor.numel() * self.tensor.element_size()} "
+                    f"bytes did not finish within {timeout_s:.0f}s (sync.timeout_s); a peer of "
+                    "the group is gone or stuck")
+            time.sleep(0.0005)
+        torch.cuda.current_stream(self.tensor.device).synchronize()
+
+
+def start_broadcast(group: SyncGroup, tensor: torch.Tensor, root: int = 0,
+                    timeout_s: float | None = None) -> Broadcast:
+    """Start a broadcast and return at once, so the next bucket can be filled meanwhile."""
     opts = dist.BroadcastOptions()
     opts.rootRank = root
     opts.rootTensor = 0
-    work = group.pg.broadcast([tensor], opts)
-    if not tensor.is_cuda:
-        work.wait()
-        return
-    deadline = time.monotonic() + (timeout_s if timeout_s is not None else 300.0)
-    while not work.is_completed():
-        if time.monotonic() > deadline:
-            abort(group)
-            raise TimeoutError(f"weight broadcast of {tensor.numel() * tensor.element_size()} "
-                               f"bytes did not finish within {timeout_s:.0f}s (sync.timeout_s); "
-                               "a peer of the group is gone or stuck")
-        time.sleep(0.0005)
-    torch.cuda.current_stream(tensor.device).synchronize()
+    return Broadcast(group, group.pg.broadcast([tensor], opts), tensor, timeout_s)
 
 
 def abort(group: SyncGroup | None) -> None:

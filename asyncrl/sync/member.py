@@ -4,9 +4,13 @@ The learner decides when a session forms (asyncrl/sync/sender.py); a generator o
 it says hello (name, incarnation, the session it is in, the version it holds) when it starts
 and then at most every `hello_interval_s`, joins whatever session it is told to join, and loads
 each push of that session. A failed join or receive (the learner died, or dropped the group
-mid-broadcast) is not fatal: the generator keeps its weights, reports that it is in no session,
-and goes on generating until the learner forms a new one. Broadcasts are received into buffers
-first, so a failed one leaves the engine's weights untouched.
+mid-broadcast) is not fatal: the generator reports that it is in no session, keeps its version
+number, and goes on generating until the learner forms a new one and pushes again (it is
+behind, so it is pushed to as soon as the session forms). A push streams in buckets
+(asyncrl/sync/weights.py), so one that fails halfway leaves the engine with the buckets loaded
+until then: its behaviour logprobs are still those of the weights it samples with, which is
+what the learner's off-policy correction needs, but they are labelled with the old version
+until the next push lands.
 """
 
 from __future__ import annotations
@@ -137,8 +141,9 @@ class SyncMember:
                       self.name, version, self.version)
         self.before_load()
         try:
-            seconds, nbytes = self.engine.receive_weights(msg["tensors"], msg["ipc"])
-        except Exception as e:  # peer died mid-broadcast; the engine still has the old weights
+            seconds, nbytes = self.engine.receive_weights(msg["tensors"], msg["ipc"],
+                                                          msg["bucket_bytes"])
+        except Exception as e:  # peer died mid-push: the buckets before it are loaded
             self.after_load()
             self._leave(f"weight update to version {version} failed: {e}")
             return

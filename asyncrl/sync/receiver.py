@@ -7,6 +7,12 @@ tensor data comes over the sync group instead. Loading uses the worker's `reload
 (the model runner's, inside the worker's vLLM config context), which works on CPU where
 `model.load_weights` fails on the repacked linear weights.
 
+A push arrives in buckets (asyncrl/sync/weights.py): `reload_weights` is handed an iterator that
+receives each bucket's broadcast only when the engine has taken the previous bucket's tensors,
+so the worker holds about two buckets (weights.BucketPool), never a second copy of the model.
+The price: a push that fails halfway leaves the engine with the buckets loaded so far (see
+asyncrl/sync/member.py).
+
 Tensor parallelism: `collective_rpc` runs each method on every worker of the engine; each joins
 the sync group as its own rank (the generator's first rank + its tensor-parallel rank), receives
 the whole broadcast and loads its shard of it.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import time
 
+from asyncrl import wire
 from asyncrl.sync import group, weights
 
 
@@ -31,10 +38,11 @@ class WeightReceiver:
     def asyncrl_leave_sync(self) -> None:
         self._asyncrl_pg = None
 
-    def asyncrl_receive_weights(self, specs: list[list], ipc_handles: list[dict] | None = None
+    def asyncrl_receive_weights(self, specs: list[list], ipc_handles: list[dict] | None = None,
+                                bucket_bytes: int = weights.DEFAULT_BUCKET_BYTES
                                 ) -> tuple[float, int]:
-        """Receive one broadcast (or open the colocated learner's buffers) and load it in
-        place. Returns (seconds, bytes)."""
+        """Receive one push bucket by bucket (or open the colocated learner's buffers) and load
+        it in place. Returns (seconds, bytes)."""
         t0 = time.perf_counter()
         if ipc_handles:
             import torch
@@ -48,15 +56,20 @@ class WeightReceiver:
             n = weights.nbytes(bufs)
             del bufs  # release the learner's memory
             return time.perf_counter() - t0, n
-        # Reused across updates: allocating (and faulting in) GBs per push cost more than the
-        # broadcast itself for a 0.5B model.
-        bufs = self._asyncrl_bufs = weights.empty_buffers(
-            specs, self.device, getattr(self, "_asyncrl_bufs", None))
-        for dt in sorted(bufs):  # both ends broadcast dtypes in sorted order
-            group.broadcast(self._asyncrl_pg, bufs[dt], root=0, timeout_s=self._asyncrl_timeout)
-        self.reload_weights(weights_iterator=weights.unpack(specs, bufs),
+        # Kept across pushes: allocating (and faulting in) the buffers each time cost more
+        # than the broadcast itself for a 0.5B model.
+        pool = getattr(self, "_asyncrl_pool", None)
+        if pool is None or pool.device != self.device:
+            pool = self._asyncrl_pool = weights.BucketPool(self.device)
+        pg, timeout_s = self._asyncrl_pg, self._asyncrl_timeout
+
+        def recv(buf):
+            group.broadcast(pg, buf, root=0, timeout_s=timeout_s)
+
+        plan = weights.plan_buckets(specs, bucket_bytes)
+        self.reload_weights(weights_iterator=weights.received_tensors(specs, plan, recv, pool),
                             is_checkpoint_format=True)
-        return time.perf_counter() - t0, weights.nbytes(bufs)
+        return time.perf_counter() - t0, wire.spec_bytes(specs)
 
 
 def _tp_rank() -> int:

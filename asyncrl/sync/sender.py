@@ -2,7 +2,14 @@
 
 Control messages go over ZeroMQ (a ROUTER on net.sync_control_port that generators connect
 to); tensor bytes go over the sync process group. A push is: weights_update to every
-generator, then the broadcasts (sorted by dtype), then a weights_loaded from each generator.
+generator (the specs and sync.bucket_mb), then one broadcast per bucket (asyncrl/sync/weights.py:
+each bucket is filled while the previous one is on the wire, so rank 0 holds two buckets, not a
+copy of the model), then a weights_loaded from each generator.
+
+Under learner.strategy=fsdp the tensors are gathered from every learner rank as the buckets
+fill, so a push is a collective of the learner ranks too: `due` (rank 0 alone) decides, and
+`push` consumes the gathered tensors to the end even when the push fails, so the other ranks
+are never left waiting in a gather (asyncrl/learner/main.py). `sync` is both in one process.
 
 Sessions. The group's membership is fixed once formed, so it is re-formed, under a fresh store
 prefix (`asyncrl/sync/<session>`), whenever its membership changes:
@@ -23,11 +30,12 @@ as a session forms.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -58,13 +66,14 @@ class WeightSender:
     def __init__(self, server: Server, host: str, store_port: int, num_generators: int,
                  backend: str, timeout_s: float, ready_timeout_s: float,
                  rejected: Counter | None = None, ranks_per_generator: int = 1,
-                 dtype: str | None = None):
+                 dtype: str | None = None, bucket_bytes: int = weights.DEFAULT_BUCKET_BYTES):
         """rejected: counts, by reason, the control frames refused (a Prometheus counter with
         a `reason` label, LearnerMetrics.messages_rejected). ranks_per_generator: the
         generators' tensor_parallel_size (each worker is a rank of the group). dtype: what
         the engines hold (model.dtype); floating weights are cast to it as they are packed.
         backend `ipc` (colocated): no group; each push hands the engine CUDA IPC handles to
-        the packed buffers instead of broadcasting them (asyncrl/sync/ipc.py)."""
+        the packed buffers instead of broadcasting them (asyncrl/sync/ipc.py). bucket_bytes:
+        sync.bucket_mb in bytes."""
         self.server, self.backend, self.rejected = server, backend, rejected
         self.timeout_s, self.ready_timeout_s = timeout_s, ready_timeout_s
         self.expected = [f"gen{i}" for i in range(num_generators)]
@@ -79,7 +88,10 @@ class WeightSender:
         self.joined: dict[str, str] = {}  # name -> incarnation in the current session
         self.members: dict[str, _Member] = {}
         self.failed_at: float | None = None  # a push failed: wait for fresh hellos
-        self._bufs: dict[str, torch.Tensor] | None = None  # refilled in place on every push
+        self.bucket_bytes = bucket_bytes
+        self._bufs: dict[str, torch.Tensor] | None = None  # ipc: refilled in place every push
+        self._buckets: list[torch.Tensor] = []  # the two bucket buffers, reused every push
+        self.peak_buffer_bytes = 0  # the most bytes of push buffers held at once
         # Each eval_result a generator sends (asyncrl/learner/evals.py joins them by version).
         self.on_eval_result: Callable[[dict], None] = lambda msg: None
 
@@ -214,47 +226,73 @@ class WeightSender:
 
     # ------------------------------------------------------------------ pushes
 
+    def due(self, version: int, due: bool) -> bool:
+        """Re-form the session if its membership changed, and say whether to push `version`
+        now: when due (sync.interval) or when a generator is behind after a re-form, never to
+        move a generator back."""
+        self._drain()
+        formed = self._needs_forming()
+        if formed:
+            self._form()
+        held = self.versions()
+        if min(held.values()) >= version:
+            # Every generator holds this version or a newer one: the learner is replaying
+            # logged steps after a restart; never move a generator back.
+            return False
+        if max(held.values()) > version:
+            return False
+        return due or (formed and min(held.values()) < version)
+
+    def push(self, version: int, specs: list[list],
+             tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[float, int]:
+        """Push `version`: `tensors` are the whole tensors of `specs` (weights.specs_of of the
+        state_dict, cast to the engines' dtype as they are packed), taken one at a time. They
+        are consumed to the end whatever happens. Returns (seconds, bytes); a failure drops
+        the group (the next `due` re-forms it with the generators heard from since) and
+        raises."""
+        it = iter(tensors)
+        try:
+            return self._push(version, specs, it)
+        except (RuntimeError, TimeoutError):
+            group.abort(self.pg)
+            self.pg, self.failed_at = None, time.monotonic()
+            raise
+        finally:
+            for _ in it:  # under fsdp each is a gather the other ranks are in
+                pass
+
     def sync(self, model: torch.nn.Module, version: int, due: bool) -> tuple[float, int] | None:
-        """Called after every learner step: re-form the session if its membership changed, and
-        push `version` when due (sync.interval) or when a generator is behind after a re-form.
-        Returns (seconds, bytes) of the push, or None when nothing was pushed."""
+        """`due` then `push` for a learner whose rank 0 holds the whole model (ddp, or one
+        rank), called after every learner step; a failed push is retried once with the group
+        re-formed. Returns (seconds, bytes) of the push, or None when nothing was pushed."""
         for attempt in (1, 2):
-            self._drain()
-            formed = self._needs_forming()
-            if formed:
-                self._form()
-            held = self.versions()
-            if min(held.values()) >= version:
-                # Every generator holds this version or a newer one: the learner is replaying
-                # logged steps after a restart; never move a generator back.
+            if not self.due(version, due):
                 return None
-            if max(held.values()) > version:
-                return None
-            if not (due or (formed and min(held.values()) < version)):
-                return None
+            named = weights.sendable(model)
             try:
-                return self._push(model, version)
+                return self.push(version, weights.specs_of(named, self.dtype), named)
             except (RuntimeError, TimeoutError) as e:
                 if attempt == 2:
                     raise
                 log.warning("weight sync to version %d failed (%s); re-forming the group with "
                             "the generators heard from after the failure", version, e)
-                group.abort(self.pg)
-                self.pg, self.failed_at = None, time.monotonic()
         raise AssertionError("unreachable")
 
-    def _push(self, model: torch.nn.Module, version: int) -> tuple[float, int]:
+    def _push(self, version: int, specs: list[list],
+              tensors: Iterator[tuple[str, torch.Tensor]]) -> tuple[float, int]:
         t0 = time.perf_counter()
-        named = weights.sendable(model)
-        bufs = self._bufs = weights.pack(named, self._bufs, self.dtype)
         colocated = self.pg is _COLOCATED
+        handles: list[dict] = []
+        if colocated:  # the engine maps flat buffers by CUDA IPC: one copy, on the GPU
+            bufs = self._bufs = weights.pack(list(tensors), self._bufs, self.dtype)
+            handles = ipc.export(bufs)
+            self.peak_buffer_bytes = max(self.peak_buffer_bytes, weights.nbytes(bufs))
         announce = wire.encode("weights_update", version, session=self.session,
-                               tensors=weights.specs_of(named, self.dtype),
-                               ipc=ipc.export(bufs) if colocated else [])
+                               tensors=specs, ipc=handles, bucket_bytes=self.bucket_bytes)
         for name in self.expected:
             self.server.send(self.members[name].ident, announce)
-        for dt in sorted(bufs) if not colocated else ():
-            group.broadcast(self.pg, bufs[dt], root=0, timeout_s=self.timeout_s)
+        if not colocated:
+            self._broadcast_buckets(specs, tensors)
         deadline = time.monotonic() + self.timeout_s
         while waiting := [n for n in self.expected if self.members[n].version < version]:
             if self._needs_forming():
@@ -264,4 +302,27 @@ class WeightSender:
                     f"weight sync to version {version}: generators {waiting} did not confirm "
                     f"loading within {self.timeout_s:.0f}s (sync.timeout_s)")
             self._drain(timeout_s=0.2)
-        return time.perf_counter() - t0, weights.nbytes(bufs)
+        return time.perf_counter() - t0, wire.spec_bytes(specs)
+
+    def _broadcast_buckets(self, specs: list[list],
+                           tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """Fill bucket i + 1 while bucket i is on the wire; two buffers in all."""
+        plan = weights.plan_buckets(specs, self.bucket_bytes)
+        if not plan:
+            return
+        first = next(tensors)
+        tensors = itertools.chain([first], tensors)
+        size, device = weights.largest_bucket(plan), first[1].device
+        if not (len(self._buckets) == 2 and self._buckets[0].numel() >= size
+                and self._buckets[0].device == device):
+            self._buckets = []  # the old ones go before the new ones are allocated
+            self._buckets = [torch.empty(size, dtype=torch.uint8, device=device)
+                             for _ in range(2)]
+        self.peak_buffer_bytes = max(self.peak_buffer_bytes,
+                                     sum(b.numel() for b in self._buckets))
+        pending: group.Broadcast | None = None
+        for bucket in weights.fill_buckets(specs, plan, tensors, self._buckets):
+            if pending is not None:
+                pending.wait()
+            pending = group.start_broadcast(self.pg, bucket, root=0, timeout_s=self.timeout_s)
+        pending.wait()

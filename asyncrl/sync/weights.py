@@ -1,12 +1,22 @@
-"""How a model's tensors are laid out for one broadcast: specs plus one flat buffer per dtype.
+"""How a model's tensors are laid out for a push: specs, then buckets of bytes.
 
-One collective per dtype instead of one per tensor: the tiny model has 39 tensors, a 0.5B
-model ~290, and per-call latency dominated when each went separately.
+A push broadcasts the tensors in spec order packed into buckets of at most `bucket_bytes`
+(sync.bucket_mb; a larger tensor goes alone). Both ends derive the same buckets from the specs
+(plan_buckets), so only the specs and the bucket size travel in the weights_update message.
+Bucketing keeps collectives few (the tiny model has 39 tensors, a 0.5B model ~290, and
+per-call latency dominated when each went separately) without a flat copy of the whole model:
+the sender fills one bucket while the previous one is on the wire (sender.py), the receiver
+hands each bucket's tensors to the engine before receiving the next (receiver.py), so each end
+holds about two buckets beyond the model itself.
+
+The colocated path (sync.backend=ipc) still packs one flat buffer per dtype (pack): the engine
+maps those buffers by CUDA IPC handle, so nothing is copied twice there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +24,7 @@ import torch
 from asyncrl import wire
 
 _DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in _DT.items()}
 
 
 def dtype_name(t: torch.Tensor) -> str:
@@ -31,7 +42,9 @@ def specs_of(named: list[tuple[str, torch.Tensor]], dtype: str | None = None) ->
 def sendable(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The checkpoint-named tensors to send: all of them. A tied lm_head is sent too, though
     it repeats the embedding: on CPU vLLM keeps a processed copy of lm_head after start-up,
-    and reloading only the embedding left it stale (logprobs off by 1e-3, measured)."""
+    and reloading only the embedding left it stale (logprobs off by 1e-3, measured). Under
+    FSDP these are DTensor shards: their specs (global shapes) are right, their data is
+    gathered by asyncrl.learner.shard.full_tensors."""
     return list(model.state_dict().items())
 
 
@@ -73,6 +86,106 @@ def unpack(specs: list[list], buffers: dict[str, torch.Tensor]
         n = int(torch.Size(shape).numel())
         yield name, buffers[dt][offsets[dt] : offsets[dt] + n].view(shape)
         offsets[dt] += n
+
+
+DEFAULT_BUCKET_BYTES = wire.DEFAULT_BUCKET_BYTES
+ALIGN = 64  # byte offset of every tensor in a bucket: aligned views for any dtype
+
+
+@dataclass(frozen=True)
+class Bucket:
+    nbytes: int
+    entries: list[tuple[int, int]]  # (index into the specs, byte offset in the bucket)
+
+
+def plan_buckets(specs: list[list], bucket_bytes: int) -> list[Bucket]:
+    """The specs, in order, cut into buckets of at most bucket_bytes (a tensor larger than that
+    fills a bucket alone). The same function on both ends gives the same buckets."""
+    out: list[Bucket] = []
+    entries: list[tuple[int, int]] = []
+    used = 0
+    for i, (_, dt, shape) in enumerate(specs):
+        n = int(torch.Size(shape).numel()) * _SIZE[dt]
+        if entries and used + n > bucket_bytes:
+            out.append(Bucket(used, entries))
+            entries, used = [], 0
+        entries.append((i, used))
+        used += -(-n // ALIGN) * ALIGN
+    if entries:
+        out.append(Bucket(used, entries))
+    return out
+
+
+def view_in(buf: torch.Tensor, offset: int, spec: list) -> torch.Tensor:
+    """The tensor of `spec` at byte `offset` of a uint8 bucket buffer (a view, no copy)."""
+    _, dt, shape = spec
+    n = int(torch.Size(shape).numel()) * _SIZE[dt]
+    return buf[offset : offset + n].view(_DT[dt]).view(shape)
+
+
+def fill_buckets(specs: list[list], plan: list[Bucket], tensors: Iterable[tuple[str, torch.Tensor]],
+                 buffers: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Copy `tensors` (in spec order, cast to each spec's dtype) into the buffers in turn and
+    yield each bucket, a view of one of them, as soon as it is full. Alternate buffers are
+    used, so the caller may still be sending the previous bucket while the next is filled;
+    the caller waits for bucket i before asking for bucket i + 2."""
+    it = iter(tensors)
+    for i, bucket in enumerate(plan):
+        buf = buffers[i % len(buffers)]
+        for index, offset in bucket.entries:
+            name, t = next(it)
+            if name != specs[index][0]:
+                raise RuntimeError(f"weight push: got tensor {name!r} where the announced "
+                                   f"specs have {specs[index][0]!r}")
+            view_in(buf, offset, specs[index]).copy_(t)
+        yield buf[: bucket.nbytes]
+
+
+class BucketPool:
+    """The receiver's bucket buffers, reused across buckets and pushes. The engine may keep
+    views of a bucket after the iterator has moved on (vLLM's layerwise reload holds a layer's
+    weights until the whole layer has arrived), so a buffer is reused only when no view of it
+    is left; otherwise a fresh one takes its place and the old one lives as long as the
+    engine's views do."""
+
+    def __init__(self, device: torch.device, slots: int = 2):
+        self.device, self.slots = device, slots
+        self.buffers: list[tuple[torch.Tensor, int]] = []  # (buffer, its own reference count)
+        self.allocated_bytes = 0  # over the pool's life: how often the engine held on
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        for buf, own in self.buffers:
+            if buf.numel() >= nbytes and _refs(buf) == own:
+                return buf
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self.allocated_bytes += nbytes
+        entry = (buf, _refs(buf))
+        if len(self.buffers) < self.slots:
+            self.buffers.append(entry)
+        else:  # drop the oldest (still referenced by the engine, or too small)
+            self.buffers = [*self.buffers[1:], entry]
+        return buf
+
+
+def _refs(buf: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(buf.untyped_storage()._cdata)
+
+
+def received_tensors(specs: list[list], plan: list[Bucket], recv, pool: BucketPool
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, view) in spec order, receiving each bucket (`recv(buffer)` fills it, e.g. by a
+    broadcast) only when the previous bucket's tensors have all been taken: pass this lazily to
+    the engine's load, and the model is received bucket by bucket."""
+    for bucket in plan:
+        buf = pool.take(bucket.nbytes)[: bucket.nbytes]
+        recv(buf)
+        for index, offset in bucket.entries:
+            yield specs[index][0], view_in(buf, offset, specs[index])
+        del buf
+
+
+def largest_bucket(plan: list[Bucket]) -> int:
+    return max((b.nbytes for b in plan), default=0)
 
 
 def nbytes(buffers: dict[str, torch.Tensor]) -> int:

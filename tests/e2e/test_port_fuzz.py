@@ -255,7 +255,7 @@ class RecordingEngine:
     def leave_sync(self):
         pass
 
-    def receive_weights(self, specs, ipc=None):
+    def receive_weights(self, specs, ipc=None, bucket_bytes=None):
         self.received_bytes.append(wire.spec_bytes(specs))
         return 0.0, self.received_bytes[-1]
 
@@ -303,7 +303,8 @@ def test_a_generator_control_socket_survives_hostile_sealed_frames(tmp_path):
         session = f"probe.{k}"
         join(session)
         learner.send(ident[0], wire.encode("weights_update", k, session=session,
-                                           tensors=[["w", "float32", [4, 4]]], ipc=[]))
+                                           tensors=[["w", "float32", [4, 4]]], ipc=[],
+                                           bucket_bytes=1 << 20))
         member.serve(timeout_s=10.0)
         listen(lambda msg: msg["kind"] == "weights_loaded" and msg["session"] == session)
         join("s.1")
@@ -337,7 +338,8 @@ def test_a_generator_control_socket_survives_hostile_sealed_frames(tmp_path):
     # random draws above happened to contain.
     join("s.1")
     learner.send(ident[0], wire.encode("weights_update", 9, session="s.1",
-                                       tensors=[["w", "float32", [2**18, 2**18]]], ipc=[]))
+                                       tensors=[["w", "float32", [2**18, 2**18]]], ipc=[],
+                                       bucket_bytes=1 << 20))
     member.serve(timeout_s=10.0)
     expected["weights_too_large"] += 1
     ctx.destroy(linger=0)

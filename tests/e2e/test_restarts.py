@@ -64,11 +64,17 @@ def _stop(procs):
         p.wait()
 
 
-@pytest.mark.parametrize("nproc,killed_rank", [(1, 0), (2, 1)])
+# fsdp on one rank still writes sharded checkpoints, so the replay below checks that resuming
+# from one gives the uninterrupted run's SHA-256; on two ranks the ranks really are sharded
+# (tests/unit/test_shard.py checks that SHA-256 for a 2-rank sharded resume).
+@pytest.mark.parametrize("nproc,killed_rank,strategy", [(1, 0, "ddp"), (2, 1, "ddp"),
+                                                        (1, 0, "fsdp"), (2, 1, "fsdp")])
 def test_learner_killed_under_torchrun_resumes_with_the_same_batches(model_cache, tmp_path,
-                                                                     nproc, killed_rank):
+                                                                     nproc, killed_rank,
+                                                                     strategy):
     # One restart: the restarted ranks must meet at once (see the test after this one).
-    path = _config(model_cache, tmp_path, "learner.max_restarts=1", f"learner.nproc={nproc}")
+    path = _config(model_cache, tmp_path, "learner.max_restarts=1", f"learner.nproc={nproc}",
+                   f"learner.strategy={strategy}")
     run = subprocess.Popen([sys.executable, "-m", "asyncrl", "run", str(path)], cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)

@@ -28,9 +28,15 @@ def test_sync_mode_is_on_policy_and_wastes_nothing(model_cache, tmp_path):
     assert all(g[2] == a["step"] - 1 for a in admitted for g in a["groups"])  # policy version
 
 
-def test_async_run_replays_to_the_same_weights(model_cache, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_async_run_replays_to_the_same_weights(model_cache, tmp_path, strategy):
+    # fsdp on one rank: nothing to shard, but its checkpoints are sharded ones and the
+    # hub-format weights are exported at the end.
     rows = _run(model_cache, tmp_path, "buffer.max_staleness=2", "buffer.admit_steps=2",
-                "learner.offpolicy=decoupled")
+                "learner.offpolicy=decoupled", f"learner.strategy={strategy}")
+    if strategy == "fsdp":
+        assert (tmp_path / "export" / "final" / "model.safetensors").is_file()
+        assert (tmp_path / "checkpoints" / "step_4" / "sharded" / ".metadata").is_file()
     assert any(r["staleness_max"] > 0 for r in rows[1:])  # really off-policy data
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"step": 99, "lo')  # a torn last line (a learner killed mid-write)

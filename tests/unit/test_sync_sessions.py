@@ -30,12 +30,12 @@ class FakeEngine:
     def leave_sync(self):
         self.pg = None
 
-    def receive_weights(self, specs, ipc=None):
-        bufs = weights.empty_buffers(specs, torch.device("cpu"))
-        for dt in sorted(bufs):
-            group.broadcast(self.pg, bufs[dt], root=0)
-        self.weights = {n: t.clone() for n, t in weights.unpack(specs, bufs)}
-        return 0.0, weights.nbytes(bufs)
+    def receive_weights(self, specs, ipc=None, bucket_bytes=weights.DEFAULT_BUCKET_BYTES):
+        pool = weights.BucketPool(torch.device("cpu"))
+        got = weights.received_tensors(specs, weights.plan_buckets(specs, bucket_bytes),
+                                       lambda buf: group.broadcast(self.pg, buf, root=0), pool)
+        self.weights = {n: t.clone() for n, t in got}
+        return 0.0, sum(t.numel() * t.element_size() for t in self.weights.values())
 
 
 class Generator(threading.Thread):

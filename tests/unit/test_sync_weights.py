@@ -43,3 +43,42 @@ def test_a_push_is_bounded_by_the_model_files(tmp_path):
     (tmp_path / "config.json").write_text("{}")  # not a weight file
     assert weights.push_bytes_bound(tmp_path) == 4000 + 2**26
     assert weights.push_bytes_bound(tmp_path / "absent") == wire.MAX_WEIGHT_BYTES
+
+
+def test_buckets_hold_at_most_bucket_bytes_unless_one_tensor_is_larger():
+    named = [("a", torch.randn(10)), ("big", torch.randn(100)), ("b", torch.randn(3).half()),
+             ("c", torch.randn(5)), ("d", torch.randn(7))]
+    specs = weights.specs_of(named)
+    plan = weights.plan_buckets(specs, 128)
+    assert [[specs[i][0] for i, _ in b.entries] for b in plan] == [["a"], ["big"],
+                                                                   ["b", "c"], ["d"]]
+    assert all(b.nbytes <= 128 or len(b.entries) == 1 for b in plan)
+    assert all(off % weights.ALIGN == 0 for b in plan for _, off in b.entries)
+    # Filled by the sender, received into a pool by the other end: the same tensors.
+    bufs = [torch.empty(weights.largest_bucket(plan), dtype=torch.uint8) for _ in range(2)]
+    sent = [b.clone() for b in weights.fill_buckets(specs, plan, named, bufs)]
+    it = iter(sent)
+    got = dict(weights.received_tensors(specs, plan, lambda buf: buf.copy_(next(it)),
+                                        weights.BucketPool(torch.device("cpu"))))
+    assert all(torch.equal(got[n], t) for n, t in named)
+
+
+def test_a_bucket_the_engine_still_holds_is_not_overwritten():
+    # vLLM's layerwise reload keeps a layer's weights until the whole layer has arrived.
+    named = [(f"t{i}", torch.full((16,), float(i))) for i in range(6)]
+    specs = weights.specs_of(named)
+    plan = weights.plan_buckets(specs, 64)  # one tensor per bucket
+    it = iter(t for _, t in named)
+    pool = weights.BucketPool(torch.device("cpu"))
+    held = [t for _, t in weights.received_tensors(
+        specs, plan, lambda buf: buf.view(torch.float32).copy_(next(it)), pool)]
+    assert [float(t[0]) for t in held] == [0, 1, 2, 3, 4, 5]  # nothing overwritten
+    assert pool.allocated_bytes == 6 * 64  # each bucket needed a buffer of its own
+    del held
+    pool2 = weights.BucketPool(torch.device("cpu"))
+    it = iter(t for _, t in named)
+    for _, t in weights.received_tensors(specs, plan,
+                                         lambda buf: buf.view(torch.float32).copy_(next(it)),
+                                         pool2):
+        t.clone()  # taken and let go, as a loader copying into its parameter does
+    assert pool2.allocated_bytes <= 2 * 64  # two buffers, reused

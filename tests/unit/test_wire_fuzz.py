@@ -138,7 +138,8 @@ def template(kind: str) -> dict:
         "batch": lambda: dict(status="ok", groups=columns(), stale_dropped_total=5),
         "generator_hello": lambda: dict(sender="gen0", sync_rank=1, incarnation="i", session=""),
         "sync_join": lambda: dict(session="s.1", world_size=2, token="t"),
-        "weights_update": lambda: dict(session="s.1", tensors=specs(), ipc=[]),
+        "weights_update": lambda: dict(session="s.1", tensors=specs(), ipc=[],
+                                      bucket_bytes=1 << 20),
         "weights_loaded": lambda: dict(sender="gen0", session="s.1", seconds=0.5),
         "shutdown": lambda: dict(reason="done"),
         "error": lambda: dict(reason="x"),
@@ -465,7 +466,7 @@ def test_an_undeclared_field_is_refused_both_ways():
     ("batch_request", dict(rank=0, num_groups=0), "num_groups"),
     ("batch_request", dict(rank=0, num_groups=True), "num_groups"),
     ("sync_join", dict(session="", world_size=2, token="t"), "session"),
-    ("weights_update", dict(session="s", tensors=[["w", "int64", [2]]], ipc=[]), "tensors[0].dtype"),
+    ("weights_update", dict(session="s", tensors=[["w", "int64", [2]]], ipc=[], bucket_bytes=64), "tensors[0].dtype"),
     ("weights_loaded", dict(sender="g", session="s", seconds=math.nan), "seconds"),
     ("ack", dict(seq=1, status="maybe", reason=""), "status"),
 ])
