@@ -1,5 +1,5 @@
 """Structure-aware fuzzing of every port of every role over real sockets: correctly sealed
-frames whose maps hypothesis spoils (tests/unit/test_wire_fuzz.py has the strategies) go to the
+frames whose maps hypothesis spoils (tests/helpers/fuzz.py has the strategies) go to the
 buffer's ingest, learner and heartbeat ports (a real buffer process), to the learner's sync
 control port (a real WeightSender on a real Server) and to a generator's control socket (a real
 SyncMember with a fake engine, whose DEALER a ROUTER of ours talks to). Each role keeps
@@ -32,8 +32,8 @@ from asyncrl.config import load_config, save_config
 from asyncrl.sync.member import LearnerFinished, SyncMember
 from asyncrl.sync.sender import WeightSender
 from tests.conftest import ROOT, free_base_port, wait_until
-from tests.unit.test_sync_sessions import Generator
-from tests.unit.test_wire_fuzz import VOCAB, hostile_frames
+from tests.helpers.fuzz import VOCAB, hostile_frames
+from tests.helpers.sync import Generator
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")]

@@ -9,11 +9,10 @@ import torch.multiprocessing as mp
 
 from asyncrl.learner.model import forward_logprobs
 from asyncrl.learner.packing import pack
-from tests.unit import dist_worker
-from tests.unit.test_checkpoint import model_dir  # noqa: F401
+from tests.helpers import dist_worker
 
 
-def _run(tmp_path, model_dir, strategy, steps=5, **overrides):  # noqa: F811
+def _run(tmp_path, model_dir, strategy, steps=5, **overrides):
     out = tmp_path / f"{strategy}.json"
     mp.start_processes(dist_worker.train, nprocs=2, start_method="spawn", join=True,
                        args=(2, str(tmp_path / f"{strategy}.store"), str(model_dir), strategy,
@@ -21,7 +20,7 @@ def _run(tmp_path, model_dir, strategy, steps=5, **overrides):  # noqa: F811
     return json.loads(out.read_text())
 
 
-def test_fsdp_and_ddp_give_the_same_losses_over_five_steps(model_dir, tmp_path):  # noqa: F811
+def test_fsdp_and_ddp_give_the_same_losses_over_five_steps(model_dir, tmp_path):
     # _cfg: PPO with a critic, a KL reference model and two minibatches, so all three models
     # are shared out by the strategy and the optimizer steps twice per batch.
     ddp = _run(tmp_path, model_dir, "ddp")
@@ -34,7 +33,7 @@ def test_fsdp_and_ddp_give_the_same_losses_over_five_steps(model_dir, tmp_path):
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("with_entropy", [False, True])
-def test_chunked_logprobs_equal_the_full_logits_computation(model_dir, packed,  # noqa: F811
+def test_chunked_logprobs_equal_the_full_logits_computation(model_dir, packed,
                                                              with_entropy):
     from asyncrl.learner.model import load_policy
 
@@ -68,7 +67,7 @@ def test_chunked_logprobs_equal_the_full_logits_computation(model_dir, packed,  
 
 
 def test_a_push_from_a_sharded_learner_gives_the_generator_the_unsharded_weights(
-        model_dir, tmp_path):  # noqa: F811
+        model_dir, tmp_path):
     from tests.conftest import free_base_port
 
     out = tmp_path / "push.json"
@@ -83,7 +82,7 @@ def test_a_push_from_a_sharded_learner_gives_the_generator_the_unsharded_weights
 
 
 def test_a_sharded_checkpoint_resumes_to_the_weights_of_an_uninterrupted_run(
-        model_dir, tmp_path):  # noqa: F811
+        model_dir, tmp_path):
     def run(resumed):
         out = tmp_path / f"resumed{int(resumed)}.json"
         mp.start_processes(dist_worker.resume, nprocs=2, start_method="spawn", join=True,

@@ -15,7 +15,7 @@ def _setup(rank: int, world: int, store: str, model_dir: str, strategy: str, **o
     from asyncrl.learner.main import _build_models
     from asyncrl.learner.model import load_policy
     from asyncrl.learner.step import warmup_schedule
-    from tests.unit.test_checkpoint import _cfg
+    from tests.helpers.learner import learner_cfg as _cfg
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -38,7 +38,7 @@ def train(rank: int, world: int, store: str, model_dir: str, strategy: str, step
     from asyncrl.learner.runlog import named_sha256
     from asyncrl.learner.shard import full_tensors
     from asyncrl.learner.step import train_step
-    from tests.unit.test_checkpoint import _groups
+    from tests.helpers.learner import make_groups as _groups
 
     cfg, tok, models, sched = _setup(rank, world, store, model_dir, strategy, **overrides)
     losses = []
@@ -71,8 +71,8 @@ def push(rank: int, world: int, store: str, model_dir: str, base: int, bucket_by
     from asyncrl.learner.runlog import named_sha256, weights_sha256
     from asyncrl.learner.step import train_step
     from asyncrl.sync.sender import WeightSender
-    from tests.unit.test_checkpoint import _groups
-    from tests.unit.test_sync_sessions import HOST, Generator
+    from tests.helpers.learner import make_groups as _groups
+    from tests.helpers.sync import HOST, Generator
 
     cfg, tok, models, sched = _setup(rank, world, store, model_dir, "fsdp")
     for step in (1, 2):
@@ -87,7 +87,7 @@ def push(rank: int, world: int, store: str, model_dir: str, base: int, bucket_by
         sender = WeightSender(server, HOST, base + 3, 1, "gloo", timeout_s=60.0,
                               ready_timeout_s=60.0, bucket_bytes=bucket_bytes)
         sender.start()
-        lead = SimpleNamespace(sender=sender)
+        lead = SimpleNamespace(sender=sender, push_due=lambda due: due, push_owed=False)
     whole = _Whole(cfg, Path(out).parent, models, tok, lead, rank, torch.device("cpu"))
     pushed = whole.push(2, due=True)
     full = get_model_state_dict(models.policy, options=StateDictOptions(full_state_dict=True,
@@ -115,7 +115,7 @@ def resume(rank: int, world: int, store: str, model_dir: str, run_dir: str, resu
     from asyncrl.learner.runlog import named_sha256, weights_sha256
     from asyncrl.learner.shard import full_tensors
     from asyncrl.learner.step import train_step
-    from tests.unit.test_checkpoint import _groups
+    from tests.helpers.learner import make_groups as _groups
 
     cfg, tok, models, sched = _setup(rank, world, store, model_dir, "fsdp")
     start = 0
