@@ -39,6 +39,13 @@ def configure_cpu_env(kv_cache_gib: int, threads: int) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind" if threads else "auto")
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    # torch is already imported (on_gpu), so OpenMP has read its thread count: the variable
+    # alone came too late, and vLLM's CPU attention ran as many OpenMP threads as there are
+    # cores. Two OpenMP threads on a machine whose other core trains spin at every barrier
+    # whenever one of them is descheduled: measured 5-10x slower generation under load.
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 class VLLMEngine:
