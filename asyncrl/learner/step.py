@@ -12,9 +12,20 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncrl.algo.advantages import ADVANTAGE_ESTIMATORS, gae_advantages
+from asyncrl.algo.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    gae_advantages,
+    masked_whiten,
+    reward_to_go,
+    terminal_token_rewards,
+)
 from asyncrl.algo.kl import kl_loss, kl_reward_penalty
-from asyncrl.algo.losses import LOSS_NORMALISERS, explained_variance, value_loss
+from asyncrl.algo.losses import (
+    LOSS_NORMALISERS,
+    entropy_bonus_loss,
+    explained_variance,
+    value_loss,
+)
 from asyncrl.algo.offpolicy import offpolicy_pg_loss
 from asyncrl.algo.sampling import overlong_filter_mask, soft_overlong_punishment
 from asyncrl.config import LearnerConfig
@@ -55,6 +66,29 @@ def padding_fraction(batch: TrainBatch, packing: Packing | None) -> float:
     return 1.0 - float(batch.attention_mask.sum()) / computed
 
 
+@dataclass
+class StepData:
+    """What every update of one step reads: the batch, its loss mask after overlong
+    filtering, the proximal and reference logprobs (None when not needed), the advantages and,
+    for GAE, the critic's returns and values before the step."""
+
+    batch: TrainBatch
+    mask: torch.Tensor  # (B, L-1)
+    prox: torch.Tensor | None  # (B, L-1)
+    ref: torch.Tensor | None  # (B, L-1)
+    adv: torch.Tensor  # (B, 1) or (B, L-1)
+    returns: torch.Tensor | None = None  # (B, L-1), GAE only
+    old_values: torch.Tensor | None = None  # (B, L-1), GAE only
+
+
+@dataclass
+class Advantages:
+    adv: torch.Tensor  # (B, 1) or (B, L-1)
+    returns: torch.Tensor | None
+    values: torch.Tensor | None
+    stats: dict[str, float]
+
+
 def train_step(models: Models, batch: TrainBatch, lc: LearnerConfig, temperature: float,
                max_tokens: int) -> dict[str, float]:
     mask = batch.completion_mask  # (B, L-1)
@@ -81,8 +115,9 @@ def train_step(models: Models, batch: TrainBatch, lc: LearnerConfig, temperature
             ref, _ = forward_logprobs(models.ref, batch.input_ids, batch.attention_mask,
                                       temperature, packing=packing,
                                       chunk_tokens=lc.logprob_chunk_tokens)
-        adv, returns, old_values = _advantages(models, batch, rewards, mask, prox, ref, lc,
-                                               stats, packing)
+        a = advantages(models, batch, rewards, mask, prox, ref, lc, packing)
+    stats.update(a.stats)
+    data = StepData(batch, mask, prox, ref, a.adv, a.returns, a.values)
     rows = torch.arange(batch.input_ids.shape[0])
     # Each minibatch packs on its own, once for all epochs and for both models.
     chunks = [(idx, packing if lc.minibatches == 1 else pack_if_smaller(
@@ -93,69 +128,67 @@ def train_step(models: Models, batch: TrainBatch, lc: LearnerConfig, temperature
         for idx, idx_packing in chunks:
             # Each minibatch is its own optimizer step, so it is normalised on its own tokens.
             normaliser = LOSS_NORMALISERS[lc.loss_agg](mask[idx], max_tokens)
-            out = _policy_update(models, batch, idx, mask, prox, ref, adv, normaliser, lc,
-                                 temperature, idx_packing)
+            out = policy_update(models, data, idx, normaliser, lc, temperature, idx_packing)
             if first:  # report the first minibatch: on fresh data its ratio is exactly 1
                 stats.update(out)
                 first = False
             if models.critic is not None:
-                stats.update(_critic_update(models, batch, idx, mask, returns, old_values, lc,
-                                            idx_packing))
+                stats.update(critic_update(models, data, idx, lc, idx_packing))
     return stats
 
 
-def _advantages(models: Models, batch: TrainBatch, rewards, mask, prox, ref, lc, stats,
-                packing: Packing | None):
-    """(advantages (B, 1) or (B, L-1), returns or None, old values or None)."""
+def advantages(models: Models, batch: TrainBatch, rewards: torch.Tensor, mask: torch.Tensor,
+               prox: torch.Tensor | None, ref: torch.Tensor | None, lc: LearnerConfig,
+               packing: Packing | None) -> Advantages:
+    """The configured advantage estimator, with the KL reward penalty when kl_mode=reward."""
+    stats: dict[str, float] = {}
+    kl_reward = ref is not None and lc.kl_mode == "reward"
     if lc.advantage != "gae":
         adv = ADVANTAGE_ESTIMATORS[lc.advantage](rewards).reshape(-1, 1)  # (B, 1)
-        if ref is not None and lc.kl_mode == "reward":
-            # Per-token KL penalty turns the sequence advantage into a per-token one.
-            zero = torch.zeros_like(prox)
-            pen, kl_stats = kl_reward_penalty(zero, prox, ref, mask, lc.kl_coef, lc.kl_estimator,
-                                              kl_clamp=lc.kl_clamp)
-            adv = adv + pen.flip(-1).cumsum(-1).flip(-1)  # reward-to-go of the penalty
+        if kl_reward:
+            # A per-token KL penalty turns the sequence advantage into a per-token one.
+            pen, kl_stats = kl_reward_penalty(torch.zeros_like(prox), prox, ref, mask,
+                                              lc.kl_coef, lc.kl_estimator, kl_clamp=lc.kl_clamp)
+            adv = adv + reward_to_go(pen)  # (B, L-1)
             stats["kl_ref"] = kl_stats["kl"]
-        return adv, None, None
+        return Advantages(adv, None, None, stats)
     values = critic_values(models.critic, batch.input_ids, batch.attention_mask,
                            packing)  # (B, L-1)
-    token_rewards = torch.zeros_like(values)
-    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # last valid token
-    token_rewards[last] = rewards.reshape(-1)[last.nonzero()[:, 0]]
-    if ref is not None and lc.kl_mode == "reward":
+    token_rewards = terminal_token_rewards(rewards.reshape(-1), mask).to(values.dtype)
+    if kl_reward:
         token_rewards, kl_stats = kl_reward_penalty(token_rewards, prox, ref, mask, lc.kl_coef,
                                                     lc.kl_estimator, kl_clamp=lc.kl_clamp)
         stats["kl_ref"] = kl_stats["kl"]
     adv, returns = gae_advantages(token_rewards, values, mask, lc.gamma, lc.lam)
     stats["explained_variance"] = explained_variance(values, returns, mask)
     if lc.whiten_gae:
-        n = mask.sum().clamp(min=1)
-        mean = (adv * mask).sum() / n
-        std = (((adv - mean) ** 2 * mask).sum() / n).sqrt()
-        adv = (adv - mean) / (std + 1e-6) * mask
-    return adv, returns, values
+        adv = masked_whiten(adv, mask)
+    return Advantages(adv, returns, values, stats)
 
 
-def _policy_update(models: Models, batch: TrainBatch, idx, mask, prox, ref, adv, normaliser,
-                   lc: LearnerConfig, temperature: float,
-                   packing: Packing | None) -> dict[str, float]:
+def policy_update(models: Models, data: StepData, idx: torch.Tensor, normaliser,
+                  lc: LearnerConfig, temperature: float,
+                  packing: Packing | None) -> dict[str, float]:
+    """One optimizer step of the policy on the rows idx: the off-policy PG loss, the entropy
+    bonus and the KL loss, each aggregated with the same normaliser (learner.loss_agg)."""
+    batch = data.batch
     logprobs, entropy = forward_logprobs(models.policy, batch.input_ids[idx],
                                          batch.attention_mask[idx], temperature,
                                          with_entropy=lc.entropy_coef != 0, packing=packing,
                                          chunk_tokens=lc.logprob_chunk_tokens)
-    m = mask[idx]
-    prox_idx = logprobs.detach() if prox is None else prox[idx]  # see train_step
+    m = data.mask[idx]
+    prox = logprobs.detach() if data.prox is None else data.prox[idx]  # see train_step
+    adv = data.adv[idx] if data.adv.shape[0] > 1 else data.adv
     loss, stats = offpolicy_pg_loss(
-        lc.offpolicy, logprobs, prox_idx, batch.behav_logprobs[idx],
-        adv[idx] if adv.shape[0] > 1 else adv, m, lc.clip_low, lc.clip_high, normaliser,
-        clip_c=lc.clip_c or None, is_cap=lc.is_cap, is_low=lc.is_low, is_high=lc.is_high,
-        log_ratio_clamp=lc.log_ratio_clamp)
+        lc.offpolicy, logprobs, prox, batch.behav_logprobs[idx], adv, m, lc.clip_low,
+        lc.clip_high, normaliser, clip_c=lc.clip_c or None, is_cap=lc.is_cap, is_low=lc.is_low,
+        is_high=lc.is_high, log_ratio_clamp=lc.log_ratio_clamp)
     if entropy is not None:
-        ent = (entropy * m).sum() / m.sum().clamp(min=1)
-        loss = loss - lc.entropy_coef * ent
-        stats["entropy"] = ent.item()
-    if ref is not None and lc.kl_mode == "loss":
-        kl, kl_stats = kl_loss(logprobs, ref[idx], m, normaliser, lc.kl_estimator,
+        ent_loss, ent_stats = entropy_bonus_loss(entropy, m, normaliser)
+        loss = loss + lc.entropy_coef * ent_loss
+        stats.update(ent_stats)
+    if data.ref is not None and lc.kl_mode == "loss":
+        kl, kl_stats = kl_loss(logprobs, data.ref[idx], m, normaliser, lc.kl_estimator,
                                kl_clamp=lc.kl_clamp)
         loss = loss + lc.kl_coef * kl
         stats["kl_ref"] = kl_stats["kl"]
@@ -167,16 +200,16 @@ def _policy_update(models: Models, batch: TrainBatch, idx, mask, prox, ref, adv,
     return stats
 
 
-def _critic_update(models: Models, batch: TrainBatch, idx, mask, returns, old_values,
-                   lc: LearnerConfig, packing: Packing | None) -> dict[str, float]:
-    values = critic_values(models.critic, batch.input_ids[idx], batch.attention_mask[idx],
-                           packing)
-    m = mask[idx]
-    loss, stats = value_loss(values, old_values[idx], returns[idx], m, lc.value_clip or None,
-                             m.sum().clamp(min=1))
+def critic_update(models: Models, data: StepData, idx: torch.Tensor, lc: LearnerConfig,
+                  packing: Packing | None) -> dict[str, float]:
+    """One optimizer step of the critic on the rows idx (clipped value loss)."""
+    values = critic_values(models.critic, data.batch.input_ids[idx],
+                           data.batch.attention_mask[idx], packing)
+    m = data.mask[idx]
+    loss, stats = value_loss(values, data.old_values[idx], data.returns[idx], m,
+                             lc.value_clip or None, m.sum().clamp(min=1))
     models.critic_opt.zero_grad(set_to_none=True)
     (lc.vf_coef * loss).backward()
     clip_grad_norm(models.critic.parameters(), lc.max_grad_norm)
     models.critic_opt.step()
     return stats
-

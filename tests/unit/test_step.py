@@ -119,3 +119,27 @@ def test_checksum_works_for_every_dtype():
         lin = torch.nn.Linear(3, 2).to(dtype)
         sums.add(weights_sha256(lin))
     assert len(sums) == 3  # one per dtype, none raising (numpy has no bfloat16)
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean", "constant"])
+def test_the_entropy_term_aggregates_with_the_configured_normaliser(model_dir, loss_agg):
+    from asyncrl.algo.losses import LOSS_NORMALISERS
+
+    cfg = learner_cfg(model_dir)
+    cfg.learner.advantage, cfg.learner.kl_coef, cfg.learner.minibatches = "grpo", 0.0, 1
+    cfg.learner.entropy_coef, cfg.learner.loss_agg = 0.01, loss_agg
+    model, tok, models, _ = make_learner(cfg, model_dir)
+    batch = collate(make_groups(3), tok.pad_token_id)
+    with torch.no_grad():
+        _, entropy = forward_logprobs(model, batch.input_ids, batch.attention_mask, 1.0,
+                                      with_entropy=True)
+    m = batch.completion_mask
+    normaliser = LOSS_NORMALISERS[loss_agg](m, 6)
+    # naive: per completion, then the normaliser's way of putting them together
+    if loss_agg == "seq_mean":
+        want = -sum((entropy[b] * m[b]).sum() / m[b].sum() for b in range(m.shape[0])) / m.shape[0]
+    else:
+        want = -(entropy * m).sum() / float(normaliser if loss_agg == "constant" else m.sum())
+    stats = train_step(models, batch, cfg.learner, 1.0, 6)
+    assert stats["entropy_loss"] == pytest.approx(float(want), rel=1e-5)
+    assert stats["entropy"] == pytest.approx(float((entropy * m).sum() / m.sum()), rel=1e-5)

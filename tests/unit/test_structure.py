@@ -186,3 +186,14 @@ def test_no_test_module_imports_another():
                     ("tests.unit", "tests.e2e")):
                 offenders.append(f"{p.relative_to(ROOT)}: from {node.module}")
     assert offenders == [], "shared test helpers belong in tests/helpers/: " + str(offenders)
+
+
+def test_the_learner_step_applies_algo_and_writes_no_equation_of_its_own():
+    src = (PACKAGE / "learner" / "step.py").read_text()
+    tree = ast.parse(src)
+    # arithmetic that belongs in algo/: scans, whitening, softmax, exp/log of ratios
+    banned = {"cumsum", "flip", "sqrt", "log_softmax", "softmax", "exp", "log", "std", "var"}
+    calls = {n.func.attr for n in ast.walk(tree)
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    assert calls & banned == set(), calls & banned
+    assert "entropy_bonus_loss" in src and "(entropy * m)" not in src
