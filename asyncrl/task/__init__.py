@@ -18,6 +18,10 @@ def load_task(task: Any) -> tuple[list[Problem], list[Problem]]:
 
         return make_reasoning(task.digits, task.min_terms, task.max_terms, task.terms_tail,
                               task.train_size, task.eval_size, task.seed)
+    if task.name == "word_problems":
+        from asyncrl.task.word_problems import make_problems as make_word_problems
+
+        return make_word_problems(task.digits, task.train_size, task.eval_size, task.seed)
     if task.name == "dataset":
         from asyncrl.task.dataset import load_dataset
 
