@@ -39,7 +39,7 @@ from asyncrl.learner.batch import BatchRules, TrainBatch, collate, refusal
 from asyncrl.learner.model import check_packing, greedy_accuracy, load_critic, load_policy
 from asyncrl.learner.runlog import BatchLog, weights_sha256
 from asyncrl.learner.step import Models, train_step, warmup_schedule
-from asyncrl.rewards import REWARD_FUNCTIONS
+from asyncrl.rewards import REWARD_FUNCTIONS, combine
 from asyncrl.task import load_task
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
         m.record_step(step, stats, batch.num_completion_tokens,
                       token_staleness(batch, step - 1), waited, step_seconds)
         if lead is not None:
-            lead.after_step(step, batch, stats, waited, step_seconds)
+            lead.after_step(step, batch, stats, waited, step_seconds, groups)
             if step % cfg.learner.checkpoint_interval == 0 or step == cfg.learner.total_steps:
                 lead.save_checkpoint(step, models, sched)
     if lead is not None:
@@ -190,6 +190,24 @@ def _build_models(cfg: RunConfig, model, device, world: int) -> Models:
             critic = torch.nn.parallel.DistributedDataParallel(critic)
         critic_opt = torch.optim.AdamW(critic.parameters(), lr=lc.critic_lr)
     return Models(policy, opt, ref, critic, critic_opt)
+
+
+def reward_parts(groups, answers: dict[int, str], rules, tok) -> dict[str, float]:
+    """reward_<name>: the mean of each task.rewards function (unweighted) over these
+    completions, rescored from their text as the generators decode it, so the parts of a
+    composite reward (the format rewards) have curves of their own in metrics.jsonl."""
+    sums = dict.fromkeys(rules.weights, 0.0)
+    n = 0
+    for g in groups:
+        answer = answers.get(g.prompt_id)
+        if answer is None:  # not a training problem of this task: nothing to rescore
+            continue
+        for c in g.completions:
+            text = tok.decode(c.tokens.tolist(), skip_special_tokens=True)
+            for name, value in rules.components(text, answer).items():
+                sums[name] += value
+            n += 1
+    return {f"reward_{k}": v / n for k, v in sums.items()} if n else {}
 
 
 def token_staleness(batch: TrainBatch, version: int) -> dict[int, int]:
@@ -277,7 +295,9 @@ class _Lead:
         from asyncrl.sync.sender import WeightSender
 
         self.cfg, self.run_dir, self.model, self.tok, self.m = cfg, run_dir, model, tok, m
-        _, self.eval_set = load_task(cfg.task)
+        train, self.eval_set = load_task(cfg.task)
+        self.answers = {p.id: p.answer for p in train}
+        self.rules = combine(cfg.task.rewards) if len(cfg.task.rewards) > 1 else None
         self.metrics_path = run_dir / "metrics.jsonl"
         state = ckpt.state if ckpt is not None else {}
         self.tokens_total = state.get("tokens_total", 0)
@@ -322,7 +342,7 @@ class _Lead:
             f.write(json.dumps(row) + "\n")
 
     def after_step(self, step: int, batch: TrainBatch, stats: dict, waited: float,
-                   step_seconds: float) -> None:
+                   step_seconds: float, groups: list[wire.TrajectoryGroup] = ()) -> None:
         cfg = self.cfg
         last = step == cfg.learner.total_steps
         sync_s = None
@@ -342,6 +362,8 @@ class _Lead:
                "staleness_max": max(hist), "staleness_tokens": {str(k): v for k, v in hist.items()},
                "samples_trained": self.samples_total * self.cfg.learner_world,
                **{k: v for k, v in stats.items() if k != "reward_mean"},
+               **(reward_parts(groups, self.answers, self.rules, self.tok)
+                  if self.rules is not None else {}),
                "tokens": batch.num_completion_tokens,
                "tokens_per_s": self.tokens_total / max(elapsed, 1e-9),
                "step_s": step_seconds, "data_wait_s": waited, "sync_s": sync_s,
