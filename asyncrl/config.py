@@ -71,6 +71,12 @@ class TaskConfig:
     answer_field: str = "answer"
     chat_template: bool = False
     """Render each prompt as the user turn of the tokenizer's chat template (instruct models)."""
+    system_prompt: str = ""
+    """chat_template: a system turn before every prompt (e.g. the GRPO demo's answer layout)."""
+    chat_examples: list[str] = field(default_factory=list)
+    """chat_template: worked examples before every prompt, alternately a user turn and the
+    assistant's answer (few-shot turns; a small instruct model follows a layout it has been
+    shown far more often than one it has only been told)."""
     eval_reward: str = "correctness"
     """The reward function (by name) whose greedy mean is eval_accuracy."""
     digits: int = 2
@@ -446,6 +452,12 @@ class RunConfig:
         checks = [
             (task.name != "dataset" or Path(task.path).expanduser().is_file(),
              f"task.path={task.path!r} is not a file (task.name=dataset needs one)"),
+            (len(task.chat_examples) % 2 == 0,
+             f"task.chat_examples has {len(task.chat_examples)} turns: it alternates a user turn "
+             "and the assistant's answer, so it needs an even number"),
+            (task.chat_template or not (task.system_prompt or task.chat_examples),
+             "task.system_prompt and task.chat_examples are chat turns: they need "
+             "task.chat_template=true"),
             (task.rewards or task.reward_model,
              "task.rewards is empty and no task.reward_model: nothing scores samples"),
             (not addition or task.train_size + task.eval_size <= 100**task.digits,

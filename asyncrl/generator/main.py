@@ -39,7 +39,7 @@ from asyncrl.config import RunConfig
 from asyncrl.generator.engine import Sample
 from asyncrl.rewards import combine
 from asyncrl.sync.member import LearnerFinished, SyncMember
-from asyncrl.task import encode_prompt, load_task
+from asyncrl.task import chat_context, encode_prompt, load_task
 
 log = logging.getLogger("asyncrl.generator")
 
@@ -65,8 +65,8 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     train, _ = load_task(cfg.task)
-    chat = cfg.task.chat_template
-    prompt_ids = {p.id: encode_prompt(tok, p.prompt, chat) for p in train}
+    chat, context = cfg.task.chat_template, chat_context(cfg.task)
+    prompt_ids = {p.id: encode_prompt(tok, p.prompt, chat, context) for p in train}
     max_len = max(map(len, prompt_ids.values())) + gc.max_tokens + 8
     engine = VLLMEngine(model_dir, cfg.model.dtype, gc.seed + index, max_len,
                         gc.gpu_memory_utilization, gpu=gpu, cuda_graphs=gc.cuda_graphs,
@@ -80,7 +80,7 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
                         lambda: wire.encode("heartbeat", 0, sender=name, role="generator"),
                         cfg.net.heartbeat_interval_s, keys).start()
     incarnation = uuid.uuid4().hex[:12]  # a restarted generator is a new sender stream
-    probe = _Probe(engine, encode_prompt(tok, cfg.sync.probe_prompt, chat), cfg,
+    probe = _Probe(engine, encode_prompt(tok, cfg.sync.probe_prompt, chat, context), cfg,
                    run_dir / "sync_probe.jsonl", name, incarnation)
     probe.record(0)
     stats = _Stats(run_dir / f"{name}_stats.json", "stream" if gc.streaming else "batch",

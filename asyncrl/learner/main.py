@@ -40,7 +40,7 @@ from asyncrl.learner.model import check_packing, greedy_accuracy, load_critic, l
 from asyncrl.learner.runlog import BatchLog, weights_sha256
 from asyncrl.learner.step import Models, train_step, warmup_schedule
 from asyncrl.rewards import REWARD_FUNCTIONS, combine
-from asyncrl.task import load_task
+from asyncrl.task import chat_context, load_task
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -333,7 +333,8 @@ class _Lead:
             acc = greedy_accuracy(self.model, self.tok, self.eval_set,
                                   self.cfg.generator.max_tokens,
                                   REWARD_FUNCTIONS[self.cfg.task.eval_reward],
-                                  self.cfg.task.chat_template)
+                                  self.cfg.task.chat_template,
+                                  context=chat_context(self.cfg.task))
         self.m.eval_accuracy.set(acc)
         return acc
 

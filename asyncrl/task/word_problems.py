@@ -7,15 +7,20 @@
 A problem is one of a few templates (add, take away, groups of, share equally, and two-step
 add-then-take-away / take-away-then-add) filled with a name, an object and numbers of at most
 `task.digits` digits (multipliers and divisors stay in 2..9, so a product is mental
-arithmetic). Every answer is a non-negative integer. The prompt ends with the answer layout
-the format rewards of asyncrl/rewards.py check, as the GRPO demo's system prompt asks for it.
+arithmetic; a product or a shared total may reach 81 at one digit). Every answer is a non-negative integer. The prompt is the question alone: the
+answer layout the format rewards of asyncrl/rewards.py check is asked for by the config's
+chat turns (task.system_prompt, as in the GRPO demo, and task.chat_examples, two worked
+examples; configs/smollm2.yaml).
 
 Why this and not GSM8K-style problems or bare arithmetic: a 135M model solves almost no
 GSM8K-style multi-step problems, so its correctness rewards would be all zero and GRPO would
 have little signal; with bare `a+b=` prompts its chat tuning and the format tags are idle.
-One- and two-step problems with small numbers are what it partly does (measured: see
-configs/smollm2.yaml), and they are written in words, so following the tagged layout is a
-real instruction-following skill to learn on top of the arithmetic.
+One- and two-step problems with small numbers are what it partly does, and they are written
+in words, so following the tagged layout is a real instruction-following skill to learn on
+top of the arithmetic. Measured with configs/smollm2.yaml's chat turns (task.digits=1,
+temperature 0.7, 16 samples): correctness 0.50, strict_format 0.44, xmlcount 0.31 of 0.5;
+with the layout only described in the user turn and one inline example: strict_format 0.0,
+correctness 0.0 over 32 samples at 2 digits. Both have room to rise.
 
 Held-out split: problems are drawn from a seeded generator, held-out first; a training
 problem never repeats a held-out one (the same template, name, object and numbers), so
@@ -29,13 +34,6 @@ from collections.abc import Callable
 
 from asyncrl.task.addition import Problem
 
-# An instruction and one worked example: without the example the model almost never writes
-# the tags (measured: strict_format 0.0, xmlcount 0.002 over 128 samples at temperature 1).
-FORMAT = ("Answer the question. Explain your reasoning briefly, then give the answer as a "
-          "single number, in exactly this format:\n<reasoning>\n...\n</reasoning>\n"
-          "<answer>\n...\n</answer>\n\nExample:\nQuestion: Ann has 3 pens. She buys 4 more. "
-          "How many pens does Ann have now?\n<reasoning>\nAnn has 3 pens and buys 4 more, "
-          "so 3 + 4 = 7.\n</reasoning>\n<answer>\n7\n</answer>\n\nQuestion: ")
 NAMES = [("Mia", "She"), ("Omar", "He"), ("Lena", "She"), ("Ravi", "He"), ("Sara", "She"),
          ("Tom", "He"), ("Ana", "She"), ("Ken", "He"), ("Zoe", "She"), ("Luis", "He")]
 THINGS = ["marbles", "stickers", "apples", "pencils", "cards", "coins", "books", "shells"]
@@ -55,13 +53,13 @@ def _take(rng, hi, name, pron, thing):
 
 
 def _groups(rng, hi, name, pron, thing):
-    a, b = rng.randint(2, 9), rng.randint(1, max(1, hi // 9))
+    a, b = rng.randint(2, 9), rng.randint(1, max(9, hi // 9))
     return (f"{name} has {a} bags with {b} {thing} in each bag. "
             f"How many {thing} does {name} have in all?", a * b)
 
 
 def _share(rng, hi, name, pron, thing):
-    k, each = rng.randint(2, 9), rng.randint(1, max(1, hi // 9))
+    k, each = rng.randint(2, 9), rng.randint(1, max(9, hi // 9))
     return (f"{name} shares {k * each} {thing} equally among {k} friends. "
             f"How many {thing} does each friend get?", each)
 
@@ -109,5 +107,5 @@ def make_problems(digits: int, train_size: int, eval_size: int, seed: int
         if question in seen:
             continue
         seen.add(question)
-        out.append(Problem(len(out), FORMAT + question, str(answer)))
+        out.append(Problem(len(out), question, str(answer)))
     return out[eval_size:], out[:eval_size]

@@ -7,13 +7,14 @@ import pytest
 
 from asyncrl.config import load_config
 from asyncrl.rewards import GRPO_DEMO_WEIGHTS, REWARD_FUNCTIONS
-from asyncrl.task import load_task
-from asyncrl.task.word_problems import FORMAT, TEMPLATES, make_problems
+from asyncrl.config import ConfigError
+from asyncrl.task import chat_context, encode_prompt, load_task
+from asyncrl.task.word_problems import TEMPLATES, make_problems
 from tests.conftest import ROOT
 
 
 def _question(p):
-    return p.prompt.removeprefix(FORMAT)
+    return p.prompt
 
 
 def _solve(q: str) -> int:
@@ -35,7 +36,6 @@ def _solve(q: str) -> int:
 def test_answers_are_non_negative_integers_that_solve_the_question():
     train, held_out = make_problems(2, 2000, 200, seed=3)
     for p in train + held_out:
-        assert p.prompt.startswith(FORMAT)
         assert int(p.answer) >= 0 and str(int(p.answer)) == p.answer
         assert _solve(_question(p)) == int(p.answer), p.prompt
         assert all(int(x) <= 99 for x in re.findall(r"\d+", _question(p)))
@@ -68,12 +68,39 @@ def test_too_many_problems_for_the_digits_is_an_error_naming_the_fields():
         make_problems(0, 10, 10, seed=0)
 
 
-def test_the_example_in_the_prompt_scores_full_marks():
-    example = FORMAT.split("Example:\n")[1].split("Question: ", 2)[1]
-    completion = example[example.index("<reasoning>"):].strip()
-    for name in GRPO_DEMO_WEIGHTS:
-        want = 0.5 if name == "xmlcount" else 1.0
-        assert REWARD_FUNCTIONS[name](completion, "7") == want, name
+def test_the_configs_worked_examples_score_full_marks():
+    cfg = load_config(ROOT / "configs" / "smollm2.yaml")
+    turns = chat_context(cfg.task)
+    assert turns[0]["role"] == "system" and "<reasoning>" in turns[0]["content"]
+    assert [t["role"] for t in turns[1:]] == ["user", "assistant"] * 2
+    for q, a in zip(turns[1::2], turns[2::2]):
+        want = _solve(q["content"])
+        for name in GRPO_DEMO_WEIGHTS:
+            assert REWARD_FUNCTIONS[name](a["content"], str(want)) == (
+                0.5 if name == "xmlcount" else 1.0), (name, a)
+
+
+class _Tok:  # renders messages as role: content lines, encodes one id per character
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+    def encode(self, text, add_special_tokens):
+        return [ord(c) for c in text]
+
+
+def test_chat_turns_come_before_the_prompt_in_the_rendered_ids():
+    cfg = load_config(None, ["task.chat_template=true", "task.system_prompt=S",
+                             "task.chat_examples=[Q1,A1]"])
+    ids = encode_prompt(_Tok(), "Q2", True, chat_context(cfg.task))
+    assert "".join(map(chr, ids)) == "system: S\nuser: Q1\nassistant: A1\nuser: Q2\nassistant: "
+    assert encode_prompt(_Tok(), "Q2", True) == [ord(c) for c in "user: Q2\nassistant: "]
+
+
+def test_chat_turns_are_checked_when_the_config_loads():
+    with pytest.raises(ConfigError, match="task.chat_examples has 1 turns"):
+        load_config(None, ["task.chat_template=true", "task.chat_examples=[Q1]"])
+    with pytest.raises(ConfigError, match="need task.chat_template=true"):
+        load_config(None, ["task.system_prompt=S"])
 
 
 def test_smollm2_config_loads_with_the_grpo_demo_recipe():
