@@ -32,9 +32,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STEPS = 3
 # The probe after a sync: max |vLLM - learner| over the sampled tokens' logprobs. Measured on
-# this model in float32: up to ~1e-4 (docs/performance.md); before any sync (weights apart by
-# STEPS updates at lr 1e-5) it is orders of magnitude larger.
-PROBE_TOL = 1e-3
+# this model in float32: 2.9e-5 (docs/performance.md, "A real model"), the tiny model's range;
+# before any sync (weights apart by STEPS - 1 updates at lr 1e-5) it was 2.1.
+PROBE_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,8 @@ def run(smollm2_cache, tmp_path_factory):
                 f"learner.total_steps={STEPS}", "learner.groups_per_step=2",
                 "generator.group_size=4", "generator.prompts_per_call=2",
                 "generator.max_tokens=48", "task.eval_size=4", "learner.eval_interval=100",
-                "learner.lr=1e-5", "learner.warmup_steps=0", timeout=1500)
+                "learner.lr=1e-5", "learner.warmup_steps=0", "learner.checkpoint_interval=2",
+                timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return run_dir, smollm2.built_dir(smollm2_cache)
 
@@ -124,8 +125,12 @@ def test_weight_sync_matches_the_learner_within_the_measured_tolerance(run):
     run_dir, _ = run
     probes = {p["policy_version"]: p for p in map(
         json.loads, (run_dir / "sync_probe.jsonl").read_text().splitlines())}
-    assert sorted(probes) == list(range(STEPS + 1))
-    model, _ = load_policy(run_dir / "checkpoints" / f"step_{STEPS}")
+    # The last push's probe may be cut short when the run ends (the generator is stopped
+    # while it samples it on a loaded machine): compare the newest version that has both.
+    assert set(probes) >= set(range(STEPS))
+    version = max(v for v in probes if (run_dir / "checkpoints" / f"step_{v}").is_dir())
+    assert version >= STEPS - 1
+    model, _ = load_policy(run_dir / "checkpoints" / f"step_{version}")
     assert model.config.tie_word_embeddings and model.config.num_hidden_layers == 30
 
     def diff(p):
@@ -135,7 +140,7 @@ def test_weight_sync_matches_the_learner_within_the_measured_tolerance(run):
         return float((lp[0, len(p["prompt_tokens"]) - 1:] - torch.tensor(p["logprobs"]))
                      .abs().max())
 
-    after, before = diff(probes[STEPS]), diff(probes[0])
+    after, before = diff(probes[version]), diff(probes[0])
     print(f"probe max|diff| after the last sync {after:.2e}, before any sync {before:.2e}")
     assert after < PROBE_TOL
     assert before > 10 * after
