@@ -7,10 +7,10 @@
 A problem is one of a few templates (add, take away, groups of, share equally, and two-step
 add-then-take-away / take-away-then-add) filled with a name, an object and numbers of at most
 `task.digits` digits (multipliers and divisors stay in 2..9, so a product is mental
-arithmetic; a product or a shared total may reach 81 at one digit). Every answer is a non-negative integer. The prompt is the question alone: the
-answer layout the format rewards of asyncrl/rewards.py check is asked for by the config's
-chat turns (task.system_prompt, as in the GRPO demo, and task.chat_examples, two worked
-examples; configs/smollm2.yaml).
+arithmetic; a product or a shared total may reach 81 at one digit). Every answer is a
+non-negative integer. The prompt is the question alone: the answer layout the format rewards
+of asyncrl/rewards.py check is asked for by the config's chat turns (task.system_prompt, as in
+the GRPO demo, and task.chat_examples, two worked examples; configs/smollm2.yaml).
 
 Why this and not GSM8K-style problems or bare arithmetic: a 135M model solves almost no
 GSM8K-style multi-step problems, so its correctness rewards would be all zero and GRPO would

@@ -5,9 +5,8 @@ import re
 
 import pytest
 
-from asyncrl.config import load_config
+from asyncrl.config import ConfigError, load_config
 from asyncrl.rewards import GRPO_DEMO_WEIGHTS, REWARD_FUNCTIONS
-from asyncrl.config import ConfigError
 from asyncrl.task import chat_context, encode_prompt, load_task
 from asyncrl.task.word_problems import TEMPLATES, make_problems
 from tests.conftest import ROOT
