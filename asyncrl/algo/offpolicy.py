@@ -130,6 +130,12 @@ def importance_ess(weights: torch.Tensor, mask: torch.Tensor) -> float:
         return (w.sum() ** 2 / (w.numel() * (w * w).sum())).item()
 
 
+def _k3(log_w: torch.Tensor, log_ratio_clamp: float) -> torch.Tensor:
+    """(w - 1) - log w per token, w = exp(log_w) with log_w clamped as everywhere here."""
+    log_w = log_w.clamp(-log_ratio_clamp, log_ratio_clamp)
+    return torch.expm1(log_w) - log_w
+
+
 def offpolicy_pg_loss(name: str, logprobs: torch.Tensor, prox_logprobs: torch.Tensor,
                       behav_logprobs: torch.Tensor, advantages: torch.Tensor,
                       mask: torch.Tensor, clip_low: float, clip_high: float,
@@ -151,7 +157,9 @@ def offpolicy_pg_loss(name: str, logprobs: torch.Tensor, prox_logprobs: torch.Te
     tokens), all over valid tokens and with w = prox/behav before any cap or mask:
     is_weight_mean, is_weight_max, is_ess (importance_ess of w), is_truncated_frac,
     is_masked_frac, and the two causes of the log-ratio as mean absolute log-ratios:
-    behav_vs_prox = mean|prox - behav| (staleness and engine mismatch) and
+    behav_vs_prox = mean|prox - behav| (staleness and engine mismatch), its maximum
+    behav_vs_prox_max, behav_prox_k3 = mean of k3 = (w - 1) - log w (the estimate of
+    KL(behaviour || proximal) from the behaviour's own samples), and
     prox_vs_current = mean|logprobs - prox| (the learner's progress within this step).
     """
     if name not in OFFPOLICY_CORRECTIONS:
@@ -177,6 +185,9 @@ def offpolicy_pg_loss(name: str, logprobs: torch.Tensor, prox_logprobs: torch.Te
             "is_truncated_frac": mean(corr.truncated),
             "is_masked_frac": mean(valid & ~corr.keep),
             "behav_vs_prox": mean((prox_logprobs - behav_logprobs).abs()),
+            "behav_vs_prox_max": ((prox_logprobs - behav_logprobs).abs().masked_fill(~valid, 0.0)
+                                  .max().item() if valid.any() else 0.0),
+            "behav_prox_k3": mean(_k3(prox_logprobs - behav_logprobs, log_ratio_clamp)),
             "prox_vs_current": mean((logprobs.detach() - prox_logprobs).abs()),
         })
     return loss, metrics

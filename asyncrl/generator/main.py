@@ -44,7 +44,7 @@ from asyncrl.generator.engine import Sample
 from asyncrl.generator.evaluate import EvalResult, Evaluator
 from asyncrl.rewards import REWARD_FUNCTIONS, combine
 from asyncrl.sync.member import LearnerFinished, SyncMember
-from asyncrl.task import encode_prompt, load_task
+from asyncrl.task import chat_context, encode_prompt, load_task
 
 log = logging.getLogger("asyncrl.generator")
 
@@ -70,9 +70,9 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     train, held_out = load_task(cfg.task)
-    chat = cfg.task.chat_template
-    prompt_ids = {p.id: encode_prompt(tok, p.prompt, chat) for p in train}
-    eval_ids = [encode_prompt(tok, p.prompt, chat) for p in held_out]
+    chat, context = cfg.task.chat_template, chat_context(cfg.task)
+    prompt_ids = {p.id: encode_prompt(tok, p.prompt, chat, context) for p in train}
+    eval_ids = [encode_prompt(tok, p.prompt, chat, context) for p in held_out]
     max_len = max(map(len, [*prompt_ids.values(), *eval_ids])) + gc.max_tokens + 8
     engine = VLLMEngine(model_dir, cfg.model.dtype, gc.seed + index, max_len,
                         gc.gpu_memory_utilization, gpu=gpu, cuda_graphs=gc.cuda_graphs,
@@ -86,7 +86,7 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
                         lambda: wire.encode("heartbeat", 0, sender=name, role="generator"),
                         cfg.net.heartbeat_interval_s, keys).start()
     incarnation = uuid.uuid4().hex[:12]  # a restarted generator is a new sender stream
-    probe = _Probe(engine, encode_prompt(tok, cfg.sync.probe_prompt, chat), cfg,
+    probe = _Probe(engine, encode_prompt(tok, cfg.sync.probe_prompt, chat, context), cfg,
                    run_dir / "sync_probe.jsonl", name, incarnation)
     probe.record(0)
     stats = _Stats(run_dir / f"{name}_stats.json", "stream" if gc.streaming else "batch",

@@ -46,7 +46,9 @@ from asyncrl.learner.evals import RemoteEvals
 from asyncrl.learner.model import check_packing, load_critic, load_policy
 from asyncrl.learner.runlog import BatchLog, named_sha256, weights_sha256
 from asyncrl.learner.step import Models, train_step, warmup_schedule
+from asyncrl.rewards import combine
 from asyncrl.sync import weights
+from asyncrl.task import load_task
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -181,7 +183,7 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
         last = step == cfg.learner.total_steps
         pushed = whole.push(step, due=step % cfg.sync.interval == 0 or last)
         if lead is not None:
-            lead.after_step(step, batch, stats, waited, step_seconds, pushed)
+            lead.after_step(step, batch, stats, waited, step_seconds, pushed, groups)
         if step % cfg.learner.checkpoint_interval == 0 or last:
             whole.save_checkpoint(step, sched)
         if cfg.learner.strategy == "fsdp" and (last or (cfg.learner.export_interval
@@ -218,6 +220,24 @@ def _build_models(cfg: RunConfig, model, device, world: int) -> Models:
         critic = share(load_critic(cfg.model.path, "float32", device.type).to(device).train())
         critic_opt = torch.optim.AdamW(critic.parameters(), lr=lc.critic_lr)
     return Models(policy, opt, ref, critic, critic_opt)
+
+
+def reward_parts(groups, answers: dict[int, str], rules, tok) -> dict[str, float]:
+    """reward_<name>: the mean of each task.rewards function (unweighted) over these
+    completions, rescored from their text as the generators decode it, so the parts of a
+    composite reward (the format rewards) have curves of their own in metrics.jsonl."""
+    sums = dict.fromkeys(rules.weights, 0.0)
+    n = 0
+    for g in groups:
+        answer = answers.get(g.prompt_id)
+        if answer is None:  # not a training problem of this task: nothing to rescore
+            continue
+        for c in g.completions:
+            text = tok.decode(c.tokens.tolist(), skip_special_tokens=True)
+            for name, value in rules.components(text, answer).items():
+                sums[name] += value
+            n += 1
+    return {f"reward_{k}": v / n for k, v in sums.items()} if n else {}
 
 
 def token_staleness(batch: TrainBatch, version: int) -> dict[int, int]:
@@ -326,6 +346,9 @@ class _Lead:
         from asyncrl.sync.sender import WeightSender
 
         self.cfg, self.run_dir, self.model, self.tok, self.m = cfg, run_dir, model, tok, m
+        train, _ = load_task(cfg.task)
+        self.answers = {p.id: p.answer for p in train}  # reward_<name>: rescored per step
+        self.rules = combine(cfg.task.rewards) if len(cfg.task.rewards) > 1 else None
         self.metrics_path = run_dir / "metrics.jsonl"
         state = ckpt.state if ckpt is not None else {}
         self.tokens_total = state.get("tokens_total", 0)
@@ -369,7 +392,8 @@ class _Lead:
             f.write(json.dumps(row) + "\n")
 
     def after_step(self, step: int, batch: TrainBatch, stats: dict, waited: float,
-                   step_seconds: float, pushed: tuple[float, int] | None) -> None:
+                   step_seconds: float, pushed: tuple[float, int] | None,
+                   groups: list[wire.TrajectoryGroup] = ()) -> None:
         sync_s = None
         if pushed is not None:
             sync_s, nbytes = pushed
@@ -386,6 +410,8 @@ class _Lead:
                "staleness_max": max(hist), "staleness_tokens": {str(k): v for k, v in hist.items()},
                "samples_trained": self.samples_total * self.cfg.learner_world,
                **{k: v for k, v in stats.items() if k != "reward_mean"},
+               **(reward_parts(groups, self.answers, self.rules, self.tok)
+                  if self.rules is not None else {}),
                "tokens": batch.num_completion_tokens,
                "tokens_per_s": self.tokens_total / max(elapsed, 1e-9),
                "step_s": step_seconds, "data_wait_s": waited, "sync_s": sync_s,

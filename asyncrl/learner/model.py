@@ -214,14 +214,15 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 @torch.no_grad()
 def greedy_accuracy(model, tok, problems: list[Problem], max_tokens: int,
                     reward: Callable[[str, str], float] = correctness_reward,
-                    chat_template: bool = False, batch_size: int = 256) -> float:
+                    chat_template: bool = False, batch_size: int = 256,
+                    context: list[dict[str, str]] | None = None) -> float:
     """Mean reward (1 = correct) of greedy completions on `problems` (left-padded batches)."""
     was_training = model.training
     model.eval()
     correct = 0.0
     for i in range(0, len(problems), batch_size):
         chunk = problems[i : i + batch_size]
-        prompts = [encode_prompt(tok, p.prompt, chat_template) for p in chunk]
+        prompts = [encode_prompt(tok, p.prompt, chat_template, context) for p in chunk]
         width = max(map(len, prompts))
         ids = torch.full((len(chunk), width), tok.pad_token_id)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)

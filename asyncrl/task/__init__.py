@@ -6,7 +6,7 @@ from typing import Any
 
 from asyncrl.task.addition import Problem, make_problems
 
-__all__ = ["Problem", "encode_prompt", "load_task"]
+__all__ = ["Problem", "chat_context", "encode_prompt", "load_task"]
 
 
 def load_task(task: Any) -> tuple[list[Problem], list[Problem]]:
@@ -18,6 +18,10 @@ def load_task(task: Any) -> tuple[list[Problem], list[Problem]]:
 
         return make_reasoning(task.digits, task.min_terms, task.max_terms, task.terms_tail,
                               task.train_size, task.eval_size, task.seed)
+    if task.name == "word_problems":
+        from asyncrl.task.word_problems import make_problems as make_word_problems
+
+        return make_word_problems(task.digits, task.train_size, task.eval_size, task.seed)
     if task.name == "dataset":
         from asyncrl.task.dataset import load_dataset
 
@@ -26,14 +30,27 @@ def load_task(task: Any) -> tuple[list[Problem], list[Problem]]:
     raise ValueError(f"unknown task {task.name!r}")
 
 
-def encode_prompt(tokenizer: Any, text: str, chat_template: bool = False) -> list[int]:
+def chat_context(task: Any) -> list[dict[str, str]]:
+    """The chat turns before each prompt's user turn, from a TaskConfig: the system prompt
+    (task.system_prompt) and the worked examples (task.chat_examples, alternately user and
+    assistant turns), as the GRPO demo gives its model the answer layout."""
+    turns = [{"role": "system", "content": task.system_prompt}] if task.system_prompt else []
+    roles = ("user", "assistant")
+    return turns + [{"role": roles[i % 2], "content": t}
+                    for i, t in enumerate(task.chat_examples)]
+
+
+def encode_prompt(tokenizer: Any, text: str, chat_template: bool = False,
+                  context: list[dict[str, str]] | None = None) -> list[int]:
     """Prompt token ids, identical in generator and learner. With chat_template the text is
-    the user turn of the tokenizer's chat template (instruct models); otherwise BOS (when the
-    tokenizer has one) then the text. Generators pass these ids to vLLM directly."""
+    the user turn of the tokenizer's chat template (instruct models), after the `context`
+    turns (chat_context); otherwise BOS (when the tokenizer has one) then the text.
+    Generators pass these ids to vLLM directly."""
     if chat_template:
         # Render to text, then encode: the tokenized return type differs between versions.
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                 add_generation_prompt=True, tokenize=False)
+        messages = [*(context or []), {"role": "user", "content": text}]
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False)
         return list(tokenizer.encode(rendered, add_special_tokens=False))
     ids = tokenizer.encode(text, add_special_tokens=False)
     bos = tokenizer.bos_token_id

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from asyncrl.config import BUILTIN_MAX_POSITIONS, BUILTIN_MODEL, RunConfig
+from asyncrl.config import BUILTIN_MAX_POSITIONS, BUILTIN_MODEL, PRETRAINED_BUILTINS, RunConfig
 from asyncrl.task import encode_prompt, load_task
 from asyncrl.task.reasoning import TAGS
 
@@ -98,7 +98,12 @@ def cache_key(cfg: RunConfig) -> str:
 
 
 def prepare_builtin(cfg: RunConfig, progress: Callable[[str], None] = print) -> Path:
-    """Return the directory of the built-in SFT model for this config, building it if needed."""
+    """Return the directory of the built-in model for this config, building it if needed:
+    the tiny SFT models here, the pretrained ones in asyncrl/task/smollm2.py."""
+    if cfg.model.path in PRETRAINED_BUILTINS:
+        from asyncrl.task import smollm2
+
+        return smollm2.prepare(cfg.warm_start.cache_dir, progress)
     root = Path(cfg.warm_start.cache_dir).expanduser()
     out = root / f"{cfg.model.path.removeprefix('builtin:')}-{cache_key(cfg)}"
     if (out / "asyncrl_build.json").is_file():

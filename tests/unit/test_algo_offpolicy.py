@@ -310,3 +310,19 @@ def test_the_log_ratio_clamp_bounds_every_ratio_and_weight(log_ratio_clamp):
     with pytest.raises(ValueError, match="log_ratio_clamp"):
         run("none", "token_mean", logp, prox, behav, torch.ones(1, 4), torch.ones(1, 4),
             log_ratio_clamp=0.0)
+
+
+def test_behaviour_proximal_mismatch_mean_max_and_k3():
+    # log w = prox - behav: +log 2, -log 2 and a masked token that must not count
+    behav = torch.zeros(1, 3)
+    prox = torch.tensor([[math.log(2), -math.log(2), 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    _, m = offpolicy_pg_loss("none", prox.clone().requires_grad_(), prox, behav,
+                             torch.ones(1, 3), mask, 0.2, 0.2, 2.0, log_ratio_clamp=LRC)
+    naive_k3 = [(w - 1) - math.log(w) for w in (2.0, 0.5)]  # k3 = (r - 1) - log r
+    assert m["behav_vs_prox"] == pytest.approx(math.log(2))
+    assert m["behav_vs_prox_max"] == pytest.approx(math.log(2))
+    assert m["behav_prox_k3"] == pytest.approx(sum(naive_k3) / 2)
+    _, same = offpolicy_pg_loss("none", behav.clone().requires_grad_(), behav, behav,
+                                torch.ones(1, 3), mask, 0.2, 0.2, 2.0, log_ratio_clamp=LRC)
+    assert same["behav_vs_prox_max"] == 0 and same["behav_prox_k3"] == 0
