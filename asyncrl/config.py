@@ -205,7 +205,8 @@ class GeneratorConfig:
     inflight_update: str = "keep"
     """Streaming: what a weight update does to sequences in flight. keep: they continue with
     their KV cache; abort: aborted and resubmitted with their tokens so far as prompt (the
-    new weights recompute the prefix); drain: they finish under the old weights first."""
+    new weights recompute the prefix); drain: they finish under the old weights first. keep
+    is the default because it generated fastest (docs/performance.md section 9)."""
     tensor_parallel_size: int = 1
     """GPUs per generator engine (vLLM tensor parallelism). Each of its workers joins weight
     sync as a rank of its own and loads its shard of every push."""

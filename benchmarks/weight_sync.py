@@ -8,16 +8,18 @@ Two processes, one core each (the learner/generator split of a default run):
              `weights_update` it calls `receive_weights` (the `asyncrl.sync.receiver` worker
              extension: allocate, gloo broadcast, `model_runner.reload_weights`) and answers
              `weights_loaded`, as `asyncrl.sync.member.SyncMember` does.
-asyncrl push = `WeightSender.sync(model, version, due=True)`: state_dict + `weights.pack` +
-announce + broadcast + wait until the engine has loaded. Raw = the same packed buffers broadcast
-on a second gloo group between the same two processes into preallocated (touched) buffers, timed
-until the receiver says it has them (one small ZeroMQ message, as for the push).
+asyncrl push = `WeightSender.sync(model, version, due=True)`: announce, then the bucketed
+broadcast (`sync.bucket_mb`, --bucket-mb: the sender fills bucket i+1 while bucket i goes out)
+while the engine loads bucket by bucket, until it says it has loaded. Raw = the same bytes packed
+into one flat buffer per dtype, broadcast on a second gloo group between the same two processes
+into preallocated (touched) buffers, timed until the receiver says it has them (one small
+ZeroMQ message, as for the push).
 
-The push is broken down into: pack (`weights.pack` inside the push, timed by wrapping it),
-receive (allocation + broadcast, in the engine), reload (`model_runner.reload_weights`, timed
-by wrapping it inside the worker) and the rest (control messages, the engine noticing the
-announcement, prefix-cache reset, freeing buffers). Each figure is the median over --reps
-rounds (raw, then push) after --warmup untimed rounds.
+The push is broken down into: receive + load (the worker's `model_runner.reload_weights`
+consuming the bucket iterator, timed by wrapping it inside the worker: every broadcast happens
+inside it, overlapped with loading), the rest of the engine's receive call, and the rest
+(control messages, the engine noticing the announcement, prefix-cache reset). Each figure is
+the median over --reps rounds (raw, then push) after --warmup untimed rounds.
 
 Models (built once under --work-dir with random weights, no SFT):
   tiny   the embedded default's Llama (4 layers, hidden 256, vocab 259), 3.5M params
@@ -53,6 +55,7 @@ TIMEOUT_S = 600.0
 def _parser() -> argparse.ArgumentParser:
     p = common.doc_parser(__doc__)
     p.add_argument("--size", choices=("tiny", "0.5b", "smollm2"), default="tiny")
+    p.add_argument("--bucket-mb", type=int, default=64, help="sync.bucket_mb of the push")
     p.add_argument("--reps", type=int, default=None,
                    help="timed pushes and raw broadcasts each (default: tiny 5, 0.5b 2)")
     p.add_argument("--warmup", type=int, default=None,
@@ -165,7 +168,7 @@ def generator(path: str, control_port: int, store_port: int, raw_port: int) -> N
                 "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}).encode())
         else:
             msg = wire.decode(frame, expect=("weights_update",))
-            seconds, _ = engine.receive_weights(msg["tensors"])
+            seconds, _ = engine.receive_weights(msg["tensors"], None, msg["bucket_bytes"])
             receive_s.append(seconds)
             control.send(wire.encode("weights_loaded", msg["policy_version"], sender="gen0",
                                      session=msg["session"], seconds=seconds))
@@ -210,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         n_params = sum(p.numel() for p in model.parameters())
         server = transport.Server(transport.context(), HOST, control_port)
         sender = WeightSender(server, HOST, store_port, num_generators=1, backend="gloo",
-                              timeout_s=TIMEOUT_S, ready_timeout_s=TIMEOUT_S)
+                              timeout_s=TIMEOUT_S, ready_timeout_s=TIMEOUT_S,
+                              bucket_bytes=args.bucket_mb << 20)
         raw_pg = group.init_group(HOST, raw_port, 0, 2, "gloo", TIMEOUT_S, prefix="bench/raw")
         sender.start()
         ident = sender.members["gen0"].ident
@@ -229,25 +233,13 @@ def main(argv: list[str] | None = None) -> None:
             _reply(server, b"RAW_DONE")
             return time.perf_counter() - t
 
-        plain_pack, pack_s = weights.pack, []
-
-        def timed_pack(named, out=None):  # the sender calls weights.pack through the module
-            t = time.perf_counter()
-            out = plain_pack(named, out)
-            pack_s.append(time.perf_counter() - t)
-            return out
-
         raw_s, push_s = [], []
         for rep in range(warmup + reps):
-            bufs = plain_pack(list(model.state_dict().items()))
+            bufs = weights.pack(list(model.state_dict().items()))
             raw_s.append(raw(bufs))
             nbytes = weights.nbytes(bufs)
             del bufs  # one packed copy at a time (2.5 GB for the 0.5b model)
-            weights.pack = timed_pack
-            try:
-                push_s.append(sender.sync(model, rep + 1, due=True)[0])
-            finally:
-                weights.pack = plain_pack
+            push_s.append(sender.sync(model, rep + 1, due=True)[0])
         server.send(ident, b"STATS")
         stats = json.loads(_reply(server, b"{"))
         server.send(ident, b"STOP")
@@ -259,10 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     fresh_s, reused_s = copy_costs(sum(sizes.values()))  # after the engine has exited
     tied = ("; the tied embedding goes twice, as embed_tokens and lm_head"
             if model.config.tie_word_embeddings else "")
-    raw_s, push_s, pack_s = raw_s[warmup:], push_s[warmup:], pack_s[warmup:]
+    raw_s, push_s = raw_s[warmup:], push_s[warmup:]
     recv_s, reload_s = stats["receive_s"][warmup:], stats["reload_s"][warmup:]
     recv, reload = median(recv_s), median(reload_s)
-    raw_med, push_med, pack_med = median(raw_s), median(push_s), median(pack_s)
+    raw_med, push_med = median(raw_s), median(push_s)
     print(f"model {path.name}: {n_params / 1e6:.1f}M parameters, {len(model.state_dict())} "
           f"tensors, {nbytes / 1e6:.1f} MB sent per push (float32{tied}). "
           f"Engine start-up "
@@ -273,22 +265,22 @@ def main(argv: list[str] | None = None) -> None:
     print(table(["what", "seconds (median)", "all runs", "x raw"], [
         ["raw gloo broadcast", f"{raw_med:.3f}", _runs(raw_s), "1.00"],
         ["asyncrl push, loaded", f"{push_med:.3f}", _runs(push_s), f"{push_med / raw_med:.2f}"],
-        ["  pack (torch.cat per dtype)", f"{pack_med:.3f}", _runs(pack_s), ""],
-        ["  receive (alloc + broadcast)", f"{recv - reload:.3f}",
+        ["  receive + load (reload_weights over the buckets)", f"{reload:.3f}",
+         _runs(reload_s), f"{reload / raw_med:.2f}"],
+        ["  rest of the engine's receive call", f"{recv - reload:.3f}",
          _runs([a - b for a, b in zip(recv_s, reload_s)]), ""],
-        ["  reload_weights", f"{reload:.3f}", _runs(reload_s), ""],
-        ["  rest (control, wake-up, free)", f"{push_med - pack_med - recv:.3f}",
-         _runs([a - b - c for a, b, c in zip(push_s, pack_s, recv_s)]), ""],
+        ["  rest (control, wake-up, prefix cache)", f"{push_med - recv:.3f}",
+         _runs([a - b for a, b in zip(push_s, recv_s)]), ""],
     ]))
     print(f"{reps} timed runs after {warmup} warm-up; raw broadcast rate "
           f"{nbytes / raw_med / 1e9:.2f} GB/s; target: push <= 1.5 x raw")
     print(f"copying {nbytes / 1e6:.0f} MB into a freshly allocated buffer takes {fresh_s:.3f} s, "
-          f"into one already touched {reused_s:.3f} s (pack and receive allocate afresh at "
-          "every push; raw receives into a touched buffer)")
+          f"into one already touched {reused_s:.3f} s (raw receives into a touched buffer; "
+          f"the push reuses its two bucket buffers of {args.bucket_mb} MB)")
     common.write_json(args.json, {
         "size": args.size, "params": n_params, "bytes_per_push": nbytes, "reps": reps,
-        "warmup": warmup, "raw_s": raw_med, "push_s": push_med, "pack_s": pack_med,
-        "receive_s": recv - reload, "reload_s": reload, "rest_s": push_med - pack_med - recv,
+        "warmup": warmup, "bucket_mb": args.bucket_mb, "raw_s": raw_med, "push_s": push_med,
+        "receive_load_s": reload, "rest_s": push_med - recv,
         "raw_runs_s": raw_s, "push_runs_s": push_s, "engine_startup_s": stats["startup_s"],
         "raw_gb_per_s": nbytes / raw_med / 1e9}, {"push_over_raw": push_med / raw_med})
 
