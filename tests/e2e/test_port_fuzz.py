@@ -203,7 +203,8 @@ def test_the_sync_control_port_survives_hostile_sealed_frames_and_still_forms_a_
     def one(frame: bytes) -> None:
         nonlocal sent
         sent += 1
-        reason = _expected_reject(frame, expect=("generator_hello", "weights_loaded"))
+        reason = _expected_reject(frame, expect=("generator_hello", "weights_loaded",
+                                                 "eval_result"))
         if reason is None and wire.decode(frame)["sender"] not in sender.expected:
             reason = "unknown_sender"
         if reason is not None:
@@ -317,7 +318,8 @@ def test_a_generator_control_socket_survives_hostile_sealed_frames(tmp_path):
     def one(frame: bytes) -> None:
         nonlocal sent, finished
         sent += 1
-        reason = _expected_reject(frame, expect=("sync_join", "weights_update", "shutdown"))
+        reason = _expected_reject(frame, expect=("sync_join", "weights_update", "shutdown",
+                                                 "eval_request"))
         if reason is None:
             msg = wire.decode(frame)
             if (msg["kind"] == "weights_update" and msg["session"] == member.session
