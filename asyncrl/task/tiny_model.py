@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from asyncrl.config import BUILTIN_MAX_POSITIONS, BUILTIN_MODEL, PRETRAINED_BUILTINS, RunConfig
 from asyncrl.task import encode_prompt, load_task
+from asyncrl.task.build import build_once
 from asyncrl.task.reasoning import TAGS
 
 log = logging.getLogger(__name__)
@@ -109,18 +109,7 @@ def prepare_builtin(cfg: RunConfig, progress: Callable[[str], None] = print) -> 
     if (out / "asyncrl_build.json").is_file():
         progress(f"[prepare] reusing built model {out}")
         return out
-    tmp = out.with_name(out.name + f".tmp{random.randrange(1 << 30)}")
-    tmp.mkdir(parents=True)
-    try:
-        _build(cfg, tmp, progress)
-        if out.exists():  # another process won the race; keep theirs
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return build_once(out, lambda tmp: _build(cfg, tmp, progress))
 
 
 def _build(cfg: RunConfig, out: Path, progress: Callable[[str], None]) -> None:
