@@ -27,7 +27,11 @@ def _run(model_cache, run_dir, mode):
                 f"learner.total_steps={STEPS}", "learner.eval_interval=100",
                 "learner.checkpoint_interval=1", "generator.streaming=true",
                 f"generator.inflight_update={mode}", "generator.max_tokens=24",
-                f"generator.temperature={TEMPERATURE}", "buffer.max_staleness=4", timeout=600)
+                f"generator.temperature={TEMPERATURE}", "buffer.max_staleness=4",
+                # One group in flight at a time: the engine then samples at about the learner's
+                # pace, so pushes land while sequences run (with 64 in flight it fills the
+                # buffer between two steps and sits idle, waiting for room, when the push comes).
+                "generator.max_inflight=8", timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
 
 
