@@ -50,7 +50,7 @@ def run(smollm2_cache, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smollm2-run")
     r = asyncrl("run", "configs/smollm2.yaml", f"run_dir={run_dir}",
                 f"warm_start.cache_dir={smollm2_cache}", f"net.base_port={free_base_port()}",
-                f"learner.total_steps={STEPS}", "learner.groups_per_step=2",
+                f"learner.total_steps={STEPS}", "learner.groups_per_step=2", "learner.minibatches=1",
                 "generator.group_size=4", "generator.prompts_per_call=2",
                 "generator.max_tokens=48", "task.eval_size=4", "learner.eval_interval=100",
                 "learner.lr=1e-5", "learner.warmup_steps=0", "learner.checkpoint_interval=2",
