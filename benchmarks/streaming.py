@@ -378,19 +378,19 @@ def _consume(args, cfg, mode: str, model, sender, buffer, scraper: Scraper, role
         if reply is None:
             continue
         msg = wire.decode(reply, expect=("batch",))
-        if msg["status"] != "ok":
+        if msg.status != "ok":
             if t_open is None and time.monotonic() > deadline:
                 raise TimeoutError(f"no batch within {FIRST_BATCH_TIMEOUT_S:.0f} s")
             time.sleep(0.02)
             continue
         now = time.monotonic()
         taken += 1
-        for g in msg["groups"]:
+        for g in msg.groups:
             by_call.setdefault(g.seq, []).extend(len(c.tokens) for c in g.completions)
         if t_open is None:
             t_open = now  # warm-up over: the engine is up and the pipeline full
         else:
-            consumed.append((now, sum(len(g.completions) for g in msg["groups"])))
+            consumed.append((now, sum(len(g.completions) for g in msg.groups)))
         if taken % args.push_every == 0:
             version += 1
             pushed = sender.sync(model, version, due=True)

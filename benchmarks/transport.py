@@ -176,8 +176,8 @@ def _check_ack(reply: bytes | None) -> None:
     if reply is None:
         raise TimeoutError("no ack from the buffer within 30 s")
     ack = wire.decode(reply, expect=("ack",))
-    if ack["status"] != "ok" or ack["reason"]:
-        raise RuntimeError(f"buffer answered {ack['status']} ({ack['reason']}): the benchmark "
+    if ack.status != "ok" or ack.reason:
+        raise RuntimeError(f"buffer answered {ack.status} ({ack.reason}): the benchmark "
                            "would not measure ingest")
 
 

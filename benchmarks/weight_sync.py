@@ -148,7 +148,7 @@ def generator(path: str, control_port: int, store_port: int, raw_port: int) -> N
                              incarnation="bench", session=""))
     join = wire.decode(control.poll(TIMEOUT_S), expect=("sync_join",))
     engine.init_sync(HOST, store_port, 1, 2, "gloo", TIMEOUT_S,
-                     prefix=f"asyncrl/sync/{join['session']}/{join['token']}")
+                     prefix=f"asyncrl/sync/{join.session}/{join.token}")
     raw_pg = group.init_group(HOST, raw_port, 1, 2, "gloo", TIMEOUT_S, prefix="bench/raw")
     raw_bufs: dict[str, torch.Tensor] = {}
     receive_s: list[float] = []
@@ -168,10 +168,10 @@ def generator(path: str, control_port: int, store_port: int, raw_port: int) -> N
                 "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}).encode())
         else:
             msg = wire.decode(frame, expect=("weights_update",))
-            seconds, _ = engine.receive_weights(msg["tensors"], None, msg["bucket_bytes"])
+            seconds, _ = engine.receive_weights(msg.tensors, None, msg.bucket_bytes)
             receive_s.append(seconds)
-            control.send(wire.encode("weights_loaded", msg["policy_version"], sender="gen0",
-                                     session=msg["session"], seconds=seconds))
+            control.send(wire.encode("weights_loaded", msg.policy_version, sender="gen0",
+                                     session=msg.session, seconds=seconds))
     control.close()
 
 

@@ -95,12 +95,12 @@ class Liveness:
         except wire.MessageError as e:
             self.m.rejected.labels(e.reason).inc()
             return
-        if len(self.last_seen) >= 1024 and msg["sender"] not in self.last_seen:
+        if len(self.last_seen) >= 1024 and msg.sender not in self.last_seen:
             return  # bound the label set
-        self.last_seen[msg["sender"]] = time.monotonic()
-        if msg["sender"] in self.silent:
-            self.silent.discard(msg["sender"])
-            log.warning("peer %s is alive again", msg["sender"])
+        self.last_seen[msg.sender] = time.monotonic()
+        if msg.sender in self.silent:
+            self.silent.discard(msg.sender)
+            log.warning("peer %s is alive again", msg.sender)
 
     def check(self) -> None:
         now = time.monotonic()
@@ -143,29 +143,29 @@ class BufferHandler:
         except wire.MessageError as e:
             return self._reject(e, kind="ack", policy_version=version, seq=-1,
                                 status="rejected", reason=str(e)[:200])
-        key = (msg["sender"], msg["incarnation"])
+        key = (msg.sender, msg.incarnation)
         last = self.accepted_seq.get(key)
         if last is None:
-            last = 0 if self.durable is not None else msg["seq"] - 1
-        if msg["seq"] <= last:
+            last = 0 if self.durable is not None else msg.seq - 1
+        if msg.seq <= last:
             self.m.duplicates.inc()
-            return wire.encode("ack", version, seq=msg["seq"], status="ok", reason="duplicate")
-        if msg["seq"] != last + 1:
+            return wire.encode("ack", version, seq=msg.seq, status="ok", reason="duplicate")
+        if msg.seq != last + 1:
             self.m.busy.inc()
-            return wire.encode("ack", version, seq=msg["seq"], status="busy",
+            return wire.encode("ack", version, seq=msg.seq, status="busy",
                                reason=f"out of order: expected seq {last + 1}")
         groups = _stamp(msg)
         if not self.store.add(groups):
             self.m.busy.inc()
-            return wire.encode("ack", version, seq=msg["seq"], status="busy", reason="full")
-        self.accepted_seq[key] = msg["seq"]
+            return wire.encode("ack", version, seq=msg.seq, status="busy", reason="full")
+        self.accepted_seq[key] = msg.seq
         if self.journal is not None:  # before the durable record: see buffer/journal.py
-            self.journal.accepted(msg["sender"], msg["incarnation"], msg["seq"], len(groups))
+            self.journal.accepted(msg.sender, msg.incarnation, msg.seq, len(groups))
         if self.durable is not None:
             self.durable.append(ADD, frame)
         self.m.received.inc(sum(len(g.completions) for g in groups))
         self._occupancy()
-        return wire.encode("ack", version, seq=msg["seq"], status="ok", reason="")
+        return wire.encode("ack", version, seq=msg.seq, status="ok", reason="")
 
     def on_batch_request(self, frame: bytes) -> bytes:
         try:
@@ -173,12 +173,12 @@ class BufferHandler:
         except wire.MessageError as e:
             return self._reject(e, kind="error", policy_version=self.store.learner_version,
                                 reason=str(e)[:200])
-        res = self.store.take(msg["num_groups"], msg["policy_version"])
+        res = self.store.take(msg.num_groups, msg.policy_version)
         if self.journal is not None:
             self.journal.dropped(res.dropped)
         if self.durable is not None and (res.groups or res.stale_dropped_groups):
-            self.durable.append(TAKE, struct.pack("<IQ", msg["num_groups"] if res.groups else 0,
-                                                  msg["policy_version"]))
+            self.durable.append(TAKE, struct.pack("<IQ", msg.num_groups if res.groups else 0,
+                                                  msg.policy_version))
             if len(self.store) == 0:  # nothing left to lose: keep only the dedup table
                 self.durable.compact(msgpack.packb(
                     [[s, i, q] for (s, i), q in self.accepted_seq.items()]))
@@ -203,7 +203,7 @@ class BufferHandler:
                         "it was written by another asyncrl version. Drain it with that "
                         "version, or move the buffer directory aside to start empty") from None
                 self.store.add(_stamp(msg), force=True)
-                self.accepted_seq[(msg["sender"], msg["incarnation"])] = msg["seq"]
+                self.accepted_seq[(msg.sender, msg.incarnation)] = msg.seq
             elif kind == TAKE:
                 n, version = struct.unpack("<IQ", payload)
                 self.store.take(n, version) if n else self.store.drop_stale(version)
@@ -218,9 +218,9 @@ class BufferHandler:
         self.m.occupancy_traj.set(self.store.num_trajectories)
 
 
-def _stamp(msg: dict) -> list:
+def _stamp(msg: wire.Trajectories) -> list:
     """The groups of a trajectories message, each stamped with its identity."""
-    for i, g in enumerate(msg["groups"]):
-        g.generator, g.incarnation, g.seq, g.index = (msg["sender"], msg["incarnation"],
-                                                      msg["seq"], i)
-    return msg["groups"]
+    for i, g in enumerate(msg.groups):
+        g.generator, g.incarnation, g.seq, g.index = (msg.sender, msg.incarnation,
+                                                      msg.seq, i)
+    return msg.groups

@@ -355,12 +355,12 @@ def _send_with_backpressure(buffer, payload, seq, sync: SyncMember, m, cfg) -> N
                 m.messages_rejected.labels(e.reason).inc()
                 log.warning("bad reply from buffer (%s); resending", e)
                 ack = None
-            if ack is not None and ack["seq"] == seq:
-                if ack["status"] == "ok":
+            if ack is not None and ack.seq == seq:
+                if ack.status == "ok":
                     return
-                if ack["status"] == "rejected":
+                if ack.status == "rejected":
                     m.rejected.inc()
-                    raise RuntimeError(f"buffer rejected our trajectories: {ack['reason']}")
+                    raise RuntimeError(f"buffer rejected our trajectories: {ack.reason}")
                 m.busy_retries.inc()
                 deadline = time.monotonic() + cfg.net.ready_timeout_s  # buffer alive, just full
         elif time.monotonic() > deadline:

@@ -81,12 +81,12 @@ class Outbox:
             log.warning("bad reply from the buffer (%s); ignored", e)
             return
         self.last_reply = self.clock()
-        seq = ack["seq"]
-        if ack["status"] == "rejected":  # seq -1 when the buffer could not read the message
-            raise BufferRejected(f"buffer rejected our trajectories: {ack['reason']}")
+        seq = ack.seq
+        if ack.status == "rejected":  # seq -1 when the buffer could not read the message
+            raise BufferRejected(f"buffer rejected our trajectories: {ack.reason}")
         if seq not in self.pending:
             return  # the ack of a resend already acknowledged
-        if ack["status"] == "busy":
+        if ack.status == "busy":
             self.on_busy()
             self.resume_at = self.clock() + self.backoff
             self.backoff = min(1.0, self.backoff * 2)

@@ -26,6 +26,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from asyncrl import wire
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +99,17 @@ class RemoteEvals:
         self.last_added = row["policy_version"]
         self._flush()
 
-    def on_result(self, msg: dict) -> None:
+    def on_result(self, msg: wire.EvalResult) -> None:
         """An eval_result from a generator."""
-        asked, version = msg["asked"], msg["policy_version"]
+        asked, version = msg.asked, msg.policy_version
         if self.pending.pop(asked, None) is None:
             log.warning("an evaluation of version %d from %s that was not asked for (or was "
-                        "given up); not joined", version, msg["sender"])
+                        "given up); not joined", version, msg.sender)
             self._flush()
             return
-        self.on_accuracy(msg["accuracy"])
-        answer = {"eval_accuracy": msg["accuracy"], "eval_s": msg["seconds"],
-                  "eval_by": msg["sender"]}
+        self.on_accuracy(msg.accuracy)
+        answer = {"eval_accuracy": msg.accuracy, "eval_s": msg.seconds,
+                  "eval_by": msg.sender}
         row = next((r for r in self.held if r["policy_version"] == version), None)
         if row is not None:
             row.update(answer)

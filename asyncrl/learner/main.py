@@ -320,16 +320,16 @@ def _request(source: _Source, cfg: RunConfig, rank: int, version: int, num_group
         except wire.MessageError as e:
             msg, refused = None, (e.reason, str(e))
         else:
-            refused = (refusal(msg["groups"], num_groups, source.rules)
-                       if msg["kind"] == "batch" else None)
+            refused = (refusal(msg.groups, num_groups, source.rules)
+                       if msg.kind == "batch" else None)
         if refused is not None:
             source.rejected.labels(refused[0]).inc()
             log.error("rank %d: refused a reply from the buffer (%s); asking again", rank,
                       refused[1])
-        elif msg["kind"] == "error":
-            raise RuntimeError(f"buffer refused our batch request: {msg['reason']}")
-        elif msg["status"] == "ok":
-            return msg["groups"], msg["stale_dropped_total"]
+        elif msg.kind == "error":
+            raise RuntimeError(f"buffer refused our batch request: {msg.reason}")
+        elif msg.status == "ok":
+            return msg.groups, msg.stale_dropped_total
         if once:
             return None
         source.while_waiting(version)

@@ -50,7 +50,7 @@ class BatchLog:
             for frame_end, step, msg in _frames(path.read_bytes()):
                 end = frame_end
                 if step > resume_step:
-                    self.logged[step] = (msg["groups"], msg["stale_dropped_total"])
+                    self.logged[step] = (msg.groups, msg.stale_dropped_total)
             if end < path.stat().st_size:
                 with path.open("r+b") as f:
                     f.truncate(end)
@@ -96,10 +96,10 @@ def _frames(data: bytes):
                                    "run with the asyncrl version that wrote it") from None
             return
         off += 8 + n
-        yield off, msg["policy_version"] + 1, msg
+        yield off, msg.policy_version + 1, msg
 
 
 def read_batch_log(path: Path):
     """Yield the groups of each logged step, in order."""
     for _, _, msg in _frames(path.read_bytes()):
-        yield msg["groups"]
+        yield msg.groups

@@ -89,15 +89,15 @@ class SyncMember:
             except wire.MessageError as e:
                 self._reject(e.reason, f"bad control frame from the learner ({e}); ignored")
                 continue
-            if msg["kind"] == "shutdown":
-                raise LearnerFinished(msg["reason"])
-            if msg["kind"] == "eval_request":
-                self.on_eval_request(msg["policy_version"])
-            elif msg["kind"] == "sync_join":
-                self._join(msg["session"], msg["world_size"], msg["token"])
-            elif msg["session"] != self.session:
+            if msg.kind == "shutdown":
+                raise LearnerFinished(msg.reason)
+            if msg.kind == "eval_request":
+                self.on_eval_request(msg.policy_version)
+            elif msg.kind == "sync_join":
+                self._join(msg.session, msg.world_size, msg.token)
+            elif msg.session != self.session:
                 log.warning("%s: ignored a weight update for session %s (we are in %r)",
-                            self.name, msg["session"], self.session)
+                            self.name, msg.session, self.session)
             else:
                 self._receive(msg)
 
@@ -127,9 +127,9 @@ class SyncMember:
             self.rejected.labels(reason).inc()
         log.warning("%s: %s", self.name, why)
 
-    def _receive(self, msg: dict) -> None:
-        version = msg["policy_version"]
-        nbytes = wire.spec_bytes(msg["tensors"])
+    def _receive(self, msg: wire.WeightsUpdate) -> None:
+        version = msg.policy_version
+        nbytes = wire.spec_bytes(msg.tensors)
         if nbytes > self.max_weight_bytes:  # refused before the engine allocates anything
             self._reject("weights_too_large", f"a weight update to version {version} announces "
                          f"{nbytes} bytes, more than this model can hold "
@@ -141,8 +141,8 @@ class SyncMember:
                       self.name, version, self.version)
         self.before_load()
         try:
-            seconds, nbytes = self.engine.receive_weights(msg["tensors"], msg["ipc"],
-                                                          msg["bucket_bytes"])
+            seconds, nbytes = self.engine.receive_weights(msg.tensors, msg.ipc,
+                                                          msg.bucket_bytes)
         except Exception as e:  # peer died mid-push: the buckets before it are loaded
             self.after_load()
             self._leave(f"weight update to version {version} failed: {e}")

@@ -111,11 +111,11 @@ class WeightSender:
             except wire.MessageError as e:
                 self._reject(e.reason, str(e))
                 continue
-            if msg["sender"] not in self.expected:  # bounds self.members to the generators
-                self._reject("unknown_sender", f"{msg['sender']!r} is not one of gen0.."
+            if msg.sender not in self.expected:  # bounds self.members to the generators
+                self._reject("unknown_sender", f"{msg.sender!r} is not one of gen0.."
                                                f"gen{len(self.expected) - 1}")
                 continue
-            if msg["kind"] == "eval_result":
+            if msg.kind == "eval_result":
                 self.on_eval_result(msg)
             else:
                 self._handle(got[0], msg)
@@ -137,23 +137,23 @@ class WeightSender:
             self.rejected.labels(reason).inc()
         log.warning("sync control: rejected frame (%s)", detail)
 
-    def _handle(self, ident: bytes, msg: dict) -> None:
-        name, now = msg["sender"], time.monotonic()
+    def _handle(self, ident: bytes, msg: wire.GeneratorHello | wire.WeightsLoaded) -> None:
+        name, now = msg.sender, time.monotonic()
         m = self.members.get(name)
-        if msg["kind"] == "weights_loaded":
-            if m is not None and msg["session"] == self.session:
-                m.version, m.heard = max(m.version, msg["policy_version"]), now
+        if msg.kind == "weights_loaded":
+            if m is not None and msg.session == self.session:
+                m.version, m.heard = max(m.version, msg.policy_version), now
             return
-        if m is None or m.incarnation != msg["incarnation"]:
+        if m is None or m.incarnation != msg.incarnation:
             if m is not None:
                 log.warning("%s restarted (incarnation %s -> %s); the weight-sync group will "
-                            "re-form", name, m.incarnation, msg["incarnation"])
-            self.members[name] = _Member(ident, msg["incarnation"], msg["session"],
-                                         msg["policy_version"], now)
+                            "re-form", name, m.incarnation, msg.incarnation)
+            self.members[name] = _Member(ident, msg.incarnation, msg.session,
+                                         msg.policy_version, now)
             return
-        m.ident, m.heard, m.session = ident, now, msg["session"]
-        m.version = max(m.version, msg["policy_version"])
-        if msg["session"] == self.session and self.session:
+        m.ident, m.heard, m.session = ident, now, msg.session
+        m.version = max(m.version, msg.policy_version)
+        if msg.session == self.session and self.session:
             m.confirmed = True
 
     def _needs_forming(self) -> bool:

@@ -48,7 +48,7 @@ def test_buffer_serves_only_holders_of_the_run_keys(tmp_path):
     net = cfg.net
     try:
         gen = transport.Client(ctx, "127.0.0.1", net.buffer_ingest_port, "gen0", keys)
-        assert wire.decode(gen.request(traj_frame(1, pid=1), timeout_s=60))["status"] == "ok"
+        assert wire.decode(gen.request(traj_frame(1, pid=1), timeout_s=60)).status == "ok"
         intruders = {
             "no key": None, "unknown client key": forged, "another run's keys": other}
         for what, k in intruders.items():
@@ -80,7 +80,7 @@ def test_buffer_serves_only_holders_of_the_run_keys(tmp_path):
         learner = transport.Client(ctx, "127.0.0.1", net.buffer_learner_port, "learner0", keys)
         batch = wire.decode(learner.request(wire.encode("batch_request", 0, rank=0, num_groups=1),
                                             timeout_s=10))
-        assert [g.prompt_id for g in batch["groups"]] == [1]
+        assert [g.prompt_id for g in batch.groups] == [1]
         assert proc.poll() is None
     finally:
         proc.kill()

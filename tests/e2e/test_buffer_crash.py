@@ -47,17 +47,17 @@ def test_buffer_killed_and_restarted_loses_nothing_it_acked(tmp_path):
     proc = _start(path)
     try:
         for seq in range(1, 11):
-            assert _ack(gen, traj_frame(seq, pid=seq))["status"] == "ok"
-        assert [g.prompt_id for g in _take(learner, 3)["groups"]] == [1, 2, 3]
+            assert _ack(gen, traj_frame(seq, pid=seq)).status == "ok"
+        assert [g.prompt_id for g in _take(learner, 3).groups] == [1, 2, 3]
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         t0 = time.monotonic()
         proc = _start(path)
         # the generator did not get this ack (say): it resends, and it is not stored twice
-        assert _ack(gen, traj_frame(10, pid=10))["reason"] == "duplicate"
+        assert _ack(gen, traj_frame(10, pid=10)).reason == "duplicate"
         recovery_s = time.monotonic() - t0
-        assert [g.prompt_id for g in _take(learner, 7)["groups"]] == list(range(4, 11))
-        assert _take(learner, 1)["status"] == "not_ready"
+        assert [g.prompt_id for g in _take(learner, 7).groups] == list(range(4, 11))
+        assert _take(learner, 1).status == "not_ready"
         print(f"buffer back and answering {recovery_s:.1f}s after the restart")
     finally:
         proc.kill()

@@ -66,7 +66,7 @@ def test_fuzzed_buffer_survives_and_counts_every_reject(tmp_path):
                 replies += 1
         assert proc.poll() is None, "the buffer died"
         ok = wire.decode(client.request(traj_frame(2, pid=2), timeout_s=10))
-        assert ok["status"] == "ok"
+        assert ok.status == "ok"
         with urllib.request.urlopen(
                 f"http://127.0.0.1:{cfg.net.buffer_metrics_port}/metrics") as r:
             fams = {f.name: f for f in text_string_to_metric_families(r.read().decode())}

@@ -120,10 +120,10 @@ def test_the_buffer_survives_hostile_sealed_frames_on_all_three_ports(buffer):
         """A valid message to each port gets its valid answer (heartbeats: a new peer)."""
         probe["seq"] += 1
         ack = wire.decode(ingest.request(_trajectories(probe["seq"]), timeout_s=10))
-        assert ack["seq"] == probe["seq"] and ack["status"] in ("ok", "busy"), ack
+        assert ack.seq == probe["seq"] and ack.status in ("ok", "busy"), ack
         batch = wire.decode(learner.request(wire.encode("batch_request", 0, rank=0, num_groups=1),
                                             timeout_s=10))
-        assert batch["kind"] == "batch", batch
+        assert batch.kind == "batch", batch
         probe["beat"] += 1
         peer = f"probe{probe['beat']}"
         beats.send(wire.encode("heartbeat", 0, sender=peer, role="generator"))
@@ -144,9 +144,9 @@ def test_the_buffer_survives_hostile_sealed_frames_on_all_three_ports(buffer):
             if replies:
                 reply = wire.decode(client.request(frame, timeout_s=10))
                 if reason is None:
-                    assert reply["kind"] in ("ack", "batch"), reply
+                    assert reply.kind in ("ack", "batch"), reply
                 else:  # rejected, and told why
-                    assert reply["kind"] in ("ack", "error") and reply["reason"].startswith(
+                    assert reply.kind in ("ack", "error") and reply.reason.startswith(
                         reason + ":"), (reason, reply)
             else:
                 client.send(frame)
@@ -205,7 +205,7 @@ def test_the_sync_control_port_survives_hostile_sealed_frames_and_still_forms_a_
         sent += 1
         reason = _expected_reject(frame, expect=("generator_hello", "weights_loaded",
                                                  "eval_result"))
-        if reason is None and wire.decode(frame)["sender"] not in sender.expected:
+        if reason is None and wire.decode(frame).sender not in sender.expected:
             reason = "unknown_sender"
         if reason is not None:
             expected[reason] += 1
@@ -277,7 +277,7 @@ def test_a_generator_control_socket_survives_hostile_sealed_frames(tmp_path):
     heard: list[dict] = []
     ident = [b""]  # the member's routing id, from its last message
 
-    def listen(until) -> dict:
+    def listen(until) -> wire.Message:
         """Messages from the member until one satisfies `until`; returns that one."""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -290,14 +290,14 @@ def test_a_generator_control_socket_survives_hostile_sealed_frames(tmp_path):
         raise AssertionError("the generator did not answer")
 
     member.hello(force=True)
-    listen(lambda msg: msg["kind"] == "generator_hello")
+    listen(lambda msg: msg.kind == "generator_hello")
     expected, sent, finished = Counter(), 0, 0
 
     def join(session: str) -> None:  # the session of the fuzzed weights_update frames
         learner.send(ident[0], wire.encode("sync_join", 0, session=session, world_size=2,
                                            token="t0"))
         member.serve(timeout_s=10.0)
-        listen(lambda msg: msg["kind"] == "generator_hello" and msg["session"] == session)
+        listen(lambda msg: msg.kind == "generator_hello" and msg.session == session)
 
     def still_answers(k: int) -> None:
         """A valid join is joined and said back; a valid push to it is loaded and confirmed."""
@@ -307,7 +307,7 @@ def test_a_generator_control_socket_survives_hostile_sealed_frames(tmp_path):
                                            tensors=[["w", "float32", [4, 4]]], ipc=[],
                                            bucket_bytes=1 << 20))
         member.serve(timeout_s=10.0)
-        listen(lambda msg: msg["kind"] == "weights_loaded" and msg["session"] == session)
+        listen(lambda msg: msg.kind == "weights_loaded" and msg.session == session)
         join("s.1")
 
     join("s.1")
@@ -322,8 +322,8 @@ def test_a_generator_control_socket_survives_hostile_sealed_frames(tmp_path):
                                                  "eval_request"))
         if reason is None:
             msg = wire.decode(frame)
-            if (msg["kind"] == "weights_update" and msg["session"] == member.session
-                    and wire.spec_bytes(msg["tensors"]) > limit):
+            if (msg.kind == "weights_update" and msg.session == member.session
+                    and wire.spec_bytes(msg.tensors) > limit):
                 reason = "weights_too_large"
         if reason is not None:
             expected[reason] += 1

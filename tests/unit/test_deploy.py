@@ -98,8 +98,8 @@ def test_names_follow_prometheus_conventions_as_exposed():
 def _reject_reasons_in_code() -> set[str]:
     """Every string a MessageError can carry as reason, and the buffer's own labels."""
     found = set()
-    tree = ast.parse((ROOT / "asyncrl" / "wire.py").read_text())
-    for node in ast.walk(tree):
+    trees = [ast.parse(p.read_text()) for p in (ROOT / "asyncrl" / "wire").glob("*.py")]
+    for node in (n for tree in trees for n in ast.walk(tree)):
         if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "MessageError"
                 and node.args):
             found |= {n.value for n in ast.walk(node.args[0])

@@ -26,13 +26,13 @@ def _take(h, n, version=0):
 def test_recovery_holds_what_was_acked_and_not_served(tmp_path):
     h = _handler(tmp_path / "log.bin")
     for i in range(1, 6):
-        assert wire.decode(h.on_trajectories(traj_frame(i, pid=i)))["status"] == "ok"
-    assert [g.prompt_id for g in _take(h, 2)["groups"]] == [1, 2]
+        assert wire.decode(h.on_trajectories(traj_frame(i, pid=i))).status == "ok"
+    assert [g.prompt_id for g in _take(h, 2).groups] == [1, 2]
     again = _handler(tmp_path / "log.bin")  # a new process reading the same log
     assert again.recover() == 3
-    assert [g.prompt_id for g in _take(again, 3)["groups"]] == [3, 4, 5]
+    assert [g.prompt_id for g in _take(again, 3).groups] == [3, 4, 5]
     # the dedup table survived: a resend of an acked message is not stored twice
-    assert wire.decode(again.on_trajectories(traj_frame(5, pid=5)))["reason"] == "duplicate"
+    assert wire.decode(again.on_trajectories(traj_frame(5, pid=5))).reason == "duplicate"
 
 
 def test_compaction_keeps_the_dedup_table(tmp_path):
@@ -42,14 +42,14 @@ def test_compaction_keeps_the_dedup_table(tmp_path):
     assert (tmp_path / "log.bin").stat().st_size < 100
     again = _handler(tmp_path / "log.bin")
     assert again.recover() == 0
-    assert wire.decode(again.on_trajectories(traj_frame(1, pid=1)))["reason"] == "duplicate"
+    assert wire.decode(again.on_trajectories(traj_frame(1, pid=1))).reason == "duplicate"
 
 
 def test_stale_drops_replay_the_same_way(tmp_path):
     h = _handler(tmp_path / "log.bin")
     h.on_trajectories(traj_frame(1, pid=1, version=0))
     h.on_trajectories(traj_frame(2, pid=2, version=9))
-    assert _take(h, 5, version=9)["status"] == "not_ready"  # drops version 0 (bound 5)
+    assert _take(h, 5, version=9).status == "not_ready"  # drops version 0 (bound 5)
     again = _handler(tmp_path / "log.bin")
     assert again.recover() == 1
 
@@ -106,7 +106,7 @@ def test_a_log_written_by_another_message_schema_is_named_not_cut(tmp_path):
     with pytest.raises(RuntimeError, match="log.bin: a record does not decode .*another asyncrl"):
         _handler(tmp_path / "log.bin").recover()
     # The learner's batch log: an old frame is not mistaken for a torn one and cut off.
-    batch = wire.decode(traj_frame(1, pid=1))["groups"]
+    batch = wire.decode(traj_frame(1, pid=1)).groups
     BatchLog(tmp_path, rank=0).append(1, batch, 0)
     path = tmp_path / "batches" / "rank0.bin"
     frame = path.read_bytes()[8:]

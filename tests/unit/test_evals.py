@@ -4,6 +4,7 @@ streaming logic and a fake engine."""
 
 from dataclasses import dataclass
 
+from asyncrl import wire
 from asyncrl.generator.engine import Delta
 from asyncrl.generator.evaluate import Evaluator
 from asyncrl.generator.stream import Streamer
@@ -36,9 +37,9 @@ class FakeSender:
         pass
 
     def answer(self, asked, version=None, accuracy=0.5, name="gen0"):
-        self.on_eval_result({"kind": "eval_result", "policy_version": asked if version is None
-                             else version, "sender": name, "asked": asked,
-                             "accuracy": accuracy, "problems": 8, "seconds": 0.1})
+        self.on_eval_result(wire.EvalResult(asked if version is None else version, sender=name,
+                                            asked=asked, accuracy=accuracy, problems=8,
+                                            seconds=0.1))
 
 
 def _evals(sender, interval=2, total=6, timeout_s=100.0, clock=lambda: 0.0):

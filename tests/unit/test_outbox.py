@@ -103,9 +103,9 @@ def test_silence_past_the_ready_timeout_names_the_setting():
 
 def test_a_durable_buffer_takes_each_stream_in_order_from_seq_1(tmp_path):
     handler = _handler(10, tmp_path)
-    assert wire.decode(handler.on_trajectories(_frame(2)))["status"] == "busy"  # 1 first
-    assert wire.decode(handler.on_trajectories(_frame(1)))["status"] == "ok"
-    assert wire.decode(handler.on_trajectories(_frame(3)))["reason"].startswith("out of order")
-    assert wire.decode(handler.on_trajectories(_frame(2)))["status"] == "ok"
-    assert wire.decode(handler.on_trajectories(_frame(1)))["reason"] == "duplicate"
+    assert wire.decode(handler.on_trajectories(_frame(2))).status == "busy"  # 1 first
+    assert wire.decode(handler.on_trajectories(_frame(1))).status == "ok"
+    assert wire.decode(handler.on_trajectories(_frame(3))).reason.startswith("out of order")
+    assert wire.decode(handler.on_trajectories(_frame(2))).status == "ok"
+    assert wire.decode(handler.on_trajectories(_frame(1))).reason == "duplicate"
     assert [g.prompt_id for g in handler.store.held()] == [1, 2]

@@ -18,8 +18,8 @@ def _group(version=3, n=2, T=4):
 def test_round_trip_keeps_every_field_and_array_bytes():
     g = _group()
     msg = wire.decode(wire.encode("trajectories", 3, sender="gen0", incarnation="a", seq=9, groups=[g]))
-    assert (msg["kind"], msg["policy_version"], msg["sender"], msg["seq"]) == ("trajectories", 3, "gen0", 9)
-    out = msg["groups"][0]
+    assert (msg.kind, msg.policy_version, msg.sender, msg.seq) == ("trajectories", 3, "gen0", 9)
+    out = msg.groups[0]
     assert out.prompt_id == 7 and out.policy_version == 3 and out.created_at == 123.5
     np.testing.assert_array_equal(out.prompt_tokens, g.prompt_tokens)
     for a, b in zip(out.completions, g.completions):
@@ -40,7 +40,7 @@ def test_groups_travel_as_a_few_raw_byte_columns_not_lists():
                       "group_size", "length", "tokens", "logprobs", "reward", "seq", "index", "version_lag"}
     assert len(columns["tokens"].data) >= 4 * 1000 * 8 * 4
     assert columns["finish_reason"] == ["stop", "stop"] * 16
-    decoded = wire.decode(frame)["groups"]
+    decoded = wire.decode(frame).groups
     assert [len(g.completions) for g in decoded] == [8, 8, 8, 8]
     assert decoded[3].completions[7].tokens[0] == 7 and len(decoded[3].completions[7].tokens) == 1000
 
@@ -62,7 +62,7 @@ def test_every_kind_round_trips():
         "eval_result": dict(sender="gen0", asked=2, accuracy=0.75, problems=512, seconds=0.4),
     }
     for kind, fields in cases.items():
-        assert wire.decode(wire.encode(kind, 2, **fields))["kind"] == kind
+        assert wire.decode(wire.encode(kind, 2, **fields)).kind == kind
     assert set(cases) | {"trajectories"} == set(wire.KINDS)
 
 
@@ -134,7 +134,7 @@ def _with_columns(change):
 def test_columns_that_do_not_fit_together_are_rejected(change, reason):
     frame = _with_columns(change)
     if reason is None:
-        assert len(wire.decode(frame)["groups"]) == 2
+        assert len(wire.decode(frame).groups) == 2
         return
     with pytest.raises(wire.MessageError) as e:
         wire.decode(frame)
@@ -199,7 +199,7 @@ def test_every_token_carries_the_version_that_sampled_it():
              wire.Completion(np.array([8], np.int32), np.array([-1], np.float32), 0.0, "stop")]
     g = wire.TrajectoryGroup(1, np.array([1], np.int32), 3, comps, "gen0", 0.0)
     frame = wire.encode("trajectories", 4, sender="gen0", incarnation="a", seq=1, groups=[g])
-    out = wire.decode(frame)["groups"][0]
+    out = wire.decode(frame).groups[0]
     assert out.completions[0].versions.tolist() == [3, 3, 4]
     assert out.completions[1].versions.tolist() == [3]  # None: the group's version
     g.policy_version = 4  # claims to be newer than its oldest token

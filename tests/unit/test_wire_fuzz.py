@@ -42,7 +42,7 @@ FUZZ = settings(max_examples=150, deadline=5000, derandomize=True, database=None
 # ---------------------------------------------------------------- properties
 
 
-def decode_or_reason(frame: bytes, **kw) -> dict | str:
+def decode_or_reason(frame: bytes, **kw) -> wire.Message | str:
     """The decoded message, or the reason of the MessageError; anything else fails the test."""
     try:
         return wire.decode(frame, **kw)
@@ -50,9 +50,9 @@ def decode_or_reason(frame: bytes, **kw) -> dict | str:
         return e.reason
 
 
-def _reencoded(msg: dict) -> bytes:
-    fields = {k: msg[k] for k in wire.SCHEMA[msg["kind"]]}
-    return wire.encode(msg["kind"], msg["policy_version"], **fields)
+def _reencoded(msg: wire.Message) -> bytes:
+    fields = {k: getattr(msg, k) for k in wire.SCHEMA[msg.kind]}
+    return wire.encode(msg.kind, msg.policy_version, **fields)
 
 
 @pytest.mark.parametrize("kind", wire.KINDS)
@@ -64,9 +64,9 @@ def test_decode_raises_only_message_error_and_what_it_accepts_encode_accepts(kin
         got = decode_or_reason(frame, **kw)
         if isinstance(got, str):
             continue
-        assert got["kind"] in wire.KINDS
+        assert got.kind in wire.KINDS
         again = wire.decode(_reencoded(got), **kw)  # what decode accepts is a valid message
-        assert again["kind"] == got["kind"] and again["policy_version"] == got["policy_version"]
+        assert again.kind == got.kind and again.policy_version == got.policy_version
 
 
 @pytest.mark.parametrize("kind", [k for k in wire.KINDS if wire.SCHEMA[k]])  # a field to spoil
@@ -83,7 +83,7 @@ def test_encode_refuses_a_bad_field_naming_it(kind, data):
         return
     # Accepted: then a receiver accepts it too (the groups' values are the receiver's check).
     got = decode_or_reason(frame)
-    assert isinstance(got, dict) or key == "groups", got
+    assert isinstance(got, wire.Message) or key == "groups", got
 
 
 # ---------------------------------------------------------------- the cases found, pinned
@@ -150,7 +150,7 @@ def test_tensor_specs_are_checked_piece_by_piece(spec, reason):
 def test_as_many_tensors_as_the_bound_and_not_one_more():
     msg = valid_message("weights_update")
     msg["tensors"] = [[f"t{j}", "float16", [2, 2]] for j in range(wire.MAX_TENSORS)]
-    assert len(wire.decode(frame_of(msg))["tensors"]) == wire.MAX_TENSORS
+    assert len(wire.decode(frame_of(msg)).tensors) == wire.MAX_TENSORS
     msg["tensors"].append(["one more", "float16", [1]])
     assert _reason(msg) == "bad_value"
 
@@ -186,7 +186,7 @@ def test_a_sender_bug_fails_at_the_sender(kind, fields, named):
 
 def test_numpy_scalars_are_plain_numbers_on_the_wire():
     frame = wire.encode("ack", np.int64(3), seq=np.int32(1), status="ok", reason="")
-    assert wire.decode(frame)["policy_version"] == 3
+    assert wire.decode(frame).policy_version == 3
 
 
 def test_the_architecture_table_lists_the_declared_fields():
