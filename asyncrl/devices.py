@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from asyncrl.config import ConfigError, RunConfig
+from asyncrl.config import ConfigError, RunConfig, validate
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def apply(cfg: RunConfig, visible: int) -> Assignment:
                cfg.learner.device_ids, cfg.sync.backend, visible)
     cfg.generator.device_ids, cfg.learner.device_ids = a.generator_ids, a.learner_ids
     cfg.sync.backend = a.backend
-    cfg.validate()  # the assignment obeys the same rules as a hand-written config
+    validate(cfg)  # the assignment obeys the same rules as a hand-written config
     return a
 
 

@@ -215,8 +215,10 @@ def main(argv: list[str] | None = None) -> None:
         sender = WeightSender(server, HOST, store_port, num_generators=1, backend="gloo",
                               timeout_s=TIMEOUT_S, ready_timeout_s=TIMEOUT_S,
                               bucket_bytes=args.bucket_mb << 20)
-        raw_pg = group.init_group(HOST, raw_port, 0, 2, "gloo", TIMEOUT_S, prefix="bench/raw")
+        # The generator joins the sync session (sender.start) and then the raw group: the same
+        # order here, or each side waits for the other in a different group.
         sender.start()
+        raw_pg = group.init_group(HOST, raw_port, 0, 2, "gloo", TIMEOUT_S, prefix="bench/raw")
         ident = sender.members["gen0"].ident
         named = list(model.state_dict().items())
         sizes = {dt: int(sum(t.numel() for _, t in named if weights.dtype_name(t) == dt))

@@ -90,3 +90,10 @@ def collate(groups: list[TrajectoryGroup], pad_id: int) -> TrainBatch:
     truncated = truncated_from_finish_reasons([c.finish_reason for _, c in seqs])
     return TrainBatch(input_ids, attention_mask, completion_mask, behav, rewards, versions,
                       truncated)
+
+
+def token_staleness(batch: TrainBatch, version: int) -> dict[int, int]:
+    """Completion tokens per staleness (policy versions between sampling and this update)."""
+    lags = version - batch.versions[batch.completion_mask.bool()]  # one per completion token
+    values, counts = torch.unique(lags, return_counts=True)
+    return {int(v): int(n) for v, n in zip(values.tolist(), counts.tolist())}

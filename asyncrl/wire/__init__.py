@@ -31,7 +31,7 @@ Message kinds (docs/architecture.md has the table with directions and sockets):
                                           sent at start and every net.heartbeat_interval_s
   sync_join         learner -> generator  join weight-sync session S (a fresh store prefix)
   weights_update    learner -> generator  broadcasts of these tensors, in buckets of at most
-                                          bucket_bytes, follow on session S
+    bucket_bytes, follow on session S
   weights_loaded    generator -> learner  the new weights are live in the engine
   shutdown          learner -> generator  training finished: exit (status 0)
   eval_request      learner -> generator  evaluate the policy version you hold (held-out, greedy)
@@ -41,16 +41,56 @@ Message kinds (docs/architecture.md has the table with directions and sockets):
   heartbeat         generator, learner -> buffer   "I am alive" (no reply)
 """
 
-from asyncrl.wire.codec import (MAGIC, MAX_FRAME_BYTES, SCHEMA_VERSION, _default, _unpack_array,
-                                decode, encode, seal)
-from asyncrl.wire.fields import (DEFAULT_BUCKET_BYTES, INT64_MAX, MAX_BUCKET_BYTES,
-                                 MAX_GROUPS_PER_REQUEST, MAX_NAME, MAX_RANKS, MAX_REASON,
-                                 MAX_TENSORS, MAX_VERSION, MAX_WEIGHT_BYTES, WEIGHT_DTYPES, Float,
-                                 Int, IpcHandles, MessageError, Str, TensorSpecs, spec_bytes)
+from asyncrl.wire.codec import (
+    MAGIC,
+    MAX_FRAME_BYTES,
+    SCHEMA_VERSION,
+    _default,
+    _unpack_array,
+    decode,
+    encode,
+    seal,
+)
+from asyncrl.wire.fields import (
+    DEFAULT_BUCKET_BYTES,
+    INT64_MAX,
+    MAX_BUCKET_BYTES,
+    MAX_GROUPS_PER_REQUEST,
+    MAX_NAME,
+    MAX_RANKS,
+    MAX_REASON,
+    MAX_TENSORS,
+    MAX_VERSION,
+    MAX_WEIGHT_BYTES,
+    WEIGHT_DTYPES,
+    Float,
+    Int,
+    IpcHandles,
+    MessageError,
+    Str,
+    TensorSpecs,
+    spec_bytes,
+)
 from asyncrl.wire.groups import Completion, Groups, TrajectoryGroup, group_columns, parse_groups
-from asyncrl.wire.messages import (KINDS, MESSAGES, SCHEMA, Ack, Batch, BatchRequest, Error,
-                                   EvalRequest, EvalResult, GeneratorHello, Heartbeat, Message,
-                                   Shutdown, SyncJoin, Trajectories, WeightsLoaded, WeightsUpdate)
+from asyncrl.wire.messages import (
+    KINDS,
+    MESSAGES,
+    SCHEMA,
+    Ack,
+    Batch,
+    BatchRequest,
+    Error,
+    EvalRequest,
+    EvalResult,
+    GeneratorHello,
+    Heartbeat,
+    Message,
+    Shutdown,
+    SyncJoin,
+    Trajectories,
+    WeightsLoaded,
+    WeightsUpdate,
+)
 
 __all__ = [
     "MAGIC", "MAX_FRAME_BYTES", "SCHEMA_VERSION", "decode", "encode", "seal",

@@ -17,6 +17,7 @@ import numpy as np
 
 from asyncrl.wire.fields import INT64_MAX, MAX_NAME, MAX_VERSION, MessageError, _type_name
 
+
 @dataclass
 class Completion:
     tokens: np.ndarray  # (T,) int32, sampled token ids

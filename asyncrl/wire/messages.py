@@ -14,9 +14,20 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Annotated, Any, ClassVar, get_type_hints
 
-from asyncrl.wire.fields import (INT64_MAX, MAX_BUCKET_BYTES, MAX_GROUPS_PER_REQUEST, MAX_NAME,
-                                 MAX_RANKS, MAX_REASON, MAX_VERSION, Float, Int, IpcHandles, Str,
-                                 TensorSpecs)
+from asyncrl.wire.fields import (
+    INT64_MAX,
+    MAX_BUCKET_BYTES,
+    MAX_GROUPS_PER_REQUEST,
+    MAX_NAME,
+    MAX_RANKS,
+    MAX_REASON,
+    MAX_VERSION,
+    Float,
+    Int,
+    IpcHandles,
+    Str,
+    TensorSpecs,
+)
 from asyncrl.wire.groups import Groups, TrajectoryGroup
 
 NAME = Str(MAX_NAME)  # sender names, incarnations, sessions

@@ -66,10 +66,10 @@ def push(rank: int, world: int, store: str, model_dir: str, base: int, bucket_by
 
     from asyncrl import transport
     from asyncrl.learner.batch import collate
-    from asyncrl.learner.main import _Whole
     from asyncrl.learner.model import load_policy
     from asyncrl.learner.runlog import named_sha256, weights_sha256
     from asyncrl.learner.step import train_step
+    from asyncrl.learner.whole import Whole
     from asyncrl.sync.sender import WeightSender
     from tests.helpers.learner import make_groups as _groups
     from tests.helpers.sync import HOST, Generator
@@ -88,7 +88,7 @@ def push(rank: int, world: int, store: str, model_dir: str, base: int, bucket_by
                               ready_timeout_s=60.0, bucket_bytes=bucket_bytes)
         sender.start()
         lead = SimpleNamespace(sender=sender, push_due=lambda due: due, push_owed=False)
-    whole = _Whole(cfg, Path(out).parent, models, tok, lead, rank, torch.device("cpu"))
+    whole = Whole(cfg, Path(out).parent, models, tok, lead, rank, torch.device("cpu"))
     pushed = whole.push(2, due=True)
     full = get_model_state_dict(models.policy, options=StateDictOptions(full_state_dict=True,
                                                                         cpu_offload=True))

@@ -48,7 +48,7 @@ def test_a_batch_collate_or_the_model_cannot_take_is_refused_with_a_reason():
 
 
 def test_a_completion_across_a_weight_update_keeps_every_tokens_version():
-    from asyncrl.learner.main import token_staleness
+    from asyncrl.learner.batch import token_staleness
 
     comps = [Completion(np.array([7, 8, 9], np.int32), np.array([-1, -2, -3], np.float32), 1.0,
                         "stop", np.array([4, 4, 6])),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from asyncrl import wire
-from asyncrl.learner.main import reward_parts
+from asyncrl.learner.lead import reward_parts
 from asyncrl.rewards import GRPO_DEMO_WEIGHTS, combine
 
 GOOD = "<reasoning>\n3 + 4 = 7\n</reasoning>\n<answer>\n7\n</answer>"

@@ -1,0 +1,84 @@
+"""Typed run configuration: one dataclass per role, nested in `RunConfig` (schema.py).
+
+YAML goes through `OmegaConf.structured` + merge + dot-list overrides, so an unknown or
+mistyped key fails when the config loads, naming the key. `checks.validate` then checks every
+numeric field against its range in `BOUNDS` (bounds.py) and every variant name, and only when
+all of those hold the checks that combine or divide fields (checks.py); each failure is one
+line naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from asyncrl.config.bounds import BOUNDS, Bound
+from asyncrl.config.checks import validate
+from asyncrl.config.schema import (
+    ADVANTAGES,
+    BUILTIN_MAX_POSITIONS,
+    BUILTIN_MODEL,
+    KL_ESTIMATORS,
+    LOSS_AGG,
+    OFFPOLICY,
+    PRETRAINED_BUILTINS,
+    SMOLLM2_MODEL,
+    STRATEGIES,
+    SYNC_BACKENDS,
+    TASKS,
+    BufferConfig,
+    ConfigError,
+    GeneratorConfig,
+    LaunchConfig,
+    LearnerConfig,
+    ModelConfig,
+    NetConfig,
+    RunConfig,
+    SyncConfig,
+    TaskConfig,
+    WarmStartConfig,
+)
+
+__all__ = [
+    "BOUNDS", "Bound", "validate", "ADVANTAGES", "BUILTIN_MAX_POSITIONS", "BUILTIN_MODEL",
+    "KL_ESTIMATORS", "LOSS_AGG", "OFFPOLICY", "PRETRAINED_BUILTINS", "SMOLLM2_MODEL",
+    "STRATEGIES", "SYNC_BACKENDS", "TASKS", "BufferConfig", "ConfigError", "GeneratorConfig",
+    "LaunchConfig", "LearnerConfig", "ModelConfig", "NetConfig", "RunConfig", "SyncConfig",
+    "TaskConfig", "WarmStartConfig", "load_config", "save_config",
+]
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file (optional) + `key=value` overrides -> validated RunConfig."""
+    schema = OmegaConf.structured(RunConfig)
+    layers = [schema]
+    try:
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist")
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+            layers.append(OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(*layers)
+        cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"config error{where}: {_describe(e)}") from None
+    validate(cfg)
+    return cfg
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    first = str(e).splitlines()[0]
+    return f"key {key!r}: {first}" if key else first
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

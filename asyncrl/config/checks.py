@@ -1,0 +1,190 @@
+"""The checks a config passes when it loads: single fields first (each against its range in
+BOUNDS, each variant name, each path), then, only when all of those hold, the checks that
+combine or divide fields, so no check trips over a value another one would have named
+(learner.nproc=0 once raised ZeroDivisionError here). Each failure is one line naming the
+field, the value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from asyncrl.config.bounds import BOUNDS
+from asyncrl.config.schema import (
+    ADVANTAGES,
+    BUILTIN_MAX_POSITIONS,
+    KL_ESTIMATORS,
+    LOSS_AGG,
+    OFFPOLICY,
+    PRETRAINED_BUILTINS,
+    STRATEGIES,
+    SYNC_BACKENDS,
+    TASKS,
+    ConfigError,
+    RunConfig,
+)
+from asyncrl.rewards import REWARD_FUNCTIONS
+
+
+def validate(cfg: RunConfig) -> None:
+    """Single fields first (ranges, variant names), then, only when each of those holds,
+    the checks that combine or divide fields: no check trips over a value another one
+    would have named (learner.nproc=0 once raised ZeroDivisionError here)."""
+    errors = field_errors(cfg) or cross_field_errors(cfg)
+    if len(errors) == 1:
+        raise ConfigError(f"invalid config: {errors[0]}")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def field_errors(cfg: RunConfig) -> list[str]:
+    """Each field alone: its range, its variant name, the paths it names."""
+    lc = cfg.learner
+    errs = [e for path, bound in BOUNDS.items() for e in bound.errors(path, _get(cfg, path))]
+    if 0 < lc.clip_c <= 1:
+        errs.append(f"learner.clip_c={lc.clip_c} must be > 1 (or 0 for off)")
+    errs += (_choice("learner.advantage", lc.advantage, ADVANTAGES)
+             + _choice("learner.offpolicy", lc.offpolicy, OFFPOLICY)
+             + _choice("learner.loss_agg", lc.loss_agg, LOSS_AGG)
+             + _choice("learner.kl_estimator", lc.kl_estimator, KL_ESTIMATORS)
+             + _choice("learner.kl_mode", lc.kl_mode, ("loss", "reward"))
+             + _choice("learner.strategy", lc.strategy, STRATEGIES))
+    errs += _choice("task.eval_reward", cfg.task.eval_reward, REWARD_FUNCTIONS)
+    errs += [f"task.rewards has unknown {k!r}: choose from {sorted(REWARD_FUNCTIONS)}"
+             for k in cfg.task.rewards if k not in REWARD_FUNCTIONS]
+    checks = [
+        (cfg.task.name in TASKS,
+         f"task.name={cfg.task.name!r}: choose one of {', '.join(TASKS)}"),
+        (cfg.sync.backend in SYNC_BACKENDS,
+         f"sync.backend={cfg.sync.backend!r}: choose one of {', '.join(SYNC_BACKENDS)}"),
+        (cfg.sync.mode in ("async", "sync"), f"sync.mode={cfg.sync.mode!r}: async or sync"),
+        (cfg.generator.inflight_update in ("keep", "abort", "drain"),
+         f"generator.inflight_update={cfg.generator.inflight_update!r}: choose keep, "
+         "abort or drain"),
+        (cfg.model.dtype in ("float32", "bfloat16", "float16"),
+         f"model.dtype={cfg.model.dtype!r}: choose float32, bfloat16 or float16"),
+    ]
+    return errs + [msg for ok, msg in checks if not ok] + path_errors(cfg)
+
+
+def path_errors(cfg: RunConfig) -> list[str]:
+    errs = []
+    if cfg.task.reward_model and not (Path(cfg.task.reward_model).expanduser()
+                                       / "config.json").is_file():
+        errs.append(f"task.reward_model={cfg.task.reward_model!r} has no config.json")
+    if not cfg.model.path.startswith("builtin:"):
+        if not Path(cfg.model.path).expanduser().is_dir():
+            errs.append(f"model.path={cfg.model.path!r} is not a directory")
+        elif not (Path(cfg.model.path).expanduser() / "config.json").is_file():
+            errs.append(f"model.path={cfg.model.path!r} has no config.json (hub format?)")
+    elif cfg.model.path not in (*BUILTIN_MAX_POSITIONS, *PRETRAINED_BUILTINS):
+        errs.append(f"model.path={cfg.model.path!r}: the builtins are "
+                    f"{', '.join((*BUILTIN_MAX_POSITIONS, *PRETRAINED_BUILTINS))}")
+    return errs
+
+
+def cross_field_errors(cfg: RunConfig) -> list[str]:
+    """Checks that combine fields; every field is already in its range."""
+    task, gen, lc, net = cfg.task, cfg.generator, cfg.learner, cfg.net
+    addition = task.name == "addition"
+    synthetic = task.name in ("addition", "reasoning")
+    positions = BUILTIN_MAX_POSITIONS.get(cfg.model.path)
+    # BOS, then a, "+", b, "=" (addition) or up to max_terms terms of `digits` digits.
+    prompt_tokens = (1 + 2 * task.digits + 2 if addition
+                     else 1 + task.max_terms * (task.digits + 1))
+    last_port = net.base_port + 60 + cfg.learner_world - 1
+    checks = [
+        (task.name != "dataset" or Path(task.path).expanduser().is_file(),
+         f"task.path={task.path!r} is not a file (task.name=dataset needs one)"),
+        (len(task.chat_examples) % 2 == 0,
+         f"task.chat_examples has {len(task.chat_examples)} turns: it alternates a user turn "
+         "and the assistant's answer, so it needs an even number"),
+        (task.chat_template or not (task.system_prompt or task.chat_examples),
+         "task.system_prompt and task.chat_examples are chat turns: they need "
+         "task.chat_template=true"),
+        (task.rewards or task.reward_model,
+         "task.rewards is empty and no task.reward_model: nothing scores samples"),
+        (not addition or task.train_size + task.eval_size <= 100**task.digits,
+         f"task.train_size + task.eval_size = {task.train_size + task.eval_size}: exceeds "
+         f"the {100**task.digits} distinct problems of task.digits={task.digits}"),
+        (task.name != "reasoning" or task.min_terms <= task.max_terms,
+         f"task.min_terms={task.min_terms} > task.max_terms={task.max_terms}"),
+        (task.name != "reasoning" or task.max_terms <= 9 * 10 ** (task.digits - 1),
+         f"task.max_terms={task.max_terms}: more than the {9 * 10 ** (task.digits - 1)} "
+         f"distinct terms of task.digits={task.digits}"),
+        (not synthetic or gen.prompts_per_call <= task.train_size,
+         f"generator.prompts_per_call={gen.prompts_per_call}: must be <= "
+         f"task.train_size={task.train_size} (a call samples without replacement)"),
+        (not (synthetic and positions and cfg.warm_start.steps)
+         or cfg.warm_start.batch_size <= task.train_size,
+         f"warm_start.batch_size={cfg.warm_start.batch_size}: must be <= "
+         f"task.train_size={task.train_size} (a batch samples without replacement)"),
+        (not (synthetic and positions)
+         or prompt_tokens + gen.max_tokens + 8 <= positions,
+         f"generator.max_tokens={gen.max_tokens}: must be <= "
+         f"{(positions or 0) - 8 - prompt_tokens} ({cfg.model.path} has "
+         f"{positions} positions for the prompt of {prompt_tokens} tokens at "
+         "this task.digits (and task.max_terms), max_tokens and 8 spare)"),
+        (net.heartbeat_interval_s < net.heartbeat_timeout_s,
+         f"net.heartbeat_interval_s={net.heartbeat_interval_s}: must be < "
+         f"net.heartbeat_timeout_s={net.heartbeat_timeout_s}, or live peers look dead"),
+        (last_port <= 65535,
+         f"learner.nproc x learner.nnodes={cfg.learner_world}: rank metrics ports "
+         f"net.base_port+60+rank reach {last_port} > 65535; lower net.base_port"),
+        (not gen.device_ids
+         or len(gen.device_ids) == gen.num_generators * gen.tensor_parallel_size,
+         "generator.device_ids needs generator.tensor_parallel_size entries per generator "
+         f"({gen.num_generators} x {gen.tensor_parallel_size}; generator i takes entries "
+         "i*tp .. i*tp+tp-1)"),
+        (not lc.device_ids or len(lc.device_ids) == lc.nproc,
+         "learner.device_ids needs one entry per rank (learner.nproc)"),
+        (cfg.sync.backend != "nccl" or not set(gen.device_ids) & set(lc.device_ids),
+         f"generator.device_ids={gen.device_ids} and learner.device_ids={lc.device_ids} "
+         f"share GPU(s) {sorted(set(gen.device_ids) & set(lc.device_ids))}: NCCL cannot "
+         "broadcast between two ranks on one GPU. Give each its own GPUs, or on a one-GPU "
+         "host use sync.backend=ipc (colocated: the learner hands the engine its weights "
+         "by CUDA IPC)"),
+        (cfg.sync.backend != "ipc" or (lc.nnodes == 1 and lc.nproc == 1
+                                        and gen.num_generators == 1
+                                        and gen.tensor_parallel_size == 1),
+         "sync.backend=ipc (colocated, CUDA IPC) needs one learner rank and one generator "
+         "on one GPU: learner.nproc=1, learner.nnodes=1, generator.num_generators=1, "
+         "generator.tensor_parallel_size=1"),
+        (lc.collective_timeout_s > cfg.sync.timeout_s,
+         f"learner.collective_timeout_s={lc.collective_timeout_s}: must be > "
+         f"sync.timeout_s={cfg.sync.timeout_s} (the other ranks wait while rank 0 syncs)"),
+        (gen.max_inflight >= gen.group_size,
+         f"generator.max_inflight={gen.max_inflight}: must be >= generator.group_size="
+         f"{gen.group_size} (a group's completions start together)"),
+        (lc.groups_per_step % cfg.learner_world == 0,
+         f"learner.groups_per_step={lc.groups_per_step} must be divisible by "
+         f"learner.nproc x learner.nnodes={cfg.learner_world}"),
+        (lc.minibatches <= cfg.groups_per_rank,
+         f"learner.minibatches={lc.minibatches}: must be in [1, groups_per_step / "
+         f"(nproc x nnodes) = {cfg.groups_per_rank}]"),
+        (lc.overlong_cache <= gen.max_tokens,
+         "learner.overlong_cache must be in (0, generator.max_tokens]"),
+        (lc.nnodes == 1 or ":" in lc.rdzv_endpoint,
+         "learner.nnodes > 1 needs learner.rdzv_endpoint=host:port"),
+        (cfg.buffer.capacity_groups >= lc.groups_per_step,
+         "buffer.capacity_groups must be >= learner.groups_per_step or no batch ever fits"),
+        (cfg.sync.mode == "async" or (cfg.buffer.max_staleness == 0
+                                       and cfg.sync.interval == 1),
+         "sync.mode=sync needs buffer.max_staleness=0 and sync.interval=1"),
+        (cfg.buffer.max_staleness >= cfg.sync.interval - 1,
+         f"buffer.max_staleness={cfg.buffer.max_staleness} < sync.interval-1="
+         f"{cfg.sync.interval - 1}: generators hold version k*interval while the learner "
+         "reaches k*interval+interval-1, so every trajectory would be dropped. Raise "
+         "buffer.max_staleness or lower sync.interval"),
+    ]
+    return [msg for ok, msg in checks if not ok]
+
+
+def _get(cfg: RunConfig, path: str) -> Any:
+    for name in path.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def _choice(field_name: str, value: str, choices) -> list[str]:
+    return [] if value in choices else [f"{field_name}={value!r}: choose one of {sorted(choices)}"]

@@ -1,0 +1,116 @@
+"""What needs the whole model in the learner: weight pushes, checkpoints, hub-format exports and
+the final checksum. With learner.strategy=ddp rank 0 holds the whole model and does these alone;
+with fsdp every rank takes part, gathering its shards (asyncrl/learner/shard.py), and rank 0
+keeps the results."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from asyncrl.config import RunConfig
+from asyncrl.learner import checkpoint, shard
+from asyncrl.learner.lead import Lead
+from asyncrl.learner.runlog import named_sha256, weights_sha256
+from asyncrl.learner.step import Models
+from asyncrl.sync import weights
+
+log = logging.getLogger("asyncrl.learner")
+
+
+class Whole:
+    """What needs the whole model: weight pushes, checkpoints, the checksum. With
+    learner.strategy=ddp rank 0 holds it and does these alone (the others skip them); with
+    fsdp every rank takes part, gathering its shards, and rank 0 keeps the results."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, models: Models, tok, lead: Lead | None,
+                 rank: int, device: torch.device):
+        self.cfg, self.run_dir, self.models, self.tok, self.lead = cfg, run_dir, models, tok, lead
+        self.rank, self.device = rank, device
+        self.every_rank = shard.is_sharded(models.policy)
+        self._last_keep = 0.0
+
+    def keep_in_sync(self, version: int) -> None:
+        """Every rank, between fetch rounds (fsdp): Lead.keep_in_sync, with every rank
+        gathering. Rank 0 looks at most once a second; the others follow its answer."""
+        now = time.monotonic()
+        look = self.lead is not None and now - self._last_keep >= 1.0
+        if look:
+            self._last_keep = now
+        pushed = self.push(version, due=False, look=look)
+        if pushed is not None:
+            self.lead.m.sync_seconds.observe(pushed[0])
+            self.lead.m.sync_bytes.inc(pushed[1])
+            log.info("pushed version %d to a generator that was behind while waiting for data",
+                     version)
+
+    def push(self, version: int, due: bool, look: bool = True) -> tuple[float, int] | None:
+        """Push `version` if rank 0's sender says so (`look=False`: rank 0 does not even ask,
+        but the others still learn that). Under fsdp a collective of every rank."""
+        if not self.every_rank:
+            return (self.lead.sync(shard.unwrap(self.models.policy), version, due)
+                    if self.lead is not None else None)
+        # Rank 0 decides; every rank gathers; a failed push is retried once, as in sync().
+        sender = self.lead.sender if self.lead is not None else None
+        due = self.lead.push_due(due) if self.lead is not None else False
+        for attempt in (1, 2):
+            wanted = sender is not None and look and sender.due(version, due)
+            if not shard.from_rank0(wanted, self.device):
+                return None
+            tensors = shard.full_tensors(self.models.policy)
+            pushed = None
+            if sender is None:
+                for _ in tensors:
+                    pass
+            else:
+                specs = weights.specs_of(weights.sendable(shard.unwrap(self.models.policy)),
+                                         sender.dtype)
+                try:
+                    pushed = sender.push(version, specs, tensors)
+                except (RuntimeError, TimeoutError) as e:
+                    if attempt == 2:
+                        shard.from_rank0(False, self.device)
+                        raise
+                    log.warning("weight sync to version %d failed (%s); re-forming the group",
+                                version, e)
+            if shard.from_rank0(pushed is not None, self.device):
+                if due and self.lead is not None:
+                    self.lead.push_owed = False
+                return pushed
+        return None
+
+    def finish_evals(self, version: int) -> None:
+        """End of training: rank 0 waits (up to sync.timeout_s) for the evaluations still
+        outstanding (RemoteEvals.finish), pushing the final version if it was held back; under
+        fsdp the other ranks follow each round so that they gather with it for a push."""
+        if not self.every_rank:
+            if self.lead is not None:
+                self.lead.evals.finish(version, lambda: self.lead.keep_in_sync(version),
+                                       self.cfg.sync.timeout_s)
+            return
+        if self.lead is not None:
+            def one_round() -> None:
+                shard.from_rank0(True, self.device)  # the others: one more round
+                self.keep_in_sync(version)
+
+            self.lead.evals.finish(version, one_round, self.cfg.sync.timeout_s)
+            shard.from_rank0(False, self.device)
+        else:
+            while shard.from_rank0(False, self.device):
+                self.keep_in_sync(version)
+
+    def save_checkpoint(self, step: int, sched) -> None:
+        if self.cfg.learner.strategy == "fsdp":
+            state = self.lead.counters(step) if self.lead is not None else {}
+            checkpoint.save_sharded(self.run_dir, step, self.models, sched, state, self.rank)
+        elif self.lead is not None:
+            checkpoint.save(self.run_dir, step, shard.unwrap(self.models.policy), self.tok,
+                            self.models, sched, self.lead.counters(step))
+
+    def checksum(self) -> str | None:
+        if self.every_rank:
+            return named_sha256(shard.full_tensors(self.models.policy))
+        return weights_sha256(shard.unwrap(self.models.policy)) if self.lead else None
