@@ -8,8 +8,9 @@ tensor data comes over the sync group instead. Loading uses the worker's `reload
 `model.load_weights` fails on the repacked linear weights.
 
 A push arrives in buckets (asyncrl/sync/weights.py): `reload_weights` is handed an iterator that
-receives each bucket's broadcast only when the engine has taken the previous bucket's tensors,
-so the worker holds about two buckets (weights.BucketPool), never a second copy of the model.
+starts receiving bucket k+1's broadcast as soon as bucket k has arrived, so the engine loads one
+bucket while the next is on the wire, and the worker holds about two buckets
+(weights.BucketPool, plus any a layer still holds views of), never a second copy of the model.
 The price: a push that fails halfway leaves the engine with the buckets loaded so far (see
 asyncrl/sync/member.py).
 
@@ -63,11 +64,12 @@ class WeightReceiver:
             pool = self._asyncrl_pool = weights.BucketPool(self.device)
         pg, timeout_s = self._asyncrl_pg, self._asyncrl_timeout
 
-        def recv(buf):
-            group.broadcast(pg, buf, root=0, timeout_s=timeout_s)
+        def recv(buf):  # started, not waited for: the next bucket arrives during this load
+            return group.start_broadcast(pg, buf, root=0, timeout_s=timeout_s)
 
         plan = weights.plan_buckets(specs, bucket_bytes)
-        self.reload_weights(weights_iterator=weights.received_tensors(specs, plan, recv, pool),
+        self.reload_weights(weights_iterator=weights.received_tensors(specs, plan, recv, pool,
+                                                                      overlap=True),
                             is_checkpoint_format=True)
         return time.perf_counter() - t0, wire.spec_bytes(specs)
 

@@ -171,17 +171,37 @@ def _refs(buf: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(buf.untyped_storage()._cdata)
 
 
-def received_tensors(specs: list[list], plan: list[Bucket], recv, pool: BucketPool
-                     ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, view) in spec order, receiving each bucket (`recv(buffer)` fills it, e.g. by a
-    broadcast) only when the previous bucket's tensors have all been taken: pass this lazily to
-    the engine's load, and the model is received bucket by bucket."""
-    for bucket in plan:
-        buf = pool.take(bucket.nbytes)[: bucket.nbytes]
-        recv(buf)
-        for index, offset in bucket.entries:
+def received_tensors(specs: list[list], plan: list[Bucket], recv, pool: BucketPool,
+                     overlap: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, view) in spec order, bucket by bucket: pass this lazily to the engine's load, and
+    the model is received bucket by bucket.
+
+    `recv(buffer)` fills a bucket's buffer, and the next bucket is received only when this
+    one's tensors have all been taken. With `overlap`, `recv` only starts filling it and
+    returns the transfer (group.start_broadcast: something to `wait()` on); the next bucket's
+    transfer then starts once the loader has taken this bucket's first tensor, so the engine
+    loads the rest of bucket k while bucket k+1 is on the wire, still with two buffers."""
+
+    def start(i: int):
+        if i >= len(plan):
+            return None
+        buf = pool.take(plan[i].nbytes)[: plan[i].nbytes]
+        return buf, recv(buf)
+
+    nxt = start(0)
+    for i, bucket in enumerate(plan):
+        buf, transfer = nxt
+        if overlap:
+            transfer.wait()
+        for j, (index, offset) in enumerate(bucket.entries):
             yield specs[index][0], view_in(buf, offset, specs[index])
-        del buf
+            if overlap and j == 0:
+                # The loader has taken this bucket's first tensor and so let go of the last
+                # bucket's: its buffer is free for the next one, on the wire during this load.
+                nxt = start(i + 1)
+        del buf, transfer
+        if not overlap:
+            nxt = start(i + 1)
 
 
 def largest_bucket(plan: list[Bucket]) -> int:

@@ -30,7 +30,8 @@ class FakeEngine:
     def receive_weights(self, specs, ipc=None, bucket_bytes=weights.DEFAULT_BUCKET_BYTES):
         pool = weights.BucketPool(torch.device("cpu"))
         got = weights.received_tensors(specs, weights.plan_buckets(specs, bucket_bytes),
-                                       lambda buf: group.broadcast(self.pg, buf, root=0), pool)
+                                       lambda buf: group.start_broadcast(self.pg, buf, root=0),
+                                       pool, overlap=True)  # as asyncrl/sync/receiver.py does
         self.weights = {n: t.clone() for n, t in got}
         return 0.0, sum(t.numel() * t.element_size() for t in self.weights.values())
 

@@ -63,6 +63,36 @@ def test_buckets_hold_at_most_bucket_bytes_unless_one_tensor_is_larger():
     assert all(torch.equal(got[n], t) for n, t in named)
 
 
+def test_with_overlap_the_next_bucket_is_on_the_wire_while_this_one_loads():
+    named = [(f"t{i}", torch.full((16,), float(i))) for i in range(6)]
+    specs = weights.specs_of(named)
+    plan = weights.plan_buckets(specs, 128)  # two tensors per bucket
+    assert [len(b.entries) for b in plan] == [2, 2, 2]
+    events = []
+
+    class Transfer:  # what group.start_broadcast returns: the data is there after wait()
+        def __init__(self, buf, k):
+            self.buf, self.k = buf, k
+            events.append(f"start {k}")
+
+        def wait(self):
+            for j in range(2):
+                self.buf[64 * j: 64 * j + 64].view(torch.float32).copy_(named[2 * self.k + j][1])
+            events.append(f"wait {self.k}")
+
+    started = iter(range(3))
+    pool = weights.BucketPool(torch.device("cpu"))
+    for name, t in weights.received_tensors(specs, plan, lambda buf: Transfer(buf, next(started)),
+                                            pool, overlap=True):
+        events.append(f"load {name}")
+        assert torch.equal(t, dict(named)[name])
+        t.clone()  # taken and let go, as a loader copying into its parameter does
+    # Bucket k+1 goes on the wire once bucket k's first tensor is taken, before its second.
+    assert events == ["start 0", "wait 0", "load t0", "start 1", "load t1", "wait 1", "load t2",
+                      "start 2", "load t3", "wait 2", "load t4", "load t5"]
+    assert pool.allocated_bytes <= 2 * 128  # the one loading and the one arriving, reused
+
+
 def test_a_bucket_the_engine_still_holds_is_not_overwritten():
     # vLLM's layerwise reload keeps a layer's weights until the whole layer has arrived.
     named = [(f"t{i}", torch.full((16,), float(i))) for i in range(6)]
