@@ -1,42 +1,46 @@
-"""Async against sync: time to a held-out accuracy, and how busy each side is (issue 7, item 4).
+"""Async against strict sync: time to a held-out accuracy, samples/s, and how busy each role is.
 
-Both sides are whole runs of the embedded default (configs/default.yaml: tiny Llama after the
-SFT warm start, 2-digit addition, one vLLM generator with one thread, one learner rank with one
-thread, weight push after every step), started by `asyncrl run`'s own code path
-(`asyncrl.runner.execute_run`), with the two settings of the staleness study
-(`asyncrl.study.grid`):
+Both sides are whole runs of --config (configs/default.yaml unless given; issue 16 measures
+configs/reasoning.yaml, the long-tail task where generation is most of a step), started by
+`asyncrl run`'s own code path (`asyncrl.runner.execute_run`), with the two settings of the
+staleness study (`asyncrl.study.grid`):
 - async: sync.mode=async, buffer.max_staleness=M (--max-staleness, default 2),
-  buffer.admit_steps=max(1, M), learner.offpolicy=--correction (default none);
+  buffer.admit_steps=max(1, M), learner.offpolicy=--correction (default none), the config's
+  streaming generator and in-flight updates;
 - sync: sync.mode=sync, buffer.max_staleness=0: the generator makes one learner batch under the
-  current weights, then waits for the next ones (strictly on-policy).
-Same seed (learner.seed = generator.seed) and config otherwise; learner.eval_interval is lowered
-(--eval-interval, default 5) so the time to the target is resolved to a few steps, and
-learner.total_steps is --steps. With --repeats the pairs alternate their order (async, sync,
-sync, async, ...) so that a drift in the machine's load does not favour one side.
+  current weights, then waits for the next ones (strictly on-policy), same code otherwise.
+Same seed (learner.seed = generator.seed) and config otherwise; learner.eval_interval is
+--eval-interval (default 5) so the time to the target is resolved to a few steps, and
+learner.total_steps is --steps. The pairs alternate their order (async, sync, sync, async, ...)
+so that a drift in the machine's load does not favour one side.
 
-Time to target: `elapsed_s` of the first metrics.jsonl row whose `eval_accuracy` >= --target.
-elapsed_s counts from the moment every generator has joined the weight-sync group; it includes
-the learner's evaluations (greedy, task.eval_size problems), which run on rank 0 between steps
-in both modes. "Minus eval" subtracts the time the evaluations before the target row (step 0's
-included) added, measured from metrics.jsonl: the gap between two rows minus the next step's
-step_s and sync_s is what ran between the steps, and after an evaluation it exceeds the median
-after other steps by the evaluation's time; less what the next step waited for data below the
-usual wait, since generation that overlapped the evaluation (the sync side makes its next
-batch meanwhile) is not time the evaluation added.
+Time to target: `elapsed_s` of the first metrics.jsonl row whose `eval_accuracy` >= --target,
+i.e. when the learner had made the first version that scores it (evaluations run on the
+generator and are joined to their version's row, so the learner never waits for them; in sync
+mode an evaluation delays the generator's next batch, which is part of that side's time).
+elapsed_s counts from the moment every generator has joined the weight-sync group. Choose a
+target both sides reach late in their runs: one reached at the first evaluations measures
+start-up, not learning.
 
 Utilisation, as fractions of the run's RL wall time (elapsed_s of the last row):
 - learner busy: the sum over steps of step_s - data_wait_s + sync_s (computing steps, pushing
-  weights); evaluations are shown apart (eval);
-- generator busy: time inside vLLM's generate, from the histogram
-  `asyncrl_generator_generate_seconds` (sum) that each generator serves on net.base_port+20+i,
-  scraped every --scrape-s seconds while the run goes and interpolated at the start and end of
-  the RL window (the window's start on the benchmark's clock is recovered from when each
-  metrics.jsonl row appeared). `gen load` is the engine's weight receive and reload
+  weights);
+- generator busy: the engine's busy time (`asyncrl_generator_engine_busy_seconds_total`, engine
+  steps while streaming), scraped from each generator's /metrics (net.base_port+20+i) every
+  --scrape-s seconds while the run goes and interpolated at the start and end of the RL window
+  (the window's start on the benchmark's clock is recovered from when each metrics.jsonl row
+  appeared); evaluations are part of it. `gen load` is the engine's weight receive and reload
   (`asyncrl_sync_receive_seconds`), which the learner's sync_s includes.
 
-Run dirs go under --out (default /tmp/asyncrl-bench-item4/<time>/); each run gets base ports of
-its own. Run from the repository root (3-4 min per async/sync pair on 2 cores, 10-12 min in all):
-    .venv/bin/python -m benchmarks.async_vs_sync [--seeds 0,1,2] [--repeats 1] [key=value ...]
+With --json PATH the medians and, under `ratios`, sync_over_async_time_to_target (target >= 2),
+sync_over_async_s_per_step and async_over_sync_samples_per_s are written there.
+
+Run dirs go under --out (default /tmp/asyncrl-bench-async/<time>/); each run gets base ports of
+its own. Run from the repository root (default config: 3-4 min per pair on 2 cores; reasoning:
+~12 min per pair):
+    .venv/bin/python -m benchmarks.async_vs_sync [--seeds 0,1,2] [key=value ...]
+    .venv/bin/python -m benchmarks.async_vs_sync --config configs/reasoning.yaml --steps 80 \
+        --eval-interval 10 --target 0.71 --json async_vs_sync.json
 """
 
 from __future__ import annotations
@@ -63,8 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--correction", default="none", help="learner.offpolicy of the async side")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; a pair per seed")
     p.add_argument("--repeats", type=int, default=1, help="async/sync pairs per seed")
+    p.add_argument("--json", metavar="PATH", help="write the figures and ratios here")
     p.add_argument("--scrape-s", type=float, default=1.0, help="generator metrics scrape period")
-    p.add_argument("--out", default="/tmp/asyncrl-bench-item4")
+    p.add_argument("--out", default="/tmp/asyncrl-bench-async")
     p.add_argument("--report-only", metavar="DIR",
                    help="print the report of the finished runs in DIR again, without running")
     return p
@@ -86,8 +91,7 @@ def parse_prometheus(text: str) -> dict[str, float]:
 @dataclass
 class Sample:
     t: float  # time.time() of the scrape
-    generate_s: float  # asyncrl_generator_generate_seconds_sum, summed over generators
-    generate_calls: float
+    busy_s: float  # asyncrl_generator_engine_busy_seconds_total, summed over generators
     load_s: float  # asyncrl_sync_receive_seconds_sum
 
 
@@ -144,8 +148,8 @@ class Watch:
                 return
         self.samples.append(Sample(
             t, *(sum(v.get(k, 0.0) for v in values) for k in (
-                "asyncrl_generator_generate_seconds_sum",
-                "asyncrl_generator_generate_seconds_count", "asyncrl_sync_receive_seconds_sum"))))
+                "asyncrl_generator_engine_busy_seconds_total",
+                "asyncrl_sync_receive_seconds_sum"))))
 
 
 # ------------------------------------------------------------------ after a run
@@ -176,36 +180,20 @@ class Run:
     def wall_s(self) -> float:
         return self.rows[-1]["elapsed_s"]
 
-    def eval_seconds(self, cost: bool = False) -> dict[int, float]:
-        """Evaluation step -> the seconds it took (cost=False) or added to the run (cost=True).
-
-        Took: the gap between rows k-1 and k minus step k's step_s and sync_s is the time spent
-        between steps; after an evaluation it exceeds the median after other steps by the
-        evaluation. Added: that, less what the next step waited for data below the median wait
-        after other steps: generation that overlapped the evaluation (the sync side makes its
-        next batch meanwhile) is not time the evaluation added."""
-        rows, after = self.rows, {r["step"] + 1 for r in self.rows if "eval_accuracy" in r}
-        gaps = {r["step"]: r["elapsed_s"] - p["elapsed_s"] - r["step_s"] - (r["sync_s"] or 0)
-                for p, r in zip(rows, rows[1:])}
-        base = statistics.median(v for k, v in gaps.items() if k not in after)
-        wait = statistics.median(r["data_wait_s"] for r in rows[1:] if r["step"] not in after)
-        return {r["step"] - 1: gaps[r["step"]] - base
-                - (max(0.0, wait - r["data_wait_s"]) if cost else 0.0)
-                for r in rows[1:] if r["step"] in after}
-
-    def to_target(self, target: float) -> tuple[int, float, float] | None:
-        """(step, elapsed_s, seconds the evaluations before it added) of the first evaluation
-        >= target."""
-        evals = self.eval_seconds(cost=True)
+    def to_target(self, target: float) -> tuple[int, float] | None:
+        """(step, elapsed_s) of the first row whose evaluation is >= target."""
         for r in self.rows:
             if r.get("eval_accuracy", -1) >= target:
-                return r["step"], r["elapsed_s"], sum(v for k, v in evals.items()
-                                                      if k < r["step"])
+                return r["step"], r["elapsed_s"]
         return None
 
     def step_s(self) -> float:
-        """Mean wall time per step over the whole run, without what evaluations added."""
-        return (self.wall_s - sum(self.eval_seconds(cost=True).values())) / (len(self.rows) - 1)
+        """Mean wall time per step over the whole run."""
+        return self.wall_s / (len(self.rows) - 1)
+
+    def samples_per_s(self) -> float:
+        """Completions trained on per second of RL wall time."""
+        return self.rows[-1]["samples_trained"] / self.wall_s
 
     def learner_busy_s(self) -> float:
         return sum(r["step_s"] - r["data_wait_s"] + (r["sync_s"] or 0) for r in self.rows[1:])
@@ -220,23 +208,21 @@ class Run:
         return t0, t0 + self.wall_s
 
     def generator_delta(self) -> Sample:
-        """Generate seconds, generate calls and load seconds inside the RL window."""
+        """Engine busy seconds and load seconds inside the RL window."""
         t0, t1 = self.window()
         a, b = _at(self.samples, t0), _at(self.samples, t1)
-        return Sample(t1 - t0, b.generate_s - a.generate_s, b.generate_calls - a.generate_calls,
-                      b.load_s - a.load_s)
+        return Sample(t1 - t0, b.busy_s - a.busy_s, b.load_s - a.load_s)
 
 
 def _at(samples: list[Sample], t: float) -> Sample:
     """The cumulative counters at time t, linearly interpolated between scrapes."""
     if not samples or t <= samples[0].t:
-        return Sample(t, 0.0, 0.0, 0.0)  # before the first scrape nothing was generated yet
+        return Sample(t, 0.0, 0.0)  # before the first scrape nothing was generated yet
     for a, b in zip(samples, samples[1:]):
         if a.t <= t <= b.t:
             w = (t - a.t) / (b.t - a.t)
             return Sample(t, *(x + w * (y - x) for x, y in (
-                (a.generate_s, b.generate_s), (a.generate_calls, b.generate_calls),
-                (a.load_s, b.load_s))))
+                (a.busy_s, b.busy_s), (a.load_s, b.load_s))))
     return samples[-1]
 
 
@@ -278,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = sorted((Run.load(d) for d in Path(args.report_only).iterdir()
                        if (d / "bench_watch.json").exists()), key=lambda r: r.order)
         names = sorted({r.setting for r in runs}, key=lambda n: n == "sync")
-        report(runs, args.target, names[-1], names[0])
+        report(runs, args.target, names[-1], names[0], args.json)
         return
     print(f"# async vs sync, time to {args.target:.0%} held-out accuracy  ({machine()})",
           flush=True)
@@ -294,64 +280,69 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.config} {' '.join(args.overrides)}, {args.steps} steps, eval every "
           f"{args.eval_interval}; async = {async_.name} ({' '.join(async_.overrides)}); "
           f"asyncrl from {Path(asyncrl.__file__).parent}; run dirs in {out_dir}")
-    report(runs, args.target, sync.name, async_.name)
+    report(runs, args.target, sync.name, async_.name, args.json)
 
 
-def report(runs: list[Run], target: float, sync_name: str, async_name: str) -> None:
-    from benchmarks.common import table
+def report(runs: list[Run], target: float, sync_name: str, async_name: str,
+           json_path: str | None = None) -> None:
+    from benchmarks.common import table, write_json
 
     rows, util = [], []
     for r in runs:
         hit = r.to_target(target)
         evals = [x["eval_accuracy"] for x in r.rows if "eval_accuracy" in x]
         rows.append([r.order, r.setting, r.seed,
-                     *([hit[0], f"{hit[1]:.1f}", f"{hit[2]:.1f}", f"{hit[1] - hit[2]:.1f}",
-                        f"{(hit[1] - hit[2]) / max(1, hit[0]):.2f}"]
-                       if hit else ["-", "not reached", "-", "-", "-"]),
-                     f"{evals[-1]:.3f}", f"{max(evals):.3f}", f"{r.wall_s:.1f}",
-                     f"{r.step_s():.2f}"])
+                     *([hit[0], f"{hit[1]:.1f}"] if hit else ["-", "not reached"]),
+                     f"{evals[0]:.3f}", f"{evals[-1]:.3f}", f"{max(evals):.3f}",
+                     f"{r.wall_s:.1f}", f"{r.step_s():.2f}", f"{r.samples_per_s():.1f}"])
         g = r.generator_delta()
         steps = r.rows[1:]
         util.append([r.order, r.setting, f"{r.learner_busy_s() / r.wall_s:.0%}",
-                     f"{sum(r.eval_seconds().values()) / r.wall_s:.0%}",
-                     f"{g.generate_s / r.wall_s:.0%}", f"{g.load_s / r.wall_s:.0%}",
-                     f"{g.generate_s / max(1.0, g.generate_calls):.2f}",
+                     f"{g.busy_s / r.wall_s:.0%}", f"{g.load_s / r.wall_s:.0%}",
                      f"{_med(steps, lambda x: x['step_s'] - x['data_wait_s']):.2f}",
                      f"{_med(steps, lambda x: x['data_wait_s']):.2f}",
                      f"{_med(steps, lambda x: x['sync_s'] or 0):.3f}",
                      f"{g.load_s / max(1, len(steps)):.3f}",
                      f"{statistics.mean(x['staleness_mean'] for x in steps):.2f}"])
-    print(f"\ntime to {target:.0%} held-out accuracy, s of RL wall time (eval added: by the "
-          "evaluations before the target; s/step: minus eval, up to the target and over the "
-          "whole run)")
-    print(table(["run", "setting", "seed", "step", "time to target", "eval added", "minus eval",
-                 "s/step", "final acc", "best acc", "wall s", "s/step all"], rows))
+    print(f"\ntime to {target:.0%} held-out accuracy, s of RL wall time")
+    print(table(["run", "setting", "seed", "step", "time to target", "first acc", "final acc",
+                 "best acc", "wall s", "s/step", "samples/s"], rows))
     print("\nutilisation (fractions of the wall time) and per-step medians (s)")
-    print(table(["run", "setting", "learner busy", "eval", "gen busy", "gen load",
-                 "gen s/call", "step compute", "data wait", "sync_s", "gen load/step",
-                 "staleness"], util))
+    print(table(["run", "setting", "learner busy", "gen busy", "gen load", "step compute",
+                 "data wait", "sync_s", "gen load/step", "staleness"], util))
     print()
     names = (async_name, sync_name)
-    for label, pick in (("time to target, including eval", lambda h: h[1]),
-                        ("time to target, minus eval", lambda h: h[1] - h[2]),
-                        ("steps to target", lambda h: h[0])):
-        ratio = _compare({n: [r.to_target(target) for r in runs if r.setting == n]
-                          for n in names}, label, pick, sync_name, async_name)
-        if ratio is not None and label.startswith("time"):
-            print(f"{'':>14} target >= 1.3x: {'met' if ratio >= 1.3 else 'not met'}")
-    _compare({n: [(r.step_s(),) for r in runs if r.setting == n] for n in names},
-             "s per step over the whole run, minus eval", lambda h: h[0], sync_name, async_name)
-    for other in (target - 0.1, target - 0.05):
-        _compare({n: [r.to_target(other) for r in runs if r.setting == n] for n in names},
-                 f"time to {other:.0%}, including eval", lambda h: h[1], sync_name, async_name)
+    ratios = {}
+    time_ratio = _compare({n: [r.to_target(target) for r in runs if r.setting == n]
+                           for n in names}, "time to target", lambda h: h[1], sync_name,
+                          async_name)
+    if time_ratio is not None:
+        ratios["sync_over_async_time_to_target"] = time_ratio
+        print(f"{'':>14} target >= 2x: {'met' if time_ratio >= 2 else 'not met'}")
+    _compare({n: [r.to_target(target) for r in runs if r.setting == n] for n in names},
+             "steps to target", lambda h: h[0], sync_name, async_name)
+    ratios["sync_over_async_s_per_step"] = _compare(
+        {n: [(r.step_s(),) for r in runs if r.setting == n] for n in names},
+        "s per step over the whole run", lambda h: h[0], sync_name, async_name)
+    per_s = _compare({n: [(r.samples_per_s(),) for r in runs if r.setting == n] for n in names},
+                     "samples/s", lambda h: h[0], sync_name, async_name)
+    ratios["async_over_sync_samples_per_s"] = 1 / per_s  # both sides ran: never None
+    print(f"{'':>14} (samples/s: async / sync = {1 / per_s:.2f}x)")
+    figures = {}
     for name in names:
         mine = [r for r in runs if r.setting == name]
         busy = [r.learner_busy_s() / r.wall_s for r in mine]
-        ev = [sum(r.eval_seconds().values()) / r.wall_s for r in mine]
-        gen = [r.generator_delta().generate_s / r.wall_s for r in mine]
-        print(f"{name:>14} utilisation: learner {statistics.mean(busy):.0%} (+ eval "
-              f"{statistics.mean(ev):.0%}), generator {statistics.mean(gen):.0%} "
-              f"(mean of {len(mine)} runs)")
+        gen = [r.generator_delta().busy_s / r.wall_s for r in mine]
+        hits = [r.to_target(target) for r in mine]
+        figures[name] = {"time_to_target_s": [h[1] if h else None for h in hits],
+                         "steps_to_target": [h[0] if h else None for h in hits],
+                         "s_per_step": [r.step_s() for r in mine],
+                         "samples_per_s": [r.samples_per_s() for r in mine],
+                         "learner_busy": busy, "generator_busy": gen,
+                         "seeds": [r.seed for r in mine]}
+        print(f"{name:>14} utilisation: learner {statistics.mean(busy):.0%}, generator "
+              f"{statistics.mean(gen):.0%} (mean of {len(mine)} runs)")
+    write_json(json_path, {"target": target, **figures}, ratios)
 
 
 def _compare(hits: dict[str, list], label: str, pick, sync_name: str,

@@ -150,7 +150,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out_dir)
     tok = AutoTokenizer.from_pretrained(out_dir)
-    model = build_model(out_dir, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+    model = build_model(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
                         seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir

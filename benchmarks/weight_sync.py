@@ -127,6 +127,32 @@ def _reload_times(worker) -> list[float]:
     return list(worker.bench_reload_s)
 
 
+def _reload_floor(worker, specs: list[list], reps: int) -> dict:
+    """Inside the vLLM worker: the engine's reload alone, from tensors already in its memory
+    (random values of the pushed shapes; no network, no buckets), `reps` times; and where the
+    last one's time goes (cProfile, the largest cumulative entries below reload_weights)."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    named = [(n, torch.randn(shape).to(getattr(torch, dt))) for n, dt, shape in specs]
+    times = []
+    prof = cProfile.Profile()
+    for rep in range(reps):
+        if rep == reps - 1:
+            prof.enable()
+        t0 = time.perf_counter()
+        worker.model_runner.reload_weights(weights_iterator=iter(named),
+                                           is_checkpoint_format=True)
+        times.append(time.perf_counter() - t0)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    top = sorted(((v[3], f"{k[2]} ({Path(k[0]).name}:{k[1]})") for k, v in stats.stats.items()),
+                 reverse=True)
+    return {"times": times, "top": [(round(t, 3), name) for t, name in top[:25]]}
+
+
 def generator(path: str, control_port: int, store_port: int, raw_port: int) -> None:
     import resource
 
@@ -161,6 +187,9 @@ def generator(path: str, control_port: int, store_port: int, raw_port: int) -> N
             for dt in sorted(raw_bufs):
                 group.broadcast(raw_pg, raw_bufs[dt], root=0)
             control.send(b"RAW_DONE")
+        elif frame.startswith(b"FLOOR"):
+            floor = engine.llm.collective_rpc(_reload_floor, args=(json.loads(frame[5:]), 3))[0]
+            control.send(b"FLOOR" + json.dumps(floor).encode())
         elif frame == b"STATS":
             control.send(json.dumps({
                 "receive_s": receive_s, "reload_s": engine.llm.collective_rpc(_reload_times)[0],
@@ -244,6 +273,11 @@ def main(argv: list[str] | None = None) -> None:
             push_s.append(sender.sync(model, rep + 1, due=True)[0])
         server.send(ident, b"STATS")
         stats = json.loads(_reply(server, b"{"))
+        # The floor: the engine's reload of the same tensors from its own memory (after the
+        # timed rounds and their stats: it loads random values).
+        specs = weights.specs_of(weights.sendable(model), "float32")
+        server.send(ident, b"FLOOR" + json.dumps(specs).encode())
+        floor = json.loads(_reply(server, b"FLOOR")[5:])
         server.send(ident, b"STOP")
         child.join(60)
     finally:
@@ -256,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     raw_s, push_s = raw_s[warmup:], push_s[warmup:]
     recv_s, reload_s = stats["receive_s"][warmup:], stats["reload_s"][warmup:]
     recv, reload = median(recv_s), median(reload_s)
-    raw_med, push_med = median(raw_s), median(push_s)
+    raw_med, push_med, floor_med = median(raw_s), median(push_s), median(floor["times"])
     print(f"model {path.name}: {n_params / 1e6:.1f}M parameters, {len(model.state_dict())} "
           f"tensors, {nbytes / 1e6:.1f} MB sent per push (float32{tied}). "
           f"Engine start-up "
@@ -273,7 +307,12 @@ def main(argv: list[str] | None = None) -> None:
          _runs([a - b for a, b in zip(recv_s, reload_s)]), ""],
         ["  rest (control, wake-up, prefix cache)", f"{push_med - recv:.3f}",
          _runs([a - b for a, b in zip(push_s, recv_s)]), ""],
+        ["engine reload alone (tensors in memory, no network)", f"{floor_med:.3f}",
+         _runs(floor["times"]), f"{floor_med / raw_med:.2f}"],
     ]))
+    print("where the engine's reload goes (cProfile of one reload, cumulative s; the floor):")
+    for t, name in [x for x in floor["top"] if x[0] >= 0.05 * floor["times"][-1]][:12]:
+        print(f"  {t:7.3f}  {name}")
     print(f"{reps} timed runs after {warmup} warm-up; raw broadcast rate "
           f"{nbytes / raw_med / 1e9:.2f} GB/s; target: push <= 1.5 x raw")
     print(f"copying {nbytes / 1e6:.0f} MB into a freshly allocated buffer takes {fresh_s:.3f} s, "
@@ -284,7 +323,10 @@ def main(argv: list[str] | None = None) -> None:
         "warmup": warmup, "bucket_mb": args.bucket_mb, "raw_s": raw_med, "push_s": push_med,
         "receive_load_s": reload, "rest_s": push_med - recv,
         "raw_runs_s": raw_s, "push_runs_s": push_s, "engine_startup_s": stats["startup_s"],
-        "raw_gb_per_s": nbytes / raw_med / 1e9}, {"push_over_raw": push_med / raw_med})
+        "raw_gb_per_s": nbytes / raw_med / 1e9, "reload_floor_s": floor_med,
+        "reload_floor_runs_s": floor["times"], "reload_profile": floor["top"]},
+        {"push_over_raw": push_med / raw_med, "reload_floor_over_raw": floor_med / raw_med,
+         "push_over_reload_floor": push_med / floor_med})
 
 
 def copy_costs(numel: int) -> tuple[float, float]:
