@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import msgpack
@@ -62,8 +63,27 @@ def test_every_kind_round_trips():
         "eval_result": dict(sender="gen0", asked=2, accuracy=0.75, problems=512, seconds=0.4),
     }
     for kind, fields in cases.items():
-        assert wire.decode(wire.encode(kind, 2, **fields)).kind == kind
+        msg = wire.decode(wire.encode(kind, 2, **fields))
+        assert type(msg) is wire.MESSAGES[kind] and msg.kind == kind and msg.policy_version == 2
+        got = {k: v for k, v in msg.as_dict().items() if k not in ("kind", "policy_version")}
+        if kind != "batch":  # its groups come back as TrajectoryGroups
+            assert got == fields, kind
     assert set(cases) | {"trajectories"} == set(wire.KINDS)
+
+
+def test_receivers_get_typed_messages_with_only_the_declared_fields():
+    ack = wire.decode(wire.encode("ack", 3, seq=7, status="ok", reason=""))
+    assert isinstance(ack, wire.Ack) and (ack.seq, ack.status) == (7, "ok")
+    with pytest.raises(AttributeError):
+        ack.sequence  # a misspelt field fails where it is read  # noqa: B018
+    with pytest.raises(AttributeError):
+        ack.seq = 8  # frozen: a receiver cannot rewrite what it was sent
+    with pytest.raises(TypeError):
+        ack["seq"]  # no string keys  # noqa: B018
+    # The schema the codec checks is the classes' fields, in their order.
+    for kind, cls in wire.MESSAGES.items():
+        declared = [f.name for f in dataclasses.fields(cls) if f.name != "policy_version"]
+        assert list(wire.SCHEMA[kind]) == declared, kind
 
 
 def _raw(msg):
