@@ -48,7 +48,9 @@ def field_errors(cfg: RunConfig) -> list[str]:
              + _choice("learner.loss_agg", lc.loss_agg, LOSS_AGG)
              + _choice("learner.kl_estimator", lc.kl_estimator, KL_ESTIMATORS)
              + _choice("learner.kl_mode", lc.kl_mode, ("loss", "reward"))
-             + _choice("learner.strategy", lc.strategy, STRATEGIES))
+             + _choice("learner.strategy", lc.strategy, STRATEGIES)
+             + _choice("warm_start.lr_schedule", cfg.warm_start.lr_schedule,
+                       ("constant", "cosine")))
     errs += _choice("task.eval_reward", cfg.task.eval_reward, REWARD_FUNCTIONS)
     errs += [f"task.rewards has unknown {k!r}: choose from {sorted(REWARD_FUNCTIONS)}"
              for k in cfg.task.rewards if k not in REWARD_FUNCTIONS]

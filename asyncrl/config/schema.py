@@ -98,6 +98,10 @@ class WarmStartConfig:
     """SFT optimizer steps for the built-in model before RL (0: RL from random init)."""
     batch_size: int = 64
     lr: float = 1e-3
+    lr_schedule: str = "constant"
+    """After 20 warm-up steps: "constant" (the embedded default's, as it has always been built)
+    or "cosine" (down to 0 at the last step; the reasoning task's scratchpads need it: at a
+    constant 1e-3 the last steps' loss still jumps 0.03-0.3 and where SFT stops is luck)."""
     cache_dir: str = "~/.cache/asyncrl"
     """Where the built model is kept; reused when the same model/task/warm-start config recurs."""
 

@@ -20,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from asyncrl.config import BUILTIN_MAX_POSITIONS, BUILTIN_MODEL, PRETRAINED_BUILTINS, RunConfig
@@ -88,9 +90,11 @@ def cache_key(cfg: RunConfig) -> str:
     fields = ["name", "digits", "train_size", "eval_size", "seed"]
     if cfg.task.name == "reasoning":
         fields += ["min_terms", "max_terms", "terms_tail"]
+    warm = {k: v for k, v in asdict(cfg.warm_start).items() if k != "cache_dir"}
+    if warm["lr_schedule"] == "constant":  # added later: the models built before keep their key
+        del warm["lr_schedule"]
     parts = {"v": BUILD_VERSION, "task": {k: getattr(cfg.task, k) for k in fields},
-             "warm": {k: v for k, v in asdict(cfg.warm_start).items() if k != "cache_dir"},
-             "seed": cfg.seed}
+             "warm": warm, "seed": cfg.seed}
     if cfg.model.path != BUILTIN_MODEL:
         parts["builtin"] = cfg.model.path
     blob = json.dumps(parts, sort_keys=True)
@@ -127,7 +131,8 @@ def _build(cfg: RunConfig, out: Path, progress: Callable[[str], None]) -> None:
     progress(f"[prepare] building tiny Llama ({sum(p.numel() for p in model.parameters())/1e6:.1f}M"
              f" params), SFT {ws.steps} steps x {ws.batch_size} on {len(train)} problems")
     opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(sft_lr_factor, steps=ws.steps,
+                                                           schedule=ws.lr_schedule))
     rng = random.Random(cfg.seed)
     batches = _sft_batches(train, ws.batch_size, rng)
     model.train()
@@ -149,6 +154,16 @@ def _build(cfg: RunConfig, out: Path, progress: Callable[[str], None]) -> None:
         {"build_version": BUILD_VERSION, "key": cache_key(cfg), "sft_steps": ws.steps,
          "seconds": round(time.time() - t0, 1)}))
     progress(f"[prepare] model ready ({time.time() - t0:.0f}s)")
+
+
+def sft_lr_factor(step: int, steps: int, schedule: str, warmup: int = 20) -> float:
+    """The SFT learning rate at `step` as a fraction of warm_start.lr: linear warm-up over
+    `warmup` steps, then constant, or a cosine from 1 at the end of warm-up to 0 at `steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
 
 
 def _sft_batches(train: list, batch_size: int, rng: random.Random, bucket: int = 8):

@@ -139,6 +139,24 @@ def test_cache_keys_separate_the_builtins_and_keep_the_default(task):
     assert len({cache_key(default), cache_key(reasoning), cache_key(other)}) == 3
 
 
+def test_the_sft_schedule_warms_up_then_stays_or_decays_and_only_cosine_changes_the_key():
+    from asyncrl.task.tiny_model import cache_key, sft_lr_factor
+
+    assert [sft_lr_factor(s, 100, "constant") for s in (0, 9, 19, 20, 99)] == [
+        0.05, 0.5, 1.0, 1.0, 1.0]  # what every model built before the option had
+    cos = [sft_lr_factor(s, 100, "cosine") for s in range(100)]
+    assert cos[:20] == [(s + 1) / 20 for s in range(20)] and cos[20] == 1.0
+    assert all(a >= b for a, b in zip(cos[20:], cos[21:])) and cos[-1] < 0.001
+    assert abs(sft_lr_factor(60, 100, "cosine") - 0.5) < 1e-9  # halfway down at mid-decay
+    # the model built with 1500 constant-rate steps before the option existed keeps its key
+    plain = load_config(CONFIG, ["warm_start.steps=1500", "warm_start.lr_schedule=constant"])
+    assert cache_key(plain) == "934a6543afd3"
+    assert cache_key(load_config(CONFIG, ["warm_start.steps=1500",
+                                          "warm_start.lr_schedule=cosine"])) != "934a6543afd3"
+    with pytest.raises(ValueError, match="warm_start.lr_schedule"):
+        load_config(CONFIG, ["warm_start.lr_schedule=linear"])
+
+
 def test_too_many_problems_for_the_space_fail_naming_the_fields():
     with pytest.raises(ValueError, match="task.train_size"):
         make_problems(1, 2, 2, 1.0, 100, 10, 0)  # only 81 two-term sums of one digit
