@@ -170,9 +170,20 @@ class Client:
         return None
 
     def request(self, payload: bytes, timeout_s: float) -> bytes | None:
-        """Send and wait for one reply; None (and a fresh socket) when none came in time."""
-        self.sock.send(payload)
-        reply = self.poll(timeout_s)
+        """Send and wait for one reply; None (and a fresh socket) when none came in time.
+
+        The send waits at most timeout_s too: a DEALER without a usable pipe blocks in send,
+        which is what happens while libzmq drops and redials a connection whose CURVE
+        handshake the server refused (a peer with the wrong keys would otherwise hang here
+        instead of timing out)."""
+        sent = False
+        if self.sock.poll(int(timeout_s * 1000), zmq.POLLOUT):
+            try:
+                self.sock.send(payload, flags=zmq.NOBLOCK)
+                sent = True
+            except zmq.Again:
+                pass
+        reply = self.poll(timeout_s) if sent else None
         if reply is None:
             self.sock.close(linger=0)
             self._open()

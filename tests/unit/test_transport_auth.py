@@ -118,3 +118,22 @@ def test_heartbeat_without_keys_never_arrives(served):
     _, port, refusals, _ = served
     transport.Heartbeat(HOST, port, lambda: b"beat", 0.05, None).start()
     assert refusals.wait_for(*NO_CURVE)
+
+
+def test_a_request_that_cannot_be_sent_times_out_instead_of_blocking(served, tmp_path):
+    """While libzmq drops and redials a connection whose handshake was refused, a DEALER has
+    no pipe and a blocking send would wait forever (seen in tests/e2e/test_auth.py under load).
+    ZMQ_IMMEDIATE makes that state permanent here: no pipe until a handshake succeeds."""
+    import zmq
+
+    _, port, _, _ = served
+    other = transport.load_keys(transport.make_keys(tmp_path / "other"))
+    client = transport.Client(transport.context(), HOST, port, "gen0", other)
+    client.sock.close(linger=0)
+    client.sock = client.ctx.socket(zmq.DEALER)
+    client.sock.setsockopt(zmq.IMMEDIATE, 1)
+    transport._client_keys(client.sock, other)
+    client.sock.connect(client.addr)
+    t0 = time.monotonic()
+    assert client.request(b"trajectories", timeout_s=0.5) is None
+    assert time.monotonic() - t0 < 5
