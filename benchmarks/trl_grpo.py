@@ -92,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="the TRL venv's interpreter")
     p.add_argument("--trl-threads", type=int, default=2, help="torch threads of the TRL process")
     p.add_argument("--out", default="/tmp/asyncrl-bench-item5")
+    p.add_argument("--json", metavar="PATH", help="write the figures and ratios here")
     p.add_argument("--setup", action="store_true",
                    help=f"create the TRL venv at {TRL_VENV} (the commands above) and exit")
     p.add_argument("--trl-side", action="store_true", help=argparse.SUPPRESS)
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.config} {' '.join(args.overrides)}, {args.steps} steps, eval every "
           f"{args.eval_interval}, TRL with {args.trl_threads} threads; model {model_dir}; "
           f"run dirs in {out_dir}")
-    report(results, args.target)
+    report(results, args.target, args.json)
 
 
 def _line(r: dict) -> str:
@@ -359,8 +360,8 @@ def _line(r: dict) -> str:
             f"{r['acc_final']:.3f}, {hit}")
 
 
-def report(results: list[dict], target: float) -> None:
-    from benchmarks.common import table
+def report(results: list[dict], target: float, json_path: str | None = None) -> None:
+    from benchmarks.common import table, write_json
 
     rows = []
     for n, r in enumerate(results, 1):
@@ -396,16 +397,20 @@ def report(results: list[dict], target: float) -> None:
                  f"(steps x median step: {med[side][3]:.1f} s)" if hits else "not reached")
               + (f" ({len(mine) - len(hits)} of {len(mine)} runs did not reach it)"
                  if hits and len(hits) < len(mine) else ""))
+    ratios = {}
     if len(med) == 2:
+        ratios["asyncrl_over_trl_samples_per_s"] = med["asyncrl"][0] / med["trl"][0]
         print(f"   ratio: samples/s asyncrl / TRL {med['asyncrl'][0] / med['trl'][0]:.2f}x "
               f"({med['asyncrl'][2] / med['trl'][2]:.2f}x at the median step)", end="")
         if med["asyncrl"][1] and med["trl"][1]:
             ratio = med["trl"][1] / med["asyncrl"][1]
             paced = med["trl"][3] / med["asyncrl"][3]
+            ratios["trl_over_asyncrl_time_to_target"] = ratio
             print(f"; time to target TRL / asyncrl {ratio:.2f}x ({paced:.2f}x at the median step;"
                   f" target >= 2x: {'met' if ratio >= 2 else 'not met'})")
         else:
             print()
+    write_json(json_path, {"target": target, "runs": results}, ratios)
 
 
 if __name__ == "__main__":
