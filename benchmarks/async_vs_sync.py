@@ -181,8 +181,9 @@ class Run:
         return self.rows[-1]["elapsed_s"]
 
     def to_target(self, target: float) -> tuple[int, float] | None:
-        """(step, elapsed_s) of the first row whose evaluation is >= target."""
-        for r in self.rows:
+        """(step, elapsed_s) of the first row after step 0 whose evaluation is >= target (the
+        SFT policy's row 0 is where learning starts, not a time to it)."""
+        for r in self.rows[1:]:
             if r.get("eval_accuracy", -1) >= target:
                 return r["step"], r["elapsed_s"]
         return None
@@ -305,6 +306,10 @@ def report(runs: list[Run], target: float, sync_name: str, async_name: str,
                      f"{g.load_s / max(1, len(steps)):.3f}",
                      f"{statistics.mean(x['staleness_mean'] for x in steps):.2f}"])
     print(f"\ntime to {target:.0%} held-out accuracy, s of RL wall time")
+    if any(r.rows[0].get("eval_accuracy", -1) >= target for r in runs):
+        print(f"warning: the SFT policy already scores >= {target:.0%} in some runs: that time "
+              "measures noise around the start, not learning; choose a target both sides reach "
+              "late in their runs")
     print(table(["run", "setting", "seed", "step", "time to target", "first acc", "final acc",
                  "best acc", "wall s", "s/step", "samples/s"], rows))
     print("\nutilisation (fractions of the wall time) and per-step medians (s)")
@@ -356,7 +361,8 @@ def _compare(hits: dict[str, list], label: str, pick, sync_name: str,
               + (f"median {statistics.median(values[name]):.2f} of "
                  f"{', '.join(f'{v:.2f}' for v in values[name])}" if values[name] else "-")
               + (f" ({missed} of {len(hs)} runs did not reach it)" if missed else ""))
-    if not (values[sync_name] and values[async_name]):
+    if not (values[sync_name] and values[async_name]) or statistics.median(
+            values[async_name]) == 0:
         return None
     ratio = statistics.median(values[sync_name]) / statistics.median(values[async_name])
     pairs = ""  # the i-th run of each setting belong to the same pair (run side by side)
