@@ -13,7 +13,7 @@ import numpy as np
 
 from asyncrl.wire.fields import MessageError, _brief, _type_name
 from asyncrl.wire.groups import TrajectoryGroup, group_columns
-from asyncrl.wire.messages import MESSAGES, POLICY_VERSION, SCHEMA, Message
+from asyncrl.wire.messages import MESSAGES, SCHEMA, VERSION, Message
 
 # 2: groups travel as columns (one array per field per message).
 # 3: each group carries its identity (incarnation, seq, index; asyncrl/buffer/journal.py)
@@ -79,7 +79,7 @@ def _check_fields(kind: str, msg: dict, vocab_size: int | None, build: bool) -> 
     """Check (and with `build`, convert) every declared field of `msg` in place."""
     if "policy_version" not in msg:
         raise MessageError("missing_field", "policy_version")
-    msg["policy_version"] = POLICY_VERSION.check(msg["policy_version"], "policy_version",
+    msg["policy_version"] = VERSION.check(msg["policy_version"], "policy_version",
                                                   vocab_size, build)
     fields = SCHEMA[kind]
     for key in msg:  # keys are str or bytes (strict_map_key), so hashable

@@ -32,7 +32,7 @@ from asyncrl.wire.groups import Groups, TrajectoryGroup
 
 NAME = Str(MAX_NAME)  # sender names, incarnations, sessions
 REASON = Str(MAX_REASON)
-VERSION = Int(0, MAX_VERSION, reason="bad_version")
+VERSION = Int(0, MAX_VERSION, reason="bad_version")  # policy_version, every message's
 SECRET = Str(MAX_NAME, nonempty=True)
 
 
@@ -191,7 +191,6 @@ def _checks(cls: type[Message]) -> dict[str, Any]:
     return {f.name: hints[f.name].__metadata__[0] for f in fields(cls)}
 
 
-POLICY_VERSION = VERSION  # every message carries one
 # kind -> field -> its check, without policy_version (the header's).
 SCHEMA: dict[str, dict[str, Any]] = {
     kind: {k: v for k, v in _checks(cls).items() if k != "policy_version"}
