@@ -79,8 +79,8 @@ def _check_fields(kind: str, msg: dict, vocab_size: int | None, build: bool) -> 
     """Check (and with `build`, convert) every declared field of `msg` in place."""
     if "policy_version" not in msg:
         raise MessageError("missing_field", "policy_version")
-    msg["policy_version"] = VERSION.check(msg["policy_version"], "policy_version",
-                                                  vocab_size, build)
+    msg["policy_version"] = VERSION.check(msg["policy_version"], "policy_version", vocab_size,
+                                          build)
     fields = SCHEMA[kind]
     for key in msg:  # keys are str or bytes (strict_map_key), so hashable
         if key not in fields and key not in _HEADER:
