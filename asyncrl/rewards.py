@@ -29,6 +29,9 @@ _INT_RE = re.compile(r"-?\d+")
 # DOTALL: the demo's patterns had no flag, so any multi-line reasoning failed to match.
 _STRICT_RE = re.compile(r"<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n?", re.DOTALL)
 _SOFT_RE = re.compile(r"\s*<reasoning>.*?</reasoning>\s*<answer>.*?</answer>\s*", re.DOTALL)
+# One step of a worked sum. 18 digits at most: int() of longer strings is slow (and refused
+# past 4300 digits), and no step of a task here is that long.
+_STEP_RE = re.compile(r"(-?\d{1,18})\+(-?\d{1,18})=(-?\d{1,18})")
 
 
 def extract_answer(completion: str) -> str:
@@ -80,6 +83,32 @@ def xmlcount_reward(completion: str, answer: str = "") -> float:
     return count
 
 
+def scratchpad_reward(completion: str, answer: str = "") -> float:
+    """The share of the lines inside <reasoning>...</reasoning> that are a right step of a sum
+    worked line by line (the reasoning task's scratchpad, asyncrl/task/reasoning.py): `a+b=c`
+    with c = a + b, and a the previous line's c (the first line's a is free). 0.0 without a
+    reasoning block or lines.
+
+    A process reward: it scores each step's arithmetic, so completions that all miss the final
+    answer still differ in how many steps they got right. It cannot see whether b is the
+    prompt's next term (a reward sees only the completion and the answer); correctness does.
+    """
+    if "<reasoning>" not in completion:
+        return 0.0
+    body = completion.split("<reasoning>", 1)[1].split("</reasoning>", 1)[0]
+    lines = [line.strip() for line in body.split("\n") if line.strip()]
+    good, previous = 0, None
+    for line in lines:
+        m = _STEP_RE.fullmatch(line)
+        if m is None:
+            previous = None
+            continue
+        a, b, c = (int(x) for x in m.groups())
+        good += c == a + b and (previous is None or a == previous)
+        previous = c
+    return good / len(lines) if lines else 0.0
+
+
 def math_verify_reward(completion: str, answer: str) -> float:
     """1.0 when math-verify finds the extracted answer mathematically equal to the reference
     (1/2 == 0.5 == \\frac{1}{2}), else 0.0. Needs `pip install math-verify`."""
@@ -103,6 +132,7 @@ REWARD_FUNCTIONS: dict[str, Callable[[str, str], float]] = {
     "strict_format": strict_format_reward,
     "soft_format": soft_format_reward,
     "xmlcount": xmlcount_reward,
+    "scratchpad": scratchpad_reward,
     "math_verify": math_verify_reward,
 }
 

@@ -15,7 +15,10 @@ loads) and with SDPA (its default, usually faster). One untimed warm-up call eac
 median of --reps timed calls. Tokens/s counts generated tokens only.
 
 Run from the repository root (60-120 s on 2 cores, a third of it vLLM start-up):
-    .venv/bin/python -m benchmarks.generation
+    .venv/bin/python -m benchmarks.generation [--json PATH]
+
+`--json` writes each engine's tokens/s, and under `ratios`
+`vllm_over_transformers_<attn>_tokens_per_s`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="CPU threads of each engine")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--work-dir", default="~/.cache/asyncrl/bench")
+    common.add_json_argument(p)
     return p
 
 
@@ -131,17 +135,24 @@ def main(argv: list[str] | None = None) -> None:
         results.append(q.get())
     expect = args.prompts * args.samples * args.tokens
     vllm_rate = None
-    rows = []
+    rows, figures = [], {}
     for name, runs, threads in results:
         rates = [n / s for s, n in runs]
         if any(n != expect for _, n in runs):
             raise RuntimeError(f"{name} generated {[n for _, n in runs]} tokens, not {expect}")
         vllm_rate = vllm_rate or median(rates)
+        figures[name] = {"threads": threads, "s_per_call": median([s for s, _ in runs]),
+                         "tokens_per_s": median(rates), "tokens_per_s_runs": rates}
         rows.append([name, threads, f"{median([s for s, _ in runs]):.3f}", f"{median(rates):,.0f}",
                      " ".join(f"{r:,.0f}" for r in rates), f"{median(rates) / vllm_rate:.2f}"])
     print(f"batch: {args.prompts} prompts x {args.samples} samples x {args.tokens} tokens = "
           f"{expect} tokens per call, temperature 1, float32, median of {args.reps} calls")
     print(table(["engine", "threads", "s/call", "tokens/s", "all runs", "x vLLM"], rows))
+    ratios = {f"vllm_over_transformers_{attn}_tokens_per_s":
+              vllm_rate / figures[f"transformers generate ({attn})"]["tokens_per_s"]
+              for attn in ("eager", "sdpa")}
+    figures["batch"] = {"prompts": args.prompts, "samples": args.samples, "tokens": args.tokens}
+    common.write_json(args.json, figures, ratios)
 
 
 if __name__ == "__main__":

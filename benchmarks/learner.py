@@ -25,7 +25,10 @@ printed max |logprob diff| (`asyncrl.learner.model.check_packing`) checks that p
 padded forwards agree on every completion token.
 
 Run from the repository root (about 70 s on 2 cores):
-    .venv/bin/python -m benchmarks.learner
+    .venv/bin/python -m benchmarks.learner [--json PATH]
+
+`--json` writes every case's figures, and under `ratios` the speed-up of each,
+`padded_over_packed_step_s_<case number>`.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pack-width", type=int, default=64,
                    help="learner.pack_row_tokens of the packed layout")
     p.add_argument("--work-dir", default="~/.cache/asyncrl/bench")
+    common.add_json_argument(p)
     return p
 
 
@@ -122,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     warm = collate(make_groups(CASES[0], vocab, rng), pad)  # first steps allocate AdamW state
     for lc in (padded_lc, packed_lc):
         train_step(models, warm, lc, temperature=1.0, max_tokens=CASES[0].max_tokens)
-    rows, diffs = [], []
-    for case in CASES:
+    rows, diffs, figures, ratios = [], [], {}, {}
+    for number, case in enumerate(CASES, 1):
         batches = [collate(make_groups(case, vocab, rng), pad) for _ in range(args.reps)]
         padded_s, packed_s, shapes = [], [], []
         for batch in batches:
@@ -155,6 +159,11 @@ def main(argv: list[str] | None = None) -> None:
         b = batches[0]
         diffs.append(check_packing(model, b.input_ids, b.attention_mask, b.completion_mask,
                                    args.pack_width))
+        figures[case.name] = {"computed_tokens": computed, "computed_tokens_packed":
+                              computed_packed, "real_tokens": real, "trained_tokens": trained,
+                              "padded_step_s": pad_s, "packed_step_s": pack_s,
+                              "max_logprob_diff": diffs[-1]}
+        ratios[f"padded_over_packed_step_s_{number}"] = pad_s / pack_s
     print(f"threads {torch.get_num_threads()}, groups of {GROUP_SIZE} completions, medians of "
           f"{args.reps} steps per case and layout (each on a new random batch); tokens per step")
     print(table(["case", "padded rows x width", "computed tok", "real tok", "trained tok",
@@ -162,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                  "step s", "trained tok/s", "speed-up"], rows))
     print(f"packed vs padded forward, max |logprob diff| on completion tokens per case: "
           f"{', '.join(f'{d:.1e}' for d in diffs)}")
+    common.write_json(args.json, figures, ratios)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from asyncrl.rewards import (
     extract_answer,
     int_reward,
     math_verify_reward,
+    scratchpad_reward,
     soft_format_reward,
     strict_format_reward,
     xmlcount_reward,
@@ -56,6 +57,28 @@ def test_soft_format_allows_whitespace_only():
     assert soft_format_reward(SOFT_ONLY) == 1.0
     assert soft_format_reward(TRAILING) == 0.0
     assert soft_format_reward("<answer>12</answer><reasoning>x</reasoning>") == 0.0
+
+
+def test_scratchpad_scores_each_step_of_the_worked_sum():
+    from asyncrl.task.reasoning import solution
+
+    right = solution([17, 5, 33, 8])
+    assert scratchpad_reward(right) == 1.0
+    # A wrong sum in the second step fails it, and the next step too, whose a (55) does not
+    # continue from the c written (54); carrying the wrong c on keeps the later steps right.
+    slip = right.replace("22+33=55", "22+33=54")
+    assert scratchpad_reward(slip) == pytest.approx(1 / 3)  # 55+8 does not follow 54
+    carried = slip.replace("55+8=63", "54+8=62")
+    assert scratchpad_reward(carried) == pytest.approx(2 / 3)
+    # A line that is not a step counts against it, and the step after it starts afresh; no
+    # reasoning block, or an empty one, is 0.
+    assert scratchpad_reward(right.replace("22+33=55", "I add 33")) == pytest.approx(2 / 3)
+    assert scratchpad_reward("<answer>\n63\n</answer>") == 0.0
+    assert scratchpad_reward("<reasoning>\n\n</reasoning>") == 0.0
+    # Unclosed block: the rest is the reasoning. Huge numbers are not steps (and not parsed).
+    assert scratchpad_reward("<reasoning>\n1+2=3\n3+4=7") == 1.0
+    assert scratchpad_reward("<reasoning>\n" + "9" * 5000 + "+1=1\n") == 0.0
+    assert "scratchpad" in REWARD_FUNCTIONS
 
 
 def test_xmlcount_counts_tags_and_penalises_trailing_text():
