@@ -105,6 +105,7 @@ BOUNDS: dict[str, Bound] = {
     "learner.lr": _positive(1.0),
     "learner.warmup_steps": _ints(0, STEPS),
     "learner.weight_decay": _floats(0, 1),
+    "learner.adam_eps": _positive(1.0),
     "learner.max_grad_norm": _positive(1e6),
     "learner.clip_low": Bound(float, 0, 1, high_open=True),
     "learner.clip_high": _floats(0, 10),

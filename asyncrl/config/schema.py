@@ -249,6 +249,11 @@ class LearnerConfig:
     """Linear learning-rate warm-up: Adam's first updates are ~lr per weight whatever the
     gradient's size, which on a tiny model is enough to wreck the SFT policy at once."""
     weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    """AdamW's epsilon (policy and critic). Adam moves every weight by about lr per step
+    whatever the size of its gradient; a larger epsilon (1e-5 is common in PPO code) damps the
+    weights whose gradients are tiny. docs/performance.md section 9 measures it on the
+    reasoning task."""
     max_grad_norm: float = 1.0
     clip_low: float = 0.2
     clip_high: float = 0.2

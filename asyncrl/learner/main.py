@@ -206,7 +206,8 @@ def _build_models(cfg: RunConfig, model, device, world: int) -> Models:
         return shard.wrap(m, lc.strategy, world, cfg.model.dtype, lc.activation_checkpointing)
 
     policy = share(model)
-    opt = torch.optim.AdamW(policy.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
+    opt = torch.optim.AdamW(policy.parameters(), lr=lc.lr, weight_decay=lc.weight_decay,
+                            eps=lc.adam_eps)
     ref = critic = critic_opt = None
     if lc.kl_coef > 0:  # frozen: no master copy needed, it stays in model.dtype
         ref, _ = load_policy(cfg.model.path, cfg.model.dtype, device.type)
@@ -215,7 +216,7 @@ def _build_models(cfg: RunConfig, model, device, world: int) -> Models:
             ref = shard.wrap(ref, "fsdp", world, cfg.model.dtype)
     if lc.advantage == "gae":
         critic = share(load_critic(cfg.model.path, "float32", device.type).to(device).train())
-        critic_opt = torch.optim.AdamW(critic.parameters(), lr=lc.critic_lr)
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=lc.critic_lr, eps=lc.adam_eps)
     return Models(policy, opt, ref, critic, critic_opt)
 
 
