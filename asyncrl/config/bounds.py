@@ -78,6 +78,7 @@ BOUNDS: dict[str, Bound] = {
     "warm_start.steps": _ints(0, STEPS, "0: RL from random init"),
     "warm_start.batch_size": _ints(1, 65536),
     "warm_start.lr": _positive(1.0),
+    "warm_start.min_lr_ratio": _floats(0, 1),
     "net.base_port": _ints(1024, 65535 - 100, "the run uses base_port..base_port+99"),
     "net.heartbeat_interval_s": _floats(0.01, 3600),
     "net.heartbeat_timeout_s": _positive(DAY_S),

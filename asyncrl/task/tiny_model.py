@@ -93,6 +93,8 @@ def cache_key(cfg: RunConfig) -> str:
     warm = {k: v for k, v in asdict(cfg.warm_start).items() if k != "cache_dir"}
     if warm["lr_schedule"] == "constant":  # added later: the models built before keep their key
         del warm["lr_schedule"]
+    if warm["min_lr_ratio"] == 0.0:  # likewise
+        del warm["min_lr_ratio"]
     parts = {"v": BUILD_VERSION, "task": {k: getattr(cfg.task, k) for k in fields},
              "warm": warm, "seed": cfg.seed}
     if cfg.model.path != BUILTIN_MODEL:
@@ -132,7 +134,8 @@ def _build(cfg: RunConfig, out: Path, progress: Callable[[str], None]) -> None:
              f" params), SFT {ws.steps} steps x {ws.batch_size} on {len(train)} problems")
     opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(sft_lr_factor, steps=ws.steps,
-                                                           schedule=ws.lr_schedule))
+                                                           schedule=ws.lr_schedule,
+                                                           floor=ws.min_lr_ratio))
     rng = random.Random(cfg.seed)
     batches = _sft_batches(train, ws.batch_size, rng)
     model.train()
@@ -156,14 +159,17 @@ def _build(cfg: RunConfig, out: Path, progress: Callable[[str], None]) -> None:
     progress(f"[prepare] model ready ({time.time() - t0:.0f}s)")
 
 
-def sft_lr_factor(step: int, steps: int, schedule: str, warmup: int = 20) -> float:
+def sft_lr_factor(step: int, steps: int, schedule: str, warmup: int = 20,
+                  floor: float = 0.0) -> float:
     """The SFT learning rate at `step` as a fraction of warm_start.lr: linear warm-up over
-    `warmup` steps, then constant, or a cosine from 1 at the end of warm-up to 0 at `steps`."""
+    `warmup` steps, then constant, or a cosine from 1 at the end of warm-up down to `floor`
+    (warm_start.min_lr_ratio) at `steps`."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+    return floor + (1 - floor) * cos
 
 
 def _sft_batches(train: list, batch_size: int, rng: random.Random, bucket: int = 8):

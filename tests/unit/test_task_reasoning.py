@@ -155,6 +155,15 @@ def test_the_sft_schedule_warms_up_then_stays_or_decays_and_only_cosine_changes_
                                           "warm_start.lr_schedule=cosine"])) != "934a6543afd3"
     with pytest.raises(ValueError, match="warm_start.lr_schedule"):
         load_config(CONFIG, ["warm_start.lr_schedule=linear"])
+    # warm_start.min_lr_ratio: the cosine ends there instead of at 0; at 0 the keys stay
+    floored = [sft_lr_factor(s, 100, "cosine", floor=0.1) for s in range(100)]
+    assert floored[:21] == cos[:21] and abs(floored[-1] - 0.1) < 0.001
+    assert abs(sft_lr_factor(60, 100, "cosine", floor=0.1) - 0.55) < 1e-9
+    assert sft_lr_factor(50, 100, "constant", floor=0.1) == 1.0
+    assert cache_key(load_config(CONFIG, [])) == "2afba32a24bf"  # the config's, built before
+    assert cache_key(load_config(CONFIG, ["warm_start.min_lr_ratio=0.1"])) != "2afba32a24bf"
+    with pytest.raises(ValueError, match="warm_start.min_lr_ratio"):
+        load_config(CONFIG, ["warm_start.min_lr_ratio=1.5"])
 
 
 def test_too_many_problems_for_the_space_fail_naming_the_fields():
