@@ -103,7 +103,8 @@ class WarmStartConfig:
     or "cosine" (down to 0 at the last step; the reasoning task's scratchpads need it: at a
     constant 1e-3 the last steps' loss still jumps 0.03-0.3 and where SFT stops is luck)."""
     min_lr_ratio: float = 0.0
-    """Where "cosine" ends, as a fraction of lr (0: at 0)."""
+    """Where "cosine" ends, as a fraction of lr (0: at 0). On the reasoning task a 10% floor
+    gave a better SFT model that GRPO still degrades (docs/performance.md section 9)."""
     cache_dir: str = "~/.cache/asyncrl"
     """Where the built model is kept; reused when the same model/task/warm-start config recurs."""
 
