@@ -29,6 +29,7 @@ ACCEPTED = {
     ("task.reward_model_weight", -1): "a reward model's score may be a penalty",
     ("task.terms_tail", 0): "reasoning: a uniform number of terms (documented)",
     ("warm_start.steps", 0): "RL from random init (documented)",
+    ("warm_start.min_lr_ratio", 0): "the cosine ends at 0 (the default)",
     ("buffer.max_staleness", 0): "on-policy only (documented)",
     ("learner.warmup_steps", 0): "no warm-up: full lr from the first step",
     ("learner.weight_decay", 0): "no weight decay (the default)",
