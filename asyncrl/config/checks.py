@@ -111,6 +111,10 @@ def cross_field_errors(cfg: RunConfig) -> list[str]:
          f"the {100**task.digits} distinct problems of task.digits={task.digits}"),
         (task.name != "reasoning" or task.min_terms <= task.max_terms,
          f"task.min_terms={task.min_terms} > task.max_terms={task.max_terms}"),
+        (cfg.warm_start.min_lr_ratio == 0 or cfg.warm_start.lr_schedule == "cosine",
+         f"warm_start.min_lr_ratio={cfg.warm_start.min_lr_ratio} is where a cosine schedule "
+         f"ends: it needs warm_start.lr_schedule=cosine, not "
+         f"{cfg.warm_start.lr_schedule!r}"),
         (task.name != "reasoning" or task.max_terms <= 9 * 10 ** (task.digits - 1),
          f"task.max_terms={task.max_terms}: more than the {9 * 10 ** (task.digits - 1)} "
          f"distinct terms of task.digits={task.digits}"),

@@ -143,3 +143,11 @@ def test_the_entropy_term_aggregates_with_the_configured_normaliser(model_dir, l
     stats = train_step(models, batch, cfg.learner, 1.0, 6)
     assert stats["entropy_loss"] == pytest.approx(float(want), rel=1e-5)
     assert stats["entropy"] == pytest.approx(float((entropy * m).sum() / m.sum()), rel=1e-5)
+
+
+def test_learner_adam_eps_reaches_the_policy_and_critic_optimizers(model_dir):
+    cfg = learner_cfg(model_dir)  # advantage=gae: the critic has an optimizer too
+    cfg.learner.adam_eps = 1e-5
+    _, _, models, _ = make_learner(cfg, model_dir)
+    assert [g["eps"] for g in models.policy_opt.param_groups] == [1e-5]
+    assert [g["eps"] for g in models.critic_opt.param_groups] == [1e-5]

@@ -164,6 +164,8 @@ def test_the_sft_schedule_warms_up_then_stays_or_decays_and_only_cosine_changes_
     assert cache_key(load_config(CONFIG, ["warm_start.min_lr_ratio=0.1"])) != "2afba32a24bf"
     with pytest.raises(ValueError, match="warm_start.min_lr_ratio"):
         load_config(CONFIG, ["warm_start.min_lr_ratio=1.5"])
+    with pytest.raises(ValueError, match="min_lr_ratio=0.1 is where a cosine .* not 'constant'"):
+        load_config(CONFIG, ["warm_start.min_lr_ratio=0.1", "warm_start.lr_schedule=constant"])
 
 
 def test_too_many_problems_for_the_space_fail_naming_the_fields():
