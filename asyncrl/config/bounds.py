@@ -70,6 +70,7 @@ BOUNDS: dict[str, Bound] = {
     "task.min_terms": _ints(2, 64, "a sum needs two terms"),
     "task.max_terms": _ints(2, 64),  # a prompt of max_terms x (digits + 1) tokens
     "task.terms_tail": _floats(0, 10, "0: uniform number of terms"),
+    "task.carry_slip": _floats(0, 1, "0: an exact teacher"),
     "task.train_size": _ints(1, 10**6),  # problems are built in memory at start-up
     "task.eval_size": _ints(1, 10**6),
     "task.seed": SEED,

@@ -79,6 +79,10 @@ class TaskConfig:
     terms_tail: float = 1.0
     """reasoning: P(k terms) ~ (k - min_terms + 1)^-terms_tail, a long tail of long problems;
     0 is uniform, larger makes long problems rarer."""
+    carry_slip: float = 0.0
+    """reasoning: the SFT teacher forgets the carry out of the units digit with this
+    probability at each step that has one (an imperfect teacher RL can improve on; the
+    rewards and held-out answers stay exact; asyncrl/task/reasoning.py). 0: an exact solver."""
     train_size: int = 5000
     """Number of distinct training problems."""
     eval_size: int = 512

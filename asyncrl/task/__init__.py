@@ -17,7 +17,7 @@ def load_task(task: Any) -> tuple[list[Problem], list[Problem]]:
         from asyncrl.task.reasoning import make_problems as make_reasoning
 
         return make_reasoning(task.digits, task.min_terms, task.max_terms, task.terms_tail,
-                              task.train_size, task.eval_size, task.seed)
+                              task.train_size, task.eval_size, task.seed, task.carry_slip)
     if task.name == "word_problems":
         from asyncrl.task.word_problems import make_problems as make_word_problems
 

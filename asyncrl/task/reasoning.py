@@ -27,6 +27,17 @@ model would have to learn search from a few minutes of SFT on 2 cores. Here the 
 determined by the problem, its length is set exactly by k (so the length distribution is a
 config choice, not an accident of the solver), and the answer is checked exactly.
 
+An imperfect teacher (`task.carry_slip`): the SFT traces of the training problems can come
+from a solver that forgets the carry out of the units digit, at each step where there is one,
+with probability carry_slip, and goes on from its wrong partial sum (its answer is then wrong).
+The rewards and the held-out answers stay exact. Why: RL improves what the policy already
+samples. A model distilled from an exact solver either has a step or has not, and after a
+cosine-decayed SFT it is so sharp that RL's steps overshoot (docs/performance.md section 9,
+session 8: its expected reward falls along its own policy gradient within 0.01 in weight
+norm). A model distilled from a solver that slips 70% of the time writes the slip greedily
+and the carry in 3 of 10 samples: the exact reward tells the two apart, and RL can do better
+than its teacher, which is what RL after SFT is for.
+
 The terms of a problem are distinct numbers of exactly `task.digits` digits: the next term to
 add is then the one after the last one written, found by its text (what a small transformer's
 induction heads do), not by counting positions. Problems are drawn from a seeded generator,
@@ -50,12 +61,24 @@ def term_weights(min_terms: int, max_terms: int, tail: float) -> list[float]:
     return [w / total for w in raw]
 
 
-def solution(terms: list[int]) -> str:
-    """The reference completion: one line per partial sum, then the total as the answer."""
+def slipped_sum(a: int, b: int, carry_slip: float, rng: random.Random | None) -> int:
+    """a + b, or with probability carry_slip (where the units digits carry) 10 less: the
+    teacher forgot the carry."""
+    if rng is not None and a % 10 + b % 10 >= 10 and rng.random() < carry_slip:
+        return a + b - 10
+    return a + b
+
+
+def solution(terms: list[int], carry_slip: float = 0.0, rng: random.Random | None = None
+             ) -> str:
+    """The reference completion: one line per partial sum, then the total as the answer.
+    With carry_slip and an rng, the imperfect teacher's (module docstring): each line goes on
+    from the previous line's (possibly wrong) result."""
     lines, total = [], terms[0]
     for t in terms[1:]:
-        lines.append(f"{total}+{t}={total + t}")
-        total += t
+        s = slipped_sum(total, t, carry_slip, rng)
+        lines.append(f"{total}+{t}={s}")
+        total = s
     steps = "\n".join(lines)
     return f"<reasoning>\n{steps}\n</reasoning>\n<answer>\n{total}\n</answer>"
 
@@ -66,10 +89,15 @@ def prompt_terms(prompt: str) -> list[int]:
 
 
 def make_problems(digits: int, min_terms: int, max_terms: int, tail: float, train_size: int,
-                  eval_size: int, seed: int) -> tuple[list[Problem], list[Problem]]:
+                  eval_size: int, seed: int, carry_slip: float = 0.0
+                  ) -> tuple[list[Problem], list[Problem]]:
     """(train, eval) lists of distinct problems; eval is drawn first, train never repeats it.
-    The terms of a problem are distinct numbers of exactly `digits` digits."""
+    The terms of a problem are distinct numbers of exactly `digits` digits. The training
+    problems' references (what SFT imitates) slip with carry_slip; answers are always exact,
+    and the problems drawn do not depend on carry_slip."""
     rng = random.Random(seed)
+    # Its own stream, so that the problems are the same whatever carry_slip is.
+    teacher = random.Random(f"{seed}:carry_slip") if carry_slip > 0 else None
     ks = list(range(min_terms, max_terms + 1))
     weights = term_weights(min_terms, max_terms, tail)
     values = range(10 ** (digits - 1), 10**digits)
@@ -89,6 +117,7 @@ def make_problems(digits: int, min_terms: int, max_terms: int, tail: float, trai
                     "or task.min_terms, or lower the sizes")
             terms = tuple(rng.sample(values, k))
         seen.add(terms)
+        held_out = len(out) < eval_size
         out.append(Problem(len(out), "+".join(map(str, terms)) + "=", str(sum(terms)),
-                           solution(list(terms))))
+                           solution(list(terms), carry_slip, None if held_out else teacher)))
     return out[eval_size:], out[:eval_size]

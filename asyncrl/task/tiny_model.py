@@ -90,6 +90,8 @@ def cache_key(cfg: RunConfig) -> str:
     fields = ["name", "digits", "train_size", "eval_size", "seed"]
     if cfg.task.name == "reasoning":
         fields += ["min_terms", "max_terms", "terms_tail"]
+        if cfg.task.carry_slip > 0:  # added later: the models built before keep their key
+            fields.append("carry_slip")
     warm = {k: v for k, v in asdict(cfg.warm_start).items() if k != "cache_dir"}
     if warm["lr_schedule"] == "constant":  # added later: the models built before keep their key
         del warm["lr_schedule"]

@@ -28,6 +28,7 @@ ACCEPTED = {
     ("task.reward_model_weight", 0): "the reward model's score is ignored (no model by default)",
     ("task.reward_model_weight", -1): "a reward model's score may be a penalty",
     ("task.terms_tail", 0): "reasoning: a uniform number of terms (documented)",
+    ("task.carry_slip", 0): "reasoning: an exact SFT teacher (the default)",
     ("warm_start.steps", 0): "RL from random init (documented)",
     ("warm_start.min_lr_ratio", 0): "the cosine ends at 0 (the default)",
     ("buffer.max_staleness", 0): "on-policy only (documented)",

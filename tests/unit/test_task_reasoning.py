@@ -40,8 +40,25 @@ def tok(tmp_path_factory):
     return AutoTokenizer.from_pretrained(d)
 
 
-def test_the_scratchpad_adds_up_and_the_answer_is_the_sum(problems):
-    train, held_out = problems
+@pytest.fixture(scope="module")
+def exact(task):
+    """The problems with an exact teacher (task.carry_slip=0)."""
+    return make_problems(task.digits, task.min_terms, task.max_terms, task.terms_tail,
+                         task.train_size, task.eval_size, task.seed, carry_slip=0.0)
+
+
+def _lines(reference: str) -> tuple[list[tuple[int, int, int]], int]:
+    body = re.fullmatch(r"<reasoning>\n(.*)\n</reasoning>\n<answer>\n(\d+)\n</answer>",
+                        reference, re.DOTALL)
+    assert body, reference
+    lines = [tuple(map(int, re.fullmatch(r"(\d+)\+(\d+)=(\d+)", line).groups()))
+             for line in body.group(1).split("\n")]
+    return lines, int(body.group(2))
+
+
+def test_the_scratchpad_adds_up_and_the_answer_is_the_sum(exact, problems):
+    train, held_out = exact
+    assert problems[1] == held_out  # the config's held-out references are the exact ones
     for p in train[:2000] + held_out:
         terms = prompt_terms(p.prompt)
         assert p.answer == str(sum(terms))
@@ -57,6 +74,37 @@ def test_the_scratchpad_adds_up_and_the_answer_is_the_sum(problems):
             total = c
 
 
+def test_the_imperfect_teacher_forgets_carries_at_its_rate_and_only_in_training(task, exact,
+                                                                              problems):
+    # configs/reasoning.yaml distils a teacher that slips (task.carry_slip, reasoning.py)
+    assert 0.5 < task.carry_slip < 1
+    train, held_out = problems
+    # the same problems and exact answers; only the training references differ
+    assert [(p.prompt, p.answer) for p in train] == [(p.prompt, p.answer) for p in exact[0]]
+    assert held_out == exact[1]
+    carries = slips = 0
+    for p in train[:3000]:
+        terms = prompt_terms(p.prompt)
+        lines, answer = _lines(p.reference)
+        total = terms[0]
+        for (a, b, c), term in zip(lines, terms[1:], strict=True):
+            assert (a, b) == (total, term)  # each line goes on from the last line's result
+            carry = a % 10 + b % 10 >= 10
+            assert c == a + b or (carry and c == a + b - 10), (a, b, c)
+            carries += carry
+            slips += c != a + b
+            total = c
+        assert answer == total  # the teacher's own (possibly wrong) total
+    assert slips / carries == pytest.approx(task.carry_slip, abs=0.02)
+    wrong = sum(_lines(p.reference)[1] != int(p.answer) for p in train[:3000])
+    assert 0.4 < wrong / 3000 < 0.95  # most multi-step traces end wrong
+    # at 0 nothing slips, and the problems are those of any slip rate
+    assert make_problems(2, 2, 4, 1.0, 50, 10, 3, carry_slip=1.0)[1] == make_problems(
+        2, 2, 4, 1.0, 50, 10, 3)[1]
+    with pytest.raises(ValueError, match="task.carry_slip"):
+        load_config(CONFIG, ["task.carry_slip=1.5"])
+
+
 def test_train_and_held_out_are_disjoint_distinct_and_seeded(task, problems):
     train, held_out = problems
     assert len(train) == task.train_size and len(held_out) == task.eval_size
@@ -64,7 +112,7 @@ def test_train_and_held_out_are_disjoint_distinct_and_seeded(task, problems):
     assert len(set(prompts)) == len(prompts)
     assert not {p.prompt for p in train} & {p.prompt for p in held_out}
     again = make_problems(task.digits, task.min_terms, task.max_terms, task.terms_tail,
-                          task.train_size, task.eval_size, task.seed)
+                          task.train_size, task.eval_size, task.seed, task.carry_slip)
     assert again == problems
     other = make_problems(task.digits, task.min_terms, task.max_terms, task.terms_tail,
                           100, 10, task.seed + 1)
@@ -104,8 +152,8 @@ def test_the_longest_reference_fits_in_max_tokens_and_the_model(problems, tok):
     assert prompt + cfg.generator.max_tokens + 8 <= BUILTIN_MAX_POSITIONS[cfg.model.path]
 
 
-def test_the_reference_scores_the_maximum_of_every_reward(problems):
-    train, held_out = problems
+def test_the_reference_scores_the_maximum_of_every_reward(exact, problems):
+    train, held_out = exact
     cfg = load_config(CONFIG)
     assert set(cfg.task.rewards) <= set(MAX_REWARD)
     for p in train[:300] + held_out[:300]:
@@ -113,6 +161,10 @@ def test_the_reference_scores_the_maximum_of_every_reward(problems):
             assert REWARD_FUNCTIONS[name](p.reference, p.answer) == best, (name, p.reference)
     wrong = solution([17, 5]).replace("22\n</answer>", "23\n</answer>")
     assert REWARD_FUNCTIONS["correctness"](wrong, "22") == 0.0
+    # the imperfect teacher's traces keep the layout: every format reward at its maximum
+    for p in problems[0][:300]:
+        for name in ("int", "strict_format", "soft_format", "xmlcount"):
+            assert REWARD_FUNCTIONS[name](p.reference, p.answer) == MAX_REWARD[name]
 
 
 def test_the_tags_are_single_tokens_that_decode_back(tok):
@@ -149,9 +201,11 @@ def test_the_sft_schedule_warms_up_then_stays_or_decays_and_only_cosine_changes_
     assert all(a >= b for a, b in zip(cos[20:], cos[21:])) and cos[-1] < 0.001
     assert abs(sft_lr_factor(60, 100, "cosine") - 0.5) < 1e-9  # halfway down at mid-decay
     # the model built with 1500 constant-rate steps before the option existed keeps its key
-    plain = load_config(CONFIG, ["warm_start.steps=1500", "warm_start.lr_schedule=constant"])
+    exact = ["task.carry_slip=0"]  # the config's before the imperfect teacher, built before
+    plain = load_config(CONFIG, [*exact, "warm_start.steps=1500",
+                                 "warm_start.lr_schedule=constant"])
     assert cache_key(plain) == "934a6543afd3"
-    assert cache_key(load_config(CONFIG, ["warm_start.steps=1500",
+    assert cache_key(load_config(CONFIG, [*exact, "warm_start.steps=1500",
                                           "warm_start.lr_schedule=cosine"])) != "934a6543afd3"
     with pytest.raises(ValueError, match="warm_start.lr_schedule"):
         load_config(CONFIG, ["warm_start.lr_schedule=linear"])
@@ -160,8 +214,10 @@ def test_the_sft_schedule_warms_up_then_stays_or_decays_and_only_cosine_changes_
     assert floored[:21] == cos[:21] and abs(floored[-1] - 0.1) < 0.001
     assert abs(sft_lr_factor(60, 100, "cosine", floor=0.1) - 0.55) < 1e-9
     assert sft_lr_factor(50, 100, "constant", floor=0.1) == 1.0
-    assert cache_key(load_config(CONFIG, [])) == "2afba32a24bf"  # the config's, built before
-    assert cache_key(load_config(CONFIG, ["warm_start.min_lr_ratio=0.1"])) != "2afba32a24bf"
+    assert cache_key(load_config(CONFIG, exact)) == "2afba32a24bf"
+    assert cache_key(load_config(CONFIG, [*exact, "warm_start.min_lr_ratio=0.1"])) != (
+        "2afba32a24bf")
+    assert cache_key(load_config(CONFIG, [])) != "2afba32a24bf"  # task.carry_slip keys it
     with pytest.raises(ValueError, match="warm_start.min_lr_ratio"):
         load_config(CONFIG, ["warm_start.min_lr_ratio=1.5"])
     with pytest.raises(ValueError, match="min_lr_ratio=0.1 is where a cosine .* not 'constant'"):
