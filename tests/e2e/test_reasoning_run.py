@@ -1,9 +1,9 @@
 """configs/reasoning.yaml end to end (issue 13's workload): a long tail of completion lengths in
 what the learner trained, its histogram and percentiles in the run directory, and the target of
-at least 10 points of held-out accuracy gained by RL, which is not met (docs/performance.md
-section 9: with the SFT at 78.5% GRPO holds or loses accuracy in 40-80 steps). The first run
-builds builtin:tiny-reasoning (about 30 minutes on 2 cores), later ones reuse it from the
-cache."""
+at least 10 points of held-out accuracy gained by RL within 15 minutes of RL wall time (the
+warm start distils an imperfect teacher, task.carry_slip, that RL can improve on;
+docs/performance.md section 9, session 8). The first run builds builtin:tiny-reasoning (about
+45 minutes on 2 cores), later ones reuse it from the cache."""
 
 import json
 
@@ -33,8 +33,9 @@ def test_reasoning_run_has_a_long_tail(run):
     assert (run_dir / "curves.png").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13's target, not met: RL does not gain 10 points "
-                   "on this task from this warm start (docs/performance.md section 9)")
-def test_reasoning_run_gains_ten_points(run):
-    _, evals = run
+def test_reasoning_run_gains_ten_points_within_fifteen_minutes(run):
+    run_dir, evals = run
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and rows[0]["eval_accuracy"] == evals[0]  # the SFT policy
     assert evals[-1] >= evals[0] + 0.10, evals
+    assert rows[-1]["elapsed_s"] <= 15 * 60, rows[-1]["elapsed_s"]
