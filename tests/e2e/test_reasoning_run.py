@@ -3,7 +3,7 @@ what the learner trained, its histogram and percentiles in the run directory, an
 at least 10 points of held-out accuracy gained by RL within 15 minutes of RL wall time (the
 warm start distils an imperfect teacher, task.carry_slip, that RL can improve on;
 docs/performance.md section 9, session 8). The first run builds builtin:tiny-reasoning (about
-45 minutes on 2 cores), later ones reuse it from the cache."""
+30-65 minutes on 2 cores), later ones reuse it from the cache."""
 
 import json
 
