@@ -83,22 +83,27 @@ def build_model(vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
     return LlamaForCausalLM(config)
 
 
+# Fields added after models had been built with the key: at these values (what every model
+# before them had) they stay out of the key, so those models keep their keys and caches.
+_ADDED_LATER = {"task.carry_slip": 0.0, "warm.lr_schedule": "constant",
+                "warm.min_lr_ratio": 0.0}
+
+
 def cache_key(cfg: RunConfig) -> str:
     # Only what shapes the model: task fields that change the training problems, warm start.
     # Fields and the builtin's name enter only where they matter, so that the embedded
     # default's key (and its cached model) stays what it has always been.
     fields = ["name", "digits", "train_size", "eval_size", "seed"]
     if cfg.task.name == "reasoning":
-        fields += ["min_terms", "max_terms", "terms_tail"]
-        if cfg.task.carry_slip > 0:  # added later: the models built before keep their key
-            fields.append("carry_slip")
+        fields += ["min_terms", "max_terms", "terms_tail", "carry_slip"]
+    task = {k: getattr(cfg.task, k) for k in fields}
     warm = {k: v for k, v in asdict(cfg.warm_start).items() if k != "cache_dir"}
-    if warm["lr_schedule"] == "constant":  # added later: the models built before keep their key
-        del warm["lr_schedule"]
-    if warm["min_lr_ratio"] == 0.0:  # likewise
-        del warm["min_lr_ratio"]
-    parts = {"v": BUILD_VERSION, "task": {k: getattr(cfg.task, k) for k in fields},
-             "warm": warm, "seed": cfg.seed}
+    for name, before in _ADDED_LATER.items():
+        part, key = name.split(".")
+        d = task if part == "task" else warm
+        if key in d and d[key] == before:
+            del d[key]
+    parts = {"v": BUILD_VERSION, "task": task, "warm": warm, "seed": cfg.seed}
     if cfg.model.path != BUILTIN_MODEL:
         parts["builtin"] = cfg.model.path
     blob = json.dumps(parts, sort_keys=True)
