@@ -121,7 +121,9 @@ def launch(cfg: RunConfig, run_dir: Path, config_path: Path, out=print) -> int:
 
     registry = CollectorRegistry()
     m = metrics.LauncherMetrics(registry)
-    metrics.serve(registry, cfg.net.bind_host, cfg.net.launcher_metrics_port)
+    # Shut down when the run ends: `asyncrl study` and the benchmarks run one launch after
+    # another in one process, and each needs the port again.
+    server = metrics.serve(registry, cfg.net.bind_host, cfg.net.launcher_metrics_port)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for name, cmd in role_commands(cfg, config_path).items():
@@ -137,6 +139,8 @@ def launch(cfg: RunConfig, run_dir: Path, config_path: Path, out=print) -> int:
         _stop_all(roles)
         for s, h in old.items():
             signal.signal(s, h)
+        server.shutdown()
+        server.server_close()
 
 
 def _watch(cfg: RunConfig, run_dir: Path, roles: list[Role], stopping: dict, m, out) -> int:

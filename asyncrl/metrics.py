@@ -13,9 +13,12 @@ _STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _SYNC_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
-def serve(registry: CollectorRegistry, host: str, port: int) -> None:
+def serve(registry: CollectorRegistry, host: str, port: int):
+    """Serve registry on host:port from a daemon thread; returns the server, whose
+    shutdown() and server_close() free the port (a role process just exits instead)."""
     try:
-        start_http_server(port, addr=host, registry=registry)
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+        return server
     except OSError as e:
         raise OSError(f"cannot serve metrics on {host}:{port}: {e} "
                       "(choose another net.base_port)") from None
