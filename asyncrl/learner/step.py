@@ -123,17 +123,23 @@ def train_step(models: Models, batch: TrainBatch, lc: LearnerConfig, temperature
     chunks = [(idx, packing if lc.minibatches == 1 else pack_if_smaller(
         batch.input_ids[idx], batch.attention_mask[idx], lc.pack_row_tokens))
         for idx in rows.chunk(lc.minibatches)]
-    first = True
+    first, later = True, []
     for _ in range(lc.ppo_epochs):
         for idx, idx_packing in chunks:
             # Each minibatch is its own optimizer step, so it is normalised on its own tokens.
             normaliser = LOSS_NORMALISERS[lc.loss_agg](mask[idx], max_tokens)
             out = policy_update(models, data, idx, normaliser, lc, temperature, idx_packing)
-            if first:  # report the first minibatch: on fresh data its ratio is exactly 1
+            if first:  # report the first update: on fresh data its ratio is exactly 1
                 stats.update(out)
                 first = False
+            else:
+                later.append(out)
             if models.critic is not None:
                 stats.update(critic_update(models, data, idx, lc, idx_packing))
+    # The updates after the first are where the clip against the proximal policy can bind
+    # (decoupled PPO, TIS); their mean, so a run shows whether it does.
+    for key in ("clipfrac", "prox_vs_current") if later else ():
+        stats[f"{key}_later"] = sum(o[key] for o in later) / len(later)
     return stats
 
 

@@ -27,6 +27,24 @@ def test_single_update_proximal_logprobs_are_the_policy_before_the_update(model_
     assert stats["prox_vs_current"] == 0.0
 
 
+def test_the_updates_after_the_first_report_how_far_they_moved_from_the_proximal_policy(
+        model_dir):
+    """The first update's ratio to the proximal policy is 1 by construction, so its clipfrac
+    says nothing about the clip of decoupled PPO; the later ones' mean does."""
+    cfg = learner_cfg(model_dir)
+    cfg.learner.advantage, cfg.learner.kl_coef, cfg.learner.offpolicy = "grpo", 0.0, "decoupled"
+    cfg.learner.minibatches, cfg.learner.lr, cfg.learner.warmup_steps = 2, 1e-2, 0
+    _, tok, models, _ = make_learner(cfg, model_dir)
+    stats = train_step(models, collate(make_groups(0), tok.pad_token_id), cfg.learner, 1.0, 6)
+    assert stats["prox_vs_current"] == 0.0 and stats["clipfrac"] == 0.0  # the first update
+    assert stats["prox_vs_current_later"] > 0.0  # the second saw the first's move
+    assert 0.0 <= stats["clipfrac_later"] <= 1.0
+    cfg.learner.minibatches = 1
+    _, tok, models, _ = make_learner(cfg, model_dir)
+    stats = train_step(models, collate(make_groups(0), tok.pad_token_id), cfg.learner, 1.0, 6)
+    assert "clipfrac_later" not in stats and "prox_vs_current_later" not in stats
+
+
 def test_policy_and_critic_have_no_dropout_in_training_mode(model_dir, tmp_path):
     # A hub model with attention dropout, and a critic whose token-classification head
     # transformers gives dropout 0.1: two forwards of the same batch must still agree, or the
