@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from asyncrl.config import ConfigError, RunConfig, save_config
+from asyncrl.config import ConfigError, RunConfig, advisories, save_config
 from asyncrl.jsonl import read_jsonl
 
 
@@ -41,6 +41,8 @@ def execute_run(cfg: RunConfig, out=print) -> int:
         raise ConfigError(f"run_dir {run_dir} already holds a run (metrics.jsonl); "
                           "choose another run_dir")
     out(f"[run] run directory {run_dir}")
+    for note in advisories(cfg):
+        out(f"[run] note: {note}")
     if cfg.net.curve and not cfg.net.keys_dir:
         from asyncrl.transport import make_keys
 

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from asyncrl.config.bounds import BOUNDS, Bound
-from asyncrl.config.checks import validate
+from asyncrl.config.checks import advisories, validate
 from asyncrl.config.schema import (
     ADVANTAGES,
     BUILTIN_MAX_POSITIONS,
@@ -43,7 +43,7 @@ from asyncrl.config.schema import (
 )
 
 __all__ = [
-    "BOUNDS", "Bound", "validate", "ADVANTAGES", "BUILTIN_MAX_POSITIONS", "BUILTIN_MODEL",
+    "BOUNDS", "Bound", "advisories", "validate", "ADVANTAGES", "BUILTIN_MAX_POSITIONS", "BUILTIN_MODEL",
     "KL_ESTIMATORS", "LOSS_AGG", "OFFPOLICY", "PRETRAINED_BUILTINS", "SMOLLM2_MODEL",
     "STRATEGIES", "SYNC_BACKENDS", "TASKS", "BufferConfig", "ConfigError", "GeneratorConfig",
     "LaunchConfig", "LearnerConfig", "ModelConfig", "NetConfig", "RunConfig", "SyncConfig",

@@ -68,3 +68,33 @@ def test_admission_limit_is_derived_from_steps_ahead():
     assert cfg.admit_groups == 24
     cfg = load_config(None, ["buffer.admit_steps=100", "buffer.capacity_groups=40"])
     assert cfg.admit_groups == 40
+
+
+@pytest.mark.parametrize("overrides, noted", [
+    ([], False),
+    (["learner.offpolicy=decoupled", "buffer.max_staleness=4", "buffer.admit_steps=4"], True),
+    (["learner.offpolicy=decoupled"], True),  # the default bound, 2
+    (["learner.offpolicy=tis", "buffer.max_staleness=4", "buffer.admit_steps=4"], False),
+    (["learner.offpolicy=decoupled", "buffer.max_staleness=1"], False),
+    (["learner.offpolicy=none", "buffer.max_staleness=8", "buffer.admit_steps=8"], False),
+])
+def test_corrections_that_let_stale_data_drift_get_a_note_naming_the_fields(overrides, noted):
+    from asyncrl.config import advisories
+
+    notes = advisories(load_config("configs/default.yaml", overrides))
+    assert bool(notes) == noted
+    for note in notes:
+        assert "learner.offpolicy=" in note and "buffer.max_staleness=" in note
+        assert "docs/staleness.md" in note
+
+
+def test_the_note_names_a_single_update_per_batch_and_a_cap_that_drops_tokens():
+    from asyncrl.config import advisories
+
+    base = ["learner.offpolicy=decoupled", "buffer.max_staleness=4", "buffer.admit_steps=4"]
+    one = advisories(load_config("configs/default.yaml", base))[0]
+    four = advisories(load_config("configs/default.yaml", [*base, "learner.minibatches=4"]))[0]
+    assert "never binds" in one and "never binds" not in four
+    assert "drops" in one  # the default is_cap, 2
+    assert "drops" not in advisories(load_config("configs/default.yaml",
+                                                 [*base, "learner.is_cap=5"]))[0]
