@@ -43,7 +43,8 @@ from asyncrl.config.schema import (
 )
 
 __all__ = [
-    "BOUNDS", "Bound", "advisories", "validate", "ADVANTAGES", "BUILTIN_MAX_POSITIONS", "BUILTIN_MODEL",
+    "BOUNDS", "Bound", "advisories", "validate", "ADVANTAGES", "BUILTIN_MAX_POSITIONS",
+    "BUILTIN_MODEL",
     "KL_ESTIMATORS", "LOSS_AGG", "OFFPOLICY", "PRETRAINED_BUILTINS", "SMOLLM2_MODEL",
     "STRATEGIES", "SYNC_BACKENDS", "TASKS", "BufferConfig", "ConfigError", "GeneratorConfig",
     "LaunchConfig", "LearnerConfig", "ModelConfig", "NetConfig", "RunConfig", "SyncConfig",
