@@ -32,6 +32,16 @@ Utilisation, as fractions of the run's RL wall time (elapsed_s of the last row):
   appeared); evaluations are part of it. `gen load` is the engine's weight receive and reload
   (`asyncrl_sync_receive_seconds`), which the learner's sync_s includes.
 
+--posthoc takes evaluation out of both loops: learner.eval_interval is --steps (the loop
+evaluates only version 0 and the last) and learner.checkpoint_interval is --eval-interval; after
+every run is done, each checkpoint is reloaded into one vLLM engine and evaluated as a
+generator does (`Evaluator.run_blocking`: same held-out split, prompts, greedy decoding and
+scoring) and its accuracy joined into its step's row (RUN_DIR/posthoc_evals.json); the last
+step's in-loop evaluation is printed beside it as a check that a checkpoint is the version the
+generators held. On 2 cores an in-loop evaluation takes the engine from training samples for
+~10 s per 512 problems, which the async learner then waits for and the sync one pays too;
+--posthoc measures the two schedules as they would run with evaluation on hardware of its own.
+
 With --json PATH the medians and, under `ratios`, sync_over_async_time_to_target (target >= 2),
 sync_over_async_s_per_step and async_over_sync_samples_per_s are written there.
 
@@ -70,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the figures and ratios here")
     p.add_argument("--scrape-s", type=float, default=1.0, help="generator metrics scrape period")
     p.add_argument("--out", default="/tmp/asyncrl-bench-async")
+    p.add_argument("--posthoc", action="store_true",
+                   help="evaluate checkpoints after the runs instead of in the loop")
     p.add_argument("--report-only", metavar="DIR",
                    help="print the report of the finished runs in DIR again, without running")
     return p
@@ -154,6 +166,69 @@ class Watch:
 
 # ------------------------------------------------------------------ after a run
 
+POSTHOC = "posthoc_evals.json"  # checkpoint step -> greedy held-out accuracy
+
+
+def join_posthoc(rows: list[dict], accuracy: dict[int, float]) -> None:
+    """Put each checkpoint's accuracy into its step's row as eval_accuracy; the in-loop
+    evaluations of the other rows are dropped (row 0 keeps the SFT policy's), so that time to
+    target reads the checkpoints alone. The last row's in-loop value stays as inloop_accuracy."""
+    for r in rows[1:]:
+        if "eval_accuracy" in r:
+            r["inloop_accuracy"] = r.pop("eval_accuracy")
+        if r["step"] in accuracy:
+            r["eval_accuracy"] = accuracy[r["step"]]
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    steps = [(int(d.name.removeprefix("step_")), d) for d in (run_dir / "checkpoints").glob(
+        "step_*") if d.name.removeprefix("step_").isdigit()]
+    if not steps:
+        raise RuntimeError(f"{run_dir} has no checkpoints to evaluate")
+    return sorted(steps)
+
+
+def evaluate_checkpoints(run_dirs: list[Path]) -> None:
+    """Greedy held-out accuracy of every checkpoint of finished runs of one config, saved to
+    RUN_DIR/POSTHOC: one vLLM engine, as the generators' (`Evaluator.run_blocking`: the same
+    prompts, scoring and max_tokens), reloading each checkpoint into it."""
+    import os
+
+    from asyncrl.config import load_config
+    from asyncrl.generator.engine import configure_cpu_env, on_gpu
+
+    cfg = load_config(run_dirs[0] / "config.yaml")
+    gc = cfg.generator
+    if not on_gpu():
+        configure_cpu_env(gc.kv_cache_gib, os.cpu_count() or 1)
+    from transformers import AutoTokenizer
+
+    from asyncrl.generator.engine import VLLMEngine
+    from asyncrl.generator.evaluate import Evaluator
+    from asyncrl.rewards import REWARD_FUNCTIONS
+    from asyncrl.task import chat_context, encode_prompt, load_task
+
+    first = _checkpoints(run_dirs[0])[0][1]
+    tok = AutoTokenizer.from_pretrained(first)
+    _, held_out = load_task(cfg.task)
+    prompts = [encode_prompt(tok, p.prompt, cfg.task.chat_template, chat_context(cfg.task))
+               for p in held_out]
+    engine = VLLMEngine(str(first), cfg.model.dtype, gc.seed, max(map(len, prompts))
+                        + gc.max_tokens + 8, gc.gpu_memory_utilization, gpu=on_gpu())
+    evaluator = Evaluator(prompts, [p.answer for p in held_out],
+                          lambda ids: tok.decode(ids, skip_special_tokens=True),
+                          REWARD_FUNCTIONS[cfg.task.eval_reward], gc.max_tokens)
+    for run_dir in run_dirs:
+        out = {}
+        for step, d in _checkpoints(run_dir):
+            engine.llm.collective_rpc("reload_weights", kwargs={
+                "weights_path": str(d), "is_checkpoint_format": True})
+            evaluator.ask(step)
+            out[step] = evaluator.run_blocking(engine, step).accuracy
+            print(f"[bench] {run_dir.name} {d.name}: held-out accuracy {out[step]:.3f}",
+                  flush=True)
+        (run_dir / POSTHOC).write_text(json.dumps(out))
+
 
 @dataclass
 class Run:
@@ -163,6 +238,7 @@ class Run:
     rows: list[dict]
     samples: list[Sample]
     row_seen: dict[int, float]
+    run_dir: Path
 
     @classmethod
     def load(cls, run_dir: Path) -> Run:
@@ -171,10 +247,13 @@ class Run:
         order, rest = run_dir.name.split("-", 1)
         setting, seed = rest.rsplit("-seed", 1)
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        posthoc = run_dir / POSTHOC
+        if posthoc.exists():
+            join_posthoc(rows, {int(k): v for k, v in json.loads(posthoc.read_text()).items()})
         watch = json.loads((run_dir / "bench_watch.json").read_text())
         return cls(int(order), setting, int(seed), rows,
                    [Sample(*x) for x in watch["samples"]],
-                   {int(k): v for k, v in watch["row_seen"].items()})
+                   {int(k): v for k, v in watch["row_seen"].items()}, run_dir)
 
     @property
     def wall_s(self) -> float:
@@ -237,9 +316,12 @@ def run_one(args, setting, seed: int, order: int, out_dir: Path) -> Run:
     run_dir = out_dir / f"{order}-{setting.name}-seed{seed}"
     probe = load_config(args.config, args.overrides)
     base = free_base_port(probe.generator.num_generators, probe.learner.nproc)
+    evals = ([f"learner.eval_interval={args.steps}",
+              f"learner.checkpoint_interval={args.eval_interval}"] if args.posthoc
+             else [f"learner.eval_interval={args.eval_interval}"])
     cfg = load_config(args.config, [
-        *args.overrides, *setting.overrides, f"learner.total_steps={args.steps}",
-        f"learner.eval_interval={args.eval_interval}", f"learner.seed={seed}",
+        *args.overrides, *setting.overrides, f"learner.total_steps={args.steps}", *evals,
+        f"learner.seed={seed}",
         f"generator.seed={seed}", f"net.base_port={base}", f"run_dir={run_dir}"])
     ports = [cfg.net.generator_metrics_port(i) for i in range(cfg.generator.num_generators)]
     print(f"[bench] run {order}: {setting.name}, seed {seed}, base port {base}, {run_dir}",
@@ -277,9 +359,13 @@ def main(argv: list[str] | None = None) -> None:
     for i, seed in enumerate(pairs):
         for setting in ((async_, sync) if i % 2 == 0 else (sync, async_)):
             runs.append(run_one(args, setting, seed, len(runs) + 1, out_dir))
+    if args.posthoc:  # after every timed run, so that it loads none of them
+        evaluate_checkpoints([r.run_dir for r in runs])
+        runs = [Run.load(r.run_dir) for r in runs]
     print(f"\n# async vs sync, time to {args.target:.0%} held-out accuracy  ({machine()})")
+    when = " (checkpoints, evaluated after the runs)" if args.posthoc else ""
     print(f"{args.config} {' '.join(args.overrides)}, {args.steps} steps, eval every "
-          f"{args.eval_interval}; async = {async_.name} ({' '.join(async_.overrides)}); "
+          f"{args.eval_interval}{when}; async = {async_.name} ({' '.join(async_.overrides)}); "
           f"asyncrl from {Path(asyncrl.__file__).parent}; run dirs in {out_dir}")
     report(runs, args.target, sync.name, async_.name, args.json)
 
@@ -305,6 +391,13 @@ def report(runs: list[Run], target: float, sync_name: str, async_name: str,
                      f"{_med(steps, lambda x: x['sync_s'] or 0):.3f}",
                      f"{g.load_s / max(1, len(steps)):.3f}",
                      f"{statistics.mean(x['staleness_mean'] for x in steps):.2f}"])
+    checks = [(r.order, r.rows[-1]["inloop_accuracy"], r.rows[-1]["eval_accuracy"])
+              for r in runs if "inloop_accuracy" in r.rows[-1] and "eval_accuracy" in r.rows[-1]]
+    if checks:
+        print("\nlast step, evaluated in the loop and from its checkpoint after the runs: "
+              + ", ".join(f"run {o}: {a:.3f} / {b:.3f}" for o, a, b in checks))
+        if any(abs(a - b) > 0.01 for _, a, b in checks):
+            print("warning: the two evaluations of the same version differ by more than a point")
     print(f"\ntime to {target:.0%} held-out accuracy, s of RL wall time")
     if any(r.rows[0].get("eval_accuracy", -1) >= target for r in runs):
         print(f"warning: the SFT policy already scores >= {target:.0%} in some runs: that time "

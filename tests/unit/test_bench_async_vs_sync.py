@@ -1,0 +1,31 @@
+"""The pure parts of benchmarks/async_vs_sync.py: joining checkpoint evaluations into a run."""
+
+import json
+
+from benchmarks.async_vs_sync import POSTHOC, Run, join_posthoc
+
+
+def _rows():
+    return [{"step": 0, "elapsed_s": 0.0, "eval_accuracy": 0.2},
+            *({"step": k, "elapsed_s": 10.0 * k} for k in range(1, 4)),
+            {"step": 4, "elapsed_s": 40.0, "eval_accuracy": 0.5}]
+
+
+def test_checkpoint_accuracies_replace_the_loops_after_step_0():
+    rows = _rows()
+    join_posthoc(rows, {2: 0.4, 4: 0.55})
+    assert rows[0]["eval_accuracy"] == 0.2  # the SFT policy's row keeps its evaluation
+    assert [r.get("eval_accuracy") for r in rows[1:]] == [None, 0.4, None, 0.55]
+    assert rows[4]["inloop_accuracy"] == 0.5  # kept beside it, as the check
+
+
+def test_run_load_reads_the_checkpoint_evaluations_and_time_to_target_uses_them(tmp_path):
+    d = tmp_path / "2-sync-seed1"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    (d / "bench_watch.json").write_text(json.dumps({"samples": [], "row_seen": {}}))
+    run = Run.load(d)
+    assert (run.order, run.setting, run.seed) == (2, "sync", 1)
+    assert run.to_target(0.45) == (4, 40.0)  # in-loop: only the last row
+    (d / POSTHOC).write_text(json.dumps({"2": 0.46, "4": 0.5}))
+    assert Run.load(d).to_target(0.45) == (2, 20.0)
