@@ -43,7 +43,12 @@ generators held. On 2 cores an in-loop evaluation takes the engine from training
 --posthoc measures the two schedules as they would run with evaluation on hardware of its own.
 
 With --json PATH the medians and, under `ratios`, sync_over_async_time_to_target (target >= 2),
-sync_over_async_s_per_step and async_over_sync_samples_per_s are written there.
+sync_over_async_s_per_step, async_over_sync_samples_per_s and
+async_over_sync_trained_tokens_per_s are written there. Samples/s counts completions trained;
+trained tokens/s weighs them by length, which matters where stale completions are dropped:
+those are the long ones (a completion that runs over max_staleness versions goes stale), so
+async's steps can be cheaper than sync's by training shorter completions (the `dropped`
+column: completions dropped as stale).
 
 Run dirs go under --out (default /tmp/asyncrl-bench-async/<time>/); each run gets base ports of
 its own. Run from the repository root (default config: 3-4 min per pair on 2 cores; reasoning:
@@ -271,6 +276,10 @@ class Run:
         """Mean wall time per step over the whole run."""
         return self.wall_s / (len(self.rows) - 1)
 
+    def trained_tokens_per_s(self) -> float:
+        """Completion tokens trained on per second of RL wall time."""
+        return sum(r["tokens"] for r in self.rows[1:]) / self.wall_s
+
     def samples_per_s(self) -> float:
         """Completions trained on per second of RL wall time."""
         return self.rows[-1]["samples_trained"] / self.wall_s
@@ -381,7 +390,9 @@ def report(runs: list[Run], target: float, sync_name: str, async_name: str,
         rows.append([r.order, r.setting, r.seed,
                      *([hit[0], f"{hit[1]:.1f}"] if hit else ["-", "not reached"]),
                      f"{evals[0]:.3f}", f"{evals[-1]:.3f}", f"{max(evals):.3f}",
-                     f"{r.wall_s:.1f}", f"{r.step_s():.2f}", f"{r.samples_per_s():.1f}"])
+                     f"{r.wall_s:.1f}", f"{r.step_s():.2f}", f"{r.samples_per_s():.1f}",
+                     f"{r.trained_tokens_per_s():.0f}",
+                     r.rows[-1].get("stale_dropped_total", 0)])
         g = r.generator_delta()
         steps = r.rows[1:]
         util.append([r.order, r.setting, f"{r.learner_busy_s() / r.wall_s:.0%}",
@@ -404,7 +415,8 @@ def report(runs: list[Run], target: float, sync_name: str, async_name: str,
               "measures noise around the start, not learning; choose a target both sides reach "
               "late in their runs")
     print(table(["run", "setting", "seed", "step", "time to target", "first acc", "final acc",
-                 "best acc", "wall s", "s/step", "samples/s"], rows))
+                 "best acc", "wall s", "s/step", "samples/s", "trained tok/s", "dropped"],
+                rows))
     print("\nutilisation (fractions of the wall time) and per-step medians (s)")
     print(table(["run", "setting", "learner busy", "gen busy", "gen load", "step compute",
                  "data wait", "sync_s", "gen load/step", "staleness"], util))
@@ -426,6 +438,10 @@ def report(runs: list[Run], target: float, sync_name: str, async_name: str,
                      "samples/s", lambda h: h[0], sync_name, async_name)
     ratios["async_over_sync_samples_per_s"] = 1 / per_s  # both sides ran: never None
     print(f"{'':>14} (samples/s: async / sync = {1 / per_s:.2f}x)")
+    tok_s = _compare({n: [(r.trained_tokens_per_s(),) for r in runs if r.setting == n]
+                      for n in names}, "trained tokens/s", lambda h: h[0], sync_name, async_name)
+    ratios["async_over_sync_trained_tokens_per_s"] = 1 / tok_s
+    print(f"{'':>14} (trained tokens/s: async / sync = {1 / tok_s:.2f}x)")
     figures = {}
     for name in names:
         mine = [r for r in runs if r.setting == name]
@@ -436,6 +452,9 @@ def report(runs: list[Run], target: float, sync_name: str, async_name: str,
                          "steps_to_target": [h[0] if h else None for h in hits],
                          "s_per_step": [r.step_s() for r in mine],
                          "samples_per_s": [r.samples_per_s() for r in mine],
+                         "trained_tokens_per_s": [r.trained_tokens_per_s() for r in mine],
+                         "stale_dropped": [r.rows[-1].get("stale_dropped_total", 0)
+                                           for r in mine],
                          "learner_busy": busy, "generator_busy": gen,
                          "seeds": [r.seed for r in mine]}
         print(f"{name:>14} utilisation: learner {statistics.mean(busy):.0%}, generator "

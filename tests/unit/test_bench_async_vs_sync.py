@@ -29,3 +29,16 @@ def test_run_load_reads_the_checkpoint_evaluations_and_time_to_target_uses_them(
     assert run.to_target(0.45) == (4, 40.0)  # in-loop: only the last row
     (d / POSTHOC).write_text(json.dumps({"2": 0.46, "4": 0.5}))
     assert Run.load(d).to_target(0.45) == (2, 20.0)
+
+
+def test_trained_tokens_per_s_weighs_completions_by_length(tmp_path):
+    d = tmp_path / "1-ms2-none-seed0"
+    d.mkdir()
+    rows = [{"step": 0, "elapsed_s": 0.0},
+            {"step": 1, "elapsed_s": 5.0, "tokens": 300, "samples_trained": 10},
+            {"step": 2, "elapsed_s": 10.0, "tokens": 700, "samples_trained": 20}]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "bench_watch.json").write_text(json.dumps({"samples": [], "row_seen": {}}))
+    run = Run.load(d)
+    assert run.trained_tokens_per_s() == 100.0  # row 0 (the SFT policy) trains nothing
+    assert run.samples_per_s() == 2.0
