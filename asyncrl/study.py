@@ -165,12 +165,17 @@ def _plots(report: Path, data: dict[str, list[list[dict]]]) -> None:
 
 
 def _summary(data: dict[str, list[list[dict]]], target: float) -> str:
-    lines = [f"| setting | seeds | final accuracy | best accuracy | time to {target:.0%} (s) "
-             "| trained tokens/s | staleness (mean) | dropped as stale |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| setting | seeds | final accuracy | best accuracy | worst accuracy | time to "
+             f"{target:.0%} (s) | trained tokens/s | tokens per trained completion "
+             "| staleness (mean) | dropped as stale |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in data.items():
         finals = [_evals(rows, "step")[-1][1] for rows in runs]
         bests = [max(a for _, a in _evals(rows, "step")) for rows in runs]
+        # the lowest evaluation after the start: where a setting collapses and recovers, its
+        # final accuracy hides it
+        worsts = [min((a for _, a in _evals(rows[1:], "step")), default=float("nan"))
+                  for rows in runs]
         times = [next((t for t, a in _evals(rows, "elapsed_s") if a >= target), None)
                  for rows in runs]
         reached = [t for t in times if t is not None]
@@ -180,12 +185,18 @@ def _summary(data: dict[str, list[list[dict]]], target: float) -> str:
         dropped = [r.get("stale_dropped_total", 0) / max(1, r.get("samples_trained", 0)
                                                          + r.get("stale_dropped_total", 0))
                    for r in last]
+        # completion tokens per completion trained: below sync's when long completions go stale
+        # and are dropped (a length bias that accuracy alone does not show)
+        lengths = [sum(x.get("tokens") or 0 for x in rows[1:]) / max(1, r.get("samples_trained")
+                                                                     or 0)
+                   for rows, r in zip(runs, last)]
         lines.append(" | ".join([
-            f"| {name}", str(len(runs)), _pm(finals), _pm(bests),
+            f"| {name}", str(len(runs)), _pm(finals), _pm(bests), _pm(worsts),
             (_pm(reached, ".0f") + ("" if len(reached) == len(runs) else
                                     f" ({len(reached)}/{len(runs)} reached)")) if reached
             else "not reached",
             f"{statistics.mean(r['tokens_per_s'] for r in last):.0f}",
+            f"{statistics.mean(lengths):.1f}" if any(lengths) else "-",
             f"{stale:.2f}",
             f"{statistics.mean(dropped):.1%} |"]))
     return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ def _fake_run(d, acc0, acc1, staleness):
         rows.append({"step": s, "elapsed_s": 10.0 * s, "samples_trained": 64 * s,
                      "stale_dropped_total": 8 * s, "reward_mean": 0.5, "staleness_mean": staleness,
                      "staleness_tokens": {str(staleness): 100}, "is_ess": 0.9,
-                     "tokens_per_s": 400.0, **({"eval_accuracy": acc0 + (acc1 - acc0) * s / 4}
+                     "tokens_per_s": 400.0, "tokens": 64 * staleness + 640, **({"eval_accuracy": acc0 + (acc1 - acc0) * s / 4}
                                                if s % 2 == 0 else {})})
     (d / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
     (d / "summary.json").write_text("{}")
@@ -40,6 +40,11 @@ def test_report_tables_and_plots(tmp_path):
     assert "0.900" in sync_line and "| 40 |" in sync_line  # evals: 0.7 at t=20, 0.9 at t=40
     assert "not reached" in next(x for x in summary.splitlines() if x.startswith("| ms2-none"))
     assert "11.1%" in sync_line  # 32 dropped of 288 generated
+    cells = [c.strip() for c in sync_line.strip("|").split("|")]
+    assert cells[4] == "0.700"  # worst evaluation after step 0 (0.7 at step 2; 0.5 is step 0)
+    assert cells[7] == "10.0"  # 4 x 640 completion tokens over 256 completions trained
+    ms2 = [c.strip() for c in summary.splitlines()[3].strip("|").split("|")]
+    assert ms2[0] == "ms2-none" and ms2[7] == "12.0"  # (640 + 128) x 4 / 256
     for png in ("accuracy_reward.png", "staleness_ess.png"):
         assert (report / png).stat().st_size > 10_000
 
