@@ -186,8 +186,10 @@ def join_posthoc(rows: list[dict], accuracy: dict[int, float]) -> None:
 
 
 def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    # complete ones only: asyncrl_state.json is written last (asyncrl/learner/checkpoint.py)
     steps = [(int(d.name.removeprefix("step_")), d) for d in (run_dir / "checkpoints").glob(
-        "step_*") if d.name.removeprefix("step_").isdigit()]
+        "step_*") if d.name.removeprefix("step_").isdigit()
+        and (d / "asyncrl_state.json").is_file()]
     if not steps:
         raise RuntimeError(f"{run_dir} has no checkpoints to evaluate")
     return sorted(steps)

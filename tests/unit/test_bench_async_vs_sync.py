@@ -42,3 +42,15 @@ def test_trained_tokens_per_s_weighs_completions_by_length(tmp_path):
     run = Run.load(d)
     assert run.trained_tokens_per_s() == 100.0  # row 0 (the SFT policy) trains nothing
     assert run.samples_per_s() == 2.0
+
+
+def test_only_complete_checkpoints_are_evaluated(tmp_path):
+    from benchmarks.async_vs_sync import _checkpoints
+
+    for step, complete in ((10, True), (20, False), (30, True)):
+        d = tmp_path / "checkpoints" / f"step_{step}"
+        d.mkdir(parents=True)
+        if complete:
+            (d / "asyncrl_state.json").write_text("{}")
+    (tmp_path / "checkpoints" / ".step_40.tmp").mkdir()
+    assert [s for s, _ in _checkpoints(tmp_path)] == [10, 30]
