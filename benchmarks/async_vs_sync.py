@@ -42,6 +42,11 @@ generators held. On 2 cores an in-loop evaluation takes the engine from training
 ~10 s per 512 problems, which the async learner then waits for and the sync one pays too;
 --posthoc measures the two schedules as they would run with evaluation on hardware of its own.
 
+Each role runs on one CPU thread on both sides (learner.threads = generator.threads = 1): async
+runs both roles at once on 2 cores. --sync-threads N gives each role N threads on the sync side
+only, where one role waits while the other computes, so the sync baseline can use the whole
+machine in each role's turn (the fairest strict-sync baseline on a CPU box).
+
 With --json PATH the medians and, under `ratios`, sync_over_async_time_to_target (target >= 2),
 sync_over_async_s_per_step, async_over_sync_samples_per_s and
 async_over_sync_trained_tokens_per_s are written there. Samples/s counts completions trained;
@@ -87,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="/tmp/asyncrl-bench-async")
     p.add_argument("--posthoc", action="store_true",
                    help="evaluate checkpoints after the runs instead of in the loop")
+    p.add_argument("--sync-threads", type=int, default=1,
+                   help="CPU threads of each role on the sync side (it runs one role at a "
+                        "time, so each can have the whole machine in its turn)")
     p.add_argument("--report-only", metavar="DIR",
                    help="print the report of the finished runs in DIR again, without running")
     return p
@@ -320,6 +328,13 @@ def _at(samples: list[Sample], t: float) -> Sample:
 # ------------------------------------------------------------------ main
 
 
+def side_overrides(setting, sync_threads: int) -> list[str]:
+    """The setting's overrides, with --sync-threads for both roles on the sync side."""
+    extra = ([f"learner.threads={sync_threads}", f"generator.threads={sync_threads}"]
+             if setting.name == "sync" and sync_threads != 1 else [])
+    return [*setting.overrides, *extra]
+
+
 def run_one(args, setting, seed: int, order: int, out_dir: Path) -> Run:
     from asyncrl.config import load_config
     from asyncrl.runner import execute_run
@@ -331,7 +346,8 @@ def run_one(args, setting, seed: int, order: int, out_dir: Path) -> Run:
               f"learner.checkpoint_interval={args.eval_interval}"] if args.posthoc
              else [f"learner.eval_interval={args.eval_interval}"])
     cfg = load_config(args.config, [
-        *args.overrides, *setting.overrides, f"learner.total_steps={args.steps}", *evals,
+        *args.overrides, *side_overrides(setting, args.sync_threads),
+        f"learner.total_steps={args.steps}", *evals,
         f"learner.seed={seed}",
         f"generator.seed={seed}", f"net.base_port={base}", f"run_dir={run_dir}"])
     ports = [cfg.net.generator_metrics_port(i) for i in range(cfg.generator.num_generators)]
@@ -375,6 +391,8 @@ def main(argv: list[str] | None = None) -> None:
         runs = [Run.load(r.run_dir) for r in runs]
     print(f"\n# async vs sync, time to {args.target:.0%} held-out accuracy  ({machine()})")
     when = " (checkpoints, evaluated after the runs)" if args.posthoc else ""
+    if args.sync_threads != 1:
+        when += f"; sync side: {' '.join(side_overrides(sync, args.sync_threads)[-2:])}"
     print(f"{args.config} {' '.join(args.overrides)}, {args.steps} steps, eval every "
           f"{args.eval_interval}{when}; async = {async_.name} ({' '.join(async_.overrides)}); "
           f"asyncrl from {Path(asyncrl.__file__).parent}; run dirs in {out_dir}")

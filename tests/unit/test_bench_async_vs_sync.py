@@ -54,3 +54,13 @@ def test_only_complete_checkpoints_are_evaluated(tmp_path):
             (d / "asyncrl_state.json").write_text("{}")
     (tmp_path / "checkpoints" / ".step_40.tmp").mkdir()
     assert [s for s, _ in _checkpoints(tmp_path)] == [10, 30]
+
+
+def test_sync_threads_go_to_both_roles_of_the_sync_side_only():
+    from asyncrl.study import grid
+    from benchmarks.async_vs_sync import side_overrides
+
+    sync, async_ = grid([2], ["none"])
+    assert side_overrides(sync, 2)[-2:] == ["learner.threads=2", "generator.threads=2"]
+    assert side_overrides(async_, 2) == list(async_.overrides)
+    assert side_overrides(sync, 1) == list(sync.overrides)
