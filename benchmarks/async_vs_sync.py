@@ -376,9 +376,17 @@ def main(argv: list[str] | None = None) -> None:
         names = sorted({r.setting for r in runs}, key=lambda n: n == "sync")
         report(runs, args.target, names[-1], names[0], args.json)
         return
+    from asyncrl.config.schema import ConfigError
+
+    sync, async_ = grid([args.max_staleness], [args.correction])
+    for setting in (sync, async_):  # a bad override fails here, not after the first side's run
+        try:
+            load_config(args.config, [*args.overrides,
+                                      *side_overrides(setting, args.sync_threads)])
+        except (ConfigError, OSError) as e:
+            raise SystemExit(f"async_vs_sync: {setting.name} side: {e}") from None
     print(f"# async vs sync, time to {args.target:.0%} held-out accuracy  ({machine()})",
           flush=True)
-    sync, async_ = grid([args.max_staleness], [args.correction])
     resolve_model(load_config(args.config, args.overrides))  # build the SFT model once, cached
     out_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     runs: list[Run] = []

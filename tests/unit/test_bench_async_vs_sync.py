@@ -64,3 +64,15 @@ def test_sync_threads_go_to_both_roles_of_the_sync_side_only():
     assert side_overrides(sync, 2)[-2:] == ["learner.threads=2", "generator.threads=2"]
     assert side_overrides(async_, 2) == list(async_.overrides)
     assert side_overrides(sync, 1) == list(sync.overrides)
+
+
+def test_a_bad_side_override_stops_before_any_run(tmp_path):
+    import pytest
+
+    from benchmarks.async_vs_sync import main
+
+    with pytest.raises(SystemExit, match="(?s)sync side.*learner.threads=0"):
+        main(["--sync-threads", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="(?s)ms2-bogus side.*offpolicy"):
+        main(["--correction", "bogus", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # nothing started
