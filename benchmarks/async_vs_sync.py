@@ -270,6 +270,16 @@ class Run:
                    [Sample(*x) for x in watch["samples"]],
                    {int(k): v for k, v in watch["row_seen"].items()}, run_dir)
 
+    def threads(self) -> dict[str, int] | None:
+        """CPU threads of each role, from the run's resolved config.yaml (None without it)."""
+        path = self.run_dir / "config.yaml"
+        if not path.exists():
+            return None
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(path)
+        return {"learner": int(cfg.learner.threads), "generator": int(cfg.generator.threads)}
+
     @property
     def wall_s(self) -> float:
         return self.rows[-1]["elapsed_s"]
@@ -484,6 +494,7 @@ def report(runs: list[Run], target: float, sync_name: str, async_name: str,
                          "stale_dropped": [r.rows[-1].get("stale_dropped_total", 0)
                                            for r in mine],
                          "learner_busy": busy, "generator_busy": gen,
+                         "threads": [r.threads() for r in mine],
                          "seeds": [r.seed for r in mine]}
         print(f"{name:>14} utilisation: learner {statistics.mean(busy):.0%}, generator "
               f"{statistics.mean(gen):.0%} (mean of {len(mine)} runs)")

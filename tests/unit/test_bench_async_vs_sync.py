@@ -29,6 +29,9 @@ def test_run_load_reads_the_checkpoint_evaluations_and_time_to_target_uses_them(
     assert run.to_target(0.45) == (4, 40.0)  # in-loop: only the last row
     (d / POSTHOC).write_text(json.dumps({"2": 0.46, "4": 0.5}))
     assert Run.load(d).to_target(0.45) == (2, 20.0)
+    assert run.threads() is None  # no config.yaml
+    (d / "config.yaml").write_text("learner:\n  threads: 2\ngenerator:\n  threads: 1\n")
+    assert run.threads() == {"learner": 2, "generator": 1}
 
 
 def test_trained_tokens_per_s_weighs_completions_by_length(tmp_path):
