@@ -42,7 +42,11 @@ def test_hub_format_model_runs_through_the_loop_and_syncs_exactly(qwen2_dir, tmp
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:]
     probes = [json.loads(x) for x in (tmp_path / "sync_probe.jsonl").read_text().splitlines()]
-    assert [p["policy_version"] for p in probes] == [0, 1, 2]
+    # A due push is held back while the generator evaluates (asyncrl/learner/lead.py
+    # push_due), so version 1 may be skipped when the evaluation of version 0 is still
+    # running at step 1; the last step is always pushed.
+    versions = [p["policy_version"] for p in probes]
+    assert versions[0] == 0 and versions[-1] == 2 and versions == sorted(set(versions))
     model, _ = load_policy(tmp_path / "checkpoints" / "step_2")
     assert model.config.model_type == "qwen2" and model.config.tie_word_embeddings
 
@@ -52,5 +56,5 @@ def test_hub_format_model_runs_through_the_loop_and_syncs_exactly(qwen2_dir, tmp
             lp = token_logprobs(model, ids, torch.ones_like(ids), p["temperature"])
         return (lp[0, len(p["prompt_tokens"]) - 1 :] - torch.tensor(p["logprobs"])).abs().max()
 
-    assert diff(probes[2]) < 1e-4
+    assert diff(probes[-1]) < 1e-4
     assert diff(probes[0]) > 1e-4
