@@ -27,7 +27,7 @@ import msgpack
 from asyncrl import wire
 from asyncrl.buffer.durable import ADD, TAKE
 from asyncrl.buffer.journal import DeliveryJournal
-from asyncrl.buffer.store import ReplayBuffer
+from asyncrl.buffer.store import ReplayBuffer, TakeResult
 from asyncrl.config import RunConfig
 
 log = logging.getLogger("asyncrl.buffer")
@@ -173,12 +173,20 @@ class BufferHandler:
         except wire.MessageError as e:
             return self._reject(e, kind="error", policy_version=self.store.learner_version,
                                 reason=str(e)[:200])
-        res = self.store.take(msg.num_groups, msg.policy_version)
+        res = self.take(msg.num_groups, msg.policy_version)
+        return wire.encode("batch", self.store.learner_version,
+                           status="ok" if res.groups else "not_ready", groups=res.groups,
+                           stale_dropped_total=self.store.stale_dropped_trajectories_total)
+
+    def take(self, num_groups: int, learner_version: int) -> TakeResult:
+        """Hand out the oldest `num_groups` usable groups (or none), with what that drops,
+        journalled and in the durable log before the caller replies."""
+        res = self.store.take(num_groups, learner_version)
         if self.journal is not None:
             self.journal.dropped(res.dropped)
         if self.durable is not None and (res.groups or res.stale_dropped_groups):
-            self.durable.append(TAKE, struct.pack("<IQ", msg.num_groups if res.groups else 0,
-                                                  msg.policy_version))
+            self.durable.append(TAKE, struct.pack("<IQ", num_groups if res.groups else 0,
+                                                  learner_version))
             if len(self.store) == 0:  # nothing left to lose: keep only the dedup table
                 self.durable.compact(msgpack.packb(
                     [[s, i, q] for (s, i), q in self.accepted_seq.items()]))
@@ -187,9 +195,7 @@ class BufferHandler:
             self.m.stale_dropped.inc(res.stale_dropped_trajectories)
         self.m.served.inc(sum(len(g.completions) for g in res.groups))
         self._occupancy()
-        return wire.encode("batch", self.store.learner_version,
-                           status="ok" if res.groups else "not_ready", groups=res.groups,
-                           stale_dropped_total=self.store.stale_dropped_trajectories_total)
+        return res
 
     def recover(self) -> int:
         """Rebuild the store and dedup table from the durable log; returns groups held."""
