@@ -4,6 +4,7 @@
     asyncrl prepare CONFIG [key=value ...]   build the embedded default model (SFT) only
     asyncrl buffer --config CONFIG           one role, e.g. on its own host
     asyncrl generator --config CONFIG --index I
+    asyncrl evaluator --config CONFIG        the evaluation engine (generator.eval_engine)
     asyncrl learner --config CONFIG          wraps torchrun --nproc-per-node learner.nproc
     asyncrl plot RUN_DIR                     redraw RUN_DIR/curves.png from metrics.jsonl
     asyncrl replay RUN_DIR                   re-train on the logged batches, compare weights
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=helptext)
         s.add_argument("config", help="YAML file in configs/ (e.g. configs/default.yaml)")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learner.lr=1e-4")
-    for name in ("buffer", "generator", "learner"):
+    for name in ("buffer", "generator", "evaluator", "learner"):
         s = sub.add_parser(name, help=f"run the {name} role alone")
         s.add_argument("--config", required=True)
         s.add_argument("overrides", nargs="*")
@@ -136,6 +137,24 @@ def _generator(args) -> int:
     return 0
 
 
+def _evaluator(args) -> int:
+    cfg = _config(args)
+    gen = cfg.generator
+    if not gen.eval_engine:
+        raise ConfigError("generator.eval_engine is false: the learner asks the generators to "
+                          "evaluate, never this evaluator; set generator.eval_engine=true")
+    if gen.device_ids:  # the GPUs after the generators' (before vLLM and CUDA are imported)
+        tp = gen.tensor_parallel_size
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(
+            map(str, gen.device_ids[gen.num_generators * tp : (gen.num_generators + 1) * tp]))
+    from asyncrl.generator.eval_engine import run
+    from asyncrl.runner import resolve_model, role_run_dir
+
+    resolve_model(cfg)
+    run(cfg, cfg.model.path, role_run_dir(cfg))
+    return 0
+
+
 def _learner(args) -> int:
     from asyncrl.launcher import run_learner
     from asyncrl.runner import resolve_model, role_run_dir
@@ -189,5 +208,6 @@ def _replay(args) -> int:
 
 
 COMMANDS = {"run": _run, "prepare": _prepare, "buffer": _buffer, "generator": _generator,
+            "evaluator": _evaluator,
             "learner": _learner, "plot": _plot, "study": _study, "audit": _audit,
             "keys": _keys, "replay": _replay}

@@ -52,7 +52,8 @@ def assign(num_generators: int, nproc: int, gen_ids: list[int], learner_ids: lis
             f"{visible} GPU(s) visible, but generator.num_generators={num_generators} and "
             f"learner.nproc={nproc} need {num_generators + nproc} of their own under NCCL. Use "
             "fewer, set generator.device_ids and learner.device_ids, or on one GPU run one "
-            "generator and one rank colocated (sync.backend=ipc)")
+            "generator and one rank colocated (sync.backend=ipc); generator.eval_engine's "
+            "evaluator counts as one generator more")
     gens = list(gen_ids) or free[:num_generators]
     rest = [d for d in free if d not in gens]
     ranks = list(learner_ids) or rest[:nproc]
@@ -68,9 +69,10 @@ def _backend(backend: str, gens: list[int], ranks: list[int]) -> str:
 def apply(cfg: RunConfig, visible: int) -> Assignment:
     """Assign and write the result into cfg (saved as RUN_DIR/config.yaml, which every role
     reads): generator.device_ids, learner.device_ids, sync.backend. With tensor parallelism a
-    generator takes tensor_parallel_size consecutive GPUs (as many "generators" to assign)."""
+    generator takes tensor_parallel_size consecutive GPUs (as many "generators" to assign);
+    the evaluator (generator.eval_engine) takes the ones after the generators'."""
     tp = cfg.generator.tensor_parallel_size
-    a = assign(cfg.generator.num_generators * tp, cfg.learner.nproc, cfg.generator.device_ids,
+    a = assign(cfg.generator.engines * tp, cfg.learner.nproc, cfg.generator.device_ids,
                cfg.learner.device_ids, cfg.sync.backend, visible)
     cfg.generator.device_ids, cfg.learner.device_ids = a.generator_ids, a.learner_ids
     cfg.sync.backend = a.backend

@@ -1,12 +1,15 @@
-"""`asyncrl run`: start buffer, generators and a torchrun learner as separate processes.
+"""`asyncrl run`: start buffer, generators (and with generator.eval_engine the evaluator) and a
+torchrun learner as separate processes.
 
 Each role runs in its own session (process group), with its output in RUN_DIR/logs/<role>.log.
 The launcher prints progress from RUN_DIR/metrics.jsonl.
 
-Supervision: a buffer or generator that dies is restarted, up to run.max_role_restarts times
-per role (after run.restart_delay_s, doubling), which the roles are built for: the buffer
+Supervision: a buffer, generator or evaluator that dies is restarted, up to
+run.max_role_restarts times per role (after run.restart_delay_s, doubling), which the roles
+are built for: the buffer
 recovers what it acknowledged from its durable log, a restarted generator is a new sender
-incarnation that the learner takes into a new weight-sync session. Each restart is printed and
+incarnation that the learner takes into a new weight-sync session, a restarted evaluator
+answers the requests still unanswered in RUN_DIR/evals/. Each restart is printed and
 counted (`asyncrl_run_role_restarts_total` on net.base_port + 5). The learner has torchrun's
 own restarts (learner.max_restarts); if torchrun gives up, the run ends.
 
@@ -57,6 +60,8 @@ def role_commands(cfg: RunConfig, config_path: Path) -> dict[str, list[str]]:
     for i in range(cfg.generator.num_generators):
         cmds[f"gen{i}"] = [py, "-m", "asyncrl", "generator", "--config", str(config_path),
                            "--index", str(i)]
+    if cfg.generator.eval_engine:
+        cmds["evaluator"] = [py, "-m", "asyncrl", "evaluator", "--config", str(config_path)]
     # torchrun directly, not through `asyncrl learner`: torchrun must be the one that gets
     # SIGTERM and stops its workers (a wrapper dying first broke torchrun's stderr pipe and
     # left a worker orphaned).

@@ -146,6 +146,31 @@ LEARNER_STEP_GAUGES = {
 }
 
 
+class EvaluatorMetrics:
+    """The evaluation engine's (generator.eval_engine, asyncrl/generator/eval_engine.py)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
+        self.evaluations = Counter("asyncrl_evaluator_evaluations_total",
+                                   "Held-out evaluations answered", registry=r)
+        self.eval_seconds = Histogram("asyncrl_evaluator_eval_seconds",
+                                      "Wall time of one held-out evaluation (greedy, "
+                                      "task.eval_size problems)", buckets=_STEP_BUCKETS,
+                                      registry=r)
+        self.load_seconds = Histogram("asyncrl_evaluator_load_seconds",
+                                      "Loading the weights of a version to evaluate",
+                                      buckets=_SYNC_BUCKETS, registry=r)
+        self.accuracy = Gauge("asyncrl_evaluator_eval_accuracy",
+                              "Held-out accuracy of the last version evaluated", registry=r)
+        self.policy_version = Gauge("asyncrl_evaluator_policy_version",
+                                    "The last version evaluated", registry=r)
+        self.backlog = Gauge("asyncrl_evaluator_backlog",
+                             "Evaluations asked for and not answered yet", registry=r)
+        self.bad_asks = Counter("asyncrl_evaluator_bad_asks_total",
+                                "Requests set aside: unreadable, or their weights would not "
+                                "load", registry=r)
+
+
 class LearnerMetrics:
     def __init__(self, registry: CollectorRegistry):
         r = registry

@@ -141,10 +141,11 @@ def cross_field_errors(cfg: RunConfig) -> list[str]:
          f"learner.nproc x learner.nnodes={cfg.learner_world}: rank metrics ports "
          f"net.base_port+60+rank reach {last_port} > 65535; lower net.base_port"),
         (not gen.device_ids
-         or len(gen.device_ids) == gen.num_generators * gen.tensor_parallel_size,
+         or len(gen.device_ids) == gen.engines * gen.tensor_parallel_size,
          "generator.device_ids needs generator.tensor_parallel_size entries per generator "
          f"({gen.num_generators} x {gen.tensor_parallel_size}; generator i takes entries "
-         "i*tp .. i*tp+tp-1)"),
+         "i*tp .. i*tp+tp-1)" + (", and as many more for the evaluator "
+                                 "(generator.eval_engine)" if gen.eval_engine else "")),
         (not lc.device_ids or len(lc.device_ids) == lc.nproc,
          "learner.device_ids needs one entry per rank (learner.nproc)"),
         (cfg.sync.backend != "nccl" or not set(gen.device_ids) & set(lc.device_ids),

@@ -167,6 +167,10 @@ class NetConfig:
     def buffer_metrics_port(self) -> int:
         return self.base_port + 10
 
+    @property
+    def evaluator_metrics_port(self) -> int:
+        return self.base_port + 6
+
     def generator_metrics_port(self, index: int) -> int:
         return self.base_port + 20 + index
 
@@ -214,9 +218,22 @@ class GeneratorConfig:
     """CPU threads for the engine (OMP); the learner gets the rest of the machine."""
     device_ids: list[int] = field(default_factory=list)
     """GPUs of the generators, tensor_parallel_size per generator in order (generator i gets
-    CUDA_VISIBLE_DEVICES=device_ids[i*tp : i*tp+tp]); empty: `asyncrl run` assigns them
-    (asyncrl/devices.py), a role started on its own uses whatever is visible."""
+    CUDA_VISIBLE_DEVICES=device_ids[i*tp : i*tp+tp]), and with eval_engine the evaluator's
+    after them; empty: `asyncrl run` assigns them (asyncrl/devices.py), a role started on its
+    own uses whatever is visible."""
     seed: int = 0
+    eval_engine: bool = False
+    """Held-out evaluation on an engine of its own, outside the weight broadcast
+    (asyncrl/generator/eval_engine.py): the learner writes each version it owes an evaluation
+    to RUN_DIR/evals/ in hub format and an evaluator process (`asyncrl evaluator`, started by
+    `asyncrl run`) evaluates it; pushes are never held back for an evaluation. false: a
+    generator evaluates the version it holds, among its training requests, and a due push
+    waits for its answer. The evaluator reads RUN_DIR: same machine or a shared filesystem."""
+
+    @property
+    def engines(self) -> int:
+        """vLLM engines of the run: the generators' and the evaluator's."""
+        return self.num_generators + (1 if self.eval_engine else 0)
 
 
 @dataclass

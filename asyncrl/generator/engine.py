@@ -175,6 +175,13 @@ class VLLMEngine:
             self.llm.reset_prefix_cache()
         return seconds, nbytes
 
+    def load_dir(self, path: str) -> float:
+        """Load the hub-format weights in a directory (the evaluator); returns seconds."""
+        seconds = self.llm.collective_rpc("asyncrl_load_dir", args=(path,))[0]
+        if not self._live:
+            self.llm.reset_prefix_cache()
+        return seconds
+
 
 @dataclass
 class Delta:

@@ -18,6 +18,12 @@ it was given up, so the final accuracy is known.
 
 A learner restart loses the evaluations in flight: the rows up to the checkpoint still held
 are saved with it (`held_upto`) and written without accuracy on resume.
+
+With generator.eval_engine the evaluator process answers instead of a generator, through files
+in RUN_DIR/evals/ (`ExportedEvals`, asyncrl/generator/eval_engine.py): the learner writes a
+due version's weights there, asking is writing its request, and the answers are read from its
+result files. The asking, joining and giving up above are the same; what differs is that no
+push is held back for it (`hold_pushes`), since the evaluator is not in the weight broadcast.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -41,13 +49,21 @@ class _Asked:
     at: float  # clock() when asked
 
 
+def due(version: int, interval: int, total_steps: int) -> bool:
+    """Whether `version` is owed an evaluation: version 0, every `interval`, and the last."""
+    return version % interval == 0 or version == total_steps
+
+
 class RemoteEvals:
     def __init__(self, sender, interval: int, total_steps: int, timeout_s: float,
                  write: Callable[[dict], None], on_accuracy: Callable[[float], None],
-                 clock: Callable[[], float] = time.monotonic):
-        """sender: the WeightSender (expected, versions(), members, ask_eval, poll); its
-        eval_results come to `on_result`. write(row) appends one metrics.jsonl row;
-        on_accuracy(acc) runs for every answer (the Prometheus gauge)."""
+                 clock: Callable[[], float] = time.monotonic, hold_pushes: bool = True):
+        """sender: the WeightSender, or an ExportedEvals (expected, versions(), members,
+        ask_eval, poll); its eval_results come to `on_result`. write(row) appends one
+        metrics.jsonl row; on_accuracy(acc) runs for every answer (the Prometheus gauge).
+        hold_pushes: whether a due push waits while an evaluation is outstanding (a
+        generator's evaluation holds its weight load; the evaluator's holds nothing)."""
+        self.hold_pushes = hold_pushes
         self.sender, self.interval, self.total_steps = sender, interval, total_steps
         self.timeout_s, self.write, self.on_accuracy, self.clock = (timeout_s, write,
                                                                     on_accuracy, clock)
@@ -64,7 +80,7 @@ class RemoteEvals:
     # ------------------------------------------------------------------ asking
 
     def due(self, version: int) -> bool:
-        return version % self.interval == 0 or version == self.total_steps
+        return due(version, self.interval, self.total_steps)
 
     def after_push(self, version: int) -> None:
         """After the sync of `version` (pushed or not), before its row is added: owe an
@@ -166,3 +182,61 @@ class RemoteEvals:
         self.pending.clear()
         self.finishing = False
         self._flush()
+
+
+@dataclass(frozen=True)
+class _FileAnswer:
+    """An evaluator's result file, shaped as the eval_result `RemoteEvals.on_result` reads."""
+
+    asked: int
+    policy_version: int
+    accuracy: float
+    seconds: float
+    sender: str = "evaluator"
+
+
+class ExportedEvals:
+    """The evaluator's side of what RemoteEvals asks of a WeightSender, through RUN_DIR/evals/
+    (generator.eval_engine; the files are described in asyncrl/generator/eval_engine.py). The
+    evaluator "holds" the newest version whose weights are written (`exported`), version 0
+    being the model the run starts from; asking writes the request; `poll` reads answers."""
+
+    NAME = "evaluator"
+
+    def __init__(self, run_dir: Path, sleep: Callable[[float], None] = time.sleep):
+        from asyncrl.generator import eval_engine as files
+
+        self.files, self.sleep = files, sleep
+        self.dir = Path(run_dir) / files.EVALS_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.expected = [self.NAME]
+        # The evaluator's restarts need no giving up: a restarted one answers what is asked.
+        self.members = {self.NAME: SimpleNamespace(incarnation="files")}
+        self.exported = 0
+        self.asked: set[int] = set()
+        self.on_eval_result: Callable[[_FileAnswer], None] = lambda msg: None
+
+    def versions(self) -> dict[str, int]:
+        return {self.NAME: self.exported}
+
+    def ask_eval(self, name: str, version: int) -> str:
+        self.files.write_atomic(self.files.ask_path(self.dir, version), {"version": version})
+        self.asked.add(version)
+        return "files"
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """Hand every answer now on disk to on_eval_result; with none, wait timeout_s."""
+        answered = False
+        for version in sorted(self.asked):
+            path = self.files.result_path(self.dir, version)
+            if not path.exists():
+                continue
+            self.asked.discard(version)
+            r = self.files.read_result(path)
+            if r is None or r["version"] != version:  # not joined: given up on timeout
+                continue
+            answered = True
+            self.on_eval_result(_FileAnswer(version, version, float(r["accuracy"]),
+                                            float(r["seconds"])))
+        if not answered and timeout_s > 0:
+            self.sleep(timeout_s)

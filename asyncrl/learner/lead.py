@@ -16,7 +16,7 @@ from asyncrl.config import RunConfig
 from asyncrl.jsonl import read_jsonl
 from asyncrl.learner import checkpoint
 from asyncrl.learner.batch import TrainBatch, token_staleness
-from asyncrl.learner.evals import RemoteEvals
+from asyncrl.learner.evals import ExportedEvals, RemoteEvals
 from asyncrl.rewards import combine
 from asyncrl.task import load_task
 
@@ -79,8 +79,12 @@ class Lead:
                                    ranks_per_generator=cfg.generator.tensor_parallel_size,
                                    dtype=cfg.model.dtype, bucket_bytes=cfg.sync.bucket_mb << 20)
         self.sender.start()
-        self.evals = RemoteEvals(self.sender, cfg.learner.eval_interval, cfg.learner.total_steps,
-                                 cfg.sync.timeout_s, self._write, m.eval_accuracy.set)
+        # generator.eval_engine: the evaluator answers, through RUN_DIR/evals/, and holds
+        # no push back (asyncrl/generator/eval_engine.py).
+        self.exported = ExportedEvals(run_dir) if cfg.generator.eval_engine else None
+        self.evals = RemoteEvals(self.exported or self.sender, cfg.learner.eval_interval,
+                                 cfg.learner.total_steps, cfg.sync.timeout_s, self._write,
+                                 m.eval_accuracy.set, hold_pushes=self.exported is None)
         # RL time starts once every generator is up (and goes on from before a restart).
         self.t_start = resumed_t0 if ckpt is not None else time.time()
         if ckpt is None:  # row 0: the SFT policy, evaluated by a generator like the others
@@ -148,11 +152,14 @@ class Lead:
         """Whether to push now: a due push is held back while a generator evaluates (the load
         would wait for the evaluation to finish, its requests seeing one version, and the push
         for the load). The generators keep the older weights a little longer instead (bounded
-        by buffer.max_staleness); the push goes out at the first sync after the answer."""
+        by buffer.max_staleness); the push goes out at the first sync after the answer. With
+        generator.eval_engine nothing is held back: the evaluator is not in the broadcast."""
         self.sender.poll()  # an answer waiting clears the way now, not at the next sync
+        if self.exported is not None:
+            self.exported.poll()  # the evaluator's answers, joined as they come
         self.evals.check()  # and so does an evaluation given up
         self.push_owed = self.push_owed or due
-        return self.push_owed and not self.evals.pending
+        return self.push_owed and not (self.evals.hold_pushes and self.evals.pending)
 
     def sync(self, model, version: int, due: bool) -> tuple[float, int] | None:
         """Rank 0 alone (ddp): weight sync, with a due push held back as push_due says."""

@@ -39,7 +39,7 @@ import torch
 from asyncrl import wire
 from asyncrl.algo.sampling import dynamic_sampling_mask
 from asyncrl.config import RunConfig
-from asyncrl.learner import checkpoint, shard
+from asyncrl.learner import checkpoint, evals, shard
 from asyncrl.learner.batch import BatchRules, collate, refusal, token_staleness
 from asyncrl.learner.lead import Lead
 from asyncrl.learner.model import check_packing, load_critic, load_policy
@@ -179,6 +179,9 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
                       token_staleness(batch, step - 1), waited, step_seconds)
         last = step == cfg.learner.total_steps
         pushed = whole.push(step, due=step % cfg.sync.interval == 0 or last)
+        if cfg.generator.eval_engine and evals.due(step, cfg.learner.eval_interval,
+                                                   cfg.learner.total_steps):
+            whole.export_for_eval(step)  # before its row asks the evaluator for it
         if lead is not None:
             lead.after_step(step, batch, stats, waited, step_seconds, pushed, groups)
         if step % cfg.learner.checkpoint_interval == 0 or last:

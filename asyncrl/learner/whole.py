@@ -82,6 +82,22 @@ class Whole:
                 return pushed
         return None
 
+    def export_for_eval(self, version: int) -> None:
+        """generator.eval_engine: the weights of `version` in hub format for the evaluator
+        (RUN_DIR/evals/step_<version>/, asyncrl/generator/eval_engine.py). Every rank under
+        fsdp (a gather), rank 0 alone otherwise."""
+        from asyncrl.generator.eval_engine import EVALS_DIR, weights_dir
+
+        if not self.every_rank and self.lead is None:
+            return
+        t0 = time.perf_counter()
+        checkpoint.export(weights_dir(self.run_dir / EVALS_DIR, version), self.models.policy,
+                          self.tok, self.rank)
+        if self.lead is not None:
+            self.lead.exported.exported = version
+            log.info("wrote version %d for the evaluator (%.2fs)", version,
+                     time.perf_counter() - t0)
+
     def finish_evals(self, version: int) -> None:
         """End of training: rank 0 waits (up to sync.timeout_s) for the evaluations still
         outstanding (RemoteEvals.finish), pushing the final version if it was held back; under

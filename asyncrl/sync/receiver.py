@@ -74,6 +74,15 @@ class WeightReceiver:
         return time.perf_counter() - t0, wire.spec_bytes(specs)
 
 
+    def asyncrl_load_dir(self, path: str) -> float:
+        """Load hub-format weights from a directory in place, every tensor as a push sends
+        them (the evaluator, asyncrl/generator/eval_engine.py). Returns seconds."""
+        t0 = time.perf_counter()
+        self.reload_weights(weights_iterator=weights.dir_tensors(path),
+                            is_checkpoint_format=True)
+        return time.perf_counter() - t0
+
+
 def _tp_rank() -> int:
     from vllm.distributed import get_tensor_model_parallel_rank
 

@@ -48,6 +48,33 @@ def sendable(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return list(model.state_dict().items())
 
 
+def dir_tensors(path: str):
+    """The tensors of a hub-format directory (its *.safetensors), as `sendable` would name
+    them: a tied lm_head, which save_pretrained leaves out, comes back as the embedding (see
+    sendable for why it must be loaded). For the evaluator (generator.eval_engine)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    d = Path(path)
+    names: set[str] = set()
+    embed = None
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open has no __iter__
+                t = st.get_tensor(name)
+                names.add(name)
+                if name == "model.embed_tokens.weight":
+                    embed = t
+                yield name, t
+    if not names:
+        raise FileNotFoundError(f"{d} holds no *.safetensors weights")
+    tied = json.loads((d / "config.json").read_text()).get("tie_word_embeddings", False)
+    if tied and "lm_head.weight" not in names and embed is not None:
+        yield "lm_head.weight", embed
+
+
 def pack(named: list[tuple[str, torch.Tensor]],
          out: dict[str, torch.Tensor] | None = None,
          dtype: str | None = None) -> dict[str, torch.Tensor]:

@@ -10,7 +10,8 @@ from asyncrl import metrics
 from tests.conftest import ROOT
 
 ROLE_CLASSES = {"generator": metrics.GeneratorMetrics, "buffer": metrics.BufferMetrics,
-                "learner": metrics.LearnerMetrics, "launcher": metrics.LauncherMetrics}
+                "learner": metrics.LearnerMetrics, "launcher": metrics.LauncherMetrics,
+                "evaluator": metrics.EvaluatorMetrics}
 def metric_objects(m) -> list:
     """Every metric an instance holds, also those kept in a dict (LearnerMetrics.step_gauges)."""
     return [x for v in vars(m).values() for x in (v.values() if isinstance(v, dict) else [v])]

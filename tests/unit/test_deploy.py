@@ -89,7 +89,7 @@ def test_catalog_lists_exactly_the_metrics_the_code_defines():
 
 def test_names_follow_prometheus_conventions_as_exposed():
     for name, c in exposed().items():
-        assert re.fullmatch(r"asyncrl_(generator|buffer|learner|sync|run)_[a-z_]+", name), name
+        assert re.fullmatch(r"asyncrl_(generator|buffer|learner|sync|run|evaluator)_[a-z_]+", name), name
         assert (c["type"] == "counter") == name.endswith("_total"), name
         suffixes = {s[len(c["family"]):] for s in c["samples"]} - {"_created"}
         assert suffixes == SAMPLE_SUFFIXES[c["type"]], name
