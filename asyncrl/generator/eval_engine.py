@@ -133,36 +133,48 @@ def run(cfg, model_dir: str, run_dir: Path) -> None:
     log.info("evaluator: engine up; evaluating the versions the learner writes to %s", evals)
     held = 0  # the version the engine holds: it starts from the run's model
     while True:
-        asks = pending_asks(evals, m.bad_asks.inc)
-        m.backlog.set(len(asks))
-        for version in asks:
-            if version != held:
-                source = weights_dir(evals, version) if version else Path(model_dir)
-                try:
-                    m.load_seconds.observe(engine.load_dir(str(source)))
-                except (OSError, ValueError, RuntimeError, KeyError) as e:
-                    # Weights missing or not this model's: this ask cannot be answered, the
-                    # next may be (the learner gives this one up after sync.timeout_s).
-                    log.error("evaluator: cannot load version %d from %s (%s); its request "
-                              "is set aside", version, source, e)
-                    path = ask_path(evals, version)
-                    os.replace(path, path.with_name(path.name + ".bad"))
-                    m.bad_asks.inc()
-                    held = -1  # a load that failed halfway leaves no version whole
-                    continue
-                held = version
-            evaluator.ask(version)
-            r = evaluator.run_blocking(engine, version)
-            write_atomic(result_path(evals, version), {
-                "version": version, "accuracy": r.accuracy, "problems": r.problems,
-                "seconds": r.seconds})
-            m.evaluations.inc()
-            m.eval_seconds.observe(r.seconds)
-            m.accuracy.set(r.accuracy)
-            m.policy_version.set(version)
-            log.info("evaluator: version %d held-out accuracy %.3f (%d problems, %.1fs)",
-                     version, r.accuracy, r.problems, r.seconds)
-            if version:
-                shutil.rmtree(weights_dir(evals, version), ignore_errors=True)
-        if not asks:
+        held, answered = answer_pending(evals, Path(model_dir), engine, evaluator, m, held)
+        if not answered:
             time.sleep(0.2)
+
+
+def answer_pending(evals: Path, model_dir: Path, engine, evaluator, m, held: int
+                   ) -> tuple[int, int]:
+    """Answer every request waiting, oldest first: load its version (unless the engine holds
+    it), evaluate, write the result, drop the weights. Returns the version the engine holds
+    after (-1: none whole) and how many were answered."""
+    answered = 0
+    asks = pending_asks(evals, m.bad_asks.inc)
+    m.backlog.set(len(asks))
+    for version in asks:
+        if version != held:
+            source = weights_dir(evals, version) if version else model_dir
+            try:
+                m.load_seconds.observe(engine.load_dir(str(source)))
+            except (OSError, ValueError, RuntimeError, KeyError) as e:
+                # Weights missing or not this model's: this request cannot be answered, the
+                # next may be (the learner gives this one up after sync.timeout_s).
+                log.error("evaluator: cannot load version %d from %s (%s); its request is set "
+                          "aside", version, source, e)
+                path = ask_path(evals, version)
+                os.replace(path, path.with_name(path.name + ".bad"))
+                m.bad_asks.inc()
+                held = -1  # a load that failed halfway leaves no version whole
+                continue
+            held = version
+        evaluator.ask(version)
+        r = evaluator.run_blocking(engine, version)
+        write_atomic(result_path(evals, version), {
+            "version": version, "accuracy": r.accuracy, "problems": r.problems,
+            "seconds": r.seconds})
+        answered += 1
+        m.evaluations.inc()
+        m.eval_seconds.observe(r.seconds)
+        m.accuracy.set(r.accuracy)
+        m.policy_version.set(version)
+        m.backlog.set(len(asks) - answered)
+        log.info("evaluator: version %d held-out accuracy %.3f (%d problems, %.1fs)",
+                 version, r.accuracy, r.problems, r.seconds)
+        if version:
+            shutil.rmtree(weights_dir(evals, version), ignore_errors=True)
+    return held, answered

@@ -169,3 +169,59 @@ def test_a_due_push_waits_for_a_generators_evaluation_not_for_the_evaluators(tmp
     free = _lead(tmp_path / "b", eval_engine=True)
     assert free.push_due(True) is True and free.sender.polls == 1
     assert free.push_due(False) is True  # an owed push goes at the next sync
+
+
+class _Engine:
+    """What the evaluator uses of VLLMEngine: load_dir (a directory that exists and holds a
+    weights file, else what vLLM's loader raises) and greedy generate."""
+
+    def __init__(self):
+        self.loads, self.weights = [], None
+
+    def load_dir(self, path):
+        from pathlib import Path
+
+        if not list(Path(path).glob("*.safetensors")):
+            raise FileNotFoundError(f"{path} holds no *.safetensors weights")
+        self.loads.append(path)
+        self.weights = Path(path).name
+        return 0.01
+
+    def generate(self, prompts, n, temperature, max_tokens):
+        from types import SimpleNamespace
+
+        assert n == 1 and temperature == 0.0
+        # "right" on every problem under step_2's weights, "wrong" under any other
+        return [[SimpleNamespace(tokens=[1 if self.weights == "step_2" else 0])]
+                for _ in prompts]
+
+
+def test_the_evaluator_answers_in_order_and_sets_aside_what_will_not_load(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from asyncrl.generator.evaluate import Evaluator
+    from asyncrl.metrics import EvaluatorMetrics
+
+    evals, model = tmp_path / "evals", tmp_path / "model"
+    for d in (files.weights_dir(evals, 2), model):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"")
+    for v in (0, 2, 3):  # 3: asked, but its weights were never written
+        files.write_atomic(files.ask_path(evals, v), {"version": v})
+    engine, m = _Engine(), EvaluatorMetrics(CollectorRegistry())
+    ev = Evaluator([[5], [6]], ["a", "b"], lambda ids: "right" if ids == [1] else "wrong",
+                   lambda text, answer: float(text == "right"), 4)
+    held, answered = files.answer_pending(evals, model, engine, ev, m, held=0)
+    assert (held, answered) == (-1, 2)
+    assert engine.loads == [str(files.weights_dir(evals, 2))]  # version 0: already held
+    assert [files.read_result(files.result_path(evals, v))["accuracy"] for v in (0, 2)] == [
+        0.0, 1.0]
+    assert not files.weights_dir(evals, 2).exists()  # evaluated: its weights are dropped
+    assert (evals / "ask_3.json.bad").exists() and files.pending_asks(evals) == []
+    assert m.bad_asks._value.get() == 1 and m.evaluations._value.get() == 2
+    # a failed load leaves no version whole: the next request reloads, even version 0's
+    files.write_atomic(files.ask_path(evals, 4), {"version": 0})  # bad: names another
+    files.write_atomic(files.ask_path(evals, 0), {"version": 0})
+    files.result_path(evals, 0).unlink()
+    assert files.answer_pending(evals, model, engine, ev, m, held) == (0, 1)
+    assert engine.loads[-1] == str(model)
