@@ -6,12 +6,12 @@ The launcher prints progress from RUN_DIR/metrics.jsonl.
 
 Supervision: a buffer, generator or evaluator that dies is restarted, up to
 run.max_role_restarts times per role (after run.restart_delay_s, doubling), which the roles
-are built for: the buffer
-recovers what it acknowledged from its durable log, a restarted generator is a new sender
-incarnation that the learner takes into a new weight-sync session, a restarted evaluator
-answers the requests still unanswered in RUN_DIR/evals/. Each restart is printed and
-counted (`asyncrl_run_role_restarts_total` on net.base_port + 5). The learner has torchrun's
-own restarts (learner.max_restarts); if torchrun gives up, the run ends.
+are built for: the buffer recovers what it acknowledged from its durable log, a restarted
+generator is a new sender incarnation that the learner takes into a new weight-sync session,
+a restarted evaluator answers the requests still unanswered in RUN_DIR/evals/. Each restart
+is printed and counted (`asyncrl_run_role_restarts_total` on net.base_port + 5). The
+learner has torchrun's own restarts (learner.max_restarts); if torchrun gives up, the run
+ends.
 
 When the learner finishes, a role is past its restart budget, or on Ctrl-C/SIGTERM, every
 role's whole process group gets SIGTERM, then SIGKILL after a grace period, so no orphan (vLLM

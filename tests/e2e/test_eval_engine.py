@@ -17,7 +17,9 @@ from asyncrl.task import load_task
 from tests.conftest import free_base_port
 from tests.helpers.runs import STEPS, metrics_rows, run_overrides, start_run
 
-pytestmark = pytest.mark.e2e
+# slow: two vLLM engines and two FSDP ranks (~1 min); CI runs it with the slow suite, which
+# keeps the default run under its 20 minutes.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
