@@ -9,7 +9,9 @@ line naming the field, the value and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -66,6 +68,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             if bad:
                 raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
             layers.append(OmegaConf.from_dotlist(overrides))
+        for layer in layers[1:]:
+            _check_bools(layer)
         merged = OmegaConf.merge(*layers)
         cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
@@ -73,6 +77,28 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         raise ConfigError(f"config error{where}: {_describe(e)}") from None
     validate(cfg)
     return cfg
+
+
+def _bool_fields(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Dotted paths of every bool field of the schema."""
+    out = []
+    for name, hint in typing.get_type_hints(cls).items():
+        if hint is bool:
+            out.append(prefix + name)
+        elif dataclasses.is_dataclass(hint):
+            out += _bool_fields(hint, f"{prefix}{name}.")
+    return out
+
+
+def _check_bools(layer) -> None:
+    """OmegaConf takes any integer for a bool (-1 and 99 are true): only 0 and 1 mean one, so
+    a count typed into a switch names the field instead of turning it on."""
+    for path in _bool_fields():
+        v = OmegaConf.select(layer, path, default=None, throw_on_missing=False)
+        if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+            v = int(v)
+        if type(v) is int and v not in (0, 1):
+            raise ConfigError(f"invalid config: {path}={v}: must be true or false")
 
 
 def _describe(e: OmegaConfBaseException) -> str:

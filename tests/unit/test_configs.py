@@ -2,7 +2,7 @@
 
 import pytest
 
-from asyncrl.config import load_config
+from asyncrl.config import ConfigError, load_config
 from tests.conftest import ROOT
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -49,3 +49,15 @@ def test_loading_a_config_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_a_switch_takes_true_false_0_or_1_not_any_integer():
+    # OmegaConf alone turns every integer into a bool (-1 and 99 were true)
+    for v in ("-1", "2", "99999999999", '"-1"'):
+        with pytest.raises(ConfigError, match=r"eval_engine=-?\d+: must be true or false"):
+            load_config(None, [f"generator.eval_engine={v}"])
+    with pytest.raises(ConfigError, match="buffer.durable=7"):
+        load_config(None, ["buffer.durable=7"])
+    assert load_config(None, ["generator.eval_engine=1"]).generator.eval_engine is True
+    assert load_config(None, ["generator.streaming=0"]).generator.streaming is False
+    assert load_config(None, ["net.curve=false"]).net.curve is False
