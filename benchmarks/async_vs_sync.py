@@ -220,24 +220,18 @@ def evaluate_checkpoints(run_dirs: list[Path]) -> None:
 
     from asyncrl.generator.engine import VLLMEngine
     from asyncrl.generator.evaluate import Evaluator
-    from asyncrl.rewards import REWARD_FUNCTIONS
-    from asyncrl.task import chat_context, encode_prompt, load_task
+    from asyncrl.task import load_task
 
     first = _checkpoints(run_dirs[0])[0][1]
     tok = AutoTokenizer.from_pretrained(first)
     _, held_out = load_task(cfg.task)
-    prompts = [encode_prompt(tok, p.prompt, cfg.task.chat_template, chat_context(cfg.task))
-               for p in held_out]
-    engine = VLLMEngine(str(first), cfg.model.dtype, gc.seed, max(map(len, prompts))
+    evaluator = Evaluator.for_task(cfg, tok, held_out)
+    engine = VLLMEngine(str(first), cfg.model.dtype, gc.seed, max(map(len, evaluator.prompts))
                         + gc.max_tokens + 8, gc.gpu_memory_utilization, gpu=on_gpu())
-    evaluator = Evaluator(prompts, [p.answer for p in held_out],
-                          lambda ids: tok.decode(ids, skip_special_tokens=True),
-                          REWARD_FUNCTIONS[cfg.task.eval_reward], gc.max_tokens)
     for run_dir in run_dirs:
         out = {}
         for step, d in _checkpoints(run_dir):
-            engine.llm.collective_rpc("reload_weights", kwargs={
-                "weights_path": str(d), "is_checkpoint_format": True})
+            engine.load_dir(str(d))  # as the evaluator loads (generator.eval_engine)
             evaluator.ask(step)
             out[step] = evaluator.run_blocking(engine, step).accuracy
             print(f"[bench] {run_dir.name} {d.name}: held-out accuracy {out[step]:.3f}",

@@ -110,7 +110,6 @@ def run(cfg, model_dir: str, run_dir: Path) -> None:
     from asyncrl import metrics
     from asyncrl.generator.engine import VLLMEngine
     from asyncrl.generator.evaluate import Evaluator
-    from asyncrl.rewards import REWARD_FUNCTIONS
     from asyncrl.task import chat_context, encode_prompt, load_task
 
     registry = CollectorRegistry()
@@ -120,16 +119,14 @@ def run(cfg, model_dir: str, run_dir: Path) -> None:
     evals.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(model_dir)
     train, held_out = load_task(cfg.task)
-    chat, context = cfg.task.chat_template, chat_context(cfg.task)
-    prompts = [encode_prompt(tok, p.prompt, chat, context) for p in held_out]
+    evaluator = Evaluator.for_task(cfg, tok, held_out)
     # The generators' engine length (training prompts too), so that the two evaluate alike.
-    longest = max(len(encode_prompt(tok, p.prompt, chat, context)) for p in [*train, *held_out])
+    chat, context = cfg.task.chat_template, chat_context(cfg.task)
+    longest = max(len(encode_prompt(tok, p.prompt, chat, context)) for p in train)
+    longest = max(longest, *map(len, evaluator.prompts))
     engine = VLLMEngine(model_dir, cfg.model.dtype, gc.seed, longest + gc.max_tokens + 8,
                         gc.gpu_memory_utilization, gpu=gpu, cuda_graphs=gc.cuda_graphs,
                         tensor_parallel_size=gc.tensor_parallel_size)
-    evaluator = Evaluator(prompts, [p.answer for p in held_out],
-                          lambda ids: tok.decode(ids, skip_special_tokens=True),
-                          REWARD_FUNCTIONS[cfg.task.eval_reward], gc.max_tokens)
     log.info("evaluator: engine up; evaluating the versions the learner writes to %s", evals)
     held = 0  # the version the engine holds: it starts from the run's model
     while True:

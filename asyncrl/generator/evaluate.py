@@ -56,6 +56,20 @@ class Evaluator:
         self.asked: list[int] = []  # versions asked for, not started yet
         self.job: _Job | None = None
 
+    @classmethod
+    def for_task(cls, cfg, tok, held_out: list) -> Evaluator:
+        """The run's evaluation: the held-out problems' prompt ids as the generators encode
+        them, decoded without special tokens, scored with task.eval_reward, up to
+        generator.max_tokens (the generator, the evaluator and the --posthoc benchmark)."""
+        from asyncrl.rewards import REWARD_FUNCTIONS
+        from asyncrl.task import chat_context, encode_prompt
+
+        chat, context = cfg.task.chat_template, chat_context(cfg.task)
+        return cls([encode_prompt(tok, p.prompt, chat, context) for p in held_out],
+                   [p.answer for p in held_out],
+                   lambda ids: tok.decode(ids, skip_special_tokens=True),
+                   REWARD_FUNCTIONS[cfg.task.eval_reward], cfg.generator.max_tokens)
+
     def ask(self, version: int) -> None:
         self.asked.append(version)
 

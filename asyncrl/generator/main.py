@@ -42,7 +42,7 @@ from asyncrl import wire
 from asyncrl.config import RunConfig
 from asyncrl.generator.engine import Sample
 from asyncrl.generator.evaluate import EvalResult, Evaluator
-from asyncrl.rewards import REWARD_FUNCTIONS, combine
+from asyncrl.rewards import combine
 from asyncrl.sync.member import LearnerFinished, SyncMember
 from asyncrl.task import chat_context, encode_prompt, load_task
 
@@ -72,8 +72,8 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
     train, held_out = load_task(cfg.task)
     chat, context = cfg.task.chat_template, chat_context(cfg.task)
     prompt_ids = {p.id: encode_prompt(tok, p.prompt, chat, context) for p in train}
-    eval_ids = [encode_prompt(tok, p.prompt, chat, context) for p in held_out]
-    max_len = max(map(len, [*prompt_ids.values(), *eval_ids])) + gc.max_tokens + 8
+    evaluator = Evaluator.for_task(cfg, tok, held_out)
+    max_len = max(map(len, [*prompt_ids.values(), *evaluator.prompts])) + gc.max_tokens + 8
     engine = VLLMEngine(model_dir, cfg.model.dtype, gc.seed + index, max_len,
                         gc.gpu_memory_utilization, gpu=gpu, cuda_graphs=gc.cuda_graphs,
                         tensor_parallel_size=gc.tensor_parallel_size)
@@ -112,9 +112,6 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
     log.info("%s: engine up (%s); generating, and joining weight sync when the learner asks",
              name, f"streaming, up to {gc.max_inflight} sequences, in-flight updates: "
              f"{gc.inflight_update}" if gc.streaming else "batch generate calls")
-    evaluator = Evaluator(eval_ids, [p.answer for p in held_out],
-                          lambda ids: tok.decode(ids, skip_special_tokens=True),
-                          REWARD_FUNCTIONS[cfg.task.eval_reward], gc.max_tokens)
     sync.on_eval_request = evaluator.ask
     gen = _Generation(cfg, name, incarnation, engine, sync, _Scorer(cfg, tok),
                       {p.id: p for p in train}, prompt_ids,
