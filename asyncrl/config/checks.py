@@ -111,9 +111,9 @@ def cross_field_errors(cfg: RunConfig) -> list[str]:
          f"the {100**task.digits} distinct problems of task.digits={task.digits}"),
         (task.name != "reasoning" or task.min_terms <= task.max_terms,
          f"task.min_terms={task.min_terms} > task.max_terms={task.max_terms}"),
-        (task.carry_slip == 0 or task.name == "reasoning",
-         f"task.carry_slip={task.carry_slip} shapes the reasoning task's SFT traces: it needs "
-         f"task.name=reasoning, not {task.name!r}"),
+        (task.carry_slip == 0 or task.name in ("addition", "reasoning"),
+         f"task.carry_slip={task.carry_slip} shapes the built-in tasks' SFT references: it "
+         f"needs task.name=addition or reasoning, not {task.name!r}"),
         (cfg.warm_start.min_lr_ratio == 0 or cfg.warm_start.lr_schedule == "cosine",
          f"warm_start.min_lr_ratio={cfg.warm_start.min_lr_ratio} is where a cosine schedule "
          f"ends: it needs warm_start.lr_schedule=cosine, not "

@@ -80,8 +80,8 @@ class TaskConfig:
     """reasoning: P(k terms) ~ (k - min_terms + 1)^-terms_tail, a long tail of long problems;
     0 is uniform, larger makes long problems rarer."""
     carry_slip: float = 0.0
-    """reasoning: the SFT teacher forgets the carry out of the units digit with this
-    probability at each step that has one (an imperfect teacher RL can improve on; the
+    """addition, reasoning: the SFT teacher forgets the carry out of the units digit with this
+    probability at each sum that has one (an imperfect teacher RL can improve on; the
     rewards and held-out answers stay exact; asyncrl/task/reasoning.py). 0: an exact solver."""
     train_size: int = 5000
     """Number of distinct training problems."""
@@ -109,6 +109,10 @@ class WarmStartConfig:
     min_lr_ratio: float = 0.0
     """Where "cosine" ends, as a fraction of lr (0: at 0). On the reasoning task a 10% floor
     gave a better SFT model that GRPO still degrades (docs/performance.md section 9)."""
+    seed: int = -1
+    """Seed of the built model's initialisation and SFT batch order (-1: the run's `seed`).
+    Builds with different seeds stand in for the same recipe built on different CPUs, whose
+    floating-point paths differ (docs/reliability.md, "The default on any machine")."""
     cache_dir: str = "~/.cache/asyncrl"
     """Where the built model is kept; reused when the same model/task/warm-start config recurs."""
 

@@ -12,7 +12,8 @@ __all__ = ["Problem", "chat_context", "encode_prompt", "load_task"]
 def load_task(task: Any) -> tuple[list[Problem], list[Problem]]:
     """(train, held-out) problems for a TaskConfig."""
     if task.name == "addition":
-        return make_problems(task.digits, task.train_size, task.eval_size, task.seed)
+        return make_problems(task.digits, task.train_size, task.eval_size, task.seed,
+                             task.carry_slip)
     if task.name == "reasoning":
         from asyncrl.task.reasoning import make_problems as make_reasoning
 

@@ -3,6 +3,13 @@
 
 Problems are drawn from a seeded generator; the held-out set is disjoint from the training set
 by construction, so eval_accuracy measures generalisation, not memorisation.
+
+An imperfect teacher (`task.carry_slip`): the SFT reference of a training problem whose units
+digits carry can forget that carry (`57+68=` -> `115`) with probability carry_slip, drawn from
+its own seeded stream, so the problems are the same whatever carry_slip is. The answers and
+the held-out set stay exact. The model then writes the slip greedily on some carries and
+samples the carry on others, and the exact reward teaches RL to prefer it: what RL can
+improve does not hinge on which sharp model a CPU's rounding produced (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -20,9 +27,13 @@ class Problem:
     """The completion the SFT warm start trains on; empty: the answer itself."""
 
 
-def make_problems(digits: int, train_size: int, eval_size: int, seed: int
-                  ) -> tuple[list[Problem], list[Problem]]:
-    """(train, eval) lists of distinct problems; eval is drawn first, train never repeats it."""
+def make_problems(digits: int, train_size: int, eval_size: int, seed: int,
+                  carry_slip: float = 0.0) -> tuple[list[Problem], list[Problem]]:
+    """(train, eval) lists of distinct problems; eval is drawn first, train never repeats it.
+    With carry_slip the training problems' references come from the slipping teacher."""
+    from asyncrl.task.reasoning import slipped_sum
+
+    teacher = random.Random(f"{seed}:carry_slip") if carry_slip > 0 else None
     hi = 10**digits - 1
     space = (hi + 1) ** 2
     if train_size + eval_size > space:
@@ -36,7 +47,9 @@ def make_problems(digits: int, train_size: int, eval_size: int, seed: int
         if (a, b) in seen:
             continue
         seen.add((a, b))
+        training = teacher is not None and len(out) >= eval_size
+        reference = str(slipped_sum(a, b, carry_slip, teacher)) if training else ""
         # Operands zero-padded to a fixed width, so each digit sits at a fixed position.
-        out.append(Problem(len(out), f"{a:0{digits}d}+{b:0{digits}d}=", str(a + b)))
+        out.append(Problem(len(out), f"{a:0{digits}d}+{b:0{digits}d}=", str(a + b), reference))
     return out[eval_size:], out[:eval_size]
 

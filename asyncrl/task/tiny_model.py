@@ -86,16 +86,16 @@ def build_model(vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
 # Fields added after models had been built with the key: at these values (what every model
 # before them had) they stay out of the key, so those models keep their keys and caches.
 _ADDED_LATER = {"task.carry_slip": 0.0, "warm.lr_schedule": "constant",
-                "warm.min_lr_ratio": 0.0}
+                "warm.min_lr_ratio": 0.0, "warm.seed": -1}
 
 
 def cache_key(cfg: RunConfig) -> str:
     # Only what shapes the model: task fields that change the training problems, warm start.
     # Fields and the builtin's name enter only where they matter, so that the embedded
     # default's key (and its cached model) stays what it has always been.
-    fields = ["name", "digits", "train_size", "eval_size", "seed"]
+    fields = ["name", "digits", "train_size", "eval_size", "seed", "carry_slip"]
     if cfg.task.name == "reasoning":
-        fields += ["min_terms", "max_terms", "terms_tail", "carry_slip"]
+        fields += ["min_terms", "max_terms", "terms_tail"]
     task = {k: getattr(cfg.task, k) for k in fields}
     warm = {k: v for k, v in asdict(cfg.warm_start).items() if k != "cache_dir"}
     for name, before in _ADDED_LATER.items():
@@ -133,18 +133,20 @@ def _build(cfg: RunConfig, out: Path, progress: Callable[[str], None]) -> None:
     spec = BUILTINS[cfg.model.path]
     build_tokenizer(out, spec.added_tokens)
     tok = AutoTokenizer.from_pretrained(out)
-    model = build_model(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
-                      cfg.seed, spec.positions)
-    train, held_out = load_task(cfg.task)
     ws = cfg.warm_start
+    seed = ws.seed if ws.seed >= 0 else cfg.seed
+    model = build_model(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+                        seed, spec.positions)
+    train, held_out = load_task(cfg.task)
     progress(f"[prepare] building tiny Llama ({sum(p.numel() for p in model.parameters())/1e6:.1f}M"
              f" params), SFT {ws.steps} steps x {ws.batch_size} on {len(train)} problems")
     opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(sft_lr_factor, steps=ws.steps,
                                                            schedule=ws.lr_schedule,
                                                            floor=ws.min_lr_ratio))
-    rng = random.Random(cfg.seed)
-    batches = _sft_batches(train, ws.batch_size, rng)
+    rng = random.Random(seed)
+    batches = _sft_batches(train, ws.batch_size, rng, bucket=8 if cfg.task.name == "reasoning"
+                           else 0)
     model.train()
     for step in range(ws.steps):
         ids, labels = _sft_batch(tok, next(batches))
@@ -180,10 +182,11 @@ def sft_lr_factor(step: int, steps: int, schedule: str, warmup: int = 20,
 
 
 def _sft_batches(train: list, batch_size: int, rng: random.Random, bucket: int = 8):
-    """Endless random batches. When the reference completions differ in length (the
+    """Endless random batches. Where the reference completions differ much in length (the
     reasoning task's scratchpads), `bucket` batches are drawn at once and split by length, so
-    a batch is not padded to its longest member: about 3x fewer tokens computed per step."""
-    if not any(p.reference for p in train):
+    a batch is not padded to its longest member: about 3x fewer tokens computed per step
+    (bucket=0: plain draws)."""
+    if not bucket:
         while True:  # the embedded default's batches, exactly as they have always been drawn
             yield rng.sample(train, batch_size)
     while True:

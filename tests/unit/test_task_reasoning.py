@@ -103,8 +103,9 @@ def test_the_imperfect_teacher_forgets_carries_at_its_rate_and_only_in_training(
         2, 2, 4, 1.0, 50, 10, 3)[1]
     with pytest.raises(ValueError, match="task.carry_slip"):
         load_config(CONFIG, ["task.carry_slip=1.5"])
-    with pytest.raises(ValueError, match="task.carry_slip=0.5 shapes .* not 'addition'"):
-        load_config(ROOT / "configs" / "default.yaml", ["task.carry_slip=0.5"])
+    with pytest.raises(ValueError, match="task.carry_slip=0.5 shapes .* not 'dataset'"):
+        load_config(ROOT / "configs" / "default.yaml",
+                    ["task.carry_slip=0.5", "task.name=dataset", f"task.path={CONFIG}"])
 
 
 def test_train_and_held_out_are_disjoint_distinct_and_seeded(task, problems):

@@ -1,0 +1,48 @@
+"""The addition task's imperfect teacher (task.carry_slip) and the warm start's own seed."""
+
+from pathlib import Path
+
+import pytest
+
+from asyncrl.config import load_config
+from asyncrl.task import load_task
+from asyncrl.task.addition import make_problems
+from asyncrl.task.tiny_model import cache_key
+
+DEFAULT = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+
+
+def _carries(p) -> bool:
+    a, b = map(int, p.prompt.rstrip("=").split("+"))
+    return a % 10 + b % 10 >= 10
+
+
+def test_the_slipping_teacher_forgets_the_units_carry_at_its_rate_in_training_only():
+    train, held_out = make_problems(2, 5000, 512, 7, carry_slip=0.6)
+    exact_train, exact_held = make_problems(2, 5000, 512, 7)
+    # the same problems and answers whatever the slip; only the references differ
+    assert [(p.prompt, p.answer) for p in train] == [(p.prompt, p.answer) for p in exact_train]
+    assert held_out == exact_held and all(not p.reference for p in held_out)
+    assert all(not p.reference for p in exact_train)
+    carries = [p for p in train if _carries(p)]
+    slipped = [p for p in carries if p.reference != p.answer]
+    assert all(int(p.reference) == int(p.answer) - 10 for p in slipped)
+    assert all(p.reference == p.answer for p in train if not _carries(p))
+    assert len(slipped) / len(carries) == pytest.approx(0.6, abs=0.03)
+
+
+def test_load_task_passes_carry_slip_and_the_key_follows_it():
+    cfg = load_config(DEFAULT, ["task.carry_slip=0.5"])
+    train, _ = load_task(cfg.task)
+    assert any(p.reference != p.answer for p in train)
+    assert cache_key(cfg) != cache_key(load_config(DEFAULT, ["task.carry_slip=0"]))
+
+
+def test_warm_start_seed_keys_the_build_and_minus_one_is_the_runs_seed():
+    keys = {cache_key(load_config(DEFAULT, [f"warm_start.seed={s}"])) for s in range(5)}
+    assert len(keys) == 5
+    base = load_config(DEFAULT, [])
+    assert base.warm_start.seed == -1
+    assert cache_key(load_config(DEFAULT, ["warm_start.seed=-1"])) == cache_key(base)
+    with pytest.raises(ValueError, match="warm_start.seed"):
+        load_config(DEFAULT, ["warm_start.seed=-2"])
