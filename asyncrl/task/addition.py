@@ -27,12 +27,18 @@ class Problem:
     """The completion the SFT warm start trains on; empty: the answer itself."""
 
 
+def slipped_sum(a: int, b: int, carry_slip: float, rng: random.Random | None) -> int:
+    """a + b, or with probability carry_slip (where the units digits carry) 10 less: the
+    teacher forgot the carry."""
+    if rng is not None and a % 10 + b % 10 >= 10 and rng.random() < carry_slip:
+        return a + b - 10
+    return a + b
+
+
 def make_problems(digits: int, train_size: int, eval_size: int, seed: int,
                   carry_slip: float = 0.0) -> tuple[list[Problem], list[Problem]]:
     """(train, eval) lists of distinct problems; eval is drawn first, train never repeats it.
     With carry_slip the training problems' references come from the slipping teacher."""
-    from asyncrl.task.reasoning import slipped_sum
-
     teacher = random.Random(f"{seed}:carry_slip") if carry_slip > 0 else None
     hi = 10**digits - 1
     space = (hi + 1) ** 2

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import random
 
-from asyncrl.task.addition import Problem
+from asyncrl.task.addition import Problem, slipped_sum
 
 TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
 
@@ -60,14 +60,6 @@ def term_weights(min_terms: int, max_terms: int, tail: float) -> list[float]:
     raw = [(k - min_terms + 1) ** -tail for k in range(min_terms, max_terms + 1)]
     total = sum(raw)
     return [w / total for w in raw]
-
-
-def slipped_sum(a: int, b: int, carry_slip: float, rng: random.Random | None) -> int:
-    """a + b, or with probability carry_slip (where the units digits carry) 10 less: the
-    teacher forgot the carry."""
-    if rng is not None and a % 10 + b % 10 >= 10 and rng.random() < carry_slip:
-        return a + b - 10
-    return a + b
 
 
 def solution(terms: list[int], carry_slip: float = 0.0, rng: random.Random | None = None
