@@ -79,7 +79,7 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
                         tensor_parallel_size=gc.tensor_parallel_size)
 
     ctx = transport.context()
-    keys = transport.keys_for(cfg.net, cfg.run_dir)
+    keys = transport.keys_for(cfg.net, cfg.run_dir, name)
     buffer = transport.Client(ctx, cfg.net.buffer_host, cfg.net.buffer_ingest_port, name, keys)
     control = transport.Client(ctx, cfg.net.learner_host, cfg.net.sync_control_port, name, keys)
     transport.Heartbeat(cfg.net.buffer_host, cfg.net.heartbeat_port,
@@ -170,6 +170,13 @@ class _Generation:
 
     # ------------------------------------------------------------------ batch generation
 
+    def _evaluate_asked(self) -> None:
+        """Answer the evaluations asked for, on the version the engine holds: between two
+        generate calls, and while a full buffer makes a message wait (the learner may be
+        waiting for this answer to end the run, and nothing else runs in the engine then)."""
+        while self.evaluator.asked:
+            self._report(self.evaluator.run_blocking(self.engine, self.sync.version))
+
     def batches(self, buffer) -> None:
         """One blocking generate call of prompts_per_call prompts at a time; weights change
         only between calls; each message waits for its ack."""
@@ -183,8 +190,7 @@ class _Generation:
                 self._report(self.evaluator.run_blocking(self.engine, self.sync.version))
                 self.sync.serve(timeout_s=1.0)
             version = self.sync.version
-            while self.evaluator.asked:  # between two calls: nothing else is in flight
-                self._report(self.evaluator.run_blocking(self.engine, version))
+            self._evaluate_asked()  # between two calls: nothing else is in flight
             batch = self.rng.sample(self.train_ids, gc.prompts_per_call)
             t0 = time.perf_counter()
             samples = self.engine.generate([self.prompt_ids[i] for i in batch], gc.group_size,
@@ -198,7 +204,8 @@ class _Generation:
                                         self.name) for i, s in zip(batch, samples)]
             self.stats.add(groups)
             payload = self._message(groups, version)
-            _send_with_backpressure(buffer, payload, self.seq, self.sync, self.m, cfg)
+            _send_with_backpressure(buffer, payload, self.seq, self.sync, self.m, cfg,
+                                    idle=self._evaluate_asked)
             self.m.delivery_seconds.observe(time.monotonic() - first_token)
             self._acked(self.seq, len(groups), sum(len(g.completions) for g in groups))
             made[version] += 1
@@ -339,8 +346,10 @@ class _Scorer:
         return out
 
 
-def _send_with_backpressure(buffer, payload, seq, sync: SyncMember, m, cfg) -> None:
-    """Send until the buffer acks "ok". busy/timeout: wait (serving weight updates) and resend."""
+def _send_with_backpressure(buffer, payload, seq, sync: SyncMember, m, cfg,
+                            idle=lambda: None) -> None:
+    """Send until the buffer acks "ok". busy/timeout: wait (serving weight updates, and
+    `idle()`: evaluations asked for meanwhile) and resend."""
     deadline = time.monotonic() + cfg.net.ready_timeout_s
     backoff = 0.05
     while True:
@@ -365,6 +374,7 @@ def _send_with_backpressure(buffer, payload, seq, sync: SyncMember, m, cfg) -> N
                 f"no reply from the buffer at {cfg.net.buffer_host}:{cfg.net.buffer_ingest_port} "
                 f"for {cfg.net.ready_timeout_s:.0f}s (net.buffer_host / net.ready_timeout_s)")
         sync.serve(timeout_s=backoff)
+        idle()
         backoff = min(1.0, backoff * 2)
 
 
