@@ -130,6 +130,10 @@ def launch(cfg: RunConfig, run_dir: Path, config_path: Path, out=print) -> int:
     # another in one process, and each needs the port again.
     server = metrics.serve(registry, cfg.net.bind_host, cfg.net.launcher_metrics_port)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # A resumed run's rows were shown when they were written: not again.
+    metrics_path = run_dir / "metrics.jsonl"
+    shown = max((r.get("step", -1) for r in parse_rows(metrics_path.read_text(
+        errors="replace").splitlines())), default=-1) if metrics_path.is_file() else -1
     try:
         for name, cmd in role_commands(cfg, config_path).items():
             role = Role(name, cmd, role_env(cfg, name, env), logs / f"{name}.log",
@@ -139,7 +143,7 @@ def launch(cfg: RunConfig, run_dir: Path, config_path: Path, out=print) -> int:
             m.restarts.labels(name)  # every role's series exists from the start, at 0
         out(f"[run] started {', '.join(f'{r.name} (pid {r.proc.pid})' for r in roles)}; "
             f"logs in {logs}")
-        return _watch(cfg, run_dir, roles, stopping, m, out)
+        return _watch(cfg, run_dir, roles, stopping, m, out, shown)
     finally:
         _stop_all(roles)
         for s, h in old.items():
@@ -148,8 +152,10 @@ def launch(cfg: RunConfig, run_dir: Path, config_path: Path, out=print) -> int:
         server.server_close()
 
 
-def _watch(cfg: RunConfig, run_dir: Path, roles: list[Role], stopping: dict, m, out) -> int:
+def _watch(cfg: RunConfig, run_dir: Path, roles: list[Role], stopping: dict, m, out,
+           shown: int = -1) -> int:
     progress = _Progress(run_dir / "metrics.jsonl", cfg.learner.total_steps, out)
+    progress.shown = shown
     t0 = time.monotonic()
     announced = False
     while True:
@@ -196,6 +202,9 @@ def _watch(cfg: RunConfig, run_dir: Path, roles: list[Role], stopping: dict, m, 
 
 def _stop_all(roles: list[Role]) -> None:
     running = [r for r in roles if r.proc is not None]
+    # torchrun starts each worker in a session of its own: a SIGKILLed torchrun would leave
+    # them running, so every descendant is noted now, while it can still be found.
+    family = {d for r in running if r.proc.poll() is None for d in _descendants(r.proc.pid)}
     for r in running:
         if r.proc.poll() is None:
             _signal_group(r.proc, signal.SIGTERM)
@@ -210,8 +219,34 @@ def _stop_all(roles: list[Role]) -> None:
         _signal_group(r.proc, signal.SIGKILL)
         if r.proc.poll() is None:
             r.proc.wait(timeout=5)
+    for pid in family:  # anything that left its role's group (torchrun's workers)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     for r in roles:
         r.log_file.close()
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid`, from /proc (Linux); empty where it cannot be read."""
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                kids = Path(f"/proc/{p}/task/{t}/children").read_text().split()
+            except OSError:
+                continue
+            for k in map(int, kids):
+                if k not in found:
+                    found.add(k)
+                    todo.append(k)
+    return found
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -10,8 +10,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from asyncrl.config import ConfigError, RunConfig, advisories, save_config
+from asyncrl.config import ConfigError, RunConfig, advisories, load_config, save_config
 from asyncrl.jsonl import read_jsonl
+
+# Settings a resumed run may change: where and how the roles run, not what is trained
+# (model.path is compared as built, so warm_start.* enters through it). The learner's and the
+# generator's threads are here too: another machine may have other cores, at the price of a
+# replay that is exact only with the threads that trained it (docs/reliability.md).
+RESUME_FREE = ("name", "run_dir", "net.", "run.", "warm_start.", "buffer.fsync",
+               "generator.kv_cache_gib", "generator.gpu_memory_utilization",
+               "generator.cuda_graphs", "generator.device_ids", "generator.threads",
+               "learner.max_restarts", "learner.device_ids", "learner.threads",
+               "learner.collective_timeout_s", "learner.rdzv_endpoint",
+               "learner.checkpoint_interval", "learner.export_interval", "sync.timeout_s",
+               "sync.probe_prompt")
 
 
 def resolve_model(cfg: RunConfig, progress=print) -> RunConfig:
@@ -33,33 +45,101 @@ def run_dir_for(cfg: RunConfig) -> Path:
 
 
 def execute_run(cfg: RunConfig, out=print) -> int:
-    """Prepare the model, write RUN_DIR/config.yaml, run every role until the learner ends."""
+    """Prepare the model, write RUN_DIR/config.yaml, run every role until the learner ends.
+    A run_dir holding a run that did not finish is resumed (resume_check says when it may be);
+    one holding a finished run is refused."""
     from asyncrl.launcher import launch
 
+    explicit = bool(cfg.run_dir)
     run_dir = run_dir_for(cfg)
-    if (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(f"run_dir {run_dir} already holds a run (metrics.jsonl); "
-                          "choose another run_dir")
+    resuming = resume_check(cfg, run_dir)
     out(f"[run] run directory {run_dir}")
+    if resuming:
+        out(f"[run] resuming the unfinished run in {run_dir}: {resume_point(run_dir)}")
+    elif not explicit:
+        out(f"[run] if this run is stopped, the same command with run_dir={run_dir} resumes it")
     for note in advisories(cfg):
         out(f"[run] note: {note}")
+    from asyncrl.transport import client_roles, load_keys, make_keys
+
+    roles = client_roles(cfg.generator.num_generators)
     if cfg.net.curve and not cfg.net.keys_dir:
-        from asyncrl.transport import make_keys
-
-        make_keys(run_dir / "keys")  # every role of this run finds them in RUN_DIR/keys
+        make_keys(run_dir / "keys", roles)  # every role of this run finds its own there
     elif cfg.net.curve:
-        from asyncrl.transport import load_keys
-
-        load_keys(Path(cfg.net.keys_dir).expanduser())  # missing keys: fail now, naming them
+        for role in ["buffer", *roles]:  # missing keys: fail now, naming them
+            load_keys(Path(cfg.net.keys_dir).expanduser(), role)
     resolve_model(cfg, out)
     from asyncrl import devices
 
-    out(f"[run] {devices.apply(cfg, devices.visible_gpus()).describe()}")
+    plan = devices.apply(cfg, devices.visible_gpus())  # as the saved config has it
+    if resuming:
+        _check_same_training(load_config(run_dir / "config.yaml"), cfg, run_dir)
+    out(f"[run] {plan.describe()}")
     config_path = run_dir / "config.yaml"
     save_config(cfg, config_path)
     code = launch(cfg, run_dir, config_path, out)
     summary(run_dir, out)
     return code
+
+
+def resume_check(cfg: RunConfig, run_dir: Path) -> bool:
+    """Whether run_dir holds a run to resume (its config.yaml, and no summary.json, which the
+    learner writes last). A finished run is refused. The saved config must load (a run
+    directory of another asyncrl version may not), and what it trains is compared after the
+    model is resolved (_check_same_training)."""
+    if (run_dir / "summary.json").exists():
+        raise ConfigError(f"run_dir {run_dir} holds a finished run (summary.json); choose "
+                          "another run_dir")
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        if (run_dir / "metrics.jsonl").exists():
+            raise ConfigError(f"run_dir {run_dir} holds metrics.jsonl but no config.yaml: not "
+                              "a run asyncrl can resume; choose another run_dir")
+        return False
+    try:
+        load_config(saved)
+    except ConfigError as e:
+        raise ConfigError(f"run_dir {run_dir} holds an unfinished run whose config.yaml does "
+                          f"not load ({e}); choose another run_dir") from None
+    return True
+
+
+def resume_point(run_dir: Path) -> str:
+    """Where a resumed run starts, in words (the learner decides the same from the files)."""
+    from asyncrl.learner.checkpoint import newest_step
+
+    step = newest_step(run_dir)
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("step")]
+    done = max((r["step"] for r in rows), default=0)
+    return (f"checkpoint step {step}" if step else "no checkpoint yet: from the start") + (
+        f", then the logged batches up to step {done} replayed" if done > step else "")
+
+
+def _check_same_training(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse to resume with settings that change what is trained, naming every such key."""
+    from omegaconf import OmegaConf
+
+    def flat(c: RunConfig) -> dict:
+        d = OmegaConf.to_container(OmegaConf.structured(c))
+        out: dict = {}
+
+        def walk(node, prefix):
+            for k, v in node.items():
+                if isinstance(v, dict):
+                    walk(v, f"{prefix}{k}.")
+                else:
+                    out[prefix + k] = v
+        walk(d, "")
+        return out
+
+    old, new = flat(saved), flat(cfg)
+    differ = [k for k in sorted(old.keys() | new.keys())
+              if old.get(k) != new.get(k) and not k.startswith(RESUME_FREE)]
+    if differ:
+        said = "; ".join(f"{k}: {old.get(k)!r} in the run, {new.get(k)!r} now" for k in differ)
+        raise ConfigError(f"run_dir {run_dir} holds an unfinished run trained with other "
+                          f"settings ({said}); resume it with its own (RUN_DIR/config.yaml) "
+                          "or choose another run_dir")
 
 
 def summary(run_dir: Path, out=print) -> None:

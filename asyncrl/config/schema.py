@@ -99,7 +99,13 @@ class TaskConfig:
 @dataclass
 class WarmStartConfig:
     steps: int = 800
-    """SFT optimizer steps for the built-in model before RL (0: RL from random init)."""
+    """SFT optimizer steps for the built-in model before RL (0: RL from random init); with
+    until_loss, the most it may take."""
+    until_loss: float = 0.0
+    """Stop the SFT once the moving average of its loss (over 50 steps) is below this, instead
+    of after a fixed number of steps (0: always warm_start.steps). The tiny model learns
+    addition in a sudden drop of the loss whose step depends on the seed and on the CPU's
+    rounding (200 to past 800 steps measured): stopping at a loss stops every build past it."""
     batch_size: int = 64
     lr: float = 1e-3
     lr_schedule: str = "constant"
@@ -342,9 +348,10 @@ class LearnerConfig:
     checkpoint_interval: int = 50
     """Save weights, optimizer, scheduler and RNG state every this many steps (and at the
     end), under RUN_DIR/checkpoints/step_<n>; a restarted learner resumes from the newest."""
-    max_restarts: int = 0
+    max_restarts: int = 3
     """torchrun --max-restarts: a failed learner rank restarts every rank, which resume from
-    the last checkpoint and replay their logged batches (docs/reliability.md)."""
+    the last checkpoint and replay their logged batches (docs/reliability.md). 0: a failed
+    rank ends the run (the same `asyncrl run` command resumes it)."""
     device_ids: list[int] = field(default_factory=list)
     """GPUs of the learner ranks on this node (CUDA_VISIBLE_DEVICES for torchrun); empty:
     whatever is visible."""

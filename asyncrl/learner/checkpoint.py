@@ -42,17 +42,23 @@ class Checkpoint:
     state: dict  # asyncrl_state.json
 
 
-def latest(run_dir: Path) -> Checkpoint | None:
-    """The newest complete checkpoint under RUN_DIR/checkpoints, or None."""
+def newest_step(run_dir: Path) -> int:
+    """The step of the newest complete checkpoint under RUN_DIR/checkpoints (0: none)."""
     root = run_dir / "checkpoints"
-    steps = []
+    steps = [0]
     for d in root.glob("step_*") if root.is_dir() else []:
         if d.name.removeprefix("step_").isdigit() and (d / "asyncrl_state.json").is_file():
             steps.append(int(d.name.removeprefix("step_")))
-    if not steps:
+    return max(steps)
+
+
+def latest(run_dir: Path) -> Checkpoint | None:
+    """The newest complete checkpoint under RUN_DIR/checkpoints, or None."""
+    step = newest_step(run_dir)
+    if not step:
         return None
-    path = root / f"step_{max(steps)}"
-    return Checkpoint(path, max(steps), json.loads((path / "asyncrl_state.json").read_text()))
+    path = run_dir / "checkpoints" / f"step_{step}"
+    return Checkpoint(path, step, json.loads((path / "asyncrl_state.json").read_text()))
 
 
 def save(run_dir: Path, step: int, model, tok, models: Models, sched, state: dict) -> Path:
@@ -187,16 +193,17 @@ def restore(ckpt: Checkpoint, models: Models, sched) -> None:
     torch.set_rng_state(st["torch_rng"])
 
 
-def truncate_metrics(path: Path, step: int) -> float:
+def truncate_metrics(path: Path, step: int, count_gap: bool = True) -> float:
     """Drop rows after `step` from metrics.jsonl (they are recomputed by the replay). Returns
-    the run's elapsed time now (the last row's elapsed_s plus the time since it was written),
-    so the wall time lost to the crash and the restart counts in time-to-accuracy."""
+    the run's elapsed time now: the last row's elapsed_s plus, with `count_gap` (a torchrun
+    restart), the time since it was written, so the wall time lost to the crash and the
+    restart counts in time-to-accuracy. A run resumed by a new `asyncrl run` does not count
+    the time it was stopped (hours, maybe), which is not the run's."""
     if not path.is_file():
         return 0.0
     rows = read_jsonl(path)
-    # The last row's time plus the time since it was written: the restart itself counts.
     elapsed = (max((r.get("elapsed_s") or 0.0 for r in rows), default=0.0)
-               + max(0.0, time.time() - path.stat().st_mtime))
+               + (max(0.0, time.time() - path.stat().st_mtime) if count_gap else 0.0))
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
     tmp.replace(path)

@@ -86,7 +86,7 @@ def build_model(vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
 # Fields added after models had been built with the key: at these values (what every model
 # before them had) they stay out of the key, so those models keep their keys and caches.
 _ADDED_LATER = {"task.carry_slip": 0.0, "warm.lr_schedule": "constant",
-                "warm.min_lr_ratio": 0.0, "warm.seed": -1}
+                "warm.min_lr_ratio": 0.0, "warm.seed": -1, "warm.until_loss": 0.0}
 
 
 def cache_key(cfg: RunConfig) -> str:
@@ -148,6 +148,8 @@ def _build(cfg: RunConfig, out: Path, progress: Callable[[str], None]) -> None:
     batches = _sft_batches(train, ws.batch_size, rng, bucket=8 if cfg.task.name == "reasoning"
                            else 0)
     model.train()
+    average = _MovingAverage(50)
+    step = -1  # warm_start.steps=0: no SFT
     for step in range(ws.steps):
         ids, labels = _sft_batch(tok, next(batches))
         loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(),
@@ -157,15 +159,37 @@ def _build(cfg: RunConfig, out: Path, progress: Callable[[str], None]) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if (step + 1) % 50 == 0 or step + 1 == ws.steps:
+        reached = average.add(loss.item()) < ws.until_loss
+        if (step + 1) % 50 == 0 or step + 1 == ws.steps or reached:
+            eta = "" if ws.until_loss else (
+                f", about {(time.time() - t0) / (step + 1) * (ws.steps - step - 1):.0f}s left")
             progress(f"[prepare] sft step {step + 1}/{ws.steps} loss {loss.item():.3f} "
-                     f"({time.time() - t0:.0f}s)")
+                     f"(average {average.value:.3f}; {time.time() - t0:.0f}s{eta})")
+        if reached:
+            progress(f"[prepare] the SFT loss averaged below warm_start.until_loss="
+                     f"{ws.until_loss:g} at step {step + 1}: done")
+            break
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     (out / "asyncrl_build.json").write_text(json.dumps(
-        {"build_version": BUILD_VERSION, "key": cache_key(cfg), "sft_steps": ws.steps,
+        {"build_version": BUILD_VERSION, "key": cache_key(cfg), "sft_steps": step + 1,
          "seconds": round(time.time() - t0, 1)}))
     progress(f"[prepare] model ready ({time.time() - t0:.0f}s)")
+
+
+class _MovingAverage:
+    """The mean of the last `n` values (inf until there are n)."""
+
+    def __init__(self, n: int):
+        self.n, self.values = n, []
+
+    def add(self, v: float) -> float:
+        self.values = [*self.values[-(self.n - 1):], v]
+        return self.value
+
+    @property
+    def value(self) -> float:
+        return sum(self.values) / self.n if len(self.values) == self.n else float("inf")
 
 
 def sft_lr_factor(step: int, steps: int, schedule: str, warmup: int = 20,

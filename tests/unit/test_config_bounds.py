@@ -47,7 +47,7 @@ ACCEPTED = {
     ("learner.gamma", 0): "GAE with only the immediate reward: myopic, valid",
     ("learner.lam", 0): "GAE(0) is the one-step TD advantage",
     ("learner.value_clip", 0): "no value clipping (0: off, as the step passes None)",
-    ("learner.max_restarts", 0): "torchrun does not restart ranks (the default)",
+    ("learner.max_restarts", 0): "torchrun does not restart ranks; the same command resumes",
     ("learner.logprob_chunk_tokens", 0): "all positions' logits at once (documented)",
     ("learner.export_interval", 0): "hub-format export only at the end (documented)",
     ("run.max_role_restarts", 0): "a role that dies ends the run",

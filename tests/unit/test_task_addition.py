@@ -46,3 +46,20 @@ def test_warm_start_seed_keys_the_build_and_minus_one_is_the_runs_seed():
     assert cache_key(load_config(DEFAULT, ["warm_start.seed=-1"])) == cache_key(base)
     with pytest.raises(ValueError, match="warm_start.seed"):
         load_config(DEFAULT, ["warm_start.seed=-2"])
+
+
+def test_the_warm_start_stops_once_its_loss_averages_below_until_loss(tmp_path):
+    import json
+
+    from asyncrl.task.tiny_model import _MovingAverage, prepare_builtin
+
+    avg = _MovingAverage(3)
+    assert [avg.add(v) for v in (3.0, 3.0, 3.0, 0.0)] == [float("inf")] * 2 + [3.0, 2.0]
+    lines = []
+    cfg = load_config(DEFAULT, [f"warm_start.cache_dir={tmp_path}", "warm_start.steps=400",
+                                "warm_start.until_loss=50"])  # below 50 from the start
+    out = prepare_builtin(cfg, lines.append)
+    built = json.loads((out / "asyncrl_build.json").read_text())
+    assert built["sft_steps"] == 50, lines  # the first full average of 50 steps
+    assert any("warm_start.until_loss=50 at step 50" in x for x in lines), lines
+    assert cache_key(cfg) != cache_key(load_config(DEFAULT, ["warm_start.steps=400"]))
