@@ -9,7 +9,7 @@
     asyncrl plot RUN_DIR                     redraw RUN_DIR/curves.png from metrics.jsonl
     asyncrl replay RUN_DIR                   re-train on the logged batches, compare weights
     asyncrl study staleness ... CONFIG       a grid of runs over staleness and correction
-    asyncrl keys DIR                         make a run's CURVE keys (roles started on their own)
+    asyncrl keys DIR [--generators N]        make a run's CURVE keys (roles started on their own)
     asyncrl audit RUN_DIR                    was every acknowledged group trained exactly once?
 
 Heavy modules (torch, vllm, transformers) are imported after argument parsing, so `--help`
@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("keys", help="make the CURVE key pairs for roles started on their own "
                                     "(give every role this directory as net.keys_dir)")
     s.add_argument("dir")
+    s.add_argument("--generators", type=int, default=None,
+                   help="one key pair per generator (default: generator.num_generators of "
+                        "--config, else 1)")
+    s.add_argument("--config", help="the run's config: its generator.num_generators")
     s = sub.add_parser("replay", help="re-train a finished run's learner on its logged batches "
                                       "and compare the weights' checksum")
     s.add_argument("run_dir")
@@ -194,10 +198,18 @@ def _audit(args) -> int:
 
 
 def _keys(args) -> int:
-    from asyncrl.transport import make_keys
+    from asyncrl.transport import client_roles, make_keys
 
-    print(f"CURVE keys in {make_keys(Path(args.dir).expanduser())} (owner-only; copy "
-          "the directory to every host of the run and set net.keys_dir to it)")
+    n = args.generators
+    if n is None:
+        n = load_config(args.config).generator.num_generators if args.config else 1
+    if not 1 <= n <= 4096:
+        raise ConfigError(f"--generators {n}: must be in [1, 4096]")
+    roles = client_roles(n)
+    print(f"CURVE keys in {make_keys(Path(args.dir).expanduser(), roles)}: the servers' pair "
+          f"and one pair per client role ({', '.join(roles)}); owner-only. Each role needs "
+          "server.key and its own <role>.key_secret; the buffer and the learner (which serve) "
+          "server.key_secret and every <role>.key. Set net.keys_dir to the directory")
     return 0
 
 

@@ -8,12 +8,17 @@ and no plain PUSH/PULL, which loses queued messages when a peer dies):
           abandoned request can never be mistaken for the answer to the next one.
 Every socket closes with linger=0 so a dead peer never blocks shutdown.
 
-Authentication (net.curve, on by default): every socket speaks CurveZMQ. A run has two key
-pairs, made by `make_keys` into RUN_DIR/keys (owner-only): servers hold the server pair and
-accept only clients presenting the client public key (checked by a ZAP handler); clients hold
-the client pair and the server public key, so they also refuse an impostor server. A refused
-handshake (no CURVE, a wrong server key, an unknown client key) never reaches the role: it is
-counted through `on_auth_failure(port, reason)` and logged once per peer address or reason.
+Authentication (net.curve, on by default): every socket speaks CurveZMQ. A run has a server
+key pair and one key pair per client role (gen0, gen1, ..., learner, evaluator), made by
+`make_keys` into RUN_DIR/keys (owner-only). Servers hold the server pair and the client
+roles' public keys; each server socket admits only the roles that belong on its port (the
+buffer's learner port only the learner, its ingest port only generators), checked by a ZAP
+handler that names the peer's role, which the socket then reports with every request
+(`Request.role`), so a receiver can check that a message's sender is the role that sent it.
+Clients hold their own pair and the server public key, so they also refuse an impostor server.
+A refused handshake (no CURVE, a wrong server key, an unknown key, a role that does not belong
+on the port) never reaches the role: it is counted through `on_auth_failure(port, reason)` and
+logged once per peer address or reason.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import zmq
 import zmq.auth
@@ -34,76 +40,110 @@ from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger(__name__)
 
-KEY_FILES = ("server.key", "server.key_secret", "client.key", "client.key_secret")
+SERVER = "server"
+# Which client roles a port admits: a name, or a prefix ending in "*" for numbered roles.
+GENERATORS, LEARNER, EVALUATOR = "gen*", "learner", "evaluator"
+
+
+def client_roles(num_generators: int) -> list[str]:
+    """The client roles of a run, one key pair each."""
+    return [*(f"gen{i}" for i in range(num_generators)), "learner", "evaluator"]
+
+
+def role_allowed(role: str, allow: tuple[str, ...]) -> bool:
+    return any(role == a or (a.endswith("*") and role.startswith(a[:-1])
+                             and role[len(a) - 1:].isdigit()) for a in allow)
 
 
 @dataclass(frozen=True)
 class Keys:
-    """A run's CURVE keys (z85 text, as zmq stores them)."""
+    """What one role holds of a run's CURVE keys (z85 text, as zmq stores them): the server's
+    public key (and its secret, on the roles that serve), the role's own pair (clients), and
+    every client role's public key by role (servers admit those)."""
 
     server_public: bytes
-    server_secret: bytes
-    client_public: bytes
-    client_secret: bytes
+    server_secret: bytes | None
+    client_public: bytes | None
+    client_secret: bytes | None
+    clients: dict[bytes, str] = field(default_factory=dict)  # public key -> role
 
 
-def make_keys(directory: str | os.PathLike) -> Path:
-    """Create the run's two key pairs in `directory` (mode 0700, files 0600) unless they are
-    all there already. Returns the directory."""
+def make_keys(directory: str | os.PathLike, roles: list[str] | None = None) -> Path:
+    """Create the run's server pair and one pair per client role (default: one generator,
+    the learner and the evaluator) in `directory` (mode 0700, files 0600); pairs already
+    there are kept, so an existing run keeps its keys. Returns the directory."""
     d = Path(directory)
-    if all((d / f).is_file() for f in KEY_FILES):
-        return d
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(d, 0o700)
-    for name in ("server", "client"):
-        zmq.auth.create_certificates(d, name)
-    for f in KEY_FILES:
-        os.chmod(d / f, 0o600)
+    for name in [SERVER, *(roles or client_roles(1))]:
+        if not (d / f"{name}.key_secret").is_file():
+            zmq.auth.create_certificates(d, name)
+        for f in (f"{name}.key", f"{name}.key_secret"):
+            os.chmod(d / f, 0o600)
     return d
 
 
-def load_keys(directory: str | os.PathLike) -> Keys:
-    """The keys in `directory`; FileNotFoundError naming what is missing."""
+def load_keys(directory: str | os.PathLike, role: str = "gen0") -> Keys:
+    """The keys of `role` in `directory`: the server's (with its secret where the directory
+    has it), the role's own pair (none for the buffer, which only serves), and every client
+    role's public key. FileNotFoundError naming what is missing."""
     d = Path(directory)
-    missing = [f for f in KEY_FILES if not (d / f).is_file()]
+    need = ["server.key"] + ([f"{role}.key_secret"] if role != "buffer" else [])
+    missing = [f for f in need if not (d / f).is_file()]
     if missing:
         raise FileNotFoundError(
             f"CURVE keys missing in {d}: {', '.join(missing)}. `asyncrl run` makes them in "
-            "RUN_DIR/keys; for roles started on their own run `asyncrl keys DIR` once and give "
-            "every role that directory (net.keys_dir), or set net.curve=false on a trusted "
-            "network")
-    server_public, server_secret = zmq.auth.load_certificate(d / "server.key_secret")
-    client_public, client_secret = zmq.auth.load_certificate(d / "client.key_secret")
-    if server_secret is None or client_secret is None:
-        raise ValueError(f"CURVE keys in {d}: a .key_secret file holds no secret key")
-    return Keys(server_public, server_secret, client_public, client_secret)
+            "RUN_DIR/keys; for roles started on their own run `asyncrl keys DIR --generators N` "
+            "once and give every role that directory (net.keys_dir), or set net.curve=false on "
+            "a trusted network")
+    server_public, server_secret = zmq.auth.load_certificate(
+        d / ("server.key_secret" if (d / "server.key_secret").is_file() else "server.key"))
+    client_public = client_secret = None
+    if role != "buffer":
+        client_public, client_secret = zmq.auth.load_certificate(d / f"{role}.key_secret")
+        if client_secret is None:
+            raise ValueError(f"CURVE keys in {d}: {role}.key_secret holds no secret key")
+    clients = {}
+    for f in sorted(d.glob("*.key")):
+        if f.stem != SERVER:
+            clients[zmq.auth.load_certificate(f)[0]] = f.stem
+    return Keys(server_public, server_secret, client_public, client_secret, clients)
 
 
-def keys_for(net, run_dir: str) -> Keys | None:
-    """The keys a role uses under its NetConfig: None with net.curve off."""
+def keys_for(net, run_dir: str, role: str) -> Keys | None:
+    """The keys `role` uses under its NetConfig: None with net.curve off."""
     if not net.curve:
         return None
-    return load_keys(Path(net.keys_dir or Path(run_dir) / "keys").expanduser())
+    return load_keys(Path(net.keys_dir or Path(run_dir) / "keys").expanduser(), role)
 
 
 def tcp(host: str, port: int) -> str:
     return f"tcp://{host}:{port}"
 
 
-class Server:
-    """A bound ROUTER. `recv` returns (peer identity, payload).
+class Request(NamedTuple):
+    ident: bytes  # the peer's socket identity, to reply to
+    payload: bytes
+    role: str | None  # the client role its CURVE key authenticated (None with net.curve off)
 
-    With `keys`, only clients holding the run's client key get through; each refused
+
+class Server:
+    """A bound ROUTER. `recv` returns a Request.
+
+    With `keys`, only clients holding the key of a role in `allow` get through; each refused
     handshake calls on_auth_failure(port, reason) from the context's guard thread."""
 
     def __init__(self, ctx: zmq.Context, host: str, port: int, keys: Keys | None = None,
-                 on_auth_failure: Callable[[int, str], None] | None = None):
+                 on_auth_failure: Callable[[int, str], None] | None = None,
+                 allow: tuple[str, ...] = (GENERATORS, LEARNER, EVALUATOR)):
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         # Fail loudly (EHOSTUNREACH) instead of silently dropping a reply to a vanished peer.
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.curve = keys is not None
         if keys is not None:
-            _guard(ctx, keys).watch(self.sock, port, on_auth_failure)
+            self.sock.zap_domain = f"port{port}".encode()  # the guard's key for `allow`
+            _guard(ctx, keys).watch(self.sock, port, on_auth_failure, allow)
             self.sock.curve_server = True
             self.sock.curve_publickey = keys.server_public
             self.sock.curve_secretkey = keys.server_secret
@@ -114,12 +154,13 @@ class Server:
             raise OSError(f"cannot bind {tcp(host, port)}: {e} (is another run using "
                           "net.base_port? choose another)") from None
 
-    def recv(self) -> tuple[bytes, bytes] | None:
+    def recv(self) -> Request | None:
         """One request, or None for a frame that does not have the DEALER shape."""
-        frames = self.sock.recv_multipart(copy=True)
+        frames = self.sock.recv_multipart(copy=False)
         if len(frames) != 2:
             return None
-        return frames[0], frames[1]
+        role = frames[1].get("User-Id") if self.curve else None
+        return Request(frames[0].bytes, frames[1].bytes, role)
 
     def send(self, ident: bytes, payload: bytes) -> bool:
         try:
@@ -243,8 +284,9 @@ def _client_keys(sock: zmq.Socket, keys: Keys | None) -> None:
         sock.curve_secretkey = keys.client_secret
 
 
-# Handshake failures the guard counts, and the reason label of each.
-_FAILURES = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "unknown_key",
+# Handshake failures the guard counts from the sockets' events, and the reason of each. A key
+# the guard itself refused ("unknown_key", "wrong_role") is counted where it is refused.
+_FAILURES = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused",
              zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
              zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake"}
 
@@ -261,22 +303,26 @@ def _guard(ctx: zmq.Context, keys: Keys) -> _Guard:
 
 class _Guard(threading.Thread):
     """Answers ZeroMQ's authentication (ZAP) requests for every CURVE server of a context,
-    admitting only the run's client key, and reads each server's handshake events so that
-    every refusal is counted and logged once (per peer address for an unknown key; per port
-    for a peer that speaks no CURVE, has the wrong server key or drops the handshake, whose
-    address libzmq does not report)."""
+    admitting a client key only on the ports that admit its role (the role is handed to the
+    socket as the peer's User-Id), and reads each server's handshake events so that every
+    refusal is counted and logged once (per peer address and reason for a refused key; per
+    port for a peer that speaks no CURVE, has the wrong server key or drops the handshake,
+    whose address libzmq does not report)."""
 
     def __init__(self, ctx: zmq.Context, keys: Keys):
         super().__init__(daemon=True, name="asyncrl-zap")
-        self.ctx, self.client_key = ctx, z85.decode(keys.client_public)
+        self.ctx = ctx
+        self.roles = {z85.decode(k): role for k, role in keys.clients.items()}
         self.zap = ctx.socket(zmq.REP)
         self.zap.linger = 0
         self.zap.bind("inproc://zeromq.zap.01")
         self._lock = threading.Lock()
         self._new: list[tuple[zmq.Socket, int, Callable | None]] = []
+        self._ports: dict[bytes, tuple[int, tuple[str, ...], Callable | None]] = {}
         self._logged: set = set()
 
-    def watch(self, sock: zmq.Socket, port: int, on_failure: Callable | None) -> None:
+    def watch(self, sock: zmq.Socket, port: int, on_failure: Callable | None,
+              allow: tuple[str, ...]) -> None:
         addr = f"inproc://asyncrl-monitor-{id(sock)}"
         sock.monitor(addr, sum(_FAILURES))
         # Connected here, before the server binds, so that no event is emitted before anyone
@@ -285,6 +331,7 @@ class _Guard(threading.Thread):
         mon.connect(addr)
         with self._lock:
             self._new.append((mon, port, on_failure))
+            self._ports[f"port{port}".encode()] = (port, allow, on_failure)
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -308,20 +355,31 @@ class _Guard(threading.Thread):
                     self._refused(*monitors[sock], _FAILURES.get(event["event"], "handshake"))
 
     def _answer(self, request: list[bytes]) -> None:
-        version, request_id, _domain, address, _identity, mechanism, *credentials = request
-        ok = mechanism == b"CURVE" and credentials[:1] == [self.client_key]
-        if not ok and address not in self._logged and len(self._logged) < 1024:
-            self._logged.add(address)
-            log.warning("refused a peer at %s: its CURVE key is not this run's client key "
-                        "(net.keys_dir); further refusals are counted, not logged",
-                        address.decode(errors="replace"))
-        self.zap.send_multipart([version, request_id, b"200" if ok else b"400",
-                                 b"OK" if ok else b"unknown key", b"", b""])
+        version, request_id, domain, address, _identity, mechanism, *credentials = request
+        with self._lock:
+            port, allow, on_failure = self._ports.get(domain, (0, (), None))
+        role = self.roles.get(credentials[0]) if mechanism == b"CURVE" and credentials else None
+        reason = ("unknown_key" if role is None else
+                  "" if role_allowed(role, allow) else "wrong_role")
+        if reason:
+            if on_failure is not None:
+                on_failure(port, reason)
+            key = (address, reason)
+            if key not in self._logged and len(self._logged) < 1024:
+                self._logged.add(key)
+                log.warning("port %d refused a peer at %s: %s; further refusals are counted, "
+                            "not logged", port, address.decode(errors="replace"),
+                            "its CURVE key is none of this run's (net.keys_dir)"
+                            if role is None else f"role {role} does not belong on this port")
+        self.zap.send_multipart([version, request_id, b"400" if reason else b"200",
+                                 reason.encode() or b"OK", (role or "").encode(), b""])
 
     def _refused(self, port: int, on_failure: Callable | None, reason: str) -> None:
+        if reason == "refused":  # counted and logged by _answer, which refused it
+            return
         if on_failure is not None:
             on_failure(port, reason)
-        if reason != "unknown_key" and port not in self._logged:
+        if port not in self._logged:
             self._logged.add(port)
             log.warning("port %d: a peer failed the CURVE handshake (%s: no CURVE, or not this "
                         "run's server key); further failures are counted, not logged", port,

@@ -324,7 +324,7 @@ def _measure(args, cfg, mode: str, model, roles: Roles, run_dir: Path) -> Result
     from asyncrl.sync.sender import WeightSender
 
     ctx = transport.context()
-    keys = transport.keys_for(cfg.net, cfg.run_dir)
+    keys = transport.keys_for(cfg.net, cfg.run_dir, "learner")
     server = transport.Server(ctx, cfg.net.bind_host, cfg.net.sync_control_port, keys)
     buffer = transport.Client(ctx, cfg.net.buffer_host, cfg.net.buffer_learner_port,
                               "bench-learner", keys)

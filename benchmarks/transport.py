@@ -130,12 +130,15 @@ def buffer_loop(port: int, admit_groups: int, log_path: str | None, keys_dir: st
     from asyncrl.buffer.durable import DurableLog
     from asyncrl.buffer.main import BufferHandler
     from asyncrl.buffer.store import ReplayBuffer
+    from asyncrl.guard import NewStreams
     from asyncrl.metrics import BufferMetrics
 
     store = ReplayBuffer(capacity_groups=10 * admit_groups, max_staleness=2)
     durable = DurableLog(Path(log_path), fsync=False) if log_path else None
     handler = BufferHandler(store, BufferMetrics(CollectorRegistry()), VOCAB, durable)
-    keys = transport.load_keys(keys_dir) if keys_dir else None
+    # Every case opens streams (incarnations) of its own, more than a run's bound on them.
+    handler.streams = NewStreams(limit=10**6)
+    keys = transport.load_keys(keys_dir, "buffer") if keys_dir else None
     ingest = transport.Server(transport.context(), "127.0.0.1", port, keys)
     ready.set()
     while True:
@@ -143,8 +146,7 @@ def buffer_loop(port: int, admit_groups: int, log_path: str | None, keys_dir: st
             got = server.recv()
             if got is None:
                 continue
-            ident, frame = got
-            server.send(ident, handler.on_trajectories(frame))
+            server.send(got.ident, handler.on_trajectories(got.payload, got.role))
             if len(store) >= admit_groups:  # the learner takes a batch, as a learner does:
                 # the durable log records the TAKE and, the store being empty, is compacted,
                 # as in a run (a log that only grew would soon be held to the disk's write
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         push.connect(f"tcp://127.0.0.1:{raw_port}")
         clients = {"": transport.Client(transport.context(), "127.0.0.1", buf_port, "gen0"),
                    "_curve": transport.Client(transport.context(), "127.0.0.1", curve_port,
-                                              "gen0", transport.load_keys(keys_dir))}
+                                              "gen0", transport.load_keys(keys_dir, "gen0"))}
         rows, costs, figures, ratios = [], [], {}, {}
         for ci, case in enumerate(CASES):
             n = max(10, int(case.messages * args.scale))

@@ -210,7 +210,7 @@ def generator(path: str, control_port: int, store_port: int, raw_port: int) -> N
 def _reply(server, expect: bytes) -> bytes:
     if not server.sock.poll(int(TIMEOUT_S * 1000)):
         raise TimeoutError(f"generator did not answer within {TIMEOUT_S:.0f} s")
-    _, payload = server.recv()
+    payload = server.recv().payload
     if not payload.startswith(expect):
         raise RuntimeError(f"unexpected reply {payload[:40]!r}")
     return payload

@@ -29,6 +29,7 @@ from asyncrl.buffer.durable import ADD, TAKE
 from asyncrl.buffer.journal import DeliveryJournal
 from asyncrl.buffer.store import ReplayBuffer, TakeResult
 from asyncrl.config import RunConfig
+from asyncrl.guard import NewStreams, RefusalLog, speaks_for
 
 log = logging.getLogger("asyncrl.buffer")
 
@@ -43,15 +44,20 @@ def run(cfg: RunConfig, vocab_size: int | None = None) -> None:
     metrics.serve(registry, cfg.net.bind_host, cfg.net.buffer_metrics_port)
     store = ReplayBuffer(cfg.admit_groups, cfg.buffer.max_staleness)
     ctx = transport.context()
-    keys = transport.keys_for(cfg.net, cfg.run_dir)
+    keys = transport.keys_for(cfg.net, cfg.run_dir, "buffer")
 
     def refused(port: int, reason: str) -> None:
         m.auth_failures.labels(str(port), reason).inc()
 
-    ingest, learner, beats = (transport.Server(ctx, cfg.net.bind_host, port, keys, refused)
-                              for port in (cfg.net.buffer_ingest_port,
-                                           cfg.net.buffer_learner_port, cfg.net.heartbeat_port))
-    liveness = Liveness(cfg.net.heartbeat_timeout_s, m)
+    # Each port admits the roles that belong on it: a generator's key takes no batches.
+    ingest, learner, beats = (
+        transport.Server(ctx, cfg.net.bind_host, port, keys, refused, allow)
+        for port, allow in ((cfg.net.buffer_ingest_port, (transport.GENERATORS,)),
+                            (cfg.net.buffer_learner_port, (transport.LEARNER,)),
+                            (cfg.net.heartbeat_port, (transport.GENERATORS, transport.LEARNER,
+                                                      transport.EVALUATOR))))
+    refusals = RefusalLog(log, "buffer")
+    liveness = Liveness(cfg.net.heartbeat_timeout_s, m, refusals)
     log.info("buffer listening: generators on %d, learner on %d, metrics on %d",
              cfg.net.buffer_ingest_port, cfg.net.buffer_learner_port, cfg.net.buffer_metrics_port)
     durable = None
@@ -60,7 +66,8 @@ def run(cfg: RunConfig, vocab_size: int | None = None) -> None:
 
         durable = DurableLog(Path(cfg.run_dir) / "buffer" / "log.bin", cfg.buffer.fsync)
     journal = DeliveryJournal(Path(cfg.run_dir) / "buffer") if cfg.run_dir else None
-    handler = BufferHandler(store, m, vocab_size, durable, journal)
+    handler = BufferHandler(store, m, vocab_size, durable, journal,
+                            max_version=cfg.learner.total_steps, refusals=refusals)
     if durable is not None:
         n = handler.recover()
         log.info("recovered %d groups from %s", n, durable.path)
@@ -70,13 +77,12 @@ def run(cfg: RunConfig, vocab_size: int | None = None) -> None:
             if got is None:
                 m.rejected.labels("bad_framing").inc()
                 continue
-            ident, frame = got
             if server is beats:
-                liveness.on_heartbeat(frame)
+                liveness.on_heartbeat(got.payload, got.role)
                 continue
-            reply = (handler.on_trajectories(frame) if server is ingest
-                     else handler.on_batch_request(frame))
-            server.send(ident, reply)
+            reply = (handler.on_trajectories(got.payload, got.role) if server is ingest
+                     else handler.on_batch_request(got.payload, got.role))
+            server.send(got.ident, reply)
         liveness.check()
 
 
@@ -84,16 +90,19 @@ class Liveness:
     """Heartbeats from generators and learner ranks; a peer silent for more than `timeout_s`
     is reported (a warning, and the metrics) within timeout_s + the 0.5 s poll."""
 
-    def __init__(self, timeout_s: float, m):
+    def __init__(self, timeout_s: float, m, refusals: RefusalLog | None = None):
         self.timeout_s, self.m = timeout_s, m
+        self.refusals = refusals or RefusalLog(log, "buffer heartbeats")
         self.last_seen: dict[str, float] = {}
         self.silent: set[str] = set()
 
-    def on_heartbeat(self, frame: bytes) -> None:
+    def on_heartbeat(self, frame: bytes, role: str | None = None) -> None:
         try:
             msg = wire.decode(frame, expect=("heartbeat",))
+            _check_sender(msg.sender, role)
         except wire.MessageError as e:
             self.m.rejected.labels(e.reason).inc()
+            self.refusals.refused(e.reason, role, str(e))
             return
         if len(self.last_seen) >= 1024 and msg.sender not in self.last_seen:
             return  # bound the label set
@@ -118,9 +127,14 @@ class BufferHandler:
     """Frame in, reply frame out. Kept apart from the sockets so tests can drive it directly."""
 
     def __init__(self, store: ReplayBuffer, m, vocab_size: int | None, durable=None,
-                 journal: DeliveryJournal | None = None):
+                 journal: DeliveryJournal | None = None, max_version: int = wire.MAX_VERSION,
+                 refusals: RefusalLog | None = None):
+        """max_version: the newest policy version a learner can ask at (learner.total_steps);
+        a batch_request beyond it would drop every group as stale, so it is refused."""
         self.store, self.m, self.vocab_size, self.durable = store, m, vocab_size, durable
-        self.journal = journal
+        self.journal, self.max_version = journal, max_version
+        self.refusals = refusals or RefusalLog(log, "buffer")
+        self.streams = NewStreams()
         # (sender, incarnation) -> highest seq accepted. A generator resends a message whose
         # ack it did not get; acking the resend without storing it again makes delivery
         # exactly-once per (sender, incarnation, seq). A known stream is accepted strictly in
@@ -131,19 +145,25 @@ class BufferHandler:
         # stream it does not know at any seq.
         self.accepted_seq: dict[tuple[str, str], int] = {}
 
-    def _reject(self, e: wire.MessageError, **reply) -> bytes:
+    def _reject(self, e: wire.MessageError, role: str | None, **reply) -> bytes:
         self.m.rejected.labels(e.reason).inc()
-        log.warning("rejected frame: %s", e)
+        self.refusals.refused(e.reason, role, str(e))
         return wire.encode(**reply)
 
-    def on_trajectories(self, frame: bytes) -> bytes:
+    def on_trajectories(self, frame: bytes, role: str | None = None) -> bytes:
+        """role: the generator the frame's CURVE key authenticated (None with net.curve off)."""
         version = self.store.learner_version
         try:
             msg = wire.decode(frame, expect=("trajectories",), vocab_size=self.vocab_size)
+            _check_sender(msg.sender, role)
+            key = (msg.sender, msg.incarnation)
+            if key not in self.accepted_seq and not self.streams.allows(msg.sender):
+                raise wire.MessageError("too_many_incarnations", (
+                    f"{msg.sender} opened more than {self.streams.limit} incarnations in "
+                    f"{self.streams.window_s:.0f}s"))
         except wire.MessageError as e:
-            return self._reject(e, kind="ack", policy_version=version, seq=-1,
+            return self._reject(e, role, kind="ack", policy_version=version, seq=-1,
                                 status="rejected", reason=str(e)[:200])
-        key = (msg.sender, msg.incarnation)
         last = self.accepted_seq.get(key)
         if last is None:
             last = 0 if self.durable is not None else msg.seq - 1
@@ -158,6 +178,8 @@ class BufferHandler:
         if not self.store.add(groups):
             self.m.busy.inc()
             return wire.encode("ack", version, seq=msg.seq, status="busy", reason="full")
+        if key not in self.accepted_seq:
+            self.streams.opened(msg.sender)
         self.accepted_seq[key] = msg.seq
         if self.journal is not None:  # before the durable record: see buffer/journal.py
             self.journal.accepted(msg.sender, msg.incarnation, msg.seq, len(groups))
@@ -167,12 +189,16 @@ class BufferHandler:
         self._occupancy()
         return wire.encode("ack", version, seq=msg.seq, status="ok", reason="")
 
-    def on_batch_request(self, frame: bytes) -> bytes:
+    def on_batch_request(self, frame: bytes, role: str | None = None) -> bytes:
         try:
             msg = wire.decode(frame, expect=("batch_request",))
+            if msg.policy_version > self.max_version:
+                raise wire.MessageError("version_ahead", (
+                    f"batch_request at policy version {msg.policy_version}: the learner "
+                    f"trains {self.max_version} steps"))
         except wire.MessageError as e:
-            return self._reject(e, kind="error", policy_version=self.store.learner_version,
-                                reason=str(e)[:200])
+            return self._reject(e, role, kind="error",
+                                policy_version=self.store.learner_version, reason=str(e)[:200])
         res = self.take(msg.num_groups, msg.policy_version)
         return wire.encode("batch", self.store.learner_version,
                            status="ok" if res.groups else "not_ready", groups=res.groups,
@@ -222,6 +248,15 @@ class BufferHandler:
     def _occupancy(self) -> None:
         self.m.occupancy.set(len(self.store))
         self.m.occupancy_traj.set(self.store.num_trajectories)
+
+
+def _check_sender(sender: str, role: str | None) -> None:
+    """A message's sender must be the role its key authenticated: one generator's key cannot
+    speak for another, nor for the learner."""
+    if speaks_for(role, sender):
+        return
+    raise wire.MessageError("sender_mismatch", f"sender {sender!r} from a peer holding "
+                                               f"{role}'s key")
 
 
 def _stamp(msg: wire.Trajectories) -> list:

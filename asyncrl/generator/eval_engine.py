@@ -127,6 +127,14 @@ def run(cfg, model_dir: str, run_dir: Path) -> None:
     engine = VLLMEngine(model_dir, cfg.model.dtype, gc.seed, longest + gc.max_tokens + 8,
                         gc.gpu_memory_utilization, gpu=gpu, cuda_graphs=gc.cuda_graphs,
                         tensor_parallel_size=gc.tensor_parallel_size)
+    from asyncrl import transport, wire
+
+    # Its liveness, as itself (the evaluator's own key): the buffer reports it when silent.
+    transport.Heartbeat(cfg.net.buffer_host, cfg.net.heartbeat_port,
+                        lambda: wire.encode("heartbeat", 0, sender="evaluator",
+                                            role="evaluator"),
+                        cfg.net.heartbeat_interval_s,
+                        transport.keys_for(cfg.net, cfg.run_dir, "evaluator")).start()
     log.info("evaluator: engine up; evaluating the versions the learner writes to %s", evals)
     held = 0  # the version the engine holds: it starts from the run's model
     while True:

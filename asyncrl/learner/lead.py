@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -48,7 +49,7 @@ class Lead:
     plot."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, model, tok, m,
-                 ckpt: checkpoint.Checkpoint | None):
+                 ckpt: checkpoint.Checkpoint | None, replay_end: int = 0):
         from asyncrl import transport
         from asyncrl.sync.sender import WeightSender
 
@@ -63,22 +64,31 @@ class Lead:
         # Completion tokens of each sequence this process trained on (lengths.png, summary).
         self.lengths: list[int] = []
         # Rows after the checkpoint are recomputed by the replay: drop them, keep their time.
-        if ckpt is not None:
-            resumed_t0 = time.time() - checkpoint.truncate_metrics(self.metrics_path, ckpt.step)
+        # Without a checkpoint (a run stopped before its first) only row 0 stays, if written.
+        restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+        resumed_t0 = time.time() - checkpoint.truncate_metrics(
+            self.metrics_path, ckpt.step if ckpt is not None else 0, count_gap=restarted)
         self.resumed_from = ckpt.step if ckpt is not None else None
         self._last_keep = 0.0
         self.push_owed = False  # a due push held back while an evaluation ran
         self.control = transport.Server(
             transport.context(), cfg.net.bind_host, cfg.net.sync_control_port,
-            transport.keys_for(cfg.net, cfg.run_dir),
-            lambda port, reason: m.auth_failures.labels(str(port), reason).inc())
+            transport.keys_for(cfg.net, cfg.run_dir, "learner"),
+            lambda port, reason: m.auth_failures.labels(str(port), reason).inc(),
+            allow=(transport.GENERATORS,))
         self.sender = WeightSender(self.control, cfg.net.bind_host, cfg.net.sync_store_port,
                                    cfg.generator.num_generators, cfg.sync.backend,
                                    cfg.sync.timeout_s, cfg.net.ready_timeout_s,
                                    rejected=m.messages_rejected,
                                    ranks_per_generator=cfg.generator.tensor_parallel_size,
-                                   dtype=cfg.model.dtype, bucket_bytes=cfg.sync.bucket_mb << 20)
+                                   dtype=cfg.model.dtype, bucket_bytes=cfg.sync.bucket_mb << 20,
+                                   live_s=cfg.net.heartbeat_timeout_s)
         self.sender.start()
+        # A generator holds at most the newest version this learner will reach by replaying
+        # (the last step logged before a restart) or has pushed (the sender raises it).
+        self.sender.version_bound = replay_end
+        # Resumed: generators started afresh hold version 0 and are brought up at once.
+        self.sender.catch_up = ckpt is not None or replay_end > 0
         # generator.eval_engine: the evaluator answers, through RUN_DIR/evals/, and holds
         # no push back (asyncrl/generator/eval_engine.py).
         self.exported = ExportedEvals(run_dir) if cfg.generator.eval_engine else None
@@ -86,12 +96,13 @@ class Lead:
                                  cfg.learner.total_steps, cfg.sync.timeout_s, self._write,
                                  m.eval_accuracy.set, hold_pushes=self.exported is None)
         # RL time starts once every generator is up (and goes on from before a restart).
-        self.t_start = resumed_t0 if ckpt is not None else time.time()
-        if ckpt is None:  # row 0: the SFT policy, evaluated by a generator like the others
+        self.t_start = resumed_t0
+        if ckpt is None and not read_jsonl(self.metrics_path):
+            # row 0: the SFT policy, evaluated by a generator like the others
             self.evals.after_push(0)
             self.evals.add_row({"step": 0, "policy_version": 0, "reward_mean": None,
                                 "staleness_mean": None, "elapsed_s": 0.0})
-        else:  # rows whose evaluation was in flight when the learner died: without it
+        elif ckpt is not None:  # rows whose evaluation was in flight when the learner died
             written = {r["step"] for r in read_jsonl(self.metrics_path)}
             for row in state.get("metrics_held", []):
                 if row["step"] not in written:

@@ -26,8 +26,10 @@ Run (normally started by `asyncrl run`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -136,18 +138,19 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
                  ckpt.path, os.environ.get("TORCHELASTIC_RESTART_COUNT", "?"),
                  len(batch_log.logged), start + len(batch_log.logged) + 1)
     ctx = transport.context()
-    keys = transport.keys_for(cfg.net, cfg.run_dir)
+    keys = transport.keys_for(cfg.net, cfg.run_dir, "learner")
     buffer = transport.Client(ctx, cfg.net.buffer_host, cfg.net.buffer_learner_port,
                               f"learner{rank}", keys)
     rules = BatchRules(cfg.generator.group_size, cfg.generator.max_tokens,
                        getattr(model.config, "max_position_embeddings", None))
     source = _Source(buffer, rules, model.get_input_embeddings().num_embeddings,
-                     m.messages_rejected)
+                     m.messages_rejected, _Stop())
     transport.Heartbeat(cfg.net.buffer_host, cfg.net.heartbeat_port,
                         lambda: wire.encode("heartbeat", 0, sender=f"learner{rank}",
                                             role="learner"),
                         cfg.net.heartbeat_interval_s, keys).start()
-    lead = Lead(cfg, run_dir, model, tok, m, ckpt) if rank == 0 else None
+    replay_end = max(batch_log.logged, default=start)
+    lead = Lead(cfg, run_dir, model, tok, m, ckpt, replay_end) if rank == 0 else None
     whole = Whole(cfg, run_dir, models, tok, lead, rank, device)
     if lead is not None and not whole.every_rank:  # fsdp: _fetch(together=whole)
         source.while_waiting = lead.keep_in_sync
@@ -158,9 +161,10 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
             groups, dropped_total = batch_log.logged.pop(step)
             waited, filtered = 0.0, 0
         else:
-            groups, waited, filtered, dropped_total = _fetch(
-                source, cfg, rank, step - 1, whole if whole.every_rank else None)
-            batch_log.append(step, groups, dropped_total)
+            with source.stop.holding():  # a stop signal waits until the batch is logged
+                groups, waited, filtered, dropped_total = _fetch(
+                    source, cfg, rank, step - 1, whole if whole.every_rank else None)
+                batch_log.append(step, groups, dropped_total)
         batch = collate(groups, tok.pad_token_id).to(device)
         if step == start + 1 and cfg.learner.pack_row_tokens > 0:
             with compute:
@@ -223,6 +227,47 @@ def _build_models(cfg: RunConfig, model, device, world: int) -> Models:
     return Models(policy, opt, ref, critic, critic_opt)
 
 
+class _Stop:
+    """SIGTERM and SIGINT (`asyncrl run` stopping, torchrun passing it on) end this rank at
+    once, as they always do, except inside `holding()`: between asking the buffer for a batch
+    and the batch log holding it, where a rank killed loses the batch's groups (the buffer has
+    served them, no log replays them). A signal there ends the rank as soon as the section
+    ends, or while it only waits for the buffer and has taken nothing (`check`). Outside the
+    section no Python handler is installed, so a rank blocked in a collective dies at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def _note(self, signum, _frame) -> None:
+        self.signum = signum
+
+    @contextlib.contextmanager
+    def holding(self):
+        self._old = {s: signal.signal(s, self._note) for s in self.SIGNALS}
+        try:
+            yield
+        finally:
+            self._release()
+
+    def check(self) -> None:
+        """Inside holding(), with nothing taken yet: a signal received ends the rank now."""
+        if self.signum is not None:
+            self._release()
+
+    def _release(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+        if self.signum is not None:
+            signum, self.signum = self.signum, None
+            log.info("stopping on signal %d: every batch taken is in the batch log", signum)
+            os.kill(os.getpid(), signum)  # as it would have, now that nothing is lost
+            time.sleep(5)  # a handler that only raises: let it
+
+
 @dataclass
 class _Source:
     """Where a rank's batches come from and what it accepts from there."""
@@ -231,6 +276,7 @@ class _Source:
     rules: BatchRules
     vocab_size: int
     rejected: Counter  # LearnerMetrics.messages_rejected, by reason
+    stop: _Stop
     # Rank 0, while the buffer has too little: keep weight sync going (see Lead.keep_in_sync).
     while_waiting: Callable[[int], None] = lambda version: None
 
@@ -253,7 +299,7 @@ def _fetch(source: _Source, cfg: RunConfig, rank: int, version: int,
     while True:
         if len(kept) < want:
             got = _request(source, cfg, rank, version, want - len(kept),
-                           once=together is not None)
+                           once=together is not None, may_stop=not kept)
             if got is not None:
                 groups, dropped_total = got
                 if cfg.learner.dynamic_sampling:
@@ -274,14 +320,17 @@ def _fetch(source: _Source, cfg: RunConfig, rank: int, version: int,
 
 
 def _request(source: _Source, cfg: RunConfig, rank: int, version: int, num_groups: int,
-             once: bool = False) -> tuple[list, int] | None:
+             once: bool = False, may_stop: bool = True) -> tuple[list, int] | None:
     """Ask until the buffer has num_groups groups (`once`: None after one answer without
     them). A reply that is not a usable batch is refused, counted and logged, and the request
     sent again: its groups are lost to training (the buffer handed them out), the step is
-    not."""
+    not. `may_stop`: nothing taken for this step yet, so a stop signal may end the rank here.
+    """
     req = wire.encode("batch_request", version, rank=rank, num_groups=num_groups)
     last_reply = time.monotonic()
     while True:
+        if may_stop:
+            source.stop.check()
         reply = source.buffer.request(req, timeout_s=5.0)
         if reply is None:
             if time.monotonic() - last_reply > cfg.net.ready_timeout_s:

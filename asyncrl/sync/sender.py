@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from asyncrl import wire
+from asyncrl.guard import NewStreams, RefusalLog, speaks_for
 from asyncrl.sync import group, ipc, weights
 from asyncrl.transport import Server
 
@@ -66,14 +67,16 @@ class WeightSender:
     def __init__(self, server: Server, host: str, store_port: int, num_generators: int,
                  backend: str, timeout_s: float, ready_timeout_s: float,
                  rejected: Counter | None = None, ranks_per_generator: int = 1,
-                 dtype: str | None = None, bucket_bytes: int = weights.DEFAULT_BUCKET_BYTES):
+                 dtype: str | None = None, bucket_bytes: int = weights.DEFAULT_BUCKET_BYTES,
+                 live_s: float = 5.0):
         """rejected: counts, by reason, the control frames refused (a Prometheus counter with
         a `reason` label, LearnerMetrics.messages_rejected). ranks_per_generator: the
         generators' tensor_parallel_size (each worker is a rank of the group). dtype: what
         the engines hold (model.dtype); floating weights are cast to it as they are packed.
         backend `ipc` (colocated): no group; each push hands the engine CUDA IPC handles to
         the packed buffers instead of broadcasting them (asyncrl/sync/ipc.py). bucket_bytes:
-        sync.bucket_mb in bytes."""
+        sync.bucket_mb in bytes. live_s: net.heartbeat_timeout_s; a generator heard within it
+        is alive, and another incarnation under its name is refused meanwhile."""
         self.server, self.backend, self.rejected = server, backend, rejected
         self.timeout_s, self.ready_timeout_s = timeout_s, ready_timeout_s
         self.expected = [f"gen{i}" for i in range(num_generators)]
@@ -94,6 +97,16 @@ class WeightSender:
         self.peak_buffer_bytes = 0  # the most bytes of push buffers held at once
         # Each eval_result a generator sends (asyncrl/learner/evals.py joins them by version).
         self.on_eval_result: Callable[[dict], None] = lambda msg: None
+        # The newest version a generator can hold: the newest pushed, or the last step a
+        # restarted learner replays (it pushed those before; the learner sets that). A hello
+        # claiming more would stop every push (versions never move back), so it is refused.
+        self.version_bound = wire.MAX_VERSION
+        # A resumed learner brings generators that are behind up to its version at once, as a
+        # re-formed session does: the learner sets it, the next push clears it.
+        self.catch_up = False
+        self.streams = NewStreams()  # new incarnations a generator may open (asyncrl/guard.py)
+        self.live_s = live_s
+        self.refusals = RefusalLog(log, "sync control")
 
     # ------------------------------------------------------------------ control messages
 
@@ -106,19 +119,47 @@ class WeightSender:
                 self._reject("bad_framing", "not a DEALER-shaped message")
                 continue
             try:
-                msg = wire.decode(got[1], expect=("generator_hello", "weights_loaded",
-                                                  "eval_result"))
+                msg = self._accept(got)
             except wire.MessageError as e:
-                self._reject(e.reason, str(e))
-                continue
-            if msg.sender not in self.expected:  # bounds self.members to the generators
-                self._reject("unknown_sender", f"{msg.sender!r} is not one of gen0.."
-                                               f"gen{len(self.expected) - 1}")
+                self._reject(e.reason, str(e), got.role)
                 continue
             if msg.kind == "eval_result":
                 self.on_eval_result(msg)
             else:
-                self._handle(got[0], msg)
+                self._handle(got.ident, msg)
+
+    def _accept(self, got) -> wire.GeneratorHello | wire.WeightsLoaded | wire.EvalResult:
+        """The control message of a request, or MessageError naming why it is refused."""
+        msg = wire.decode(got.payload, expect=("generator_hello", "weights_loaded",
+                                               "eval_result"))
+        if msg.sender not in self.expected:  # bounds self.members to the generators
+            raise wire.MessageError("unknown_sender", f"{msg.sender!r} is not one of gen0.."
+                                                      f"gen{len(self.expected) - 1}")
+        if not speaks_for(got.role, msg.sender):
+            raise wire.MessageError("sender_mismatch", f"sender {msg.sender!r} from a peer "
+                                                       f"holding {got.role}'s key")
+        claimed = max(msg.policy_version, getattr(msg, "asked", 0))
+        if claimed > self.version_bound:
+            raise wire.MessageError("version_ahead", (
+                f"{msg.kind} from {msg.sender} at policy version {claimed}: the learner is "
+                f"at {self.version_bound}"))
+        m = self.members.get(msg.sender)
+        if msg.kind != "generator_hello" or (m is not None and m.incarnation == msg.incarnation):
+            return msg
+        # A new incarnation of a generator: a restart, whose old process has gone quiet. One
+        # that claims the name while the old one still speaks would take its place in the
+        # session (and each such switch re-forms it), so it waits until the old one is silent.
+        silent = time.monotonic() - m.heard if m is not None else float("inf")
+        if silent < self.live_s:
+            raise wire.MessageError("incarnation_conflict", (
+                f"{msg.sender} as incarnation {msg.incarnation!r} while {m.incarnation!r} was "
+                f"heard {silent:.1f}s ago (a restart is taken once the old one is silent for "
+                f"net.heartbeat_timeout_s={self.live_s:g})"))
+        if not self.streams.allows(msg.sender):
+            raise wire.MessageError("too_many_incarnations", (
+                f"{msg.sender} opened more than {self.streams.limit} incarnations in "
+                f"{self.streams.window_s:.0f}s"))
+        return msg
 
     def poll(self, timeout_s: float = 0.0) -> None:
         """Handle the control messages waiting (or arriving within timeout_s)."""
@@ -132,10 +173,10 @@ class WeightSender:
             return None
         return m.incarnation
 
-    def _reject(self, reason: str, detail: str) -> None:
+    def _reject(self, reason: str, detail: str, role: str | None = None) -> None:
         if self.rejected is not None:
             self.rejected.labels(reason).inc()
-        log.warning("sync control: rejected frame (%s)", detail)
+        self.refusals.refused(reason, role, detail)
 
     def _handle(self, ident: bytes, msg: wire.GeneratorHello | wire.WeightsLoaded) -> None:
         name, now = msg.sender, time.monotonic()
@@ -148,6 +189,7 @@ class WeightSender:
             if m is not None:
                 log.warning("%s restarted (incarnation %s -> %s); the weight-sync group will "
                             "re-form", name, m.incarnation, msg.incarnation)
+            self.streams.opened(name)
             self.members[name] = _Member(ident, msg.incarnation, msg.session,
                                          msg.policy_version, now)
             return
@@ -241,7 +283,7 @@ class WeightSender:
             return False
         if max(held.values()) > version:
             return False
-        return due or (formed and min(held.values()) < version)
+        return due or ((formed or self.catch_up) and min(held.values()) < version)
 
     def push(self, version: int, specs: list[list],
              tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[float, int]:
@@ -281,6 +323,8 @@ class WeightSender:
     def _push(self, version: int, specs: list[list],
               tensors: Iterator[tuple[str, torch.Tensor]]) -> tuple[float, int]:
         t0 = time.perf_counter()
+        self.version_bound = max(self.version_bound, version)  # the generators may hold it now
+        self.catch_up = False
         colocated = self.pg is _COLOCATED
         handles: list[dict] = []
         if colocated:  # the engine maps flat buffers by CUDA IPC: one copy, on the GPU

@@ -40,10 +40,11 @@ def test_buffer_killed_and_restarted_loses_nothing_it_acked(tmp_path):
                              f"net.base_port={free_base_port()}", "buffer.admit_steps=10"])
     path = tmp_path / "buffer.yaml"
     save_config(cfg, path)
-    keys = transport.load_keys(transport.make_keys(tmp_path / "run" / "keys"))
+    keys = transport.load_keys(transport.make_keys(tmp_path / "run" / "keys"), "gen0")
     ctx = transport.context()
     gen = transport.Client(ctx, "127.0.0.1", cfg.net.buffer_ingest_port, "gen0", keys)
-    learner = transport.Client(ctx, "127.0.0.1", cfg.net.buffer_learner_port, "learner0", keys)
+    learner = transport.Client(ctx, "127.0.0.1", cfg.net.buffer_learner_port, "learner0",
+                               transport.load_keys(tmp_path / "run" / "keys", "learner"))
     proc = _start(path)
     try:
         for seq in range(1, 11):

@@ -13,6 +13,7 @@ Run with -s to see the frames fuzzed per port (docs/reliability.md quotes them).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from asyncrl import metrics, transport, wire
 from asyncrl.config import load_config, save_config
+from asyncrl.guard import NewStreams
 from asyncrl.sync.member import LearnerFinished, SyncMember
 from asyncrl.sync.sender import WeightSender
 from tests.conftest import ROOT, free_base_port, wait_until
@@ -47,16 +49,26 @@ BUDGET = settings(max_examples=PER_PORT, deadline=10_000, derandomize=True, data
                                          HealthCheck.large_base_example])
 
 
-def _expected_reject(frame: bytes, **kw) -> str | None:
-    """The reason the receiver must count for this frame (None: it is a valid message)."""
+def _expected_reject(frame: bytes, role: str | None = None, max_version: int | None = None,
+                     **kw) -> str | None:
+    """The reason the receiver must count for this frame (None: it is a valid message).
+    `role`: the key the frame comes with, whose role its sender must be (learner ranks:
+    learner<r>); `max_version`: the newest version a batch_request may ask at."""
     try:
-        wire.decode(frame, **kw)
+        msg = wire.decode(frame, **kw)
     except wire.MessageError as e:
         return e.reason
+    sender = getattr(msg, "sender", None)
+    if role is not None and sender is not None and not (
+            sender == role or (role == "learner" and re.fullmatch(r"learner\d+", sender))):
+        return "sender_mismatch"
+    if max_version is not None and msg.kind == "batch_request" and (
+            msg.policy_version > max_version):
+        return "version_ahead"
     return None
 
 
-def _trajectories(seq: int, sender: str = "probe") -> bytes:
+def _trajectories(seq: int, sender: str = "gen0") -> bytes:
     comps = [wire.Completion(np.array([3, 4], np.int32), np.array([-0.5, -1], np.float32), r,
                              "stop") for r in (0.0, 1.0)]
     group = wire.TrajectoryGroup(seq, np.array([1], np.int32), 0, comps, sender, 0.0)
@@ -108,10 +120,13 @@ def test_the_buffer_survives_hostile_sealed_frames_on_all_three_ports(buffer):
     cfg, proc = buffer
     net, t0 = cfg.net, time.monotonic()
     ctx = transport.context()
-    keys = transport.keys_for(net, cfg.run_dir)
+    # Each port with the key of a role it admits: a generator's on ingest, the learner's on
+    # the learner port and (numbered senders learner<k> for the probes) on heartbeats.
+    keys, learner_keys = (transport.keys_for(net, cfg.run_dir, r) for r in ("gen0", "learner"))
     ingest = transport.Client(ctx, HOST, net.buffer_ingest_port, "fuzz-ingest", keys)
-    learner = transport.Client(ctx, HOST, net.buffer_learner_port, "fuzz-learner", keys)
-    beats = transport.Client(ctx, HOST, net.heartbeat_port, "fuzz-beats", keys)
+    learner = transport.Client(ctx, HOST, net.buffer_learner_port, "fuzz-learner",
+                               learner_keys)
+    beats = transport.Client(ctx, HOST, net.heartbeat_port, "fuzz-beats", learner_keys)
     assert ingest.request(_trajectories(1), timeout_s=60) is not None, "buffer not up"
     probe = {"seq": 1, "beat": 0}
     expected = Counter()
@@ -125,8 +140,8 @@ def test_the_buffer_survives_hostile_sealed_frames_on_all_three_ports(buffer):
                                             timeout_s=10))
         assert batch.kind == "batch", batch
         probe["beat"] += 1
-        peer = f"probe{probe['beat']}"
-        beats.send(wire.encode("heartbeat", 0, sender=peer, role="generator"))
+        peer = f"learner{1000 + probe['beat']}"
+        beats.send(wire.encode("heartbeat", 0, sender=peer, role="learner"))
         wait_until(lambda: peer in _peers(_scrape(net.buffer_metrics_port)), 10,
                    f"the buffer to take heartbeat {peer}", interval_s=0.05)
 
@@ -158,11 +173,14 @@ def test_the_buffer_survives_hostile_sealed_frames_on_all_three_ports(buffer):
 
     before = _rejects(_scrape(net.buffer_metrics_port))
     sent = {"buffer ingest (+0)": fuzz_port(ingest, "trajectories",
-                                            {"expect": ("trajectories",), "vocab_size": VOCAB},
-                                            replies=True),
+                                            {"expect": ("trajectories",), "vocab_size": VOCAB,
+                                             "role": "gen0"}, replies=True),
             "buffer learner (+1)": fuzz_port(learner, "batch_request",
-                                             {"expect": ("batch_request",)}, replies=True),
-            "heartbeat (+4)": fuzz_port(beats, "heartbeat", {"expect": ("heartbeat",)},
+                                             {"expect": ("batch_request",), "role": "learner",
+                                              "max_version": cfg.learner.total_steps},
+                                             replies=True),
+            "heartbeat (+4)": fuzz_port(beats, "heartbeat", {"expect": ("heartbeat",),
+                                                              "role": "learner"},
                                         replies=False)}
     valid_requests_answered()  # heartbeats are taken in order: every fuzzed one is counted now
     assert proc.poll() is None, "the buffer died"
@@ -189,7 +207,11 @@ def test_the_sync_control_port_survives_hostile_sealed_frames_and_still_forms_a_
     sender = WeightSender(transport.Server(ctx, HOST, base + 2, keys), HOST, base + 3, 1,
                           "gloo", timeout_s=30.0, ready_timeout_s=30.0,
                           rejected=m.messages_rejected)
-    fuzz = transport.Client(ctx, HOST, base + 2, "fuzz", keys)
+    fuzz = transport.Client(ctx, HOST, base + 2, "fuzz", keys)  # gen0's key
+    sender.version_bound = 10**6  # a learner at step 10**6: hellos beyond it are refused
+    # Every probe below is a new incarnation: the bound on those is tests/unit/test_guard.py's.
+    sender.streams = NewStreams(limit=10**6)
+    sender.live_s = 0.0  # and so is the refusal of an incarnation while the old one speaks
     expected, sent = Counter(), 0
 
     def hello_is_heard(k: int) -> None:
@@ -205,8 +227,12 @@ def test_the_sync_control_port_survives_hostile_sealed_frames_and_still_forms_a_
         sent += 1
         reason = _expected_reject(frame, expect=("generator_hello", "weights_loaded",
                                                  "eval_result"))
-        if reason is None and wire.decode(frame).sender not in sender.expected:
-            reason = "unknown_sender"
+        if reason is None:
+            msg = wire.decode(frame)
+            if msg.sender not in sender.expected:
+                reason = "unknown_sender"
+            elif max(msg.policy_version, getattr(msg, "asked", 0)) > sender.version_bound:
+                reason = "version_ahead"
         if reason is not None:
             expected[reason] += 1
         fuzz.send(frame)
