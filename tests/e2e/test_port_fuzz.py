@@ -68,9 +68,9 @@ def _expected_reject(frame: bytes, role: str | None = None, max_version: int | N
     return None
 
 
-def _trajectories(seq: int, sender: str = "gen0") -> bytes:
-    comps = [wire.Completion(np.array([3, 4], np.int32), np.array([-0.5, -1], np.float32), r,
-                             "stop") for r in (0.0, 1.0)]
+def _trajectories(seq: int, sender: str = "gen0", token: int = 3) -> bytes:
+    comps = [wire.Completion(np.array([token, 4], np.int32), np.array([-0.5, -1], np.float32),
+                             r, "stop") for r in (0.0, 1.0)]
     group = wire.TrajectoryGroup(seq, np.array([1], np.int32), 0, comps, sender, 0.0)
     return wire.encode("trajectories", 0, sender=sender, incarnation="i", seq=seq,
                        groups=[group])
@@ -172,6 +172,10 @@ def test_the_buffer_survives_hostile_sealed_frames_on_all_three_ports(buffer):
         return sent
 
     before = _rejects(_scrape(net.buffer_metrics_port))
+    # One frame per value check the draws may miss: a token outside the vocabulary.
+    bad = wire.decode(ingest.request(_trajectories(10**6, token=VOCAB + 5), timeout_s=10))
+    assert bad.status == "rejected" and bad.reason.startswith("bad_token:"), bad
+    expected["bad_token"] += 1
     sent = {"buffer ingest (+0)": fuzz_port(ingest, "trajectories",
                                             {"expect": ("trajectories",), "vocab_size": VOCAB,
                                              "role": "gen0"}, replies=True),

@@ -2,6 +2,7 @@
 trained with, a finished one or one trained otherwise is refused naming why."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,29 @@ def test_the_cli_refuses_a_finished_run_before_anything_starts(tmp_path):
     r = asyncrl("run", "configs/default.yaml", f"run_dir={tmp_path}", timeout=60)
     assert r.returncode == 2 and "holds a finished run" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_the_launcher_finds_every_descendant_even_in_sessions_of_their_own():
+    """torchrun starts its workers with start_new_session: a SIGKILL of torchrun's group
+    leaves them running, so _stop_all notes every descendant first and kills them too."""
+    import subprocess
+    import sys
+    import time
+
+    from asyncrl.launcher import _descendants
+
+    child = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+             "'import time; time.sleep(60)'], start_new_session=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    try:
+        deadline = time.monotonic() + 30
+        while len(found := _descendants(proc.pid)) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(found) == 1
+        (grandchild,) = found
+        assert os.getsid(grandchild) != os.getsid(proc.pid)  # out of the group a killpg reaches
+    finally:
+        for pid in _descendants(proc.pid):
+            os.kill(pid, 9)
+        proc.kill()
+        proc.wait()
