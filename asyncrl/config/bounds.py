@@ -79,6 +79,7 @@ BOUNDS: dict[str, Bound] = {
     "warm_start.steps": _ints(0, STEPS, "0: RL from random init"),
     "warm_start.seed": _ints(-1, 2**31 - 1, "-1: the run's seed"),
     "warm_start.until_loss": _floats(0, 100, "0: always warm_start.steps"),
+    "warm_start.slip_steps": _ints(0, STEPS, "0: the slipping teacher from the start"),
     "warm_start.batch_size": _ints(1, 65536),
     "warm_start.lr": _positive(1.0),
     "warm_start.min_lr_ratio": _floats(0, 1),

@@ -114,6 +114,9 @@ def cross_field_errors(cfg: RunConfig) -> list[str]:
         (task.carry_slip == 0 or task.name in ("addition", "reasoning"),
          f"task.carry_slip={task.carry_slip} shapes the built-in tasks' SFT references: it "
          f"needs task.name=addition or reasoning, not {task.name!r}"),
+        (cfg.warm_start.slip_steps == 0 or task.carry_slip > 0,
+         f"warm_start.slip_steps={cfg.warm_start.slip_steps} trains on the teacher that forgets "
+         "the carry: it needs task.carry_slip > 0"),
         (cfg.warm_start.min_lr_ratio == 0 or cfg.warm_start.lr_schedule == "cosine",
          f"warm_start.min_lr_ratio={cfg.warm_start.min_lr_ratio} is where a cosine schedule "
          f"ends: it needs warm_start.lr_schedule=cosine, not "

@@ -106,6 +106,11 @@ class WarmStartConfig:
     of after a fixed number of steps (0: always warm_start.steps). The tiny model learns
     addition in a sudden drop of the loss whose step depends on the seed and on the CPU's
     rounding (200 to past 800 steps measured): stopping at a loss stops every build past it."""
+    slip_steps: int = 0
+    """With task.carry_slip: train on the exact answers first (warm_start.steps / until_loss),
+    then this many steps on the teacher that forgets the carry (0: the slipping teacher from
+    the start, as the reasoning task does). A model that has learned to add then forgets some
+    carries, rather than never learning to add from noisy targets."""
     batch_size: int = 64
     lr: float = 1e-3
     lr_schedule: str = "constant"

@@ -86,7 +86,8 @@ def build_model(vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
 # Fields added after models had been built with the key: at these values (what every model
 # before them had) they stay out of the key, so those models keep their keys and caches.
 _ADDED_LATER = {"task.carry_slip": 0.0, "warm.lr_schedule": "constant",
-                "warm.min_lr_ratio": 0.0, "warm.seed": -1, "warm.until_loss": 0.0}
+                "warm.min_lr_ratio": 0.0, "warm.seed": -1, "warm.until_loss": 0.0,
+                "warm.slip_steps": 0}
 
 
 def cache_key(cfg: RunConfig) -> str:
@@ -148,10 +149,33 @@ def _build(cfg: RunConfig, out: Path, progress: Callable[[str], None]) -> None:
     batches = _sft_batches(train, ws.batch_size, rng, bucket=8 if cfg.task.name == "reasoning"
                            else 0)
     model.train()
+    # With slip_steps the imperfect teacher (task.carry_slip) speaks only at the end: the model
+    # first learns to add from exact answers, then to forget some carries.
+    two_phase = ws.slip_steps > 0 and cfg.task.carry_slip > 0
+    done = _sft(model, tok, batches, opt, sched, ws.steps, ws.until_loss, two_phase, t0,
+                progress)
+    if two_phase:
+        progress(f"[prepare] {ws.slip_steps} more steps on the teacher that forgets the carry "
+                 f"(task.carry_slip={cfg.task.carry_slip:g}, warm_start.slip_steps)")
+        done += _sft(model, tok, batches, opt, sched, ws.slip_steps, 0.0, False, t0, progress)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "asyncrl_build.json").write_text(json.dumps(
+        {"build_version": BUILD_VERSION, "key": cache_key(cfg), "sft_steps": done,
+         "seconds": round(time.time() - t0, 1)}))
+    progress(f"[prepare] model ready ({time.time() - t0:.0f}s)")
+
+
+def _sft(model, tok, batches, opt, sched, steps: int, until_loss: float, exact: bool,
+         t0: float, progress: Callable[[str], None]) -> int:
+    """Up to `steps` SFT steps (fewer once the loss's 50-step average is below until_loss),
+    on the exact answers or on the references; returns the steps taken."""
+    import torch
+
     average = _MovingAverage(50)
-    step = -1  # warm_start.steps=0: no SFT
-    for step in range(ws.steps):
-        ids, labels = _sft_batch(tok, next(batches))
+    step = -1  # steps=0: no SFT
+    for step in range(steps):
+        ids, labels = _sft_batch(tok, next(batches), exact)
         loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(),
                      labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -159,22 +183,17 @@ def _build(cfg: RunConfig, out: Path, progress: Callable[[str], None]) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        reached = average.add(loss.item()) < ws.until_loss
-        if (step + 1) % 50 == 0 or step + 1 == ws.steps or reached:
-            eta = "" if ws.until_loss else (
-                f", about {(time.time() - t0) / (step + 1) * (ws.steps - step - 1):.0f}s left")
-            progress(f"[prepare] sft step {step + 1}/{ws.steps} loss {loss.item():.3f} "
+        reached = average.add(loss.item()) < until_loss
+        if (step + 1) % 50 == 0 or step + 1 == steps or reached:
+            eta = "" if until_loss else (
+                f", about {(time.time() - t0) / (step + 1) * (steps - step - 1):.0f}s left")
+            progress(f"[prepare] sft step {step + 1}/{steps} loss {loss.item():.3f} "
                      f"(average {average.value:.3f}; {time.time() - t0:.0f}s{eta})")
         if reached:
             progress(f"[prepare] the SFT loss averaged below warm_start.until_loss="
-                     f"{ws.until_loss:g} at step {step + 1}: done")
+                     f"{until_loss:g} at step {step + 1}: done")
             break
-    model.eval()
-    model.save_pretrained(out, safe_serialization=True)
-    (out / "asyncrl_build.json").write_text(json.dumps(
-        {"build_version": BUILD_VERSION, "key": cache_key(cfg), "sft_steps": step + 1,
-         "seconds": round(time.time() - t0, 1)}))
-    progress(f"[prepare] model ready ({time.time() - t0:.0f}s)")
+    return step + 1
 
 
 class _MovingAverage:
@@ -221,13 +240,15 @@ def _sft_batches(train: list, batch_size: int, rng: random.Random, bucket: int =
         yield from chunks
 
 
-def _sft_batch(tok, problems):
+def _sft_batch(tok, problems, exact: bool = False):
+    """(ids, labels) of a batch: the prompt, then the reference (the exact answer where a
+    problem has none, or with `exact`)."""
     import torch
 
     seqs, labels = [], []
     for p in problems:
         prompt = encode_prompt(tok, p.prompt)
-        target = p.reference or p.answer
+        target = p.answer if exact else (p.reference or p.answer)
         answer = tok.encode(target, add_special_tokens=False) + [tok.eos_token_id]
         seqs.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)

@@ -31,6 +31,8 @@ ACCEPTED = {
     ("task.carry_slip", 0): "an exact SFT teacher",
     ("warm_start.seed", 0): "any 31-bit seed",
     ("warm_start.seed", -1): "the run's seed (the default)",
+    ("warm_start.until_loss", 0): "always warm_start.steps (the default)",
+    ("warm_start.slip_steps", 0): "the slipping teacher from the start (the default)",
     ("warm_start.steps", 0): "RL from random init (documented)",
     ("warm_start.min_lr_ratio", 0): "the cosine ends at 0 (the default)",
     ("buffer.max_staleness", 0): "on-policy only (documented)",

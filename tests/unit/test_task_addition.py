@@ -63,3 +63,34 @@ def test_the_warm_start_stops_once_its_loss_averages_below_until_loss(tmp_path):
     assert built["sft_steps"] == 50, lines  # the first full average of 50 steps
     assert any("warm_start.until_loss=50 at step 50" in x for x in lines), lines
     assert cache_key(cfg) != cache_key(load_config(DEFAULT, ["warm_start.steps=400"]))
+
+
+def test_slip_steps_trains_exact_answers_first_then_the_slipping_teacher(tmp_path):
+    import json
+
+    from asyncrl.task.tiny_model import _sft_batch, prepare_builtin
+
+    cfg = load_config(DEFAULT, ["task.carry_slip=1.0"])
+    train, _ = load_task(cfg.task)
+    carry = [p for p in train if _carries(p)][:4]
+
+    class Tok:  # one id per character, as the builtin tokenizer has
+        pad_token_id, eos_token_id, bos_token_id = 0, 2, 1
+
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) for c in text]
+
+    def targets(exact):
+        _, labels = _sft_batch(Tok(), carry, exact)
+        return ["".join(chr(i) for i in row.tolist() if i not in (-100, 2)) for row in labels]
+
+    assert targets(True) == [p.answer for p in carry]
+    assert targets(False) == [str(int(p.answer) - 10) for p in carry]
+    with pytest.raises(ValueError, match="warm_start.slip_steps=5 .* needs task.carry_slip"):
+        load_config(DEFAULT, ["warm_start.slip_steps=5"])
+    lines = []
+    cfg = load_config(DEFAULT, [f"warm_start.cache_dir={tmp_path}", "warm_start.steps=3",
+                                "task.carry_slip=0.5", "warm_start.slip_steps=2"])
+    out = prepare_builtin(cfg, lines.append)
+    assert json.loads((out / "asyncrl_build.json").read_text())["sft_steps"] == 5
+    assert any("2 more steps on the teacher that forgets the carry" in x for x in lines), lines
