@@ -173,6 +173,7 @@ def _sft(model, tok, batches, opt, sched, steps: int, until_loss: float, exact: 
     import torch
 
     average = _MovingAverage(50)
+    started = time.time()
     step = -1  # steps=0: no SFT
     for step in range(steps):
         ids, labels = _sft_batch(tok, next(batches), exact)
@@ -186,7 +187,7 @@ def _sft(model, tok, batches, opt, sched, steps: int, until_loss: float, exact: 
         reached = average.add(loss.item()) < until_loss
         if (step + 1) % 50 == 0 or step + 1 == steps or reached:
             eta = "" if until_loss else (
-                f", about {(time.time() - t0) / (step + 1) * (steps - step - 1):.0f}s left")
+                f", about {(time.time() - started) / (step + 1) * (steps - step - 1):.0f}s left")
             progress(f"[prepare] sft step {step + 1}/{steps} loss {loss.item():.3f} "
                      f"(average {average.value:.3f}; {time.time() - t0:.0f}s{eta})")
         if reached:
