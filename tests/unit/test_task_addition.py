@@ -35,7 +35,8 @@ def test_load_task_passes_carry_slip_and_the_key_follows_it():
     cfg = load_config(DEFAULT, ["task.carry_slip=0.5"])
     train, _ = load_task(cfg.task)
     assert any(p.reference != p.answer for p in train)
-    assert cache_key(cfg) != cache_key(load_config(DEFAULT, ["task.carry_slip=0"]))
+    assert cache_key(cfg) != cache_key(load_config(DEFAULT, ["task.carry_slip=0",
+                                                             "warm_start.slip_steps=0"]))
 
 
 def test_warm_start_seed_keys_the_build_and_minus_one_is_the_runs_seed():
@@ -57,12 +58,14 @@ def test_the_warm_start_stops_once_its_loss_averages_below_until_loss(tmp_path):
     assert [avg.add(v) for v in (3.0, 3.0, 3.0, 0.0)] == [float("inf")] * 2 + [3.0, 2.0]
     lines = []
     cfg = load_config(DEFAULT, [f"warm_start.cache_dir={tmp_path}", "warm_start.steps=400",
-                                "warm_start.until_loss=50"])  # below 50 from the start
+                                "warm_start.until_loss=50",  # below 50 from the start
+                                "warm_start.slip_steps=0"])
     out = prepare_builtin(cfg, lines.append)
     built = json.loads((out / "asyncrl_build.json").read_text())
     assert built["sft_steps"] == 50, lines  # the first full average of 50 steps
     assert any("warm_start.until_loss=50 at step 50" in x for x in lines), lines
-    assert cache_key(cfg) != cache_key(load_config(DEFAULT, ["warm_start.steps=400"]))
+    assert cache_key(cfg) != cache_key(load_config(DEFAULT, ["warm_start.steps=400",
+                                                             "warm_start.slip_steps=0"]))
 
 
 def test_slip_steps_trains_exact_answers_first_then_the_slipping_teacher(tmp_path):
@@ -87,7 +90,7 @@ def test_slip_steps_trains_exact_answers_first_then_the_slipping_teacher(tmp_pat
     assert targets(True) == [p.answer for p in carry]
     assert targets(False) == [str(int(p.answer) - 10) for p in carry]
     with pytest.raises(ValueError, match="warm_start.slip_steps=5 .* needs task.carry_slip"):
-        load_config(DEFAULT, ["warm_start.slip_steps=5"])
+        load_config(DEFAULT, ["warm_start.slip_steps=5", "task.carry_slip=0"])
     lines = []
     cfg = load_config(DEFAULT, [f"warm_start.cache_dir={tmp_path}", "warm_start.steps=3",
                                 "task.carry_slip=0.5", "warm_start.slip_steps=2"])

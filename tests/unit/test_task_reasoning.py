@@ -187,8 +187,12 @@ def test_cache_keys_separate_the_builtins_and_keep_the_default(task):
     from asyncrl.task.tiny_model import cache_key
 
     default = load_config(ROOT / "configs" / "default.yaml")
-    # the embedded default's cached model (~/.cache/asyncrl/tiny-addition-e784bf8d0444) stays valid
-    assert cache_key(default) == "e784bf8d0444"
+    # the embedded default's cached model (~/.cache/asyncrl/tiny-addition-1641c5b256bc); the
+    # one built before the two-phase warm start keeps its key under the old settings
+    assert cache_key(default) == "1641c5b256bc"
+    old = ["task.carry_slip=0", "warm_start.steps=800", "warm_start.until_loss=0",
+           "warm_start.slip_steps=0"]
+    assert cache_key(load_config(ROOT / "configs" / "default.yaml", old)) == "e784bf8d0444"
     reasoning = load_config(CONFIG)
     other = load_config(CONFIG, [f"task.max_terms={task.max_terms - 1}"])
     assert len({cache_key(default), cache_key(reasoning), cache_key(other)}) == 3
