@@ -1,9 +1,9 @@
 """Async against strict sync: time to a held-out accuracy, samples/s, and how busy each role is.
 
-Both sides are whole runs of --config (configs/default.yaml unless given; issue 16 measures
-configs/reasoning.yaml, the long-tail task where generation is most of a step), started by
-`asyncrl run`'s own code path (`asyncrl.runner.execute_run`), with the two settings of the
-staleness study (`asyncrl.study.grid`):
+Both sides are whole runs of --config (configs/default.yaml unless given; docs/performance.md
+section 4 also measures configs/reasoning.yaml, the long-tail task where generation is most of
+a step), started by `asyncrl run`'s own code path (`asyncrl.runner.execute_run`), with the
+two settings of the staleness study (`asyncrl.study.grid`):
 - async: sync.mode=async, buffer.max_staleness=M (--max-staleness, default 2),
   buffer.admit_steps=max(1, M), learner.offpolicy=--correction (default none), the config's
   streaming generator and in-flight updates;

@@ -1,4 +1,5 @@
-"""vLLM vs transformers `generate`: sampling throughput on the tiny model (issue 7, item 3).
+"""vLLM vs transformers `generate`: sampling throughput on the tiny model
+(docs/performance.md section 3).
 
 The same tiny Llama (the embedded default's architecture and tokenizer, random weights, no
 SFT), the same batch: --prompts addition-task prompts x --samples completions x --tokens

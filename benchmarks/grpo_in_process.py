@@ -1,6 +1,6 @@
 """GRPO in one process, without vLLM, the buffer or weight sync: does the learner's update lift a
-warm start's held-out accuracy, and does its gradient point up the expected reward? (issue 13's
-diagnosis, docs/performance.md section 9).
+warm start's held-out accuracy, and does its gradient point up the expected reward?
+(docs/performance.md section 9).
 
 Each step samples --groups prompts x generator.group_size completions from the current weights
 with transformers `generate` (temperature generator.temperature; transformers keeps its
@@ -13,11 +13,12 @@ settings (one epoch, one minibatch: on-policy) and an AdamW or SGD optimizer wit
 warm-up. Every --eval-every steps it reports greedy accuracy on the first --eval-problems
 held-out problems. Single-threaded by default so two can run side by side.
 
-What it found (session 7): the same loop lifts the constant-rate warm starts (the embedded
-addition model 57% -> 72% in 40 steps) and lowers every cosine-decayed one, whatever the task.
+What it found (docs/performance.md section 9, 2026-12-01): the same loop lifts the
+constant-rate warm starts (the embedded addition model 57% -> 72% in 40 steps) and lowers
+every cosine-decayed one, whatever the task.
 
---check-gradient: instead of training, a finite-difference check of train_step's gradient
-(session 8). The direction d: the mean over --batches on-policy batches (--groups prompts x
+--check-gradient: instead of training, a finite-difference check of train_step's gradient.
+The direction d: the mean over --batches on-policy batches (--groups prompts x
 group_size, the same prompts each time) of the change train_step makes with SGD at lr 1 and
 no gradient clipping, scaled to unit L2 norm; also its elementwise sign (Adam's first step)
 and a random direction, each of unit norm. The expected reward J: the mean reward of

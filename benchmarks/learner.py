@@ -1,4 +1,4 @@
-"""Learner training throughput and padding waste, padded and packed (issue 7, item 6).
+"""Learner training throughput and padding waste, padded and packed (docs/performance.md section 6).
 
 One learner step exactly as `asyncrl.learner.main` runs it: `asyncrl.learner.batch.collate`
 right-pads every sequence (prompt + completion) to the longest in the batch, then

@@ -1,4 +1,5 @@
-"""Learner memory per rank, DDP vs FSDP; chunked vs full logprobs; bucketed weight push (issue 15).
+"""Learner memory per rank, DDP vs FSDP; chunked vs full logprobs; bucketed weight push
+(docs/performance.md section 7).
 
 Model: SmolLM2-135M's shape with random weights (Llama, hidden 576, 30 layers, 9 heads, 3 KV
 heads, intermediate 1536, vocabulary 49152, tied embeddings; 134.5M parameters), float32, built
@@ -25,8 +26,8 @@ engine receives bucket by bucket with `asyncrl.sync.weights.received_tensors` an
 tensor into its own copy of the model, as vLLM's reload does) with sync.bucket_mb = --bucket-mb;
 peak extra memory of the learner and of the generator during the push (VmHWM above the
 resident memory before it; both models are made resident first, since transformers maps the
-weight file and pages first touched by the push would otherwise count). The whole-model
-flat buffer this replaces held the push's size at each end.
+weight file and pages first touched by the push would otherwise count). A whole-model flat
+buffer would hold the push's size at each end.
 
 Run from the repository root (about 6 minutes on 2 cores; the first run also builds the model):
     .venv/bin/python -m benchmarks.learner_memory --json learner_memory.json

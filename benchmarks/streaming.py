@@ -1,9 +1,10 @@
-"""Streaming against batch generation, with each in-flight update mode (issue 13, "Must show" 1).
+"""Streaming against batch generation, with each in-flight update mode
+(docs/performance.md section 9).
 
 The generator alone on the reasoning task's SFT model (configs/reasoning.yaml,
 `builtin:tiny-reasoning`: scratchpad completions of very different lengths, max_tokens 224),
 in four modes, one after the other in one run:
-  batch   generator.streaming=false: today's loop, one blocking generate call of
+  batch   generator.streaming=false: the batch loop, one blocking generate call of
           prompts_per_call x group_size completions, then score, send, wait for the ack;
   keep    generator.streaming=true generator.inflight_update=keep (continuous batching up to
           generator.max_inflight sequences; running requests keep their KV cache over a load);

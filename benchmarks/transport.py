@@ -1,4 +1,4 @@
-"""Buffer ingest vs raw ZeroMQ PUSH/PULL of the same bytes (issue 7, item 1).
+"""Buffer ingest vs raw ZeroMQ PUSH/PULL of the same bytes (docs/performance.md section 1).
 
 The sender (this process) plays the generator: it sends `trajectories` frames built by
 `asyncrl.wire.encode` with an `asyncrl.transport.Client` DEALER and decodes each ack. The

@@ -1,4 +1,5 @@
-"""asyncrl against TRL's GRPOTrainer: samples/s and time to a held-out accuracy (issue 7, item 5).
+"""asyncrl against TRL's GRPOTrainer: samples/s and time to a held-out accuracy
+(docs/performance.md section 5).
 
 Both sides train the same model on the same task with the same algorithm, from one config
 (configs/default.yaml plus any key=value overrides), one after the other:

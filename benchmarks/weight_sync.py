@@ -1,4 +1,5 @@
-"""Weight push into a running vLLM engine vs raw gloo broadcast of the same bytes (issue 7, item 2).
+"""Weight push into a running vLLM engine vs raw gloo broadcast of the same bytes
+(docs/performance.md section 2).
 
 Two processes, one core each (the learner/generator split of a default run):
   learner    this process: the transformers model (`asyncrl.learner.model.load_policy`), the

@@ -33,7 +33,7 @@ class ReplayBuffer:
     that arrives below the limit is taken whole, so the buffer may go past the limit by less
     than one message: a streaming generator's messages hold however many groups finished
     together, and refusing one that did not fit exactly could leave the buffer short of a
-    learner batch forever (seen: 14 groups held, 16 wanted, a message of 3 refused).
+    learner batch forever (e.g. 14 groups held, 16 wanted, a message of 3 refused again and again).
     """
 
     def __init__(self, capacity_groups: int, max_staleness: int):
@@ -43,7 +43,7 @@ class ReplayBuffer:
         self.stale_dropped_groups_total = 0
         self.stale_dropped_trajectories_total = 0
         self.learner_version = 0
-        self.num_trajectories = 0  # kept up to date: counting on every message was O(n)
+        self.num_trajectories = 0  # kept up to date: counting on every message would be O(n)
 
     def __len__(self) -> int:
         return len(self._groups)

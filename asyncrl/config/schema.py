@@ -114,9 +114,9 @@ class WarmStartConfig:
     batch_size: int = 64
     lr: float = 1e-3
     lr_schedule: str = "constant"
-    """After 20 warm-up steps: "constant" (the embedded default's, as it has always been built)
-    or "cosine" (down to 0 at the last step; the reasoning task's scratchpads need it: at a
-    constant 1e-3 the last steps' loss still jumps 0.03-0.3 and where SFT stops is luck)."""
+    """After 20 warm-up steps: "constant" (the embedded default's) or "cosine" (down to 0 at
+    the last step; the reasoning task's scratchpads need it: at a constant 1e-3 the last
+    steps' loss still jumps 0.03-0.3 and where SFT stops is luck)."""
     min_lr_ratio: float = 0.0
     """Where "cosine" ends, as a fraction of lr (0: at 0). On the reasoning task a 10% floor
     gave a better SFT model that GRPO still degrades (docs/performance.md section 9)."""

@@ -2,7 +2,7 @@
 
 A batch is collated right-padded, one sequence per row (batch.py), and every loss works on that
 (B, L-1) layout. Padding every row to the longest sequence wastes compute: 19% of the tokens in
-the default run and 40-50% once completions are longer than prompts (docs/performance.md, item
+the default run and 40-50% once completions are longer than prompts (docs/performance.md, section
 6). So the model itself runs on a packed layout: sequences are placed first-fit-decreasing into
 rows of `row_tokens`, with position ids restarting at 0 for each sequence and no attention mask
 (when that computes at least 10% fewer tokens: `pack_if_smaller`).

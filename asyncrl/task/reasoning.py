@@ -33,8 +33,8 @@ with probability carry_slip, and goes on from its wrong partial sum (its answer 
 The rewards and the held-out answers stay exact. Why: RL improves what the policy already
 samples. A model distilled from an exact solver either has a step or has not, and after a
 cosine-decayed SFT it is so sharp that RL's steps overshoot (docs/performance.md section 9,
-session 8: its expected reward falls along its own policy gradient within 0.01 in weight
-norm). A model distilled from a solver that slips 70% of the time writes the slip greedily
+"the gradient checked": its expected reward falls along its own policy gradient within 0.01
+in weight norm). A model distilled from a solver that slips 70% of the time writes the slip greedily
 and can still sample the carry (its teacher wrote it 3 times in 10): the exact reward tells
 the two apart, and RL can do better than its teacher, which is what RL after SFT is for
 (configs/reasoning.yaml: greedy carries right 30 -> 254 of ~550 in 80 RL steps).

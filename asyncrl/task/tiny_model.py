@@ -83,8 +83,8 @@ def build_model(vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
     return LlamaForCausalLM(config)
 
 
-# Fields added after models had been built with the key: at these values (what every model
-# before them had) they stay out of the key, so those models keep their keys and caches.
+# Fields that stay out of the key at these values (the recipe without them), so a model
+# built without them has one key, and one cache entry, whatever asyncrl version builds it.
 _ADDED_LATER = {"task.carry_slip": 0.0, "warm.lr_schedule": "constant",
                 "warm.min_lr_ratio": 0.0, "warm.seed": -1, "warm.until_loss": 0.0,
                 "warm.slip_steps": 0}
@@ -92,8 +92,8 @@ _ADDED_LATER = {"task.carry_slip": 0.0, "warm.lr_schedule": "constant",
 
 def cache_key(cfg: RunConfig) -> str:
     # Only what shapes the model: task fields that change the training problems, warm start.
-    # Fields and the builtin's name enter only where they matter, so that the embedded
-    # default's key (and its cached model) stays what it has always been.
+    # Fields and the builtin's name enter only where they matter, so that a setting that does
+    # not shape the model never changes its key (nor rebuilds its cached model).
     fields = ["name", "digits", "train_size", "eval_size", "seed", "carry_slip"]
     if cfg.task.name == "reasoning":
         fields += ["min_terms", "max_terms", "terms_tail"]

@@ -15,11 +15,12 @@ from asyncrl.wire.fields import MessageError, _brief, _type_name
 from asyncrl.wire.groups import TrajectoryGroup, group_columns
 from asyncrl.wire.messages import MESSAGES, SCHEMA, VERSION, Message
 
-# 2: groups travel as columns (one array per field per message).
-# 3: each group carries its identity (incarnation, seq, index; asyncrl/buffer/journal.py)
-#    and each token the policy version that sampled it (`version_lag`: the version minus
-#    its group's policy_version, which is the group's oldest token's).
-SCHEMA_VERSION = 4  # 4: weights_update says its bucket_bytes (bucketed pushes)
+# The wire format's version: groups travel as columns (one array per field per message),
+# each group with its identity (incarnation, seq, index; asyncrl/buffer/journal.py) and each
+# token with the policy version that sampled it (`version_lag`: the version minus its group's
+# policy_version, which is the group's oldest token's); weights_update says its bucket_bytes.
+# A frame of any other version is refused (`schema_version`), never misread.
+SCHEMA_VERSION = 4
 MAGIC = b"ARL1"
 _ARRAY_EXT = 1
 _DTYPES = {"int32", "int64", "float32", "float64", "uint8", "float16"}
