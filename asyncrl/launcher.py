@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO
 
 from asyncrl.config import RunConfig, save_config
-from asyncrl.jsonl import parse_rows
+from asyncrl.jsonl import Tail, read_jsonl
 
 GRACE_S = 10.0
 
@@ -131,9 +131,8 @@ def launch(cfg: RunConfig, run_dir: Path, config_path: Path, out=print) -> int:
     server = metrics.serve(registry, cfg.net.bind_host, cfg.net.launcher_metrics_port)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     # A resumed run's rows were shown when they were written: not again.
-    metrics_path = run_dir / "metrics.jsonl"
-    shown = max((r.get("step", -1) for r in parse_rows(metrics_path.read_text(
-        errors="replace").splitlines())), default=-1) if metrics_path.is_file() else -1
+    shown = max((r.get("step", -1) for r in read_jsonl(run_dir / "metrics.jsonl")), default=-1)
+    feed = _trackers(cfg, run_dir, out)
     try:
         for name, cmd in role_commands(cfg, config_path).items():
             role = Role(name, cmd, role_env(cfg, name, env), logs / f"{name}.log",
@@ -146,10 +145,26 @@ def launch(cfg: RunConfig, run_dir: Path, config_path: Path, out=print) -> int:
         return _watch(cfg, run_dir, roles, stopping, m, out, shown)
     finally:
         _stop_all(roles)
+        if feed is not None:
+            feed.stop()
         for s, h in old.items():
             signal.signal(s, h)
         server.shutdown()
         server.server_close()
+
+
+def _trackers(cfg: RunConfig, run_dir: Path, out):
+    """run.trackers: the thread that feeds them (asyncrl/monitor.py), or None."""
+    if not cfg.run.trackers:
+        return None
+    from omegaconf import OmegaConf
+
+    from asyncrl.monitor import TrackerFeed, TrackerSettings, scrape_targets
+
+    feed = TrackerFeed(run_dir, TrackerSettings.of(cfg), OmegaConf.to_container(
+        OmegaConf.structured(cfg)), scrape_targets(cfg), out)
+    feed.start()
+    return feed
 
 
 def _watch(cfg: RunConfig, run_dir: Path, roles: list[Role], stopping: dict, m, out,
@@ -187,7 +202,7 @@ def _watch(cfg: RunConfig, run_dir: Path, roles: list[Role], stopping: dict, m, 
                 out(f"[run] last lines of {r.log_path}:")
                 out(_tail(r.log_path, 25))
                 return code or 1
-            _signal_group(r.proc, signal.SIGKILL)  # anything the dead role left behind
+            signal_group(r.proc, signal.SIGKILL)  # anything the dead role left behind
             delay = cfg.run.restart_delay_s * 2 ** r.restarts
             r.restarts += 1
             r.restart_at = time.monotonic() + delay
@@ -207,7 +222,7 @@ def _stop_all(roles: list[Role]) -> None:
     family = {d for r in running if r.proc.poll() is None for d in _descendants(r.proc.pid)}
     for r in running:
         if r.proc.poll() is None:
-            _signal_group(r.proc, signal.SIGTERM)
+            signal_group(r.proc, signal.SIGTERM)
     deadline = time.monotonic() + GRACE_S
     for r in running:
         try:
@@ -216,7 +231,7 @@ def _stop_all(roles: list[Role]) -> None:
             pass
     for r in running:
         # SIGKILL the whole group even if the leader exited: its children may not have.
-        _signal_group(r.proc, signal.SIGKILL)
+        signal_group(r.proc, signal.SIGKILL)
         if r.proc.poll() is None:
             r.proc.wait(timeout=5)
     for pid in family:  # anything that left its role's group (torchrun's workers)
@@ -249,7 +264,9 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to the process group `proc` leads (started in a session of its own, so the
+    group id is its pid); a group already gone is left alone."""
     try:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
@@ -266,29 +283,16 @@ def _tail(path: Path, n: int) -> str:
 
 class _Progress:
     """Prints one line per new metrics.jsonl row (every row when evaluated, else every 5th).
-    A restarted learner rewrites the file (rows after its checkpoint go); that is noticed by
-    the file's identity and announced, and the replayed steps are shown again."""
+    A restarted learner rewrites the file (rows after its checkpoint go); the row that says
+    so is announced, and the replayed steps are shown again."""
 
     def __init__(self, path: Path, total_steps: int, out):
-        self.path, self.total, self.out = path, total_steps, out
-        self.offset = 0
-        self.inode = None
+        self.tail, self.total, self.out = Tail(path), total_steps, out
         self.shown = -1  # highest step shown
         self.started = False
 
     def poll(self) -> None:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return
-        if st.st_ino != self.inode or st.st_size < self.offset:  # replaced on a resume
-            self.inode, self.offset = st.st_ino, 0
-        with self.path.open() as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        complete = chunk[: chunk.rfind("\n") + 1]
-        self.offset += len(complete.encode())
-        for row in parse_rows(complete.splitlines()):
+        for row in self.tail.new_rows():
             self.started = True
             try:
                 self._show(row)

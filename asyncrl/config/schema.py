@@ -421,6 +421,21 @@ class LaunchConfig:
     naming the role and this setting."""
     restart_delay_s: float = 1.0
     """Wait this long before restarting a role (doubling after each restart of it)."""
+    trackers: list[str] = field(default_factory=list)
+    """Experiment trackers that get every metric as well as RUN_DIR/metrics.jsonl:
+    `tensorboard`, `wandb`, `mlflow` (asyncrl/monitor.py). Each is an optional package
+    (`scripts/install.sh --trackers NAME`); one named but not installed, or failing mid-run,
+    is reported once and the run goes on without it."""
+    tracker_interval_s: float = 10.0
+    """How often the buffer's, generators' and evaluator's figures go to the trackers (one
+    row for all generators)."""
+    tracker_project: str = "asyncrl"
+    """The wandb project and MLflow experiment the run is logged under."""
+    wandb_mode: str = "auto"
+    """online, offline (a run directory `wandb sync` uploads later), or auto: online when
+    WANDB_API_KEY is set, else offline."""
+    mlflow_uri: str = ""
+    """An MLflow tracking URI; empty: a local file store in RUN_DIR/trackers/mlruns."""
 
 
 @dataclass
