@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: ports, the machine line, tables, the tiny model."""
+"""Helpers shared by the benchmark scripts: ports, the machine line, tables, the tiny model
+(asyncrl.testing's)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import socket
 import statistics
 import time
 from pathlib import Path
+
+from asyncrl.testing import build_tiny_model as build_tiny_model  # the benchmarks' tiny model
 
 
 def doc_parser(doc: str) -> argparse.ArgumentParser:
@@ -136,21 +139,3 @@ def table(header: list[str], rows: list[list]) -> str:
              for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
-    """The embedded default's tiny Llama with random weights (no SFT), in hub format."""
-    from transformers import AutoTokenizer
-
-    from asyncrl.task.tiny_model import build_model, build_tokenizer
-
-    out_dir = Path(out_dir)
-    if (out_dir / "model.safetensors").is_file():
-        return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(out_dir)
-    tok = AutoTokenizer.from_pretrained(out_dir)
-    model = build_model(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
-                        seed)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir

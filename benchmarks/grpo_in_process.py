@@ -124,24 +124,20 @@ class Sampler:
 
     def groups(self, problems, version: int, seed: int | None = None):
         """(the TrajectoryGroups a generator would send for `problems`, their rewards)."""
-        import numpy as np
+        from asyncrl.testing import make_groups
 
-        from asyncrl import wire
-
-        ids, new, lps = self.generate(problems, self.gc.group_size, greedy=False, seed=seed)
-        groups, got = [], []
-        for i, p in enumerate(problems):
-            comps = []
-            for j in range(self.gc.group_size):
-                k = i * self.gc.group_size + j
-                tokens, completion = self.text(new[k].tolist())
-                r = self.reward(completion, p.answer)
-                got.append(r)
-                comps.append(wire.Completion(np.array(tokens, np.int32),
-                                             lps[k, : len(tokens)].numpy().astype(np.float32), r,
-                                             "stop" if tokens[-1] == self.eos else "length"))
-            groups.append(wire.TrajectoryGroup(i, np.array(ids[i], np.int32), version, comps))
-        return groups, got
+        n = self.gc.group_size
+        ids, new, lps = self.generate(problems, n, greedy=False, seed=seed)
+        tokens, logprobs, rewards, finish = ([[] for _ in problems] for _ in range(4))
+        for k in range(len(new)):  # completion k is problem k // n's
+            row, completion = self.text(new[k].tolist())
+            tokens[k // n].append(row)
+            logprobs[k // n].append(lps[k, : len(row)].numpy())
+            rewards[k // n].append(self.reward(completion, problems[k // n].answer))
+            finish[k // n].append("stop" if row[-1] == self.eos else "length")
+        groups = make_groups(len(problems), n, prompts=ids, tokens=tokens, logprobs=logprobs,
+                             rewards=rewards, finish_reason=finish, policy_version=version)
+        return groups, [r for rs in rewards for r in rs]
 
     def accuracy(self) -> float:
         import numpy as np

@@ -74,23 +74,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def make_groups(case: Case, vocab: int, rng) -> list:
-    import numpy as np
+    """The case's groups; a completion as long as max_tokens finished by length."""
+    from asyncrl import testing
 
-    from asyncrl import wire
-
-    groups = []
-    for g in range(case.groups):
-        prompt = rng.integers(3, vocab, int(rng.integers(case.prompt_min, case.prompt_max + 1)),
-                              dtype=np.int32)
-        comps = []
-        for _ in range(GROUP_SIZE):
-            n = int(rng.integers(case.completion_min, case.max_tokens + 1))
-            comps.append(wire.Completion(
-                rng.integers(3, vocab, n, dtype=np.int32),
-                np.log(rng.uniform(0.05, 1.0, n)).astype(np.float32), float(rng.integers(0, 2)),
-                "length" if n == case.max_tokens else "stop"))
-        groups.append(wire.TrajectoryGroup(g, prompt, 0, comps, "gen0", 0.0))
-    return groups
+    return testing.make_groups(case.groups, GROUP_SIZE, rng=rng, vocab_size=vocab, min_token=3,
+                               prompt_len=(case.prompt_min, case.prompt_max),
+                               completion_len=(case.completion_min, case.max_tokens))
 
 
 # ------------------------------------------------------------------ main
@@ -108,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     from asyncrl.learner.model import check_packing, load_policy
     from asyncrl.learner.packing import pack_if_smaller
     from asyncrl.learner.step import Models, train_step
-    from benchmarks.common import build_tiny_model, machine, median, table
+    from asyncrl.testing import build_tiny_model
+    from benchmarks.common import machine, median, table
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -107,16 +107,13 @@ def _status(key: str) -> int:
 
 
 def _groups(rank: int, step: int, completions: int, tokens: int):
-    import numpy as np
+    """One group of `completions` completions of `tokens` tokens after a prompt of 16, rewards
+    alternating 0 and 1."""
+    from asyncrl.testing import make_groups
 
-    from asyncrl.wire import Completion, TrajectoryGroup
-
-    rng = np.random.default_rng(1000 * step + rank)
-    comps = [Completion(rng.integers(3, 49152, tokens).astype(np.int32),
-                        rng.uniform(-3, -0.1, tokens).astype(np.float32),
-                        float(i % 2), "length") for i in range(completions)]
-    return [TrajectoryGroup(0, rng.integers(3, 49152, 16).astype(np.int32), 0, comps, "gen0",
-                            0.0)]
+    return make_groups(1, completions, rng=1000 * step + rank, vocab_size=49152, min_token=3,
+                       prompt_len=16, completion_len=tokens, finish_reason="length",
+                       rewards=[[float(i % 2) for i in range(completions)]])
 
 
 def train_rank(rank: int, world: int, store: str, model_dir: str, strategy: str, args: dict,

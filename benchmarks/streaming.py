@@ -268,25 +268,20 @@ class Roles:
     def stop(self, grace_s: float = 10.0) -> None:
         """The generator exits by itself after `shutdown`; give it grace_s, then stop both
         process groups (SIGTERM, then SIGKILL)."""
+        from asyncrl.launcher import signal_group
+
         deadline = time.monotonic() + grace_s
         gen = self.procs["generator"]
         while gen.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         for p in self.procs.values():
-            _killpg(p, signal.SIGTERM)
+            signal_group(p, signal.SIGTERM)
         for p in self.procs.values():
             try:
                 p.wait(5)
             except subprocess.TimeoutExpired:
-                _killpg(p, signal.SIGKILL)
+                signal_group(p, signal.SIGKILL)
                 p.wait(5)
-
-
-def _killpg(p: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(p.pid, sig)  # its own session: the group id is its pid
-    except ProcessLookupError:
-        pass
 
 
 def mode_config(args, model_path: str, mode: str, run_dir: Path):

@@ -6,10 +6,11 @@ receiver is a child process running the buffer's request loop: `asyncrl.transpor
 (ROUTER) + `asyncrl.buffer.main.BufferHandler` over a `ReplayBuffer`, i.e. validation of every
 frame (checksum, msgpack, every field and array, token ids against a 259-token vocabulary),
 duplicate check, admission, the durable log (`buffer.durable`, on by default: each accepted
-frame appended and flushed to a file before the ack, no fsync) and the ack. It is the ingest
-loop of `asyncrl.buffer.main.run` without the Prometheus HTTP server and heartbeats, and with
-one line standing in for the learner: whenever the store holds `--admit-groups` groups they
-are taken out through the handler as a learner's request takes them (`BufferHandler.take`:
+frame appended and flushed to a file before the ack, no fsync) and the ack. It is the loop
+`asyncrl.buffer.main.run` runs (`asyncrl.buffer.main.serve`) on the ingest socket alone,
+without the learner's socket, heartbeats and the Prometheus HTTP server, and with the handler
+standing in for the learner: whenever the store holds `--admit-groups` groups they are taken
+out through the handler as a learner's request takes them (`BufferHandler.take`:
 the durable log records the TAKE and, the store being empty, is compacted; the batch's
 encoding, which is serving and not ingest, is left out), so occupancy and the log's size stay
 realistic and the buffer never answers busy.
@@ -89,30 +90,15 @@ def _parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------ frames
 
 
-def make_groups(case: Case, seed: int) -> list:
-    import numpy as np
-
-    from asyncrl import wire
-
-    rng = np.random.default_rng(seed)
-    now = time.time()
-    groups = []
-    for g in range(case.groups):
-        comps = [wire.Completion(rng.integers(0, VOCAB, case.tokens, dtype=np.int32),
-                                 np.log(rng.uniform(0.01, 1.0, case.tokens)).astype(np.float32),
-                                 float(rng.integers(0, 2)), "length")
-                 for _ in range(case.group_size)]
-        groups.append(wire.TrajectoryGroup(g, rng.integers(0, VOCAB, case.prompt_tokens,
-                                                           dtype=np.int32),
-                                           0, comps, "gen0", now))
-    return groups
-
-
 def make_frames(case: Case, n: int, incarnation: str) -> list[bytes]:
     """n frames with seq 1..n; a few distinct payloads cycled (content does not change cost)."""
     from asyncrl import wire
+    from asyncrl.testing import make_groups
 
-    pool = [make_groups(case, seed) for seed in range(8)]
+    pool = [make_groups(case.groups, case.group_size, rng=seed, vocab_size=VOCAB,
+                        prompt_len=case.prompt_tokens, completion_len=case.tokens,
+                        finish_reason="length", created_at=time.time())
+            for seed in range(8)]
     return [wire.encode("trajectories", 0, sender="gen0", incarnation=incarnation, seq=i + 1,
                         groups=pool[i % len(pool)]) for i in range(n)]
 
@@ -122,37 +108,40 @@ def make_frames(case: Case, n: int, incarnation: str) -> list[bytes]:
 
 def buffer_loop(port: int, admit_groups: int, log_path: str | None, keys_dir: str | None,
                 ready) -> None:
-    """The buffer's ingest loop (asyncrl.buffer.main.run) plus a stand-in learner; with
-    keys_dir, CurveZMQ on its socket as in a run."""
+    """The buffer's own request loop (asyncrl.buffer.main.serve) on an ingest socket alone,
+    its handler standing in for the learner too; with keys_dir, CurveZMQ on its socket as in
+    a run."""
     from prometheus_client import CollectorRegistry
 
     from asyncrl import transport
     from asyncrl.buffer.durable import DurableLog
-    from asyncrl.buffer.main import BufferHandler
+    from asyncrl.buffer.main import BufferHandler, serve
     from asyncrl.buffer.store import ReplayBuffer
     from asyncrl.guard import NewStreams
     from asyncrl.metrics import BufferMetrics
 
+    class StandInLearner(BufferHandler):
+        """The handler, and a learner that takes every group once admit_groups are held."""
+
+        def on_trajectories(self, frame: bytes, role: str | None = None) -> bytes:
+            reply = super().on_trajectories(frame, role)
+            if len(self.store) >= admit_groups:  # the learner takes a batch, as a learner
+                # does: the durable log records the TAKE and, the store being empty, is
+                # compacted, as in a run (a log that only grew would soon be held to the
+                # disk's write rate by the page cache's writeback). Encoding the batch is
+                # serving, not ingest, and is left out.
+                self.take(len(self.store), self.store.learner_version)
+            return reply
+
     store = ReplayBuffer(capacity_groups=10 * admit_groups, max_staleness=2)
     durable = DurableLog(Path(log_path), fsync=False) if log_path else None
-    handler = BufferHandler(store, BufferMetrics(CollectorRegistry()), VOCAB, durable)
+    handler = StandInLearner(store, BufferMetrics(CollectorRegistry()), VOCAB, durable)
     # Every case opens streams (incarnations) of its own, more than a run's bound on them.
     handler.streams = NewStreams(limit=10**6)
     keys = transport.load_keys(keys_dir, "buffer") if keys_dir else None
     ingest = transport.Server(transport.context(), "127.0.0.1", port, keys)
     ready.set()
-    while True:
-        for server in transport.poll_servers([ingest], timeout_s=1.0):
-            got = server.recv()
-            if got is None:
-                continue
-            server.send(got.ident, handler.on_trajectories(got.payload, got.role))
-            if len(store) >= admit_groups:  # the learner takes a batch, as a learner does:
-                # the durable log records the TAKE and, the store being empty, is compacted,
-                # as in a run (a log that only grew would soon be held to the disk's write
-                # rate by the page cache's writeback). Encoding the batch is serving, not
-                # ingest, and is left out.
-                handler.take(len(store), store.learner_version)
+    serve(handler, ingest)
 
 
 def raw_sink(port: int, done_port: int, ready) -> None:

@@ -71,11 +71,22 @@ def run(cfg: RunConfig, vocab_size: int | None = None) -> None:
     if durable is not None:
         n = handler.recover()
         log.info("recovered %d groups from %s", n, durable.path)
+    serve(handler, ingest, learner, beats, liveness)
+
+
+def serve(handler: BufferHandler, ingest, learner=None, beats=None,
+          liveness: Liveness | None = None) -> None:
+    """The buffer's request loop, forever: trajectories from the `ingest` server, batch
+    requests from `learner`, heartbeats from `beats` for `liveness` (`learner` and `beats` may
+    be None), each request answered by `handler` before the next is read."""
+    from asyncrl import transport
+
+    servers = [s for s in (ingest, learner, beats) if s is not None]
     while True:
-        for server in transport.poll_servers([ingest, learner, beats], timeout_s=0.5):
+        for server in transport.poll_servers(servers, timeout_s=0.5):
             got = server.recv()
             if got is None:
-                m.rejected.labels("bad_framing").inc()
+                handler.m.rejected.labels("bad_framing").inc()
                 continue
             if server is beats:
                 liveness.on_heartbeat(got.payload, got.role)
@@ -83,7 +94,8 @@ def run(cfg: RunConfig, vocab_size: int | None = None) -> None:
             reply = (handler.on_trajectories(got.payload, got.role) if server is ingest
                      else handler.on_batch_request(got.payload, got.role))
             server.send(got.ident, reply)
-        liveness.check()
+        if liveness is not None:
+            liveness.check()
 
 
 class Liveness:

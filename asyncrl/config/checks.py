@@ -87,15 +87,17 @@ def path_errors(cfg: RunConfig) -> list[str]:
 
 def cross_field_errors(cfg: RunConfig) -> list[str]:
     """Checks that combine fields; every field is already in its range."""
-    task, gen, lc, net = cfg.task, cfg.generator, cfg.learner, cfg.net
+    return (_task_errors(cfg) + _warm_start_errors(cfg) + _length_errors(cfg)
+            + _net_errors(cfg) + _device_errors(cfg) + _learner_errors(cfg)
+            + _buffer_errors(cfg))
+
+
+def _task_errors(cfg: RunConfig) -> list[str]:
+    """The task's own fields together: its data file, chat turns, scorers and the
+    problems it can make."""
+    task = cfg.task
     addition = task.name == "addition"
-    synthetic = task.name in ("addition", "reasoning")
-    positions = BUILTIN_MAX_POSITIONS.get(cfg.model.path)
-    # BOS, then a, "+", b, "=" (addition) or up to max_terms terms of `digits` digits.
-    prompt_tokens = (1 + 2 * task.digits + 2 if addition
-                     else 1 + task.max_terms * (task.digits + 1))
-    last_port = net.base_port + 60 + cfg.learner_world - 1
-    checks = [
+    return _failed([
         (task.name != "dataset" or Path(task.path).expanduser().is_file(),
          f"task.path={task.path!r} is not a file (task.name=dataset needs one)"),
         (len(task.chat_examples) % 2 == 0,
@@ -114,6 +116,13 @@ def cross_field_errors(cfg: RunConfig) -> list[str]:
         (task.carry_slip == 0 or task.name in ("addition", "reasoning"),
          f"task.carry_slip={task.carry_slip} shapes the built-in tasks' SFT references: it "
          f"needs task.name=addition or reasoning, not {task.name!r}"),
+    ])
+
+
+def _warm_start_errors(cfg: RunConfig) -> list[str]:
+    """The warm start's fields against each other and the task's teacher."""
+    task = cfg.task
+    return _failed([
         (cfg.warm_start.slip_steps == 0 or task.carry_slip > 0,
          f"warm_start.slip_steps={cfg.warm_start.slip_steps} trains on the teacher that forgets "
          "the carry: it needs task.carry_slip > 0"),
@@ -121,6 +130,19 @@ def cross_field_errors(cfg: RunConfig) -> list[str]:
          f"warm_start.min_lr_ratio={cfg.warm_start.min_lr_ratio} is where a cosine schedule "
          f"ends: it needs warm_start.lr_schedule=cosine, not "
          f"{cfg.warm_start.lr_schedule!r}"),
+    ])
+
+
+def _length_errors(cfg: RunConfig) -> list[str]:
+    """What the built-in tasks' problem counts and the builtin model's positions leave
+    room for: terms, prompts per call, SFT batches, completion tokens."""
+    task, gen = cfg.task, cfg.generator
+    synthetic = task.name in ("addition", "reasoning")
+    positions = BUILTIN_MAX_POSITIONS.get(cfg.model.path)
+    # BOS, then a, "+", b, "=" (addition) or up to max_terms terms of `digits` digits.
+    prompt_tokens = (1 + 2 * task.digits + 2 if task.name == "addition"
+                     else 1 + task.max_terms * (task.digits + 1))
+    return _failed([
         (task.name != "reasoning" or task.max_terms <= 9 * 10 ** (task.digits - 1),
          f"task.max_terms={task.max_terms}: more than the {9 * 10 ** (task.digits - 1)} "
          f"distinct terms of task.digits={task.digits}"),
@@ -137,12 +159,27 @@ def cross_field_errors(cfg: RunConfig) -> list[str]:
          f"{(positions or 0) - 8 - prompt_tokens} ({cfg.model.path} has "
          f"{positions} positions for the prompt of {prompt_tokens} tokens at "
          "this task.digits (and task.max_terms), max_tokens and 8 spare)"),
+    ])
+
+
+def _net_errors(cfg: RunConfig) -> list[str]:
+    """Heartbeats and the ports the learner ranks' metrics take."""
+    net = cfg.net
+    last_port = net.base_port + 60 + cfg.learner_world - 1
+    return _failed([
         (net.heartbeat_interval_s < net.heartbeat_timeout_s,
          f"net.heartbeat_interval_s={net.heartbeat_interval_s}: must be < "
          f"net.heartbeat_timeout_s={net.heartbeat_timeout_s}, or live peers look dead"),
         (last_port <= 65535,
          f"learner.nproc x learner.nnodes={cfg.learner_world}: rank metrics ports "
          f"net.base_port+60+rank reach {last_port} > 65535; lower net.base_port"),
+    ])
+
+
+def _device_errors(cfg: RunConfig) -> list[str]:
+    """GPU lists against the processes that take them, and the sync backend's needs."""
+    gen, lc = cfg.generator, cfg.learner
+    return _failed([
         (not gen.device_ids
          or len(gen.device_ids) == gen.engines * gen.tensor_parallel_size,
          "generator.device_ids needs generator.tensor_parallel_size entries per generator "
@@ -163,6 +200,14 @@ def cross_field_errors(cfg: RunConfig) -> list[str]:
          "sync.backend=ipc (colocated, CUDA IPC) needs one learner rank and one generator "
          "on one GPU: learner.nproc=1, learner.nnodes=1, generator.num_generators=1, "
          "generator.tensor_parallel_size=1"),
+    ])
+
+
+def _learner_errors(cfg: RunConfig) -> list[str]:
+    """The learner's timeout, step and ranks against the sync timeout, the generator's
+    groups and each other."""
+    gen, lc = cfg.generator, cfg.learner
+    return _failed([
         (lc.collective_timeout_s > cfg.sync.timeout_s,
          f"learner.collective_timeout_s={lc.collective_timeout_s}: must be > "
          f"sync.timeout_s={cfg.sync.timeout_s} (the other ranks wait while rank 0 syncs)"),
@@ -179,6 +224,14 @@ def cross_field_errors(cfg: RunConfig) -> list[str]:
          "learner.overlong_cache must be in (0, generator.max_tokens]"),
         (lc.nnodes == 1 or ":" in lc.rdzv_endpoint,
          "learner.nnodes > 1 needs learner.rdzv_endpoint=host:port"),
+    ])
+
+
+def _buffer_errors(cfg: RunConfig) -> list[str]:
+    """The buffer's capacity and staleness bound against the learner's step and the
+    sync schedule."""
+    lc = cfg.learner
+    return _failed([
         (cfg.buffer.capacity_groups >= lc.groups_per_step,
          "buffer.capacity_groups must be >= learner.groups_per_step or no batch ever fits"),
         (cfg.sync.mode == "async" or (cfg.buffer.max_staleness == 0
@@ -189,7 +242,11 @@ def cross_field_errors(cfg: RunConfig) -> list[str]:
          f"{cfg.sync.interval - 1}: generators hold version k*interval while the learner "
          "reaches k*interval+interval-1, so every trajectory would be dropped. Raise "
          "buffer.max_staleness or lower sync.interval"),
-    ]
+    ])
+
+
+def _failed(checks: list[tuple[Any, str]]) -> list[str]:
+    """The message of each check whose condition does not hold."""
     return [msg for ok, msg in checks if not ok]
 
 

@@ -132,6 +132,17 @@ def _checked_columns(cols: Any, vocab_size: int | None) -> dict:
     """The columns of a `groups` field checked as a whole, in dependency order: types, then the
     bounds of single values, then the sums and counts that tie the columns together."""
     c = _typed_columns(cols)
+    _check_group_columns(c)
+    _check_sums(c)
+    _check_values(c)
+    c["versions"] = _token_versions(c)
+    _check_token_ids(c, vocab_size)
+    return c
+
+
+def _check_group_columns(c: dict) -> None:
+    """Every per-group column as long as prompt_id; group sizes, prompt and completion lengths
+    within bounds."""
     n_groups = len(c["prompt_id"])
     for k in ("policy_version", "created_at", "prompt_len", "group_size", "generator",
               "incarnation", "seq", "index"):
@@ -145,6 +156,11 @@ def _checked_columns(cols: Any, vocab_size: int | None) -> dict:
     for k in ("prompt_len", "length"):
         if not _within(c[k], 0, _MAX_LENGTH):
             raise MessageError("inconsistent", f"groups.{k} outside [0, {_MAX_LENGTH}]")
+
+
+def _check_sums(c: dict) -> None:
+    """Group sizes add up to the per-completion columns' length, prompt and completion lengths
+    to the concatenated token columns'."""
     n_comps = len(c["length"])
     if int(c["group_size"].sum()) != n_comps or len(c["reward"]) != n_comps:
         raise MessageError("inconsistent", f"group sizes add up to {int(c['group_size'].sum())}, "
@@ -163,10 +179,15 @@ def _checked_columns(cols: Any, vocab_size: int | None) -> dict:
         raise MessageError("inconsistent", f"completion lengths add up to "
                                            f"{int(c['length'].sum())}, tokens has {n_tokens}, "
                                            f"logprobs {len(c['logprobs'])}")
+
+
+def _check_values(c: dict) -> None:
+    """Logprobs, rewards and times finite (logprobs as float32, replacing the column), stamps
+    and versions within bounds."""
     # float32 is what the learner computes with: a float64 -1e300 is -inf there.
     with np.errstate(over="ignore"):
         logprobs = c["logprobs"] = c["logprobs"].astype(np.float32, copy=False)
-    if n_tokens and not (np.isfinite(logprobs).all() and (logprobs <= 1e-4).all()):
+    if len(c["tokens"]) and not (np.isfinite(logprobs).all() and (logprobs <= 1e-4).all()):
         raise MessageError("bad_logprob", "groups.logprobs not finite or > 0")
     if not np.isfinite(c["reward"]).all():
         raise MessageError("bad_reward", "groups.reward not finite")
@@ -181,17 +202,24 @@ def _checked_columns(cols: Any, vocab_size: int | None) -> dict:
     if not _within(c["version_lag"], 0, 2**31 - 1):
         raise MessageError("bad_version", "groups.version_lag negative: a token older than its "
                                           "group's policy_version")
+
+
+def _token_versions(c: dict) -> np.ndarray:
+    """Each token's policy version: its group's plus its lag, checked against the bound."""
     starts = np.concatenate([[0], np.cumsum(c["group_size"])[:-1]]).astype(np.int64)
-    per_group = (np.add.reduceat(c["length"].astype(np.int64), starts) if n_groups
+    per_group = (np.add.reduceat(c["length"].astype(np.int64), starts) if len(c["prompt_id"])
                  else np.zeros(0, np.int64))
-    c["versions"] = np.repeat(c["policy_version"].astype(np.int64), per_group) + c["version_lag"]
-    if not _within(c["versions"], 0, MAX_VERSION):
+    versions = np.repeat(c["policy_version"].astype(np.int64), per_group) + c["version_lag"]
+    if not _within(versions, 0, MAX_VERSION):
         raise MessageError("bad_version", f"a token's version is outside [0, {MAX_VERSION}]")
+    return versions
+
+
+def _check_token_ids(c: dict, vocab_size: int | None) -> None:
     top = 2**31 if vocab_size is None else vocab_size
     for name in ("tokens", "prompt_tokens"):
         if not _within(c[name], 0, top - 1):
             raise MessageError("bad_token", f"groups.{name}: token id outside [0, {top})")
-    return c
 
 
 def _split(a: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from asyncrl import wire
+from asyncrl.testing import make_groups
 
 VOCAB = 300
 
@@ -104,10 +105,9 @@ hostile = st.one_of(scalars, containers, huge_strings, deep_nesting, long_lists)
 
 
 def _group(version=3, n=2, T=4) -> wire.TrajectoryGroup:
-    comps = [wire.Completion(np.arange(T, dtype=np.int32) + i,
-                             -np.linspace(0.1, 2, T).astype(np.float32), float(i % 2), "stop")
-             for i in range(n)]
-    return wire.TrajectoryGroup(7, np.array([1, 2, 3], np.int32), version, comps, "gen0", 123.5)
+    """A valid group: n completions of T tokens after a prompt of 3, seeded by `version`."""
+    return make_groups(1, n, rng=version, vocab_size=VOCAB, prompt_len=3, completion_len=T,
+                       policy_version=version, finish_reason="stop", created_at=123.5)[0]
 
 
 def columns() -> dict:
@@ -149,19 +149,21 @@ def valid_message(kind: str, policy_version: int = 1) -> dict:
 
 @st.composite
 def valid_group(draw) -> wire.TrajectoryGroup:
-    def comp(length: int) -> wire.Completion:
-        return wire.Completion(
-            np.array(draw(st.lists(st.integers(0, VOCAB - 1), min_size=length,
-                                   max_size=length)), np.int32),
-            np.array(draw(st.lists(st.floats(-30, 0, width=32), min_size=length,
-                                   max_size=length)), np.float32),
-            draw(st.floats(-1e6, 1e6)), draw(st.sampled_from(["stop", "length", "abort"])))
+    def values(elements, n: int) -> list:
+        return draw(st.lists(elements, min_size=n, max_size=n))
+
     lengths = draw(st.lists(st.integers(0, 5), min_size=1, max_size=3))
-    return wire.TrajectoryGroup(
-        draw(st.integers(-(2**63), 2**63 - 1)),
-        np.array(draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=4)), np.int32),
-        draw(st.integers(0, wire.MAX_VERSION)), [comp(n) for n in lengths],
-        draw(st.text(max_size=wire.MAX_NAME)), draw(st.floats(0, 2e9)))
+    prompt_id = draw(st.integers(-(2**63), 2**63 - 1))
+    prompt = draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=4))
+    version = draw(st.integers(0, wire.MAX_VERSION))
+    comps = [(values(st.integers(0, VOCAB - 1), n), values(st.floats(-30, 0, width=32), n),
+              draw(st.floats(-1e6, 1e6)), draw(st.sampled_from(["stop", "length", "abort"])))
+             for n in lengths]
+    tokens, logprobs, rewards, finish = ([list(x)] for x in zip(*comps))
+    return make_groups(1, len(lengths), first_prompt_id=prompt_id, prompts=[prompt],
+                       tokens=tokens, logprobs=logprobs, rewards=rewards, finish_reason=finish,
+                       policy_version=version, generator=draw(st.text(max_size=wire.MAX_NAME)),
+                       created_at=draw(st.floats(0, 2e9)))[0]
 
 
 def in_bounds(field) -> st.SearchStrategy:

@@ -1,42 +1,24 @@
-"""Helpers shared by the learner's unit tests: a tiny random model, fabricated trajectory
-groups, and a learner built the way learner/main.py builds it."""
+"""Helpers shared by the learner's unit tests: the tiny random model (asyncrl.testing's),
+fabricated trajectory groups, and a learner built the way learner/main.py builds it."""
 
-from pathlib import Path
-
-import numpy as np
 import torch
 
+from asyncrl import testing
 from asyncrl.config import RunConfig
 from asyncrl.learner.main import _build_models
 from asyncrl.learner.model import load_policy
 from asyncrl.learner.step import warmup_schedule
-from asyncrl.wire import Completion, TrajectoryGroup
-
-
-def build_tiny_model(out: Path) -> Path:
-    """The built-in tiny Llama's shape with random weights, and its tokenizer, saved in out."""
-    from transformers import AutoTokenizer
-
-    from asyncrl.task.tiny_model import build_model, build_tokenizer
-
-    build_tokenizer(out)
-    tok = AutoTokenizer.from_pretrained(out)
-    build_model(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
-                seed=0).save_pretrained(out)
-    return out
+from asyncrl.testing import build_tiny_model as build_tiny_model
+from asyncrl.wire import TrajectoryGroup
 
 
 def make_groups(seed: int, n: int = 2, size: int = 4) -> list[TrajectoryGroup]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for g in range(n):
-        comps = [Completion(rng.integers(3, 60, rng.integers(1, 6)).astype(np.int32), None,
-                            float(rng.integers(0, 2)), "stop") for _ in range(size)]
-        for c in comps:
-            c.logprobs = rng.uniform(-3, -0.1, len(c.tokens)).astype(np.float32)
-        out.append(TrajectoryGroup(g, rng.integers(3, 60, 5).astype(np.int32), 0, comps,
-                                   "gen0", float(seed)))
-    return out
+    """n groups of `size` completions of 1 to 5 tokens after prompts of 5, ids in [3, 60),
+    random behaviour logprobs and 0/1 rewards, all drawn from `seed`; created_at is the seed
+    (the batch log's tests tell the steps apart by it)."""
+    return testing.make_groups(n, size, rng=seed, vocab_size=60, min_token=3, prompt_len=5,
+                               completion_len=(1, 5), finish_reason="stop",
+                               created_at=float(seed))
 
 
 def learner_cfg(model_dir) -> RunConfig:

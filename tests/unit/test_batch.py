@@ -1,16 +1,15 @@
-import numpy as np
 import pytest
 import torch
 
 from asyncrl.learner.batch import BatchRules, collate, refusal
-from asyncrl.wire import Completion, TrajectoryGroup
+from asyncrl.testing import make_groups
 
 
 def test_collate_aligns_behaviour_logprobs_with_predicted_tokens():
-    comps = [Completion(np.array([7, 8, 9], np.int32), np.array([-1, -2, -3], np.float32), 1.0, "stop"),
-             Completion(np.array([5], np.int32), np.array([-0.5], np.float32), 0.0, "length")]
-    g = TrajectoryGroup(0, np.array([1, 2], np.int32), 4, comps, "gen0", 0.0)
-    b = collate([g], pad_id=0)
+    groups = make_groups(1, 2, prompts=[[1, 2]], tokens=[[[7, 8, 9], [5]]],
+                         logprobs=[[[-1, -2, -3], [-0.5]]], rewards=[[1.0, 0.0]],
+                         finish_reason=[["stop", "length"]], policy_version=4)
+    b = collate(groups, pad_id=0)
     assert b.input_ids.tolist() == [[1, 2, 7, 8, 9], [1, 2, 5, 0, 0]]
     assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     # position t predicts token t+1: completions start being predicted at P-1 = 1
@@ -24,13 +23,11 @@ def test_collate_aligns_behaviour_logprobs_with_predicted_tokens():
     for i in range(2):
         pos = torch.nonzero(b.completion_mask[i]).flatten()
         toks = b.input_ids[i, pos + 1].tolist()
-        assert toks == comps[i].tokens.tolist()
+        assert toks == groups[0].completions[i].tokens.tolist()
 
 
 def _groups(sizes, length=2, prompt=2):
-    def comp():
-        return Completion(np.arange(length, dtype=np.int32), np.full(length, -1.0, np.float32), 0.0, "stop")
-    return [TrajectoryGroup(i, np.arange(prompt, dtype=np.int32), 0, [comp() for _ in range(n)]) for i, n in enumerate(sizes)]
+    return make_groups(len(sizes), sizes, prompt_len=prompt, completion_len=length)
 
 
 def test_a_batch_collate_or_the_model_cannot_take_is_refused_with_a_reason():
@@ -50,10 +47,10 @@ def test_a_batch_collate_or_the_model_cannot_take_is_refused_with_a_reason():
 def test_a_completion_across_a_weight_update_keeps_every_tokens_version():
     from asyncrl.learner.batch import token_staleness
 
-    comps = [Completion(np.array([7, 8, 9], np.int32), np.array([-1, -2, -3], np.float32), 1.0,
-                        "stop", np.array([4, 4, 6])),
-             Completion(np.array([5], np.int32), np.array([-0.5], np.float32), 0.0, "stop")]
-    b = collate([TrajectoryGroup(0, np.array([1, 2], np.int32), 4, comps, "gen0", 0.0)], 0)
+    groups = make_groups(1, 2, prompts=[[1, 2]], tokens=[[[7, 8, 9], [5]]],
+                         logprobs=[[[-1, -2, -3], [-0.5]]], versions=[[[4, 4, 6], None]],
+                         policy_version=4)
+    b = collate(groups, 0)
     assert b.versions.tolist() == [[0, 4, 4, 6], [0, 4, 0, 0]]
     # trained at version 6: two tokens and the other completion 2 behind, one token current
     assert token_staleness(b, 6) == {0: 1, 2: 3}
