@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 
 from asyncrl import wire
-from asyncrl.sync import group, weights
+from asyncrl.sync import group, transfer, weights
 
 
 class WeightReceiver:
@@ -42,37 +42,28 @@ class WeightReceiver:
     def asyncrl_receive_weights(self, specs: list[list], ipc_handles: list[dict] | None = None,
                                 bucket_bytes: int = weights.DEFAULT_BUCKET_BYTES
                                 ) -> tuple[float, int]:
-        """Receive one push bucket by bucket (or open the colocated learner's buffers) and load
-        it in place. Returns (seconds, bytes)."""
+        """Receive one push by its transfer (asyncrl/sync/transfer.py: the colocated learner's
+        IPC handles when it sent them, else the session's broadcast) and load it in place.
+        Returns (seconds, bytes)."""
         t0 = time.perf_counter()
         if ipc_handles:
             import torch
 
-            from asyncrl.sync import ipc
-
-            bufs = ipc.open_buffers(ipc_handles, self.device)
-            self.reload_weights(weights_iterator=weights.unpack(specs, bufs),
-                                is_checkpoint_format=True)
+            tensors, bufs = transfer.CudaIpc.incoming(specs, ipc_handles, self.device)
+            self.reload_weights(weights_iterator=tensors, is_checkpoint_format=True)
             torch.cuda.synchronize(self.device)  # done reading before the learner may write
             n = weights.nbytes(bufs)
-            del bufs  # release the learner's memory
+            del bufs, tensors  # release the learner's memory
             return time.perf_counter() - t0, n
         # Kept across pushes: allocating (and faulting in) the buffers each time cost more
         # than the broadcast itself for a 0.5B model.
         pool = getattr(self, "_asyncrl_pool", None)
         if pool is None or pool.device != self.device:
             pool = self._asyncrl_pool = weights.BucketPool(self.device)
-        pg, timeout_s = self._asyncrl_pg, self._asyncrl_timeout
-
-        def recv(buf):  # started, not waited for: the next bucket arrives during this load
-            return group.start_broadcast(pg, buf, root=0, timeout_s=timeout_s)
-
-        plan = weights.plan_buckets(specs, bucket_bytes)
-        self.reload_weights(weights_iterator=weights.received_tensors(specs, plan, recv, pool,
-                                                                      overlap=True),
-                            is_checkpoint_format=True)
+        tensors = transfer.Broadcast.incoming(specs, bucket_bytes, self._asyncrl_pg,
+                                              self._asyncrl_timeout, pool)
+        self.reload_weights(weights_iterator=tensors, is_checkpoint_format=True)
         return time.perf_counter() - t0, wire.spec_bytes(specs)
-
 
     def asyncrl_load_dir(self, path: str) -> float:
         """Load hub-format weights from a directory in place, every tensor as a push sends

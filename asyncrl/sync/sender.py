@@ -1,15 +1,16 @@
 """The learner-side sender (rank 0 only): keep a weight-sync session formed, push weights.
 
 Control messages go over ZeroMQ (a ROUTER on net.sync_control_port that generators connect
-to); tensor bytes go over the sync process group. A push is: weights_update to every
-generator (the specs and sync.bucket_mb), then one broadcast per bucket (asyncrl/sync/weights.py:
-each bucket is filled while the previous one is on the wire, so rank 0 holds two buckets, not a
-copy of the model), then a weights_loaded from each generator.
+to); tensor bytes go by the session's weight transfer (asyncrl/sync/transfer.py: a bucketed
+broadcast over a process group, or CUDA IPC handles when colocated). A push is: weights_update
+to every generator (the specs and how they travel), then the transfer's send, then a
+weights_loaded from each generator.
 
 Under learner.strategy=fsdp the tensors are gathered from every learner rank as the buckets
 fill, so a push is a collective of the learner ranks too: `due` (rank 0 alone) decides, and
 `push` consumes the gathered tensors to the end even when the push fails, so the other ranks
-are never left waiting in a gather (asyncrl/learner/main.py). `sync` is both in one process.
+are never left waiting in a gather (asyncrl/learner/whole.py, which also retries a failed push
+once). `sync` is `due` then `push` for a caller holding the whole model.
 
 Sessions. The group's membership is fixed once formed, so it is re-formed, under a fresh store
 prefix (`asyncrl/sync/<session>`), whenever its membership changes:
@@ -30,12 +31,11 @@ as a session forms.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,14 +43,13 @@ import torch
 
 from asyncrl import wire
 from asyncrl.guard import NewStreams, RefusalLog, speaks_for
-from asyncrl.sync import group, ipc, weights
+from asyncrl.sync import group, transfer, weights
 from asyncrl.transport import Server
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
-_COLOCATED = object()  # the "group" of sync.backend=ipc: nothing to form, nothing to broadcast
 
 
 @dataclass
@@ -87,16 +86,12 @@ class WeightSender:
         self.tag = uuid.uuid4().hex[:8]  # fresh per learner process, so per torchrun restart
         self.sessions = 0
         self.session = ""
-        self.pg: group.SyncGroup | None = None
+        self.transfer = transfer.for_backend(backend, host, timeout_s, bucket_bytes, dtype)
         self.joined: dict[str, str] = {}  # name -> incarnation in the current session
         self.members: dict[str, _Member] = {}
         self.failed_at: float | None = None  # a push failed: wait for fresh hellos
-        self.bucket_bytes = bucket_bytes
-        self._bufs: dict[str, torch.Tensor] | None = None  # ipc: refilled in place every push
-        self._buckets: list[torch.Tensor] = []  # the two bucket buffers, reused every push
-        self.peak_buffer_bytes = 0  # the most bytes of push buffers held at once
-        # Each eval_result a generator sends (asyncrl/learner/evals.py joins them by version).
-        self.on_eval_result: Callable[[dict], None] = lambda msg: None
+        # The eval_results generators sent, until taken (asyncrl/learner/evals.py joins them).
+        self.eval_results: list[wire.EvalResult] = []
         # The newest version a generator can hold: the newest pushed, or the last step a
         # restarted learner replays (it pushed those before; the learner sets that). A hello
         # claiming more would stop every push (versions never move back), so it is refused.
@@ -124,7 +119,7 @@ class WeightSender:
                 self._reject(e.reason, str(e), got.role)
                 continue
             if msg.kind == "eval_result":
-                self.on_eval_result(msg)
+                self.eval_results.append(msg)
             else:
                 self._handle(got.ident, msg)
 
@@ -199,7 +194,7 @@ class WeightSender:
             m.confirmed = True
 
     def _needs_forming(self) -> bool:
-        if self.pg is None:
+        if not self.transfer.connected:
             return True
         for name, inc in self.joined.items():
             m = self.members[name]
@@ -228,8 +223,7 @@ class WeightSender:
 
     def _form(self) -> None:
         self._await_members()
-        group.abort(self.pg)  # drop the old group first (its peers' pending receives then fail)
-        self.pg = None
+        self.transfer.close()  # the old session's first (its peers' pending receives then fail)
         self.sessions += 1
         self.session = f"{self.tag}.{self.sessions}"
         # The group's store keys live under a prefix with a secret that only generators told
@@ -244,9 +238,7 @@ class WeightSender:
             self.server.send(m.ident, join)
         self.joined = {n: self.members[n].incarnation for n in self.expected}
         t0 = time.perf_counter()
-        self.pg = (_COLOCATED if self.backend == "ipc" else
-                   group.join(self.store, f"asyncrl/sync/{self.session}/{token}", 0, self.world,
-                              self.backend, self.timeout_s, bind_host=self.host))
+        self.transfer.connect(self.store, f"asyncrl/sync/{self.session}/{token}", self.world)
         self.failed_at = None
         log.info("weight-sync session %s formed with %s in %.2fs (versions %s)", self.session,
                  ", ".join(f"{n}/{inc}" for n, inc in self.joined.items()),
@@ -296,47 +288,37 @@ class WeightSender:
         try:
             return self._push(version, specs, it)
         except (RuntimeError, TimeoutError):
-            group.abort(self.pg)
-            self.pg, self.failed_at = None, time.monotonic()
+            self.transfer.close()
+            self.failed_at = time.monotonic()
             raise
         finally:
             for _ in it:  # under fsdp each is a gather the other ranks are in
                 pass
 
     def sync(self, model: torch.nn.Module, version: int, due: bool) -> tuple[float, int] | None:
-        """`due` then `push` for a learner whose rank 0 holds the whole model (ddp, or one
-        rank), called after every learner step; a failed push is retried once with the group
-        re-formed. Returns (seconds, bytes) of the push, or None when nothing was pushed."""
-        for attempt in (1, 2):
-            if not self.due(version, due):
-                return None
-            named = weights.sendable(model)
-            try:
-                return self.push(version, weights.specs_of(named, self.dtype), named)
-            except (RuntimeError, TimeoutError) as e:
-                if attempt == 2:
-                    raise
-                log.warning("weight sync to version %d failed (%s); re-forming the group with "
-                            "the generators heard from after the failure", version, e)
-        raise AssertionError("unreachable")
+        """`due` then `push` of a model held whole in this process. Returns (seconds, bytes)
+        of the push, or None when nothing was pushed. A failure raises (the learner retries
+        it once, asyncrl/learner/whole.py)."""
+        if not self.due(version, due):
+            return None
+        named = weights.sendable(model)
+        return self.push(version, weights.specs_of(named, self.dtype), named)
+
+    @property
+    def peak_buffer_bytes(self) -> int:
+        """The most bytes of push buffers the transfer held at once."""
+        return self.transfer.peak_buffer_bytes
 
     def _push(self, version: int, specs: list[list],
               tensors: Iterator[tuple[str, torch.Tensor]]) -> tuple[float, int]:
         t0 = time.perf_counter()
         self.version_bound = max(self.version_bound, version)  # the generators may hold it now
         self.catch_up = False
-        colocated = self.pg is _COLOCATED
-        handles: list[dict] = []
-        if colocated:  # the engine maps flat buffers by CUDA IPC: one copy, on the GPU
-            bufs = self._bufs = weights.pack(list(tensors), self._bufs, self.dtype)
-            handles = ipc.export(bufs)
-            self.peak_buffer_bytes = max(self.peak_buffer_bytes, weights.nbytes(bufs))
-        announce = wire.encode("weights_update", version, session=self.session,
-                               tensors=specs, ipc=handles, bucket_bytes=self.bucket_bytes)
+        announce = wire.encode("weights_update", version, session=self.session, tensors=specs,
+                               **self.transfer.announce(specs, tensors))
         for name in self.expected:
             self.server.send(self.members[name].ident, announce)
-        if not colocated:
-            self._broadcast_buckets(specs, tensors)
+        self.transfer.send(specs, tensors)
         deadline = time.monotonic() + self.timeout_s
         while waiting := [n for n in self.expected if self.members[n].version < version]:
             if self._needs_forming():
@@ -347,26 +329,3 @@ class WeightSender:
                     f"loading within {self.timeout_s:.0f}s (sync.timeout_s)")
             self._drain(timeout_s=0.2)
         return time.perf_counter() - t0, wire.spec_bytes(specs)
-
-    def _broadcast_buckets(self, specs: list[list],
-                           tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-        """Fill bucket i + 1 while bucket i is on the wire; two buffers in all."""
-        plan = weights.plan_buckets(specs, self.bucket_bytes)
-        if not plan:
-            return
-        first = next(tensors)
-        tensors = itertools.chain([first], tensors)
-        size, device = weights.largest_bucket(plan), first[1].device
-        if not (len(self._buckets) == 2 and self._buckets[0].numel() >= size
-                and self._buckets[0].device == device):
-            self._buckets = []  # the old ones go before the new ones are allocated
-            self._buckets = [torch.empty(size, dtype=torch.uint8, device=device)
-                             for _ in range(2)]
-        self.peak_buffer_bytes = max(self.peak_buffer_bytes,
-                                     sum(b.numel() for b in self._buckets))
-        pending: group.Broadcast | None = None
-        for bucket in weights.fill_buckets(specs, plan, tensors, self._buckets):
-            if pending is not None:
-                pending.wait()
-            pending = group.start_broadcast(self.pg, bucket, root=0, timeout_s=self.timeout_s)
-        pending.wait()

@@ -8,7 +8,7 @@ import uuid
 import torch
 
 from asyncrl import transport
-from asyncrl.sync import group, weights
+from asyncrl.sync import group, transfer, weights
 from asyncrl.sync.member import LearnerFinished, SyncMember
 
 HOST = "127.0.0.1"
@@ -28,10 +28,8 @@ class FakeEngine:
         self.pg = None
 
     def receive_weights(self, specs, ipc=None, bucket_bytes=weights.DEFAULT_BUCKET_BYTES):
-        pool = weights.BucketPool(torch.device("cpu"))
-        got = weights.received_tensors(specs, weights.plan_buckets(specs, bucket_bytes),
-                                       lambda buf: group.start_broadcast(self.pg, buf, root=0),
-                                       pool, overlap=True)  # as asyncrl/sync/receiver.py does
+        pool = weights.BucketPool(torch.device("cpu"))  # as asyncrl/sync/receiver.py does:
+        got = transfer.Broadcast.incoming(specs, bucket_bytes, self.pg, 30.0, pool)
         self.weights = {n: t.clone() for n, t in got}
         return 0.0, sum(t.numel() * t.element_size() for t in self.weights.values())
 
@@ -52,8 +50,7 @@ class Generator(threading.Thread):
                                    self.keys)
         self.member = SyncMember(control, self.engine, f"gen{self.index}", self.index + 1,
                                  uuid.uuid4().hex[:8], HOST, self.base + 3, "gloo", 30.0,
-                                 hello_interval_s=0.2, alone_timeout_s=60.0,
-                                 on_loaded=lambda *a: None)
+                                 hello_interval_s=0.2, alone_timeout_s=60.0)
         self.member.version = self.start_version
         try:
             while not self.stop.is_set():
