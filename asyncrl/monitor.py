@@ -157,7 +157,10 @@ class Wandb:
         self.run = wandb.init(project=settings.project, name=Path(run_dir).name, id=run_id,
                               dir=str(Path(run_dir) / "trackers"), mode=mode, resume="allow",
                               reinit="create_new",
-                              settings=wandb.Settings(silent=True, console="off"))
+                              # no console capture, no system-metrics sampler: the learner's
+                              # processes are not this one's, and sampling costs CPU there
+                              settings=wandb.Settings(silent=True, console="off",
+                                                      x_disable_stats=True))
         self.wandb = wandb
 
     def log(self, row: dict, step: int) -> None:
@@ -333,6 +336,7 @@ class TrackerFeed:
         self.last_scrape = 0.0
         self.last_counts: dict[str, tuple[float, float]] = {}  # key -> (value, time)
         self._stop = threading.Event()
+        self.ready = threading.Event()  # the trackers are open (or reported missing)
         self._thread: threading.Thread | None = None
 
     @property
@@ -358,6 +362,7 @@ class TrackerFeed:
                                       self.state, self.out)
         self._save()
         self._each("log_config", self.config)
+        self.ready.set()
         while not self._stop.wait(min(1.0, self.settings.interval_s)):
             self.pump()
         self.pump(final=True)

@@ -13,7 +13,7 @@ versions come to it as files, not through the broadcast:
                                when version v is due an evaluation; version 0 is the model the
                                run started from and is not written
   RUN_DIR/evals/ask_<v>.json   the learner's request: {"version": v}, written by rank 0
-                               after the weights (asyncrl/learner/evals.py ExportedEvals)
+                               after the weights (asyncrl/learner/evals.py FileEvaluators)
   RUN_DIR/evals/result_<v>.json  the answer: {"version", "accuracy", "problems", "seconds"},
                                which rank 0 joins into version v's metrics.jsonl row
 

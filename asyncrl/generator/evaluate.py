@@ -6,9 +6,10 @@ the version it wants evaluated) and never waits for the answer: the generator ru
 evaluation among its training requests and reports an `eval_result` tagged with the version
 its engine held (asyncrl/learner/evals.py joins it into metrics.jsonl by version).
 
-Streaming: every problem becomes one greedy request at once (`Streamer.start_eval`); a weight
-load waits for those still running (`Streamer.before_update`), so every token of an evaluation
-comes from one version, which `collect` checks. Batch generation: one blocking generate call
+Streaming: the evaluation is one unit of the rollout, every problem one greedy request at
+once (an `EvalBatch`, asyncrl/generator/stream.py); a weight load waits for those still
+running (`Rollout.before_update`), so every token of an evaluation comes from one version,
+which `collect` checks. Batch generation: one blocking generate call
 between two training calls. Requests that come while one evaluation runs wait their turn.
 
 Scoring is the learner's `greedy_accuracy`: the same prompt ids (`encode_prompt`), the
@@ -39,7 +40,7 @@ class _Job:
     asked: int
     version: int
     started: float
-    left: int
+    problems: int
     total: float = 0.0
 
 
@@ -82,31 +83,29 @@ class Evaluator:
 
     # ------------------------------------------------------------------ streaming
 
-    def start(self, streamer, version: int) -> bool:
-        """Start the next evaluation asked for, if none runs: `version` is the one the engine
-        holds now. Returns whether one started."""
+    def start(self, rollout, version: int) -> bool:
+        """Start the next evaluation asked for, if none runs, as one unit of the rollout:
+        `version` is the one the engine holds now. Returns whether one started."""
+        from asyncrl.generator.stream import EvalBatch
+
         if self.job is not None or not self.asked:
             return False
         self.job = _Job(self.asked.pop(0), version, self.clock(), len(self.prompts))
-        for i, p in enumerate(self.prompts):
-            streamer.start_eval(i, p, self.max_tokens)
+        rollout.start(EvalBatch(self.prompts, self.max_tokens))
         if self.job.asked != version:
             log.warning("evaluating policy version %d (asked for %d)", version, self.job.asked)
         return True
 
-    def collect(self, finished: list) -> EvalResult | None:
-        """Score the requests `Streamer.take_evals` returned; the result once the last is in."""
+    def collect(self, unit) -> EvalResult:
+        """Score a finished EvalBatch: the result of the evaluation running."""
         job = self.job
-        for i, seq in finished:
-            if job is None:
-                raise RuntimeError("an evaluation request finished with no evaluation running")
+        if job is None:
+            raise RuntimeError("an evaluation finished with no evaluation running")
+        for i, seq in enumerate(unit.seqs):
             if any(v != job.version for v in seq.versions):
                 raise RuntimeError(f"an evaluation of version {job.version} has tokens of "
                                    f"versions {sorted(set(seq.versions))}")
             job.total += self._score(i, seq.tokens)
-            job.left -= 1
-        if job is None or job.left:
-            return None
         self.job = None
         n = len(self.prompts)
         return EvalResult(job.asked, job.version, job.total / max(1, n), n,

@@ -19,11 +19,13 @@ it was given up, so the final accuracy is known.
 A learner restart loses the evaluations in flight: the rows up to the checkpoint still held
 are saved with it (`held_upto`) and written without accuracy on resume.
 
-With generator.eval_engine the evaluator process answers instead of a generator, through files
-in RUN_DIR/evals/ (`ExportedEvals`, asyncrl/generator/eval_engine.py): the learner writes a
-due version's weights there, asking is writing its request, and the answers are read from its
-result files. The asking, joining and giving up above are the same; what differs is that no
-push is held back for it (`hold_pushes`), since the evaluator is not in the weight broadcast.
+Who evaluates is an `Evaluators`: the generators (`GeneratorEvaluators`: asked and answered
+over the weight-sync control channel, asyncrl/sync/sender.py), or with generator.eval_engine
+the evaluator process (`FileEvaluators`: through files in RUN_DIR/evals/,
+asyncrl/generator/eval_engine.py; the learner writes a due version's weights there, asking is
+writing its request, the answers are its result files). The asking, joining and giving up
+above are the same; what differs is that no push is held back for the evaluator
+(`hold_pushes`), since it is not in the weight broadcast.
 """
 
 from __future__ import annotations
@@ -33,19 +35,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from asyncrl import wire
+    from asyncrl.monitor import Monitor
+    from asyncrl.sync.sender import WeightSender
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Asked:
-    generator: str
-    incarnation: str
+    name: str
+    token: str  # Evaluators.ask's, for Evaluators.gone
     at: float  # clock() when asked
 
 
@@ -54,19 +57,63 @@ def due(version: int, interval: int, total_steps: int) -> bool:
     return version % interval == 0 or version == total_steps
 
 
+class Evaluators(Protocol):
+    """Who evaluates, as RemoteEvals asks them."""
+
+    names: list[str]
+    hold_pushes: bool  # a due push waits while one of them evaluates
+
+    def holding(self) -> dict[str, int]:
+        """The policy version each one holds now."""
+
+    def ask(self, name: str, version: int) -> str | None:
+        """Ask `name` to evaluate `version`; a token for `gone`, or None if it cannot be asked."""
+
+    def gone(self, name: str, token: str) -> bool:
+        """Whether the one asked with `token` is gone (restarted) and will never answer."""
+
+    def answers(self, timeout_s: float = 0.0) -> list:
+        """The answers (asked, policy_version, accuracy, seconds, sender) since the last call;
+        with none, wait up to timeout_s for one."""
+
+
+class GeneratorEvaluators:
+    """The generators: a generator evaluates the version its engine holds, among its training
+    requests, and its weight load waits for that, so pushes are held back meanwhile."""
+
+    hold_pushes = True
+
+    def __init__(self, sender: WeightSender):
+        self.sender = sender
+        self.names = sender.expected
+
+    def holding(self) -> dict[str, int]:
+        return self.sender.versions()
+
+    def ask(self, name: str, version: int) -> str | None:
+        return self.sender.ask_eval(name, version)
+
+    def gone(self, name: str, token: str) -> bool:
+        m = self.sender.members.get(name)
+        return m is None or m.incarnation != token
+
+    def answers(self, timeout_s: float = 0.0) -> list:
+        if not self.sender.eval_results:
+            self.sender.poll(timeout_s)
+        got, self.sender.eval_results = self.sender.eval_results, []
+        return got
+
+
 class RemoteEvals:
-    def __init__(self, sender, interval: int, total_steps: int, timeout_s: float,
-                 write: Callable[[dict], None], on_accuracy: Callable[[float], None],
-                 clock: Callable[[], float] = time.monotonic, hold_pushes: bool = True):
-        """sender: the WeightSender, or an ExportedEvals (expected, versions(), members,
-        ask_eval, poll); its eval_results come to `on_result`. write(row) appends one
-        metrics.jsonl row; on_accuracy(acc) runs for every answer (the Prometheus gauge).
-        hold_pushes: whether a due push waits while an evaluation is outstanding (a
-        generator's evaluation holds its weight load; the evaluator's holds nothing)."""
-        self.hold_pushes = hold_pushes
-        self.sender, self.interval, self.total_steps = sender, interval, total_steps
-        self.timeout_s, self.write, self.on_accuracy, self.clock = (timeout_s, write,
-                                                                    on_accuracy, clock)
+    def __init__(self, evaluators: Evaluators, interval: int, total_steps: int,
+                 timeout_s: float, out: Monitor, on_accuracy: Callable[[float], None],
+                 clock: Callable[[], float] = time.monotonic):
+        """out: where a row goes once its evaluation is joined (a Monitor: metrics.jsonl);
+        on_accuracy(acc) runs for every answer (the Prometheus gauge)."""
+        self.evaluators, self.hold_pushes = evaluators, evaluators.hold_pushes
+        self.interval, self.total_steps = interval, total_steps
+        self.timeout_s, self.out, self.on_accuracy, self.clock = (timeout_s, out, on_accuracy,
+                                                                  clock)
         self.owed = False  # an evaluation is due at the next version a generator holds
         self.pending: dict[int, _Asked] = {}  # version asked for -> who
         self.held: list[dict] = []  # rows not written yet, in step order
@@ -75,7 +122,6 @@ class RemoteEvals:
         self.last_added = -1  # policy_version of the newest row added
         self.last_pushed = -1  # the newest version after_push has seen
         self.finishing = False  # no row goes out before the last answer (or the deadline)
-        sender.on_eval_result = self.on_result
 
     # ------------------------------------------------------------------ asking
 
@@ -91,15 +137,15 @@ class RemoteEvals:
             self.owed = self.owed or self.due(version)
         if not self.owed or version in self.pending:
             return
-        held = self.sender.versions()
-        names = self.sender.expected
+        held = self.evaluators.holding()
+        names = self.evaluators.names
         for k in range(len(names)):
             name = names[(self.asks + k) % len(names)]
             if held.get(name) != version:
                 continue
-            incarnation = self.sender.ask_eval(name, version)
-            if incarnation is not None:
-                self.pending[version] = _Asked(name, incarnation, self.clock())
+            token = self.evaluators.ask(name, version)
+            if token is not None:
+                self.pending[version] = _Asked(name, token, self.clock())
                 self.owed, self.asks = False, self.asks + 1
                 return
 
@@ -142,18 +188,24 @@ class RemoteEvals:
         first_pending = min(self.pending, default=None)
         while self.held and (first_pending is None
                              or self.held[0]["policy_version"] < first_pending):
-            self.write(self.held.pop(0))
+            row = self.held.pop(0)
+            self.out.log(row, row["step"])
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """Join the answers that came (waiting up to timeout_s for one), then `check`."""
+        for msg in self.evaluators.answers(timeout_s):
+            self.on_result(msg)
+        self.check()
 
     def check(self) -> None:
-        """Give up evaluations whose generator restarted or that took longer than timeout_s;
+        """Give up evaluations whose evaluator restarted or that took longer than timeout_s;
         the next version pushed owes one instead."""
         now = self.clock()
         for version, a in list(self.pending.items()):
-            m = self.sender.members.get(a.generator)
-            restarted = m is None or m.incarnation != a.incarnation
+            restarted = self.evaluators.gone(a.name, a.token)
             if restarted or now - a.at > self.timeout_s:
                 log.warning("gave up the evaluation of version %d by %s (%s)", version,
-                            a.generator, "it restarted" if restarted
+                            a.name, "it restarted" if restarted
                             else f"no answer within {self.timeout_s:.0f}s (sync.timeout_s)")
                 del self.pending[version]
                 self.owed = True
@@ -174,8 +226,7 @@ class RemoteEvals:
         while (self.pending or self.owed) and self.clock() < end:
             keep_in_sync()  # brings a restarted generator up to `version`
             self.after_push(version)
-            self.sender.poll(0.2)
-            self.check()
+            self.poll(0.2)
         if self.pending or self.owed:
             log.error("no evaluation of the final version %d within %.0fs; metrics.jsonl ends "
                       "without it", version, deadline_s)
@@ -195,13 +246,15 @@ class _FileAnswer:
     sender: str = "evaluator"
 
 
-class ExportedEvals:
-    """The evaluator's side of what RemoteEvals asks of a WeightSender, through RUN_DIR/evals/
-    (generator.eval_engine; the files are described in asyncrl/generator/eval_engine.py). The
-    evaluator "holds" the newest version whose weights are written (`exported`), version 0
-    being the model the run starts from; asking writes the request; `poll` reads answers."""
+class FileEvaluators:
+    """The evaluator process (generator.eval_engine; its files are described in
+    asyncrl/generator/eval_engine.py). It "holds" the newest version whose weights are written
+    (`exported`), version 0 being the model the run starts from; asking writes the request;
+    the answers are its result files. A restarted evaluator answers what is asked, so it is
+    never gone."""
 
     NAME = "evaluator"
+    hold_pushes = False
 
     def __init__(self, run_dir: Path, sleep: Callable[[float], None] = time.sleep):
         from asyncrl.generator import eval_engine as files
@@ -209,24 +262,23 @@ class ExportedEvals:
         self.files, self.sleep = files, sleep
         self.dir = Path(run_dir) / files.EVALS_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.expected = [self.NAME]
-        # The evaluator's restarts need no giving up: a restarted one answers what is asked.
-        self.members = {self.NAME: SimpleNamespace(incarnation="files")}
+        self.names = [self.NAME]
         self.exported = 0
         self.asked: set[int] = set()
-        self.on_eval_result: Callable[[_FileAnswer], None] = lambda msg: None
 
-    def versions(self) -> dict[str, int]:
+    def holding(self) -> dict[str, int]:
         return {self.NAME: self.exported}
 
-    def ask_eval(self, name: str, version: int) -> str:
+    def ask(self, name: str, version: int) -> str:
         self.files.write_atomic(self.files.ask_path(self.dir, version), {"version": version})
         self.asked.add(version)
         return "files"
 
-    def poll(self, timeout_s: float = 0.0) -> None:
-        """Hand every answer now on disk to on_eval_result; with none, wait timeout_s."""
-        answered = False
+    def gone(self, name: str, token: str) -> bool:
+        return False
+
+    def answers(self, timeout_s: float = 0.0) -> list[_FileAnswer]:
+        got = []
         for version in sorted(self.asked):
             path = self.files.result_path(self.dir, version)
             if not path.exists():
@@ -235,8 +287,7 @@ class ExportedEvals:
             r = self.files.read_result(path)
             if r is None or r["version"] != version:  # not joined: given up on timeout
                 continue
-            answered = True
-            self.on_eval_result(_FileAnswer(version, version, float(r["accuracy"]),
-                                            float(r["seconds"])))
-        if not answered and timeout_s > 0:
+            got.append(_FileAnswer(version, version, float(r["accuracy"]), float(r["seconds"])))
+        if not got and timeout_s > 0:
             self.sleep(timeout_s)
+        return got

@@ -1,8 +1,11 @@
-"""Rank 0's extra duties in the learner: weight sync with the generators (asyncrl/sync/sender.py),
-asking for evaluations and joining their answers by version (asyncrl/learner/evals.py), one
-row per step in RUN_DIR/metrics.jsonl (with reward_<name>, each reward function's mean
-rescored from the completions' text), the checkpoint counters, and at the end the plots and
-summary.json."""
+"""Rank 0's extra duties in the learner, each called from the step loop of
+asyncrl/learner/main.py in this order: whether a push is due (`push_due`; the push itself is
+asyncrl/learner/whole.py's, through the weight sender, asyncrl/sync/sender.py), asking for an
+owed evaluation (`evaluate`; asyncrl/learner/evals.py joins the answers by version), and the
+step's row (`record`, then `write`: held until its evaluation is joined, then out through the
+run's Monitor to RUN_DIR/metrics.jsonl; reward_<name> columns come from the reward parts each
+completion carries). Also the checkpoint counters, and at the end the
+plots and summary.json."""
 
 from __future__ import annotations
 
@@ -17,46 +20,39 @@ from asyncrl.config import RunConfig
 from asyncrl.jsonl import read_jsonl
 from asyncrl.learner import checkpoint
 from asyncrl.learner.batch import TrainBatch, token_staleness
-from asyncrl.learner.evals import ExportedEvals, RemoteEvals
-from asyncrl.rewards import combine
-from asyncrl.task import load_task
+from asyncrl.learner.evals import FileEvaluators, GeneratorEvaluators, RemoteEvals
+from asyncrl.monitor import Monitor
 
 log = logging.getLogger("asyncrl.learner")
 
 
-def reward_parts(groups, answers: dict[int, str], rules, tok) -> dict[str, float]:
-    """reward_<name>: the mean of each task.rewards function (unweighted) over these
-    completions, rescored from their text as the generators decode it, so the parts of a
-    composite reward (the format rewards) have curves of their own in metrics.jsonl."""
-    sums = dict.fromkeys(rules.weights, 0.0)
-    n = 0
+def reward_parts(groups) -> dict[str, float]:
+    """reward_<name>: the mean of each part of the reward (each task.rewards function
+    unweighted, a reward model's score) over these completions, as the scorer that made the
+    reward computed it, so the parts of a composite reward have curves of their own in
+    metrics.jsonl. Nothing when a completion's reward has one part (it is reward_mean)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     for g in groups:
-        answer = answers.get(g.prompt_id)
-        if answer is None:  # not a training problem of this task: nothing to rescore
-            continue
         for c in g.completions:
-            text = tok.decode(c.tokens.tolist(), skip_special_tokens=True)
-            for name, value in rules.components(text, answer).items():
-                sums[name] += value
-            n += 1
-    return {f"reward_{k}": v / n for k, v in sums.items()} if n else {}
-
-
+            for name, value in (c.reward_parts or {}).items():
+                sums[name] = sums.get(name, 0.0) + value
+                counts[name] = counts.get(name, 0) + 1
+    if len(sums) < 2:
+        return {}
+    return {f"reward_{k}": v / counts[k] for k, v in sums.items()}
 
 
 class Lead:
     """Rank 0's extra duties: weight sync, asking for evaluations, metrics.jsonl, checkpoints,
     plot."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, model, tok, m,
+    def __init__(self, cfg: RunConfig, run_dir: Path, m, out: Monitor,
                  ckpt: checkpoint.Checkpoint | None, replay_end: int = 0):
         from asyncrl import transport
         from asyncrl.sync.sender import WeightSender
 
-        self.cfg, self.run_dir, self.model, self.tok, self.m = cfg, run_dir, model, tok, m
-        train, _ = load_task(cfg.task)
-        self.answers = {p.id: p.answer for p in train}  # reward_<name>: rescored per step
-        self.rules = combine(cfg.task.rewards) if len(cfg.task.rewards) > 1 else None
+        self.cfg, self.run_dir, self.m, self.out = cfg, run_dir, m, out
         self.metrics_path = run_dir / "metrics.jsonl"
         state = ckpt.state if ckpt is not None else {}
         self.tokens_total = state.get("tokens_total", 0)
@@ -69,7 +65,6 @@ class Lead:
         resumed_t0 = time.time() - checkpoint.truncate_metrics(
             self.metrics_path, ckpt.step if ckpt is not None else 0, count_gap=restarted)
         self.resumed_from = ckpt.step if ckpt is not None else None
-        self._last_keep = 0.0
         self.push_owed = False  # a due push held back while an evaluation ran
         self.control = transport.Server(
             transport.context(), cfg.net.bind_host, cfg.net.sync_control_port,
@@ -90,11 +85,12 @@ class Lead:
         # Resumed: generators started afresh hold version 0 and are brought up at once.
         self.sender.catch_up = ckpt is not None or replay_end > 0
         # generator.eval_engine: the evaluator answers, through RUN_DIR/evals/, and holds
-        # no push back (asyncrl/generator/eval_engine.py).
-        self.exported = ExportedEvals(run_dir) if cfg.generator.eval_engine else None
-        self.evals = RemoteEvals(self.exported or self.sender, cfg.learner.eval_interval,
-                                 cfg.learner.total_steps, cfg.sync.timeout_s, self._write,
-                                 m.eval_accuracy.set, hold_pushes=self.exported is None)
+        # no push back (asyncrl/generator/eval_engine.py); else the generators do.
+        self.evaluators = (FileEvaluators(run_dir) if cfg.generator.eval_engine
+                           else GeneratorEvaluators(self.sender))
+        self.evals = RemoteEvals(self.evaluators, cfg.learner.eval_interval,
+                                 cfg.learner.total_steps, cfg.sync.timeout_s, out,
+                                 m.eval_accuracy.set)
         # RL time starts once every generator is up (and goes on from before a restart).
         self.t_start = resumed_t0
         if ckpt is None and not read_jsonl(self.metrics_path):
@@ -106,16 +102,29 @@ class Lead:
             written = {r["step"] for r in read_jsonl(self.metrics_path)}
             for row in state.get("metrics_held", []):
                 if row["step"] not in written:
-                    self._write(row)
+                    out.log(row, row["step"])
             self.evals.owed = True
 
-    def _write(self, row: dict) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+    def push_due(self, due: bool) -> bool:
+        """Whether to push now: a due push is held back while a generator evaluates (the load
+        would wait for the evaluation to finish, its requests seeing one version, and the push
+        for the load). The generators keep the older weights a little longer instead (bounded
+        by buffer.max_staleness); the push goes out at the first sync after the answer. With
+        generator.eval_engine nothing is held back: the evaluator is not in the broadcast."""
+        self.sender.poll()  # an answer waiting clears the way now, not at the next push
+        self.evals.poll()  # the answers, joined as they come, and those given up
+        self.push_owed = self.push_owed or due
+        return self.push_owed and not (self.evals.hold_pushes and self.evals.pending)
 
-    def after_step(self, step: int, batch: TrainBatch, stats: dict, waited: float,
-                   step_seconds: float, pushed: tuple[float, int] | None,
-                   groups: list[wire.TrajectoryGroup] = ()) -> None:
+    def evaluate(self, step: int) -> None:
+        """After the push of `step` (made or not): owe an evaluation if one is due, and ask
+        for an owed one from whoever holds exactly this version."""
+        self.evals.after_push(step)
+
+    def record(self, step: int, batch: TrainBatch, stats: dict, waited: float,
+               step_seconds: float, pushed: tuple[float, int] | None,
+               groups: list[wire.TrajectoryGroup] = ()) -> dict:
+        """The step's metrics.jsonl row (docs/metrics.md), and the push's Prometheus figures."""
         sync_s = None
         if pushed is not None:
             sync_s, nbytes = pushed
@@ -132,53 +141,19 @@ class Lead:
                "staleness_max": max(hist), "staleness_tokens": {str(k): v for k, v in hist.items()},
                "samples_trained": self.samples_total * self.cfg.learner_world,
                **{k: v for k, v in stats.items() if k != "reward_mean"},
-               **(reward_parts(groups, self.answers, self.rules, self.tok)
-                  if self.rules is not None else {}),
+               **reward_parts(groups),
                "tokens": batch.num_completion_tokens,
                "tokens_per_s": self.tokens_total / max(elapsed, 1e-9),
                "step_s": step_seconds, "data_wait_s": waited, "sync_s": sync_s,
                "elapsed_s": elapsed}
         if self.resumed_from is not None:
             row["resumed_from_step"], self.resumed_from = self.resumed_from, None
-        self.evals.after_push(step)
+        return row
+
+    def write(self, row: dict) -> None:
+        """A row goes out through the Monitor once no evaluation at or before its version is
+        outstanding (asyncrl/learner/evals.py); until then it waits here, a few steps."""
         self.evals.add_row(row)
-
-    def keep_in_sync(self, version: int) -> None:
-        """While this rank waits for data: a generator that restarted (a new incarnation, at
-        version 0) samples data too stale to be trained on, so waiting for that data to step
-        and sync would wait forever. At most once a second, re-form the session if it changed
-        and bring any generator that is behind up to `version` (the weights as they are)."""
-        now = time.monotonic()
-        if now - self._last_keep < 1.0:
-            return
-        self._last_keep = now
-        pushed = self.sync(self.model, version, due=False)
-        if pushed is not None:
-            self.m.sync_seconds.observe(pushed[0])
-            self.m.sync_bytes.inc(pushed[1])
-            log.info("pushed version %d to a generator that was behind while waiting for data",
-                     version)
-
-    def push_due(self, due: bool) -> bool:
-        """Whether to push now: a due push is held back while a generator evaluates (the load
-        would wait for the evaluation to finish, its requests seeing one version, and the push
-        for the load). The generators keep the older weights a little longer instead (bounded
-        by buffer.max_staleness); the push goes out at the first sync after the answer. With
-        generator.eval_engine nothing is held back: the evaluator is not in the broadcast."""
-        self.sender.poll()  # an answer waiting clears the way now, not at the next sync
-        if self.exported is not None:
-            self.exported.poll()  # the evaluator's answers, joined as they come
-        self.evals.check()  # and so does an evaluation given up
-        self.push_owed = self.push_owed or due
-        return self.push_owed and not (self.evals.hold_pushes and self.evals.pending)
-
-    def sync(self, model, version: int, due: bool) -> tuple[float, int] | None:
-        """Rank 0 alone (ddp): weight sync, with a due push held back as push_due says."""
-        due = self.push_due(due)
-        pushed = self.sender.sync(model, version, due=due)
-        if due:
-            self.push_owed = False
-        return pushed
 
     def counters(self, step: int) -> dict:
         return {"tokens_total": self.tokens_total, "samples_total": self.samples_total,

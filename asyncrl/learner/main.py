@@ -5,13 +5,14 @@ Each step: ask the buffer for this rank's share of groups usable at the current 
 group-relative advantages and the PPO-clipped loss against the generators' behaviour logprobs,
 step the optimizer (when nproc > 1 the ranks share the model as learner.strategy says: DDP
 copies, or FSDP2 shards, asyncrl/learner/shard.py). The policy version is the number of
-optimizer steps done. Rank 0 also writes RUN_DIR/metrics.jsonl and checkpoints, every
-sync.interval steps pushes the weights to the generators in buckets, and every
-learner.eval_interval versions asks a generator to evaluate held-out accuracy, which it joins
-into metrics.jsonl by version when the answer comes (asyncrl/learner/evals.py): training never
-waits for it (rank 0's duties: asyncrl/learner/lead.py). Under fsdp every rank takes part in
-what needs the whole model (asyncrl/learner/whole.py: gathers for the push, the sharded
-checkpoints and hub-format exports, the final checksum).
+optimizer steps done. After each step, in this order: the weights are pushed to the
+generators every sync.interval steps (asyncrl/learner/whole.py), an evaluation of held-out
+accuracy is asked for every learner.eval_interval versions (asyncrl/learner/evals.py joins the
+answer by version when it comes: training never waits for it), and the step's row is written
+to RUN_DIR/metrics.jsonl through the run's Monitor (asyncrl/monitor.py) once its evaluation is
+joined; then checkpoints. Rank 0 does these (asyncrl/learner/lead.py); under fsdp every rank
+takes part in what needs the whole model (asyncrl/learner/whole.py: gathers for the push, the
+sharded checkpoints and hub-format exports, the final checksum).
 
 The algorithm (advantage estimator, off-policy correction, KL, entropy, critic, DAPO's
 dynamic sampling and overlong shaping) is chosen in config; asyncrl/learner/step.py applies it.
@@ -31,7 +32,6 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,8 +62,8 @@ def init_ranks(backend: str, timeout_s: float = 1800.0) -> None:
 
     torchrun's workers use the agent's TCPStore, and that store outlives a restart. The keys
     init_process_group writes carry no attempt number. A restarted rank can therefore read the
-    dead attempt's gloo or NCCL addresses, then fail with "connection refused" or wait. Seen on
-    CI: it used up every restart and then hung. Each attempt gets its own key prefix.
+    dead attempt's gloo or NCCL addresses, then fail with "connection refused" or wait until
+    every restart is used up. Each attempt gets its own key prefix.
 
     The group's timeout is explicit (learner.collective_timeout_s): the other ranks wait in
     their next collective while rank 0 pushes weights alone, which NCCL's
@@ -93,86 +93,34 @@ def compute_context(dtype: str, device: torch.device):
 
 def run(cfg: RunConfig, run_dir: Path) -> None:
     import torch.distributed as dist
-    from prometheus_client import CollectorRegistry
 
-    from asyncrl import metrics, transport
-    from asyncrl.sync.group import resolve_backend
+    from asyncrl.monitor import JsonlMonitor
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world != cfg.learner_world:
-        raise RuntimeError(f"torchrun started {world} ranks but learner.nproc x learner.nnodes="
-                           f"{cfg.learner_world}")
-    torch.set_num_threads(cfg.learner.threads)
-    torch.manual_seed(cfg.learner.seed)
-    # The device follows the backend: NCCL needs the weights on the GPU it broadcasts from,
-    # and a colocated (ipc) learner shares its GPU with the engine.
-    backend = resolve_backend(cfg.sync.backend)
-    device = (torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-              if backend in ("nccl", "ipc") else torch.device("cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        init_ranks("nccl" if device.type == "cuda" else "gloo", cfg.learner.collective_timeout_s)
-    registry = CollectorRegistry()
-    m = metrics.LearnerMetrics(registry)
-    metrics.serve(registry, cfg.net.bind_host, cfg.net.learner_metrics_port(rank))
-
+    device = _device(cfg, world)
+    m = _metrics(cfg, rank)
     ckpt = checkpoint.latest(run_dir)
     start = ckpt.step if ckpt is not None else 0
-    sharded_ckpt = ckpt is not None and checkpoint.is_sharded(ckpt)
-    # float32 master weights whatever model.dtype is (compute_context). A sharded checkpoint
-    # is loaded into the model once it is sharded, over the starting weights.
-    model, tok = load_policy(ckpt.path if ckpt is not None and not sharded_ckpt
-                             else cfg.model.path, "float32", device.type)
-    model.to(device).train()
-    compute = compute_context(cfg.model.dtype, device)
-    models = _build_models(cfg, model, device, world)
-    sched = warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)
-    if sharded_ckpt:
-        checkpoint.restore_sharded(ckpt, models, sched, rank)
-    elif ckpt is not None:
-        checkpoint.restore(ckpt, models, sched)
+    model, tok, models, sched = _restore(cfg, ckpt, device, world, rank)
     batch_log = BatchLog(run_dir, rank, start)
     if ckpt is not None:
         log.info("resumed from %s (restart %s): replaying %d logged steps, then step %d on",
                  ckpt.path, os.environ.get("TORCHELASTIC_RESTART_COUNT", "?"),
                  len(batch_log.logged), start + len(batch_log.logged) + 1)
-    ctx = transport.context()
-    keys = transport.keys_for(cfg.net, cfg.run_dir, "learner")
-    buffer = transport.Client(ctx, cfg.net.buffer_host, cfg.net.buffer_learner_port,
-                              f"learner{rank}", keys)
-    rules = BatchRules(cfg.generator.group_size, cfg.generator.max_tokens,
-                       getattr(model.config, "max_position_embeddings", None))
-    source = _Source(buffer, rules, model.get_input_embeddings().num_embeddings,
-                     m.messages_rejected, _Stop())
-    transport.Heartbeat(cfg.net.buffer_host, cfg.net.heartbeat_port,
-                        lambda: wire.encode("heartbeat", 0, sender=f"learner{rank}",
-                                            role="learner"),
-                        cfg.net.heartbeat_interval_s, keys).start()
+    source = _connect(cfg, rank, model, m)
     replay_end = max(batch_log.logged, default=start)
-    lead = Lead(cfg, run_dir, model, tok, m, ckpt, replay_end) if rank == 0 else None
+    lead = (Lead(cfg, run_dir, m, JsonlMonitor(run_dir / "metrics.jsonl"), ckpt, replay_end)
+            if rank == 0 else None)
     whole = Whole(cfg, run_dir, models, tok, lead, rank, device)
-    if lead is not None and not whole.every_rank:  # fsdp: _fetch(together=whole)
-        source.while_waiting = lead.keep_in_sync
+    compute = compute_context(cfg.model.dtype, device)
 
     for step in range(start + 1, cfg.learner.total_steps + 1):
         t0 = time.perf_counter()
-        if step in batch_log.logged:  # taken from the buffer before a restart: train it again
-            groups, dropped_total = batch_log.logged.pop(step)
-            waited, filtered = 0.0, 0
-        else:
-            with source.stop.holding():  # a stop signal waits until the batch is logged
-                groups, waited, filtered, dropped_total = _fetch(
-                    source, cfg, rank, step - 1, whole if whole.every_rank else None)
-                batch_log.append(step, groups, dropped_total)
+        groups, waited, filtered, dropped_total = _take(step, batch_log, source, cfg, rank,
+                                                        whole)
         batch = collate(groups, tok.pad_token_id).to(device)
-        if step == start + 1 and cfg.learner.pack_row_tokens > 0:
-            with compute:
-                worst = check_packing(model, batch.input_ids, batch.attention_mask,
-                                      batch.completion_mask, cfg.learner.pack_row_tokens,
-                                      1e-2 if cfg.model.dtype == "float32" else 0.25)
-            log.info("packed rows of %d tokens: logprobs within %.2g of padded ones",
-                     cfg.learner.pack_row_tokens, worst)
+        if step == start + 1:
+            _check_packing(cfg, model, batch, compute)
         with compute:
             stats = train_step(models, batch, cfg.learner, cfg.generator.temperature,
                                cfg.generator.max_tokens)
@@ -182,24 +130,125 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
         m.record_step(step, stats, batch.num_completion_tokens,
                       token_staleness(batch, step - 1), waited, step_seconds)
         last = step == cfg.learner.total_steps
+        # After the step, in this order: push, evaluate, write (rank 0's duties: lead.py).
         pushed = whole.push(step, due=step % cfg.sync.interval == 0 or last)
         if cfg.generator.eval_engine and evals.due(step, cfg.learner.eval_interval,
                                                    cfg.learner.total_steps):
-            whole.export_for_eval(step)  # before its row asks the evaluator for it
+            whole.export_for_eval(step)  # the evaluator's copy, before it is asked for
         if lead is not None:
-            lead.after_step(step, batch, stats, waited, step_seconds, pushed, groups)
+            lead.evaluate(step)
+            lead.write(lead.record(step, batch, stats, waited, step_seconds, pushed, groups))
         if step % cfg.learner.checkpoint_interval == 0 or last:
             whole.save_checkpoint(step, sched)
-        if cfg.learner.strategy == "fsdp" and (last or (cfg.learner.export_interval
-                                          and step % cfg.learner.export_interval == 0)):
-            checkpoint.export(run_dir / "export" / ("final" if last else f"step_{step}"),
-                              models.policy, tok, rank)
+        _export(cfg, run_dir, models, tok, rank, step, last)
     whole.finish_evals(cfg.learner.total_steps)
     sha256 = whole.checksum()
     if lead is not None:
         lead.finish(sha256)
     if world > 1:
         dist.destroy_process_group()
+
+
+def _take(step: int, batch_log: BatchLog, source: _Source, cfg: RunConfig, rank: int,
+          whole: Whole) -> tuple[list, float, int, int]:
+    """The step's groups: from the batch log when the step is replayed after a restart, else
+    from the buffer, logged before anything trains on them."""
+    if step in batch_log.logged:
+        groups, dropped_total = batch_log.logged.pop(step)
+        return groups, 0.0, 0, dropped_total
+    with source.stop.holding():  # a stop signal waits until the batch is logged
+        groups, waited, filtered, dropped_total = _fetch(source, cfg, rank, step - 1, whole)
+        batch_log.append(step, groups, dropped_total)
+    return groups, waited, filtered, dropped_total
+
+
+def _export(cfg: RunConfig, run_dir: Path, models, tok, rank: int, step: int,
+            last: bool) -> None:
+    """Under fsdp (sharded checkpoints) the hub-format weights every
+    learner.export_interval steps and at the end."""
+    interval = cfg.learner.export_interval
+    if cfg.learner.strategy == "fsdp" and (last or (interval and step % interval == 0)):
+        checkpoint.export(run_dir / "export" / ("final" if last else f"step_{step}"),
+                          models.policy, tok, rank)
+
+
+def _device(cfg: RunConfig, world: int) -> torch.device:
+    """The device follows the backend: NCCL needs the weights on the GPU it broadcasts from,
+    and a colocated (ipc) learner shares its GPU with the engine. Joins the ranks' group."""
+    from asyncrl.sync.group import resolve_backend
+
+    if world != cfg.learner_world:
+        raise RuntimeError(f"torchrun started {world} ranks but learner.nproc x learner.nnodes="
+                           f"{cfg.learner_world}")
+    torch.set_num_threads(cfg.learner.threads)
+    torch.manual_seed(cfg.learner.seed)
+
+    backend = resolve_backend(cfg.sync.backend)
+    device = (torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+              if backend in ("nccl", "ipc") else torch.device("cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        init_ranks("nccl" if device.type == "cuda" else "gloo", cfg.learner.collective_timeout_s)
+    return device
+
+
+def _metrics(cfg: RunConfig, rank: int):
+    from prometheus_client import CollectorRegistry
+
+    from asyncrl import metrics
+
+    registry = CollectorRegistry()
+    m = metrics.LearnerMetrics(registry)
+    metrics.serve(registry, cfg.net.bind_host, cfg.net.learner_metrics_port(rank))
+    return m
+
+
+def _restore(cfg: RunConfig, ckpt, device: torch.device, world: int, rank: int):
+    """The policy (float32 master weights whatever model.dtype is: compute_context), its
+    tokenizer, the models and optimizers the algorithm needs, and the LR schedule, from the
+    newest checkpoint if there is one. A sharded checkpoint is loaded into the model once it
+    is sharded, over the starting weights."""
+    sharded_ckpt = ckpt is not None and checkpoint.is_sharded(ckpt)
+    model, tok = load_policy(ckpt.path if ckpt is not None and not sharded_ckpt
+                             else cfg.model.path, "float32", device.type)
+    model.to(device).train()
+    models = _build_models(cfg, model, device, world)
+    sched = warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)
+    if sharded_ckpt:
+        checkpoint.restore_sharded(ckpt, models, sched, rank)
+    elif ckpt is not None:
+        checkpoint.restore(ckpt, models, sched)
+    return model, tok, models, sched
+
+
+def _connect(cfg: RunConfig, rank: int, model, m) -> _Source:
+    """The buffer client this rank fetches from, and its heartbeat to the buffer."""
+    from asyncrl import transport
+
+    keys = transport.keys_for(cfg.net, cfg.run_dir, "learner")
+    buffer = transport.Client(transport.context(), cfg.net.buffer_host,
+                              cfg.net.buffer_learner_port, f"learner{rank}", keys)
+    transport.Heartbeat(cfg.net.buffer_host, cfg.net.heartbeat_port,
+                        lambda: wire.encode("heartbeat", 0, sender=f"learner{rank}",
+                                            role="learner"),
+                        cfg.net.heartbeat_interval_s, keys).start()
+    rules = BatchRules(cfg.generator.group_size, cfg.generator.max_tokens,
+                       getattr(model.config, "max_position_embeddings", None))
+    return _Source(buffer, rules, model.get_input_embeddings().num_embeddings,
+                   m.messages_rejected, _Stop())
+
+
+def _check_packing(cfg: RunConfig, model, batch, compute) -> None:
+    """learner.pack_row_tokens: the first batch's logprobs packed equal the padded ones."""
+    if cfg.learner.pack_row_tokens <= 0:
+        return
+    with compute:
+        worst = check_packing(model, batch.input_ids, batch.attention_mask,
+                              batch.completion_mask, cfg.learner.pack_row_tokens,
+                              1e-2 if cfg.model.dtype == "float32" else 0.25)
+    log.info("packed rows of %d tokens: logprobs within %.2g of padded ones",
+             cfg.learner.pack_row_tokens, worst)
 
 
 def _build_models(cfg: RunConfig, model, device, world: int) -> Models:
@@ -277,28 +326,27 @@ class _Source:
     vocab_size: int
     rejected: Counter  # LearnerMetrics.messages_rejected, by reason
     stop: _Stop
-    # Rank 0, while the buffer has too little: keep weight sync going (see Lead.keep_in_sync).
-    while_waiting: Callable[[int], None] = lambda version: None
 
 
 def _fetch(source: _Source, cfg: RunConfig, rank: int, version: int,
-           together: Whole | None = None) -> tuple[list, float, int, int]:
-    """This rank's groups for a step at `version`, waiting until the buffer has enough.
-    With dynamic sampling, groups whose rewards are all equal are dropped (and counted) and
-    fetching goes on until the batch is full.
+           whole: Whole) -> tuple[list, float, int, int]:
+    """This rank's groups for a step at `version`, waiting until the buffer has enough, and
+    meanwhile keeping the generators in sync (Whole.keep_in_sync). With dynamic sampling,
+    groups whose rewards are all equal are dropped (and counted) and fetching goes on until
+    the batch is full.
 
-    `together` (learner.strategy=fsdp): rank 0 cannot push weights while the others wait
-    elsewhere, so every rank fetches in rounds, one request per round, and between rounds the
-    ranks agree whether all have their batch and, if not, let rank 0 bring a generator that
-    is behind up to date (Whole.keep_in_sync), all of them gathering.
+    Under learner.strategy=fsdp rank 0 cannot push weights while the others wait elsewhere,
+    so every rank fetches in rounds, one request per round, and between rounds the ranks
+    agree whether all have their batch and, if not, keep in sync together, all gathering.
     Returns (groups, seconds waited, groups filtered, buffer's stale-dropped total)."""
+    together = whole if whole.every_rank else None
     t0 = time.perf_counter()
     want = cfg.groups_per_rank
     kept: list = []
     dropped = dropped_total = 0
     while True:
         if len(kept) < want:
-            got = _request(source, cfg, rank, version, want - len(kept),
+            got = _request(source, cfg, rank, version, want - len(kept), whole,
                            once=together is not None, may_stop=not kept)
             if got is not None:
                 groups, dropped_total = got
@@ -320,7 +368,7 @@ def _fetch(source: _Source, cfg: RunConfig, rank: int, version: int,
 
 
 def _request(source: _Source, cfg: RunConfig, rank: int, version: int, num_groups: int,
-             once: bool = False, may_stop: bool = True) -> tuple[list, int] | None:
+             whole: Whole, once: bool = False, may_stop: bool = True) -> tuple[list, int] | None:
     """Ask until the buffer has num_groups groups (`once`: None after one answer without
     them). A reply that is not a usable batch is refused, counted and logged, and the request
     sent again: its groups are lost to training (the buffer handed them out), the step is
@@ -357,5 +405,5 @@ def _request(source: _Source, cfg: RunConfig, rank: int, version: int, num_group
             return msg.groups, msg.stale_dropped_total
         if once:
             return None
-        source.while_waiting(version)
+        whole.keep_in_sync(version)  # rank 0 of ddp; under fsdp it runs between rounds
         time.sleep(0.02)

@@ -34,8 +34,13 @@ class Whole:
         self._last_keep = 0.0
 
     def keep_in_sync(self, version: int) -> None:
-        """Every rank, between fetch rounds (fsdp): Lead.keep_in_sync, with every rank
-        gathering. Rank 0 looks at most once a second; the others follow its answer."""
+        """While waiting for data: a generator that restarted (a new incarnation, at version
+        0) samples data too stale to be trained on, so waiting for that data to step and push
+        would wait forever. Rank 0 looks at most once a second whether the session must
+        re-form or a generator is behind, and pushes `version` (the weights as they are) if
+        so; under fsdp the other ranks follow its answer and gather with it."""
+        if not self.every_rank and self.lead is None:
+            return
         now = time.monotonic()
         look = self.lead is not None and now - self._last_keep >= 1.0
         if look:
@@ -48,39 +53,50 @@ class Whole:
                      version)
 
     def push(self, version: int, due: bool, look: bool = True) -> tuple[float, int] | None:
-        """Push `version` if rank 0's sender says so (`look=False`: rank 0 does not even ask,
-        but the others still learn that). Under fsdp a collective of every rank."""
-        if not self.every_rank:
-            return (self.lead.sync(shard.unwrap(self.models.policy), version, due)
-                    if self.lead is not None else None)
-        # Rank 0 decides; every rank gathers; a failed push is retried once, as in sync().
-        sender = self.lead.sender if self.lead is not None else None
-        due = self.lead.push_due(due) if self.lead is not None else False
+        """Push `version` if rank 0's sender says so (`due`: sync.interval says it is time;
+        `look=False`: rank 0 does not even ask). Under fsdp a collective of every rank: rank
+        0 decides and every rank gathers. A failed push is retried once, the session
+        re-formed with the generators heard from since. Returns (seconds, bytes) or None."""
+        lead = self.lead
+        if lead is None and not self.every_rank:
+            return None  # ddp: rank 0 alone holds what is pushed
+        due = lead.push_due(due) if lead is not None else False
         for attempt in (1, 2):
-            wanted = sender is not None and look and sender.due(version, due)
-            if not shard.from_rank0(wanted, self.device):
+            wanted = lead is not None and look and lead.sender.due(version, due)
+            if self.every_rank:
+                wanted = shard.from_rank0(wanted, self.device)
+            if not wanted:
                 return None
-            tensors = shard.full_tensors(self.models.policy)
+            tensors = (shard.full_tensors(self.models.policy) if self.every_rank
+                       else weights.sendable(shard.unwrap(self.models.policy)))
             pushed = None
-            if sender is None:
-                for _ in tensors:
-                    pass
-            else:
-                specs = weights.specs_of(weights.sendable(shard.unwrap(self.models.policy)),
-                                         sender.dtype)
-                try:
-                    pushed = sender.push(version, specs, tensors)
-                except (RuntimeError, TimeoutError) as e:
-                    if attempt == 2:
+            try:
+                pushed = self._send(version, tensors)
+            except (RuntimeError, TimeoutError) as e:
+                if attempt == 2:
+                    if self.every_rank:
                         shard.from_rank0(False, self.device)
-                        raise
-                    log.warning("weight sync to version %d failed (%s); re-forming the group",
-                                version, e)
-            if shard.from_rank0(pushed is not None, self.device):
-                if due and self.lead is not None:
-                    self.lead.push_owed = False
+                    raise
+                log.warning("weight sync to version %d failed (%s); re-forming the session "
+                            "with the generators heard from after the failure", version, e)
+            ok = shard.from_rank0(pushed is not None, self.device) if self.every_rank \
+                else pushed is not None
+            if ok:
+                if due and lead is not None:
+                    lead.push_owed = False
                 return pushed
         return None
+
+    def _send(self, version: int, tensors) -> tuple[float, int] | None:
+        """Rank 0 pushes; the other ranks (fsdp) only take part in the gathers."""
+        if self.lead is None:
+            for _ in tensors:
+                pass
+            return None
+        sender = self.lead.sender
+        specs = weights.specs_of(weights.sendable(shard.unwrap(self.models.policy)),
+                                 sender.dtype)
+        return sender.push(version, specs, tensors)
 
     def export_for_eval(self, version: int) -> None:
         """generator.eval_engine: the weights of `version` in hub format for the evaluator
@@ -94,7 +110,7 @@ class Whole:
         checkpoint.export(weights_dir(self.run_dir / EVALS_DIR, version), self.models.policy,
                           self.tok, self.rank)
         if self.lead is not None:
-            self.lead.exported.exported = version
+            self.lead.evaluators.exported = version
             log.info("wrote version %d for the evaluator (%.2fs)", version,
                      time.perf_counter() - t0)
 
@@ -104,7 +120,7 @@ class Whole:
         fsdp the other ranks follow each round so that they gather with it for a push."""
         if not self.every_rank:
             if self.lead is not None:
-                self.lead.evals.finish(version, lambda: self.lead.keep_in_sync(version),
+                self.lead.evals.finish(version, lambda: self.keep_in_sync(version),
                                        self.cfg.sync.timeout_s)
             return
         if self.lead is not None:

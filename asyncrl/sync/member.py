@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from asyncrl import wire
 
@@ -32,16 +32,39 @@ class LearnerFinished(Exception):
     """The learner said training is over (a `shutdown` message)."""
 
 
+class InFlight(Protocol):
+    """What runs in the engine while weights load (asyncrl/generator/stream.py's Rollout)."""
+
+    def before_update(self, version: int) -> None: ...
+
+    def after_update(self) -> None: ...
+
+
+@dataclass
+class Loaded:
+    version: int
+    seconds: float
+    nbytes: int
+
+
+@dataclass
+class Served:
+    """What one `serve` call did: the versions the learner asked to have evaluated (the
+    generator evaluates the version it holds and answers with report_eval), and the loads."""
+
+    asked: list[int] = field(default_factory=list)
+    loaded: list[Loaded] = field(default_factory=list)
+
+
 class SyncMember:
     def __init__(self, control, engine, name: str, sync_rank: int, incarnation: str,
                  host: str, store_port: int, backend: str, timeout_s: float,
                  hello_interval_s: float, alone_timeout_s: float,
-                 on_loaded: Callable[[int, float, int], None],
                  max_weight_bytes: int = wire.MAX_WEIGHT_BYTES, rejected: Counter | None = None):
         """control: a transport.Client to learner rank 0's sync control port. engine: has
         init_sync / leave_sync / receive_weights (asyncrl.generator.engine.VLLMEngine).
         alone_timeout_s: fail when no session has been joined for this long (the learner is
-        gone). on_loaded(version, seconds, bytes) runs after every load. max_weight_bytes: a
+        gone). max_weight_bytes: a
         push announcing more is refused before anything is allocated
         (asyncrl.sync.weights.push_bytes_bound). rejected: counts refused control frames by
         reason (GeneratorMetrics.messages_rejected)."""
@@ -49,19 +72,12 @@ class SyncMember:
         self.name, self.sync_rank, self.incarnation = name, sync_rank, incarnation
         self.host, self.store_port, self.backend, self.timeout_s = (host, store_port, backend,
                                                                    timeout_s)
-        self.hello_interval_s, self.on_loaded = hello_interval_s, on_loaded
+        self.hello_interval_s = hello_interval_s
         self.alone_timeout_s = alone_timeout_s
         self.max_weight_bytes, self.rejected = max_weight_bytes, rejected
         self.alone_since = time.monotonic()
         self.session = ""
         self.version = 0
-        # Run around every load, between two engine steps (asyncrl/generator/stream.py: what
-        # happens to requests in flight); no-ops for batch generation.
-        self.before_load: Callable[[], None] = lambda: None
-        self.after_load: Callable[[], None] = lambda: None
-        # An eval_request from the learner (the version it asks for); the generator evaluates
-        # the version it holds and answers with report_eval (asyncrl/generator/evaluate.py).
-        self.on_eval_request: Callable[[int], None] = lambda version: None
         self._last_hello = float("-inf")
 
     def hello(self, force: bool = False) -> None:
@@ -72,15 +88,18 @@ class SyncMember:
                 "generator_hello", self.version, sender=self.name, sync_rank=self.sync_rank,
                 incarnation=self.incarnation, session=self.session))
 
-    def serve(self, timeout_s: float) -> None:
+    def serve(self, timeout_s: float, inflight: InFlight | None = None) -> Served:
         """Say hello if due, then handle every control message waiting (or arriving within
-        timeout_s). Raises TimeoutError after alone_timeout_s without a session."""
+        timeout_s): join a session, load a push (`inflight`, what runs in the engine, is told
+        before and after: between two engine steps), note an evaluation asked for. Raises
+        TimeoutError after alone_timeout_s without a session, LearnerFinished on shutdown."""
         self.hello()
         if not self.session and time.monotonic() - self.alone_since > self.alone_timeout_s:
             raise TimeoutError(
                 f"{self.name}: no weight-sync session from the learner at "
                 f"{self.control.addr} for {self.alone_timeout_s:.0f}s (net.learner_host; the "
                 "limit is net.ready_timeout_s)")
+        served = Served()
         while (frame := self.control.poll(timeout_s)) is not None:
             timeout_s = 0.0
             try:
@@ -92,14 +111,15 @@ class SyncMember:
             if msg.kind == "shutdown":
                 raise LearnerFinished(msg.reason)
             if msg.kind == "eval_request":
-                self.on_eval_request(msg.policy_version)
+                served.asked.append(msg.policy_version)
             elif msg.kind == "sync_join":
                 self._join(msg.session, msg.world_size, msg.token)
             elif msg.session != self.session:
                 log.warning("%s: ignored a weight update for session %s (we are in %r)",
                             self.name, msg.session, self.session)
-            else:
-                self._receive(msg)
+            elif (loaded := self._receive(msg, inflight)) is not None:
+                served.loaded.append(loaded)
+        return served
 
     def report_eval(self, asked: int, version: int, accuracy: float, problems: int,
                     seconds: float) -> None:
@@ -127,7 +147,7 @@ class SyncMember:
             self.rejected.labels(reason).inc()
         log.warning("%s: %s", self.name, why)
 
-    def _receive(self, msg: wire.WeightsUpdate) -> None:
+    def _receive(self, msg: wire.WeightsUpdate, inflight: InFlight | None) -> Loaded | None:
         version = msg.policy_version
         nbytes = wire.spec_bytes(msg.tensors)
         if nbytes > self.max_weight_bytes:  # refused before the engine allocates anything
@@ -135,23 +155,26 @@ class SyncMember:
                          f"{nbytes} bytes, more than this model can hold "
                          f"({self.max_weight_bytes}); refused")
             self._leave("the announced update cannot be received")
-            return
+            return None
         if version < self.version:
             log.error("%s: learner pushed version %d but we hold %d; loading it anyway",
                       self.name, version, self.version)
-        self.before_load()
+        if inflight is not None:
+            inflight.before_update(self.version)
         try:
             seconds, nbytes = self.engine.receive_weights(msg.tensors, msg.ipc,
                                                           msg.bucket_bytes)
         except Exception as e:  # peer died mid-push: the buckets before it are loaded
-            self.after_load()
+            if inflight is not None:
+                inflight.after_update()
             self._leave(f"weight update to version {version} failed: {e}")
-            return
+            return None
         self.version = version
         self.control.try_send(wire.encode("weights_loaded", version, sender=self.name,
                                           session=self.session, seconds=seconds))
-        self.on_loaded(version, seconds, nbytes)
-        self.after_load()
+        if inflight is not None:
+            inflight.after_update()
+        return Loaded(version, seconds, nbytes)
 
     def _leave(self, why: str) -> None:
         log.warning("%s: %s; keeping policy version %d and waiting for the learner to form a "

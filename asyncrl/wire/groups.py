@@ -27,6 +27,9 @@ class Completion:
     # (T,) int64, the policy version that sampled each token (a completion generated across
     # a weight update spans several); None: every token at its group's policy_version.
     versions: np.ndarray | None = None
+    # The parts the scorer made `reward` of (each reward function unweighted, a reward model's
+    # score), by name; None: not given. Every completion of a message has the same names.
+    reward_parts: dict[str, float] | None = None
 
 
 @dataclass
@@ -56,11 +59,13 @@ class TrajectoryGroup:
 _ARRAY_COLUMNS = {
     "prompt_id": "iu", "policy_version": "iu", "created_at": "f", "prompt_len": "iu",
     "group_size": "iu", "length": "iu", "reward": "f", "prompt_tokens": "iu", "tokens": "iu",
-    "logprobs": "f", "seq": "i", "index": "i", "version_lag": "iu",
+    "logprobs": "f", "seq": "i", "index": "i", "version_lag": "iu", "reward_parts": "f",
 }
 # column -> longest string allowed (per group: generator, incarnation; per completion:
 # finish_reason)
-_STRING_COLUMNS = {"generator": MAX_NAME, "incarnation": MAX_NAME, "finish_reason": 32}
+_STRING_COLUMNS = {"generator": MAX_NAME, "incarnation": MAX_NAME, "finish_reason": 32,
+                   "reward_part_names": MAX_NAME}
+MAX_REWARD_PARTS = 32  # names in reward_part_names
 _MAX_LENGTH = 2**31 - 1  # one prompt, one completion, one group: fits int32
 
 
@@ -92,7 +97,18 @@ def group_columns(groups: list[TrajectoryGroup]) -> dict:
                             for g in groups for c in g.completions], "int32"),
         "reward": np.array([c.reward for c in comps], np.float64),
         "finish_reason": [c.finish_reason for c in comps],
+        **_reward_part_columns(comps),
     }
+
+
+def _reward_part_columns(comps: list[Completion]) -> dict:
+    """reward_part_names, and reward_parts: one row of that many values per completion."""
+    names = next((list(c.reward_parts) for c in comps if c.reward_parts), [])
+    if any(list(c.reward_parts or ()) != names for c in comps):
+        raise ValueError("every completion of a message must carry the same reward parts")
+    return {"reward_part_names": names,
+            "reward_parts": np.array([[c.reward_parts[k] for k in names] for c in comps]
+                                     if names else [], np.float64).reshape(-1)}
 
 
 def _typed_columns(cols: Any) -> dict:
@@ -160,8 +176,15 @@ def _check_group_columns(c: dict) -> None:
 
 def _check_sums(c: dict) -> None:
     """Group sizes add up to the per-completion columns' length, prompt and completion lengths
-    to the concatenated token columns'."""
+    to the concatenated token columns'; one row of reward parts per completion."""
     n_comps = len(c["length"])
+    names = c["reward_part_names"]
+    if len(names) > MAX_REWARD_PARTS or len(set(names)) != len(names):
+        raise MessageError("bad_value", f"groups.reward_part_names: more than "
+                                        f"{MAX_REWARD_PARTS} or repeated")
+    if len(c["reward_parts"]) != n_comps * len(names):
+        raise MessageError("inconsistent", f"groups.reward_parts has {len(c['reward_parts'])} "
+                                           f"values, expected {n_comps} x {len(names)}")
     if int(c["group_size"].sum()) != n_comps or len(c["reward"]) != n_comps:
         raise MessageError("inconsistent", f"group sizes add up to {int(c['group_size'].sum())}, "
                                            f"length has {n_comps}, reward {len(c['reward'])}")
@@ -189,8 +212,8 @@ def _check_values(c: dict) -> None:
         logprobs = c["logprobs"] = c["logprobs"].astype(np.float32, copy=False)
     if len(c["tokens"]) and not (np.isfinite(logprobs).all() and (logprobs <= 1e-4).all()):
         raise MessageError("bad_logprob", "groups.logprobs not finite or > 0")
-    if not np.isfinite(c["reward"]).all():
-        raise MessageError("bad_reward", "groups.reward not finite")
+    if not (np.isfinite(c["reward"]).all() and np.isfinite(c["reward_parts"]).all()):
+        raise MessageError("bad_reward", "groups.reward or groups.reward_parts not finite")
     if not np.isfinite(c["created_at"]).all():
         raise MessageError("bad_value", "groups.created_at not finite")
     if not (_within(c["seq"], -1, INT64_MAX - 1) and _within(c["index"], -1, _MAX_LENGTH)):
@@ -233,10 +256,14 @@ def parse_groups(cols: Any, vocab_size: int | None = None) -> list[TrajectoryGro
     arrays are read-only views of the frame)."""
     c = _checked_columns(cols, vocab_size)
     length, group_size = c["length"], c["group_size"]
-    comps = [Completion(t, lp, r, f, v) for t, lp, r, f, v in zip(
-        _split(c["tokens"].astype(np.int32, copy=False), length),
-        _split(c["logprobs"], length), c["reward"].tolist(), c["finish_reason"],
-        _split(c["versions"], length), strict=True)]
+    names = c["reward_part_names"]
+    parts = (c["reward_parts"].reshape(len(length), len(names)).tolist() if names
+             else [None] * len(length))
+    comps = [Completion(t, lp, r, f, v, dict(zip(names, p)) if p is not None else None)
+             for t, lp, r, f, v, p in zip(
+                 _split(c["tokens"].astype(np.int32, copy=False), length),
+                 _split(c["logprobs"], length), c["reward"].tolist(), c["finish_reason"],
+                 _split(c["versions"], length), parts, strict=True)]
     ends = np.cumsum(group_size).tolist()
     return [TrajectoryGroup(pid, prompt, version, comps[end - size : end], gen, created, inc,
                             seq, index)

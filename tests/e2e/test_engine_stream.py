@@ -5,7 +5,7 @@ sync probe) in the middle that loses none of the other requests' tokens."""
 import pytest
 
 from asyncrl.config import load_config
-from asyncrl.generator.stream import Streamer
+from asyncrl.generator.stream import Rollout, SampleGroup
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -26,17 +26,17 @@ PROMPT = [1, 20, 21, 14, 22, 23, 30]
 
 
 def test_requests_added_while_others_run_all_finish_with_their_logprobs(engine):
-    s = Streamer(engine, group_size=4, temperature=1.0, max_tokens=12, max_inflight=8,
-                 inflight_update="keep", clock=lambda: 0.0)
-    s.start("A", PROMPT, version=0)
+    s = Rollout(engine, max_inflight=8, inflight_update="keep", clock=lambda: 0.0)
+    s.start(SampleGroup("A", PROMPT, 0, 4, 1.0, 12, 0.0))
     s.step(0)
     s.step(0)
-    s.start("B", PROMPT, version=0)  # continuous batching: B joins A mid-flight
+    s.start(SampleGroup("B", PROMPT, 0, 4, 1.0, 12, 0.0))  # continuous batching: B joins A
     probe = engine.generate([PROMPT], 1, 1.0, 6, seed=0)[0][0]  # steps A and B too
     assert 1 <= len(probe.tokens) <= 6 and len(probe.logprobs) == len(probe.tokens)
     back = []
     while s.busy:
-        back += s.step(1)
+        s.step(1)
+        back += s.take_finished()
     assert [g.key for g in back] == ["A", "B"]
     for g in back:
         for seq in g.seqs:
@@ -49,18 +49,18 @@ def test_requests_added_while_others_run_all_finish_with_their_logprobs(engine):
 
 
 def test_abort_mode_continues_every_sequence_to_its_full_length(engine):
-    s = Streamer(engine, group_size=2, temperature=1.0, max_tokens=12, max_inflight=8,
-                 inflight_update="abort", clock=lambda: 0.0)
-    s.start("A", PROMPT, version=0)
+    s = Rollout(engine, max_inflight=8, inflight_update="abort", clock=lambda: 0.0)
+    s.start(SampleGroup("A", PROMPT, 0, 2, 1.0, 12, 0.0))
     s.step(0)
     s.step(0)
-    before = [list(seq.tokens) for seq in s.groups[0].seqs]
+    before = [list(seq.tokens) for seq in s.units[0].seqs]
     s.before_update(0)
     assert not engine.has_unfinished()
     s.after_update()
     back = []
     while s.busy:
-        back += s.step(1)
+        s.step(1)
+        back += s.take_finished()
     for seq, prefix in zip(back[0].seqs, before):
         assert seq.tokens[: len(prefix)] == prefix  # kept what was sampled before the abort
         assert set(seq.versions[len(prefix):]) <= {1}

@@ -302,7 +302,7 @@ def test_a_generator_control_socket_survives_hostile_sealed_frames(tmp_path):
     limit = 2**20
     member = SyncMember(transport.Client(ctx, HOST, base + 2, "gen0", keys), engine, "gen0", 1,
                         "inc", HOST, base + 3, "gloo", 5.0, hello_interval_s=3600.0,
-                        alone_timeout_s=3600.0, on_loaded=lambda *a: None,
+                        alone_timeout_s=3600.0,
                         max_weight_bytes=limit, rejected=m.messages_rejected)
     heard: list[dict] = []
     ident = [b""]  # the member's routing id, from its last message

@@ -1,4 +1,4 @@
-"""generator.eval_engine without an engine: the learner's side (ExportedEvals under RemoteEvals,
+"""generator.eval_engine without an engine: the learner's side (FileEvaluators under RemoteEvals,
 through real files in a run directory), the evaluator's file protocol (pending requests,
 results, bad files set aside), the config and the launcher's role, and the tied lm_head that
 a directory load must give back (asyncrl/sync/weights.py dir_tensors)."""
@@ -11,14 +11,14 @@ import torch
 from asyncrl.config import ConfigError, load_config
 from asyncrl.generator import eval_engine as files
 from asyncrl.launcher import role_commands
-from asyncrl.learner.evals import ExportedEvals, RemoteEvals
+from asyncrl.learner.evals import FileEvaluators, RemoteEvals
+from tests.helpers.evals import Rows
 
 
 def _evals(run_dir, interval=2, total=4, timeout_s=100.0, now=lambda: 0.0):
-    rows, accs, slept = [], [], []
-    ex = ExportedEvals(run_dir, sleep=slept.append)
-    ev = RemoteEvals(ex, interval, total, timeout_s, rows.append, accs.append, clock=now,
-                     hold_pushes=False)
+    rows, accs, slept = Rows(), [], []
+    ex = FileEvaluators(run_dir, sleep=slept.append)
+    ev = RemoteEvals(ex, interval, total, timeout_s, rows, accs.append, clock=now)
     return ex, ev, rows, accs, slept
 
 
@@ -42,11 +42,11 @@ def test_asks_are_files_and_answers_join_their_rows_in_order(tmp_path):
     _step(ex, ev, 1, exported=False)
     _step(ex, ev, 2, exported=True)
     assert files.pending_asks(evals) == [0, 2] and rows == []  # row 0 waits, the rest behind
-    ex.poll(0.2)
+    ev.poll(0.2)
     assert slept == [0.2] and rows == []  # nothing answered yet: it waited, nothing joined
     _answer(tmp_path, 0, 0.25)
     _answer(tmp_path, 2, 0.5)
-    ex.poll()
+    ev.poll()
     assert [(r["step"], r.get("eval_accuracy"), r.get("eval_by")) for r in rows] == [
         (0, 0.25, "evaluator"), (1, None, None), (2, 0.5, "evaluator")]
     assert accs == [0.25, 0.5] and files.pending_asks(evals) == []
@@ -57,7 +57,7 @@ def test_a_version_not_written_yet_is_not_asked_for(tmp_path):
     ex, ev, rows, _, _ = _evals(tmp_path)
     _step(ex, ev, 0, exported=False)
     _answer(tmp_path, 0, 0.1)
-    ex.poll()
+    ev.poll()
     _step(ex, ev, 1, exported=False)
     _step(ex, ev, 2, exported=False)  # due, but its weights are not there: no ask
     assert files.pending_asks(tmp_path / "evals") == [] and 2 not in ev.pending
@@ -74,7 +74,7 @@ def test_an_unanswered_request_is_given_up_and_a_late_answer_not_joined(tmp_path
     ev.check()
     assert [r["step"] for r in rows] == [0] and "eval_accuracy" not in rows[0]
     _answer(tmp_path, 0, 0.9)
-    ex.poll()
+    ev.poll()
     assert accs == [] and "eval_accuracy" not in rows[0]
 
 
@@ -82,7 +82,7 @@ def test_a_bad_result_file_is_not_joined(tmp_path):
     ex, ev, rows, accs, _ = _evals(tmp_path)
     _step(ex, ev, 0, exported=False)
     files.result_path(tmp_path / "evals", 0).write_text('{"version": 0, "accuracy": 7}')
-    ex.poll()
+    ev.poll()
     assert accs == [] and rows == []  # still pending: given up after sync.timeout_s
 
 
@@ -139,6 +139,7 @@ def test_a_tied_lm_head_comes_back_from_a_directory(tmp_path):
 class _Polled:
     def __init__(self):
         self.polls = 0
+        self.expected, self.eval_results = ["gen0"], []
 
     def poll(self, timeout_s=0.0):
         self.polls += 1
@@ -147,17 +148,14 @@ class _Polled:
 def _lead(tmp_path, eval_engine):
     """Lead.push_due's state without its sockets: a sender, the evaluator's files or not,
     and one evaluation outstanding."""
+    from asyncrl.learner.evals import GeneratorEvaluators
     from asyncrl.learner.lead import Lead
 
     lead = object.__new__(Lead)
     lead.sender, lead.push_owed = _Polled(), False
-    if eval_engine:
-        lead.exported = ExportedEvals(tmp_path)
-        lead.evals = RemoteEvals(lead.exported, 2, 4, 100.0, lambda r: None,
-                                 lambda a: None, hold_pushes=False)
-    else:
-        lead.exported = None
-        lead.evals = RemoteEvals(lead.sender, 2, 4, 100.0, lambda r: None, lambda a: None)
+    lead.evaluators = (FileEvaluators(tmp_path) if eval_engine
+                       else GeneratorEvaluators(lead.sender))
+    lead.evals = RemoteEvals(lead.evaluators, 2, 4, 100.0, Rows(), lambda a: None)
     lead.evals.pending[0] = object()  # asked, not answered
     lead.evals.check = lambda: None
     return lead

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from asyncrl import wire
 from asyncrl.generator.engine import Delta
 from asyncrl.generator.evaluate import Evaluator
-from asyncrl.generator.stream import Streamer
-from asyncrl.learner.evals import RemoteEvals
+from asyncrl.generator.stream import EvalBatch, Rollout, SampleGroup
+from asyncrl.learner.evals import GeneratorEvaluators, RemoteEvals
+from tests.helpers.evals import Rows
 
 
 @dataclass
@@ -17,14 +18,17 @@ class _Member:
 
 
 class FakeSender:
-    """What RemoteEvals uses of WeightSender: expected, versions(), members, ask_eval, poll."""
+    """What GeneratorEvaluators uses of WeightSender: expected, versions(), members, ask_eval,
+    poll, eval_results. `answer` is a generator's eval_result arriving; the learner polls for
+    it at once (`evals`)."""
 
     def __init__(self, names=("gen0",)):
         self.expected = list(names)
         self.held = {n: 0 for n in names}
         self.members = {n: _Member("a") for n in names}
         self.asked: list[tuple[str, int]] = []
-        self.on_eval_result = None
+        self.eval_results = []
+        self.evals = None
 
     def versions(self):
         return dict(self.held)
@@ -37,14 +41,18 @@ class FakeSender:
         pass
 
     def answer(self, asked, version=None, accuracy=0.5, name="gen0"):
-        self.on_eval_result(wire.EvalResult(asked if version is None else version, sender=name,
-                                            asked=asked, accuracy=accuracy, problems=8,
-                                            seconds=0.1))
+        self.eval_results.append(wire.EvalResult(asked if version is None else version,
+                                                 sender=name, asked=asked, accuracy=accuracy,
+                                                 problems=8, seconds=0.1))
+        if self.evals is not None:
+            self.evals.poll()
 
 
 def _evals(sender, interval=2, total=6, timeout_s=100.0, clock=lambda: 0.0):
-    rows, accs = [], []
-    ev = RemoteEvals(sender, interval, total, timeout_s, rows.append, accs.append, clock=clock)
+    rows, accs = Rows(), []
+    ev = RemoteEvals(GeneratorEvaluators(sender), interval, total, timeout_s, rows,
+                     accs.append, clock=clock)
+    sender.evals = ev
     return ev, rows, accs
 
 
@@ -195,14 +203,26 @@ def _evaluator(n=4, answers=None):
                      clock=iter(range(10**6)).__next__)
 
 
+def _rollout(eng, mode="keep", max_inflight=2):
+    return Rollout(eng, max_inflight, mode, clock=lambda: 0.0)
+
+
+def _group(r, key, version, max_tokens=3):
+    return r.start(SampleGroup(key, [1], version, 2, 1.0, max_tokens, 0.0))
+
+
+def _evals_done(r):
+    return [u for u in r.take_finished() if isinstance(u, EvalBatch)]
+
+
 def test_evaluation_requests_are_greedy_and_outside_the_training_budget():
     eng = FakeEngine()
-    s = Streamer(eng, 2, 1.0, 3, 2, "keep", clock=lambda: 0.0)
-    s.start("A", [1], 0)
+    s = _rollout(eng)
+    _group(s, "A", 0)
     ev = _evaluator()
     ev.ask(0)
     assert ev.start(s, 0)
-    assert not s.room() and len(s.running) == 2 and len(s.eval_running) == 4
+    assert not s.room(2) and len(s.running) == 6 and s.budgeted_running() == 2
     assert sorted(eng.temperatures.values()) == [0.0] * 4 + [1.0] * 2
 
 
@@ -210,24 +230,25 @@ def test_an_update_lets_a_running_evaluation_finish_under_the_weights_it_evaluat
     for mode in ("keep", "abort", "drain"):
         eng = FakeEngine(length=3)
         eng.weights = 1
-        s = Streamer(eng, 2, 1.0, 10, 4, mode, clock=lambda: 0.0)
-        s.start("A", [1], 1)
+        s = _rollout(eng, mode, max_inflight=4)
+        _group(s, "A", 1, max_tokens=10)
         ev = _evaluator()
         ev.ask(1)
         ev.start(s, 1)
         s.step(1)
-        assert ev.collect(s.take_evals()) is None  # one token each so far
+        assert _evals_done(s) == []  # one token each so far
         s.before_update(1)  # a push of version 2 arrives mid-evaluation
-        assert not s.eval_running, mode
+        assert not any(isinstance(u, EvalBatch) for u, _ in s.running.values()), mode
         eng.weights = 2
         s.after_update()
-        r = ev.collect(s.take_evals())
+        (batch,) = _evals_done(s)
+        r = ev.collect(batch)
         assert (r.asked, r.version, r.accuracy, r.problems) == (1, 1, 1.0, 4), mode
 
 
 def test_an_evaluation_spanning_two_versions_is_refused():
     eng = FakeEngine()
-    s = Streamer(eng, 2, 1.0, 3, 4, "keep", clock=lambda: 0.0)
+    s = _rollout(eng, max_inflight=4)
     ev = _evaluator(n=1)
     ev.ask(0)
     ev.start(s, 0)
@@ -235,7 +256,7 @@ def test_an_evaluation_spanning_two_versions_is_refused():
     s.step(1)  # a bug that loaded weights without before_update
     s.step(1)
     try:
-        ev.collect(s.take_evals())
+        ev.collect(_evals_done(s)[0])
     except RuntimeError as e:
         assert "versions [0, 1]" in str(e)
     else:
@@ -244,14 +265,14 @@ def test_an_evaluation_spanning_two_versions_is_refused():
 
 def test_requests_asked_while_one_runs_wait_their_turn_and_batch_mode_blocks():
     eng = FakeEngine()
-    s = Streamer(eng, 2, 1.0, 3, 4, "keep", clock=lambda: 0.0)
+    s = _rollout(eng, max_inflight=4)
     ev = _evaluator(n=2)
     ev.ask(0)
     ev.ask(1)
     assert ev.start(s, 0) and not ev.start(s, 0)
-    while s.eval_running:
+    while s.busy:
         s.step(0)
-    assert ev.collect(s.take_evals()).asked == 0
+    assert ev.collect(_evals_done(s)[0]).asked == 0
     eng.weights = 1
     r = ev.run_blocking(eng, 1)  # batch generation: one generate call
     assert (r.asked, r.version, r.accuracy) == (1, 1, 1.0) and ev.run_blocking(eng, 1) is None

@@ -1,12 +1,13 @@
-"""Streaming generation logic with a fake engine: continuous batching, groups handed back as
-soon as they finish, per-token versions, and the three in-flight update modes."""
+"""The rollout with a fake engine: continuous batching, groups handed back as soon as they
+finish, per-token versions, the three in-flight update modes, and a unit kind whose finished
+sequence leads to another request (the seam of multi-turn episodes)."""
 
 import random
 
 import pytest
 
 from asyncrl.generator.engine import Delta
-from asyncrl.generator.stream import Streamer
+from asyncrl.generator.stream import Rollout, SampleGroup, Sequence, Unit
 
 
 class FakeEngine:
@@ -46,10 +47,36 @@ class FakeEngine:
             self.requests.pop(rid, None)
 
 
+class _Streamer(Rollout):
+    """The rollout with SampleGroups of one size, stepped and taken in one call."""
+
+    def __init__(self, engine, mode, max_inflight, group_size, max_tokens):
+        t = iter(range(10**6))
+        super().__init__(engine, max_inflight, mode, clock=lambda: float(next(t)))
+        self.group_size, self.max_tokens = group_size, max_tokens
+
+    def start(self, key, prompt, version):
+        return super().start(SampleGroup(key, prompt, version, self.group_size, 1.0,
+                                         self.max_tokens, self.clock()))
+
+    def room(self):
+        return super().room(self.group_size)
+
+    def step(self, version):
+        super().step(version)
+        return self.take_finished()
+
+    def before_update(self, version):
+        super().before_update(version)
+        return self.take_finished()
+
+    @property
+    def groups(self):
+        return self.units
+
+
 def _streamer(engine, mode="keep", max_inflight=8, group_size=2, max_tokens=10):
-    t = iter(range(10**6))
-    return Streamer(engine, group_size, 1.0, max_tokens, max_inflight, mode,
-                    clock=lambda: float(next(t)))
+    return _Streamer(engine, mode, max_inflight, group_size, max_tokens)
 
 
 def test_groups_come_back_as_they_finish_while_others_keep_running():
@@ -150,3 +177,31 @@ def test_many_groups_of_random_lengths_all_come_back_exactly_once():
         for seq in g.seqs:
             assert len(seq.tokens) == len(seq.versions) == len(seq.logprobs) <= 30
             assert seq.versions == sorted(seq.versions)
+
+
+class _TwoTurns(Unit):
+    """A unit whose first sequence, once finished, leads to a second request that continues
+    from it (prompt, sampled tokens, an injected observation), as an episode's next turn."""
+
+    def __init__(self, prompt):
+        super().__init__([Sequence(list(prompt), 3)])
+
+    def sequence_done(self, seq):
+        if len(self.seqs) == 1:
+            return [Sequence(seq.prompt + seq.tokens + [99], 3)]
+        return []
+
+
+def test_a_finished_sequence_can_lead_to_the_next_request_of_its_unit():
+    eng = FakeEngine([3, 3])
+    r = Rollout(eng, 8, "keep", clock=lambda: 0.0)
+    unit = r.start(_TwoTurns([5]))
+    for v in range(3):
+        r.step(v)
+    assert r.take_finished() == [] and r.busy  # the second turn is running
+    for v in range(3, 6):
+        r.step(v)
+    assert r.take_finished() == [unit] and not r.busy
+    first, second = unit.seqs
+    assert eng.added[1][1] == [5] + first.tokens + [99]  # exactly the ids so far, no re-encode
+    assert first.versions == [0, 1, 2] and second.versions == [3, 4, 5]

@@ -197,3 +197,29 @@ def test_the_learner_step_applies_algo_and_writes_no_equation_of_its_own():
              if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
     assert calls & banned == set(), calls & banned
     assert "entropy_bonus_loss" in src and "(entropy * m)" not in src
+
+
+def test_no_function_in_the_package_is_longer_than_60_lines():
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 60:
+                    long.append(f"{name}.{node.name}: {n} lines")
+    assert long == [], "split these: " + "; ".join(long)
+
+
+def test_no_callback_is_installed_by_assigning_an_attribute():
+    """What a role reacts to is returned to its loop or passed in explicitly, so a reader
+    sees every call: no `obj.on_x = ...`, `obj.before_x = ...`, `obj.after_x = ...`."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign):
+                for t in node.targets:
+                    if (isinstance(t, ast.Attribute) and not (isinstance(t.value, ast.Name)
+                                                               and t.value.id == "self")
+                            and t.attr.startswith(("on_", "before_", "after_", "while_"))):
+                        found.append(f"{name}:{node.lineno} .{t.attr}")
+    assert found == [], found

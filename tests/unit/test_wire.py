@@ -38,7 +38,8 @@ def test_groups_travel_as_a_few_raw_byte_columns_not_lists():
     arrays = {k for k, v in columns.items() if isinstance(v, msgpack.ExtType)}
     # One array per field for the whole message, however many groups and completions.
     assert arrays == {"prompt_id", "policy_version", "created_at", "prompt_len", "prompt_tokens",
-                      "group_size", "length", "tokens", "logprobs", "reward", "seq", "index", "version_lag"}
+                      "group_size", "length", "tokens", "logprobs", "reward", "seq", "index", "version_lag",
+                      "reward_parts"}
     assert len(columns["tokens"].data) >= 4 * 1000 * 8 * 4
     assert columns["finish_reason"] == ["stop", "stop"] * 16
     decoded = wire.decode(frame).groups
@@ -227,3 +228,49 @@ def test_every_token_carries_the_version_that_sampled_it():
     with pytest.raises(wire.MessageError) as e:
         wire.decode(bad)
     assert e.value.reason == "bad_version"
+
+
+def _with_parts(parts_per_completion):
+    g = _group(n=len(parts_per_completion))
+    for c, p in zip(g.completions, parts_per_completion):
+        c.reward_parts = p
+    return g
+
+
+def test_reward_parts_travel_with_each_completion():
+    g = _with_parts([{"correctness": 1.0, "xmlcount": 0.25}, {"correctness": 0.0, "xmlcount": 0.5}])
+    out = wire.decode(wire.encode("trajectories", 3, sender="gen0", incarnation="a", seq=1,
+                                  groups=[g, _with_parts([{"correctness": 1.0, "xmlcount": 0.0}])]))
+    assert [c.reward_parts for gr in out.groups for c in gr.completions] == [
+        {"correctness": 1.0, "xmlcount": 0.25}, {"correctness": 0.0, "xmlcount": 0.5},
+        {"correctness": 1.0, "xmlcount": 0.0}]
+    plain = wire.decode(wire.encode("trajectories", 3, sender="gen0", incarnation="a", seq=1,
+                                    groups=[_group()]))
+    assert all(c.reward_parts is None for c in plain.groups[0].completions)
+
+
+def test_completions_with_other_reward_parts_are_not_encoded_together():
+    g = _with_parts([{"correctness": 1.0}, {"xmlcount": 0.5}])
+    with pytest.raises(ValueError, match="same reward parts"):
+        wire.encode("trajectories", 3, sender="gen0", incarnation="a", seq=1, groups=[g])
+
+
+@pytest.mark.parametrize("change,reason", [
+    (lambda c: c.update(reward_parts=c["reward_parts"][:-1]), "inconsistent"),
+    (lambda c: c.update(reward_parts=np.array([1.0, math.nan, 0.0, 1.0])), "bad_reward"),
+    (lambda c: c.update(reward_part_names=["a", "a"]), "bad_value"),
+    (lambda c: c.update(reward_part_names=[f"p{i}" for i in range(33)],
+                        reward_parts=np.zeros(66)), "bad_value"),
+    (lambda c: c.update(reward_part_names=["x" * 200, "y"]), "bad_value"),
+])
+def test_bad_reward_parts_are_refused_naming_why(change, reason):
+    g = _with_parts([{"a": 1.0, "b": 0.0}, {"a": 0.0, "b": 1.0}])
+    frame = wire.encode("trajectories", 3, sender="gen0", incarnation="a", seq=1, groups=[g])
+    from asyncrl.wire import codec
+
+    msg = msgpack.unpackb(frame[8:], raw=False, ext_hook=codec._unpack_array)
+    change(msg["groups"])
+    packed = msgpack.packb(msg, default=codec._default, use_bin_type=True)
+    with pytest.raises(wire.MessageError) as e:
+        wire.decode(wire.seal(packed))
+    assert e.value.reason == reason

@@ -1,0 +1,178 @@
+"""A generator's delivery: scoring finished work and getting it into the buffer exactly once.
+
+`Delivery.send` scores finished SampleGroups (`Scorer`: task.rewards and, optionally, a
+reward model; each completion carries its reward and the parts it was made of), builds one
+trajectories message of them and hands it to the outbox (asyncrl/generator/outbox.py: up to
+generator.send_window unacknowledged, resent until acknowledged). `send_blocking` is batch
+generation's: one message, sent until the buffer acks it, serving weight sync and evaluations
+while a full buffer makes it wait. Every acknowledged message is journaled in
+RUN_DIR/acks/<name>.jsonl (read by asyncrl.audit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from asyncrl import wire
+from asyncrl.config import RunConfig
+from asyncrl.generator.engine import Sample
+from asyncrl.generator.outbox import Outbox
+from asyncrl.rewards import combine
+
+log = logging.getLogger("asyncrl.generator")
+
+
+class Delivery:
+    def __init__(self, cfg: RunConfig, name: str, incarnation: str, scorer: Scorer,
+                 problems: dict, buffer, m, stats, acks_path: Path):
+        self.cfg, self.name, self.incarnation = cfg, name, incarnation
+        self.scorer, self.problems, self.buffer, self.m, self.stats = (scorer, problems, buffer,
+                                                                        m, stats)
+        acks_path.parent.mkdir(parents=True, exist_ok=True)
+        self.acks = acks_path.open("a")
+        self.seq = 0
+        self.first_token: dict[int, float] = {}  # seq -> earliest first token of its groups
+        self.completions: dict[int, int] = {}  # seq -> completions in it
+        net = cfg.net
+        self.outbox = Outbox(buffer, cfg.generator.send_window,
+                             min(10.0, net.ready_timeout_s), net.ready_timeout_s,
+                             self._on_acked, m.busy_retries.inc,
+                             f"{net.buffer_host}:{net.buffer_ingest_port}")
+
+    # ------------------------------------------------------------------ streaming
+
+    def full(self) -> bool:
+        """The send window is full: finished groups wait (back-pressure)."""
+        return self.outbox.full()
+
+    def send(self, units: list, version: int) -> None:
+        """Score finished SampleGroups and queue them as one message."""
+        groups = [self.scorer.stream_group(self.problems[u.key], u, self.name) for u in units]
+        seq = self._message_seq(groups)
+        self.first_token[seq] = min(u.first_token_at or u.started_at for u in units)
+        self.completions[seq] = sum(len(g.completions) for g in groups)
+        self.outbox.put(seq, self._encode(groups, version, seq), len(groups))
+
+    def pump(self, timeout_s: float) -> None:
+        """Send what may be sent, take the acks waiting (or arriving within timeout_s)."""
+        self.outbox.pump(timeout_s=timeout_s)
+        self.m.unacked.set(len(self.outbox))
+
+    def _on_acked(self, seq: int, groups: int) -> None:
+        self.m.delivery_seconds.observe(time.monotonic() - self.first_token.pop(seq))
+        self._journal(seq, groups, self.completions.pop(seq))
+
+    # ------------------------------------------------------------------ batch generation
+
+    def send_blocking(self, groups: list[wire.TrajectoryGroup], version: int, first_token: float,
+                      wait: Callable[[float], None]) -> None:
+        """One message, sent until the buffer acks "ok"; `wait(seconds)` serves the control
+        channel while a full buffer makes it wait."""
+        seq = self._message_seq(groups)
+        _send_until_acked(self.buffer, self._encode(groups, version, seq), seq, self.m,
+                          self.cfg, wait)
+        self.m.delivery_seconds.observe(time.monotonic() - first_token)
+        self._journal(seq, len(groups), sum(len(g.completions) for g in groups))
+
+    # ------------------------------------------------------------------ shared
+
+    def _message_seq(self, groups: list[wire.TrajectoryGroup]) -> int:
+        self.stats.add(groups)
+        self.seq += 1
+        return self.seq
+
+    def _encode(self, groups: list[wire.TrajectoryGroup], version: int, seq: int) -> bytes:
+        self.m.generated_tokens.inc(sum(g.num_tokens for g in groups))
+        self.m.reward.set(float(np.mean([c.reward for g in groups for c in g.completions])))
+        return wire.encode("trajectories", version, sender=self.name,
+                           incarnation=self.incarnation, seq=seq, groups=groups)
+
+    def _journal(self, seq: int, groups: int, completions: int) -> None:
+        self.acks.write(json.dumps({"incarnation": self.incarnation, "seq": seq,
+                                    "groups": groups}) + "\n")
+        self.acks.flush()
+        self.m.trajectories_sent.inc(completions)
+
+
+class Scorer:
+    """task.rewards (weighted rule-based rewards) plus, optionally, a reward model's score.
+    Each completion carries its total reward and the parts it was made of (`reward_parts`:
+    each task.rewards function unweighted, and `reward_model`), which the learner logs as
+    reward_<name>."""
+
+    def __init__(self, cfg: RunConfig, tok):
+        from asyncrl.rewards import RewardModelScorer
+
+        self.tok = tok
+        self.rules = combine(cfg.task.rewards) if cfg.task.rewards else None
+        self.rm = RewardModelScorer(cfg.task.reward_model) if cfg.task.reward_model else None
+        self.rm_weight = cfg.task.reward_model_weight
+
+    def score(self, problem, texts: list[str]) -> tuple[list[float], list[dict[str, float]]]:
+        """Each completion's reward and its parts."""
+        parts = [self.rules.components(t, problem.answer) if self.rules else {} for t in texts]
+        rewards = [sum(self.rules.weights[k] * v for k, v in p.items()) if self.rules else 0.0
+                   for p in parts]
+        if self.rm is not None:
+            scores = self.rm.score([problem.prompt] * len(texts), texts)
+            rewards = [r + self.rm_weight * x for r, x in zip(rewards, scores)]
+            parts = [{**p, "reward_model": float(x)} for p, x in zip(parts, scores)]
+        return rewards, parts
+
+    def group(self, problem, prompt, samples, version: int, name: str) -> wire.TrajectoryGroup:
+        texts = [self.tok.decode(s.tokens, skip_special_tokens=True) for s in samples]
+        rewards, parts = self.score(problem, texts)
+        comps = [wire.Completion(np.asarray(s.tokens, np.int32),
+                                 np.asarray(s.logprobs, np.float32), r, s.finish_reason,
+                                 reward_parts=p)
+                 for s, r, p in zip(samples, rewards, parts)]
+        return wire.TrajectoryGroup(prompt_id=problem.id,
+                                    prompt_tokens=np.asarray(prompt, np.int32),
+                                    policy_version=version, completions=comps, generator=name,
+                                    created_at=time.time())
+
+    def stream_group(self, problem, g, name: str) -> wire.TrajectoryGroup:
+        """A finished SampleGroup, scored: every token keeps the version that sampled it, and
+        the group's policy_version is its oldest token's (what its staleness is judged by)."""
+        samples = [Sample(s.tokens, s.logprobs, s.finish_reason) for s in g.seqs]
+        out = self.group(problem, g.prompt, samples, g.oldest_version, name)
+        for c, s in zip(out.completions, g.seqs):
+            c.versions = np.asarray(s.versions, np.int64)
+        return out
+
+
+def _send_until_acked(buffer, payload: bytes, seq: int, m, cfg: RunConfig,
+                      wait: Callable[[float], None]) -> None:
+    """Send until the buffer acks "ok". busy/timeout: `wait` (serving the control channel)
+    and resend."""
+    deadline = time.monotonic() + cfg.net.ready_timeout_s
+    backoff = 0.05
+    while True:
+        reply = buffer.request(payload, timeout_s=min(10.0, cfg.net.ready_timeout_s))
+        if reply is not None:
+            try:
+                ack = wire.decode(reply, expect=("ack",))
+            except wire.MessageError as e:
+                m.messages_rejected.labels(e.reason).inc()
+                log.warning("bad reply from buffer (%s); resending", e)
+                ack = None
+            if ack is not None and ack.seq == seq:
+                if ack.status == "ok":
+                    return
+                if ack.status == "rejected":
+                    m.rejected.inc()
+                    raise RuntimeError(f"buffer rejected our trajectories: {ack.reason}")
+                m.busy_retries.inc()
+                deadline = time.monotonic() + cfg.net.ready_timeout_s  # buffer alive, just full
+        elif time.monotonic() > deadline:
+            raise TimeoutError(
+                f"no reply from the buffer at {cfg.net.buffer_host}:{cfg.net.buffer_ingest_port} "
+                f"for {cfg.net.ready_timeout_s:.0f}s (net.buffer_host / net.ready_timeout_s)")
+        wait(backoff)
+        backoff = min(1.0, backoff * 2)
