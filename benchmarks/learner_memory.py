@@ -283,8 +283,7 @@ def _generator(model_dir: str, base: int, out: str) -> None:
     engine = _CopyingEngine(_resident(load_policy(model_dir)[0]))
     control = transport.Client(transport.context(), HOST, base + 2, "gen0")
     member = SyncMember(control, engine, "gen0", 1, uuid.uuid4().hex[:8], HOST, base + 3,
-                        "gloo", 600.0, hello_interval_s=0.2, alone_timeout_s=600.0,
-                        on_loaded=lambda *a: None)
+                        "gloo", 600.0, hello_interval_s=0.2, alone_timeout_s=600.0)
     try:
         while True:
             member.serve(timeout_s=0.1)

@@ -38,8 +38,9 @@ counting whole calls keeps the window's edges from biasing its rate):
                         batches over the whole period (a check; coarse, 128 per batch);
   engine busy           `asyncrl_generator_engine_busy_seconds_total` (time inside generate
                         calls, or inside the streaming loop's engine steps) per second. It
-                        leaves out the steps drain mode runs before a load (inside the weight
-                        sync member's before_load hook) and the sync probe after each load, so
+                        leaves out the steps drain mode runs before a load (in the rollout's
+                        before_update, called by the weight-sync member) and the sync probe
+                        after each load, so
                         it under-counts drain; gen CPU, the generator process's CPU seconds per
                         second, does not;
   tok/busy-s            generated tokens per second of engine busy time;
