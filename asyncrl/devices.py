@@ -1,10 +1,11 @@
 """Which GPU each role gets on one host, decided once by `asyncrl run` before any role starts.
 
 Never shared by accident: NCCL cannot broadcast between two ranks on one GPU, and two vLLM
-engines on one GPU run out of memory. With `sync.backend=auto` and no device lists, the visible
-GPUs are split: generators first (generator i gets GPU i), then the learner ranks. A host with
-one GPU and one generator and one learner rank runs colocated: both on GPU 0, weights handed
-over by CUDA IPC (`sync.backend=ipc`), memory shared through generator.gpu_memory_utilization.
+engines on one GPU run out of memory. With `weight_sync.backend=auto` and no device lists, the
+visible GPUs are split: generators first (generator i gets GPU i), then the learner ranks. A host
+with one GPU and one generator and one learner rank runs colocated: both on GPU 0, weights handed
+over by CUDA IPC (`weight_sync.backend=ipc`), memory shared through
+generator.gpu_memory_utilization.
 With no GPU (this project's CI) nothing changes and the backend is gloo. Lists given in the
 config are kept; config validation has already refused lists that overlap under NCCL.
 """
@@ -52,7 +53,7 @@ def assign(num_generators: int, nproc: int, gen_ids: list[int], learner_ids: lis
             f"{visible} GPU(s) visible, but generator.num_generators={num_generators} and "
             f"learner.nproc={nproc} need {num_generators + nproc} of their own under NCCL. Use "
             "fewer, set generator.device_ids and learner.device_ids, or on one GPU run one "
-            "generator and one rank colocated (sync.backend=ipc); generator.eval_engine's "
+            "generator and one rank colocated (weight_sync.backend=ipc); generator.eval_engine's "
             "evaluator counts as one generator more")
     gens = list(gen_ids) or free[:num_generators]
     rest = [d for d in free if d not in gens]
@@ -68,14 +69,14 @@ def _backend(backend: str, gens: list[int], ranks: list[int]) -> str:
 
 def apply(cfg: RunConfig, visible: int) -> Assignment:
     """Assign and write the result into cfg (saved as RUN_DIR/config.yaml, which every role
-    reads): generator.device_ids, learner.device_ids, sync.backend. With tensor parallelism a
+    reads): generator.device_ids, learner.device_ids, weight_sync.backend. With tensor parallelism a
     generator takes tensor_parallel_size consecutive GPUs (as many "generators" to assign);
     the evaluator (generator.eval_engine) takes the ones after the generators'."""
     tp = cfg.generator.tensor_parallel_size
     a = assign(cfg.generator.engines * tp, cfg.learner.nproc, cfg.generator.device_ids,
-               cfg.learner.device_ids, cfg.sync.backend, visible)
+               cfg.learner.device_ids, cfg.weight_sync.backend, visible)
     cfg.generator.device_ids, cfg.learner.device_ids = a.generator_ids, a.learner_ids
-    cfg.sync.backend = a.backend
+    cfg.weight_sync.backend = a.backend
     validate(cfg)  # the assignment obeys the same rules as a hand-written config
     return a
 

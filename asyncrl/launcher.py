@@ -1,8 +1,9 @@
 """`asyncrl run`: start buffer, generators (and with generator.eval_engine the evaluator) and a
 torchrun learner as separate processes.
 
-Each role runs in its own session (process group), with its output in RUN_DIR/logs/<role>.log.
-The launcher prints progress from RUN_DIR/metrics.jsonl.
+Each role runs in its own process group, with its output in RUN_DIR/logs/<role>.log.
+The launcher prints progress from RUN_DIR/metrics.jsonl and, with run.trackers, feeds the
+experiment trackers from a thread (asyncrl/monitor.py).
 
 Supervision: a buffer, generator or evaluator that dies is restarted, up to
 run.max_role_restarts times per role (after run.restart_delay_s, doubling), which the roles

@@ -22,8 +22,8 @@ RESUME_FREE = ("name", "run_dir", "net.", "run.", "warm_start.", "buffer.fsync",
                "generator.cuda_graphs", "generator.device_ids", "generator.threads",
                "learner.max_restarts", "learner.device_ids", "learner.threads",
                "learner.collective_timeout_s", "learner.rdzv_endpoint",
-               "learner.checkpoint_interval", "learner.export_interval", "sync.timeout_s",
-               "sync.probe_prompt")
+               "learner.checkpoint_interval", "learner.export_interval", "weight_sync.timeout_s",
+               "weight_sync.probe_prompt")
 
 
 def resolve_model(cfg: RunConfig, progress=print) -> RunConfig:

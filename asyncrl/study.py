@@ -39,13 +39,15 @@ class Setting:
 
 
 def grid(max_staleness: list[int], corrections: list[str]) -> list[Setting]:
-    out = [Setting("sync", ("sync.mode=sync", "buffer.max_staleness=0", "sync.interval=1",
-                            "buffer.admit_steps=1", "learner.offpolicy=none"))]
+    out = [Setting("sync", ("generator.on_policy=true", "buffer.max_staleness=0",
+                            "weight_sync.interval=1", "buffer.admit_steps=1",
+                            "learner.offpolicy=none"))]
     for m in max_staleness:
         for corr in corrections:
             out.append(Setting(f"ms{m}-{corr}", (
-                "sync.mode=async", f"buffer.max_staleness={m}", f"buffer.admit_steps={max(1, m)}",
-                "sync.interval=1", f"learner.offpolicy={corr}")))
+                "generator.on_policy=false", f"buffer.max_staleness={m}",
+                f"buffer.admit_steps={max(1, m)}",
+                "weight_sync.interval=1", f"learner.offpolicy={corr}")))
     return out
 
 

@@ -4,11 +4,12 @@ Both sides are whole runs of --config (configs/default.yaml unless given; docs/p
 section 4 also measures configs/reasoning.yaml, the long-tail task where generation is most of
 a step), started by `asyncrl run`'s own code path (`asyncrl.runner.execute_run`), with the
 two settings of the staleness study (`asyncrl.study.grid`):
-- async: sync.mode=async, buffer.max_staleness=M (--max-staleness, default 2),
+- async: generator.on_policy=false, buffer.max_staleness=M (--max-staleness, default 2),
   buffer.admit_steps=max(1, M), learner.offpolicy=--correction (default none), the config's
   streaming generator and in-flight updates;
-- sync: sync.mode=sync, buffer.max_staleness=0: the generator makes one learner batch under the
-  current weights, then waits for the next ones (strictly on-policy), same code otherwise.
+- sync: generator.on_policy=true, buffer.max_staleness=0: the generator makes one learner
+  batch under the current weights, then waits for the next ones (strictly on-policy), same code
+  otherwise.
 Same seed (learner.seed = generator.seed) and config otherwise; learner.eval_interval is
 --eval-interval (default 5) so the time to the target is resolved to a few steps, and
 learner.total_steps is --steps. The pairs alternate their order (async, sync, sync, async, ...)

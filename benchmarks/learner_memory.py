@@ -23,7 +23,8 @@ Peak = VmHWM above the resident memory before, time = median of --reps.
 
 sync: one push of the model (`WeightSender.sync`, gloo, one generator process whose stand-in
 engine receives bucket by bucket with `asyncrl.sync.weights.received_tensors` and copies each
-tensor into its own copy of the model, as vLLM's reload does) with sync.bucket_mb = --bucket-mb;
+tensor into its own copy of the model, as vLLM's reload does) with weight_sync.bucket_mb =
+--bucket-mb;
 peak extra memory of the learner and of the generator during the push (VmHWM above the
 resident memory before it; both models are made resident first, since transformers maps the
 weight file and pages first touched by the push would otherwise count). A whole-model flat

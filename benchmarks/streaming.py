@@ -330,7 +330,8 @@ def _measure(args, cfg, mode: str, model, roles: Roles, run_dir: Path) -> Result
     sender = None
     try:
         sender = WeightSender(server, cfg.net.bind_host, cfg.net.sync_store_port, 1,
-                              cfg.sync.backend, cfg.sync.timeout_s, cfg.net.ready_timeout_s,
+                              cfg.weight_sync.backend, cfg.weight_sync.timeout_s,
+                              cfg.net.ready_timeout_s,
                               dtype=cfg.model.dtype)
         _start_sender(sender, roles, run_dir)
         return _consume(args, cfg, mode, model, sender, buffer, scraper, roles)

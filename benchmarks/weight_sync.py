@@ -10,7 +10,8 @@ Two processes, one core each (the learner/generator split of a default run):
              extension: allocate, gloo broadcast, `model_runner.reload_weights`) and answers
              `weights_loaded`, as `asyncrl.sync.member.SyncMember` does.
 asyncrl push = `WeightSender.sync(model, version, due=True)`: announce, then the bucketed
-broadcast (`sync.bucket_mb`, --bucket-mb: the sender fills bucket i+1 while bucket i goes out)
+broadcast (`weight_sync.bucket_mb`, --bucket-mb: the sender fills bucket i+1 while bucket i goes
+out)
 while the engine loads bucket by bucket, until it says it has loaded. Raw = the same bytes packed
 into one flat buffer per dtype, broadcast on a second gloo group between the same two processes
 into preallocated (touched) buffers, timed until the receiver says it has them (one small
@@ -56,7 +57,7 @@ TIMEOUT_S = 600.0
 def _parser() -> argparse.ArgumentParser:
     p = common.doc_parser(__doc__)
     p.add_argument("--size", choices=("tiny", "0.5b", "smollm2"), default="tiny")
-    p.add_argument("--bucket-mb", type=int, default=64, help="sync.bucket_mb of the push")
+    p.add_argument("--bucket-mb", type=int, default=64, help="weight_sync.bucket_mb of the push")
     p.add_argument("--reps", type=int, default=None,
                    help="timed pushes and raw broadcasts each (default: tiny 5, 0.5b 2)")
     p.add_argument("--warmup", type=int, default=None,

@@ -113,11 +113,11 @@ def main(run_dir: Path) -> int:
     nbytes = int(gen_stats.get("sync_bytes_per_push", 0))
     version, diff = probe_diff(run_dir, cfg)
     tol = PROBE_TOLERANCE[cfg.model.dtype]
-    two_gpus = cfg.sync.backend == "nccl"
+    two_gpus = cfg.weight_sync.backend == "nccl"
     floor_name, floor_s = raw_copy_seconds(nbytes, two_gpus) if nbytes else ("raw copy", 0.0)
     sync_s = statistics.median(sync) if sync else float("nan")
     print(f"devices: generators {cfg.generator.device_ids}, learner {cfg.learner.device_ids}, "
-          f"sync over {cfg.sync.backend}, weights {cfg.model.dtype}")
+          f"sync over {cfg.weight_sync.backend}, weights {cfg.model.dtype}")
     print(f"steps: {steps}/{cfg.learner.total_steps} (summary.json "
           f"{'written' if summary.is_file() else 'MISSING'})")
     print(f"sync: {sync_s:.3f}s median per push of {nbytes / 1e6:.1f} MB vs {floor_name} "

@@ -39,9 +39,9 @@ from asyncrl.config.schema import (
     ModelConfig,
     NetConfig,
     RunConfig,
-    SyncConfig,
     TaskConfig,
     WarmStartConfig,
+    WeightSyncConfig,
 )
 
 __all__ = [
@@ -49,26 +49,56 @@ __all__ = [
     "BUILTIN_MODEL",
     "KL_ESTIMATORS", "LOSS_AGG", "OFFPOLICY", "PRETRAINED_BUILTINS", "SMOLLM2_MODEL",
     "STRATEGIES", "SYNC_BACKENDS", "TASKS", "BufferConfig", "ConfigError", "GeneratorConfig",
-    "LaunchConfig", "LearnerConfig", "ModelConfig", "NetConfig", "RunConfig", "SyncConfig",
+    "LaunchConfig", "LearnerConfig", "ModelConfig", "NetConfig", "RunConfig", "WeightSyncConfig",
     "TaskConfig", "WarmStartConfig", "load_config", "save_config",
 ]
+
+
+# Keys that were renamed: the old one is refused naming the new one.
+RENAMED = {"sync.interval": "weight_sync.interval", "sync.backend": "weight_sync.backend",
+           "sync.timeout_s": "weight_sync.timeout_s", "sync.bucket_mb": "weight_sync.bucket_mb",
+           "sync.probe_prompt": "weight_sync.probe_prompt"}
+
+
+def _check_renamed(layer, where: str) -> None:
+    """`sync` said both weight sync and strictly on-policy training: its keys are now
+    weight_sync.* and generator.on_policy."""
+    old = layer.get("sync") if hasattr(layer, "get") else None
+    if old is None:
+        return
+    keys = list(old.keys()) if hasattr(old, "keys") else []
+    said = []
+    for k in keys:
+        if k == "mode":
+            said.append("sync.mode is now generator.on_policy (sync.mode=sync: "
+                        "generator.on_policy=true; async: false, the default)")
+        elif f"sync.{k}" in RENAMED:
+            said.append(f"sync.{k} is now {RENAMED[f'sync.{k}']}")
+        else:
+            said.append(f"sync.{k} is not a key (weight sync is configured under weight_sync)")
+    raise ConfigError(f"{where}: " + "; ".join(said or [
+        "the `sync` section is now `weight_sync` (and sync.mode is generator.on_policy)"]))
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
     """YAML file (optional) + `key=value` overrides -> validated RunConfig."""
     schema = OmegaConf.structured(RunConfig)
     layers = [schema]
+    sources: list[str] = []
     try:
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist")
             layers.append(OmegaConf.load(path))
+            sources.append(f"config file {str(path)!r}")
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
             layers.append(OmegaConf.from_dotlist(overrides))
-        for layer in layers[1:]:
+            sources.append("the overrides")
+        for layer, where in zip(layers[1:], sources):
+            _check_renamed(layer, where)
             _check_bools(layer)
         merged = OmegaConf.merge(*layers)
         cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]

@@ -140,9 +140,9 @@ BOUNDS: dict[str, Bound] = {
     "learner.seed": SEED,
     "learner.logprob_chunk_tokens": _ints(0, 1 << 20, "0: all positions at once"),
     "learner.export_interval": _ints(0, STEPS, "0: only at the end"),
-    "sync.interval": _ints(1, STEPS),
-    "sync.timeout_s": _positive(DAY_S),
-    "sync.bucket_mb": _ints(1, 1 << 16),  # two buckets are allocated at each end
+    "weight_sync.interval": _ints(1, STEPS),
+    "weight_sync.timeout_s": _positive(DAY_S),
+    "weight_sync.bucket_mb": _ints(1, 1 << 16),  # two buckets are allocated at each end
     "run.max_role_restarts": _ints(0, 100),
     "run.restart_delay_s": _floats(0, 3600, "doubles after each restart"),
     "run.tracker_interval_s": _floats(0.5, 3600),

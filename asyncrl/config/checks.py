@@ -57,9 +57,9 @@ def field_errors(cfg: RunConfig) -> list[str]:
     checks = [
         (cfg.task.name in TASKS,
          f"task.name={cfg.task.name!r}: choose one of {', '.join(TASKS)}"),
-        (cfg.sync.backend in SYNC_BACKENDS,
-         f"sync.backend={cfg.sync.backend!r}: choose one of {', '.join(SYNC_BACKENDS)}"),
-        (cfg.sync.mode in ("async", "sync"), f"sync.mode={cfg.sync.mode!r}: async or sync"),
+        (cfg.weight_sync.backend in SYNC_BACKENDS,
+         f"weight_sync.backend={cfg.weight_sync.backend!r}: choose one of "
+         f"{', '.join(SYNC_BACKENDS)}"),
         (cfg.generator.inflight_update in ("keep", "abort", "drain"),
          f"generator.inflight_update={cfg.generator.inflight_update!r}: choose keep, "
          "abort or drain"),
@@ -188,16 +188,16 @@ def _device_errors(cfg: RunConfig) -> list[str]:
                                  "(generator.eval_engine)" if gen.eval_engine else "")),
         (not lc.device_ids or len(lc.device_ids) == lc.nproc,
          "learner.device_ids needs one entry per rank (learner.nproc)"),
-        (cfg.sync.backend != "nccl" or not set(gen.device_ids) & set(lc.device_ids),
+        (cfg.weight_sync.backend != "nccl" or not set(gen.device_ids) & set(lc.device_ids),
          f"generator.device_ids={gen.device_ids} and learner.device_ids={lc.device_ids} "
          f"share GPU(s) {sorted(set(gen.device_ids) & set(lc.device_ids))}: NCCL cannot "
          "broadcast between two ranks on one GPU. Give each its own GPUs, or on a one-GPU "
-         "host use sync.backend=ipc (colocated: the learner hands the engine its weights "
+         "host use weight_sync.backend=ipc (colocated: the learner hands the engine its weights "
          "by CUDA IPC)"),
-        (cfg.sync.backend != "ipc" or (lc.nnodes == 1 and lc.nproc == 1
+        (cfg.weight_sync.backend != "ipc" or (lc.nnodes == 1 and lc.nproc == 1
                                         and gen.num_generators == 1
                                         and gen.tensor_parallel_size == 1),
-         "sync.backend=ipc (colocated, CUDA IPC) needs one learner rank and one generator "
+         "weight_sync.backend=ipc (colocated, CUDA IPC) needs one learner rank and one generator "
          "on one GPU: learner.nproc=1, learner.nnodes=1, generator.num_generators=1, "
          "generator.tensor_parallel_size=1"),
     ])
@@ -208,9 +208,10 @@ def _learner_errors(cfg: RunConfig) -> list[str]:
     groups and each other."""
     gen, lc = cfg.generator, cfg.learner
     return _failed([
-        (lc.collective_timeout_s > cfg.sync.timeout_s,
+        (lc.collective_timeout_s > cfg.weight_sync.timeout_s,
          f"learner.collective_timeout_s={lc.collective_timeout_s}: must be > "
-         f"sync.timeout_s={cfg.sync.timeout_s} (the other ranks wait while rank 0 syncs)"),
+         f"weight_sync.timeout_s={cfg.weight_sync.timeout_s} (the other ranks wait while rank 0 "
+         "pushes)"),
         (gen.max_inflight >= gen.group_size,
          f"generator.max_inflight={gen.max_inflight}: must be >= generator.group_size="
          f"{gen.group_size} (a group's completions start together)"),
@@ -234,14 +235,14 @@ def _buffer_errors(cfg: RunConfig) -> list[str]:
     return _failed([
         (cfg.buffer.capacity_groups >= lc.groups_per_step,
          "buffer.capacity_groups must be >= learner.groups_per_step or no batch ever fits"),
-        (cfg.sync.mode == "async" or (cfg.buffer.max_staleness == 0
-                                       and cfg.sync.interval == 1),
-         "sync.mode=sync needs buffer.max_staleness=0 and sync.interval=1"),
-        (cfg.buffer.max_staleness >= cfg.sync.interval - 1,
-         f"buffer.max_staleness={cfg.buffer.max_staleness} < sync.interval-1="
-         f"{cfg.sync.interval - 1}: generators hold version k*interval while the learner "
+        (not cfg.generator.on_policy or (cfg.buffer.max_staleness == 0
+                                         and cfg.weight_sync.interval == 1),
+         "generator.on_policy=true needs buffer.max_staleness=0 and weight_sync.interval=1"),
+        (cfg.buffer.max_staleness >= cfg.weight_sync.interval - 1,
+         f"buffer.max_staleness={cfg.buffer.max_staleness} < weight_sync.interval-1="
+         f"{cfg.weight_sync.interval - 1}: generators hold version k*interval while the learner "
          "reaches k*interval+interval-1, so every trajectory would be dropped. Raise "
-         "buffer.max_staleness or lower sync.interval"),
+         "buffer.max_staleness or lower weight_sync.interval"),
     ])
 
 

@@ -197,6 +197,11 @@ class NetConfig:
 class GeneratorConfig:
     num_generators: int = 1
     """Number of generator processes (each one vLLM engine)."""
+    on_policy: bool = False
+    """Strictly on-policy: each generator makes its share of one learner batch under the
+    current weights, then waits for the next ones (needs buffer.max_staleness=0 and
+    weight_sync.interval=1). False: generators never wait for the learner, bounded by
+    buffer.admit_steps and buffer.max_staleness."""
     prompts_per_call: int = 8
     """Prompts per vLLM generate call; weights can change between calls, never within one."""
     group_size: int = 8
@@ -207,7 +212,7 @@ class GeneratorConfig:
     """VLLM_CPU_KVCACHE_SPACE on CPU (required there); ignored on GPU."""
     gpu_memory_utilization: float = 0.85
     """Share of its GPU the engine may take (weights, activations, KV cache); colocated with
-    the learner (sync.backend=ipc) leave the learner its share (docs/architecture.md)."""
+    the learner (weight_sync.backend=ipc) leave the learner its share (docs/architecture.md)."""
     cuda_graphs: bool = True
     """Capture CUDA graphs on a GPU (vLLM's default; in-place weight reloads keep them valid).
     false: eager mode, slower but quicker to start. No effect on CPU."""
@@ -348,7 +353,7 @@ class LearnerConfig:
     eval_interval: int = 10
     """Evaluate held-out accuracy every this many policy versions (and version 0, the SFT
     policy, and the last): rank 0 asks a generator to evaluate the version it just pushed
-    (with sync.interval > 1, the next one pushed) and joins the answer into metrics.jsonl by
+    (with weight_sync.interval > 1, the next one pushed) and joins the answer into metrics.jsonl by
     version without waiting for it (docs/architecture.md, "Evaluation")."""
     checkpoint_interval: int = 50
     """Save weights, optimizer, scheduler and RNG state every this many steps (and at the
@@ -364,7 +369,7 @@ class LearnerConfig:
     collective_timeout_s: float = 1800.0
     """Timeout of the learner ranks' own process group: the other ranks wait in their next
     collective while rank 0 pushes weights alone, so it must exceed the longest
-    of those (at least sync.timeout_s)."""
+    of those (at least weight_sync.timeout_s)."""
     seed: int = 0
     strategy: str = "ddp"
     """How the ranks share the model: `ddp` (every rank holds the whole model, its gradients
@@ -388,11 +393,9 @@ class LearnerConfig:
 
 
 @dataclass
-class SyncConfig:
-    mode: str = "async"
-    """async: generators never wait for the learner (bounded by buffer.admit_steps and
-    max_staleness). sync: strictly on-policy; each generator makes its share of one batch
-    under the current weights, then waits for the next ones (needs max_staleness=0)."""
+class WeightSyncConfig:
+    """How the learner's weights reach the generators (asyncrl/sync/)."""
+
     interval: int = 1
     """Broadcast new weights to the generators every this many learner steps."""
     backend: str = "auto"
@@ -451,7 +454,7 @@ class RunConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
-    sync: SyncConfig = field(default_factory=SyncConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     run: LaunchConfig = field(default_factory=LaunchConfig)
 
     @property

@@ -24,7 +24,7 @@ and evaluates exactly as a generator does (`Evaluator.run_blocking`: the same he
 prompts, greedy decoding and scoring), then removes the weights it no longer needs. A
 restarted evaluator answers whatever asks are still unanswered. An ask it cannot read, or
 whose weights it cannot load, is renamed to `ask_<v>.json.bad` and counted, never fatal; the
-learner gives its evaluation up after sync.timeout_s as it does a generator's.
+learner gives its evaluation up after weight_sync.timeout_s as it does a generator's.
 
 Run (normally started by `asyncrl run`):
     python -m asyncrl evaluator --config RUN_DIR/config.yaml
@@ -158,7 +158,7 @@ def answer_pending(evals: Path, model_dir: Path, engine, evaluator, m, held: int
                 m.load_seconds.observe(engine.load_dir(str(source)))
             except (OSError, ValueError, RuntimeError, KeyError) as e:
                 # Weights missing or not this model's: this request cannot be answered, the
-                # next may be (the learner gives this one up after sync.timeout_s).
+                # next may be (the learner gives this one up after weight_sync.timeout_s).
                 log.error("evaluator: cannot load version %d from %s (%s); its request is set "
                           "aside", version, source, e)
                 path = ask_path(evals, version)

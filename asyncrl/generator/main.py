@@ -21,7 +21,7 @@ Batch generation (generator.streaming=false, for comparison): one blocking gener
 then send the groups and wait for the ack; a "busy" ack means wait and resend (back-pressure),
 still serving weight updates meanwhile so the learner is never blocked on a waiting generator.
 
-With sync.mode=sync the generator makes its share of one learner batch under the current
+With generator.on_policy=true the generator makes its share of one learner batch under the current
 weights and then waits for the next ones: strictly on-policy, same code as the async mode.
 
 Held-out evaluation (asyncrl/generator/evaluate.py): when the learner asks, the generator
@@ -82,7 +82,7 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
     stats = _Stats(run_dir / f"{name}_stats.json", "stream" if gc.streaming else "batch",
                    gc.inflight_update)
     buffer, member = _connect(cfg, model_dir, name, index, incarnation, engine, m)
-    probe = Probe(engine, encode_prompt(tok, cfg.sync.probe_prompt, chat, context),
+    probe = Probe(engine, encode_prompt(tok, cfg.weight_sync.probe_prompt, chat, context),
                   gc.temperature, gc.max_tokens, run_dir / "sync_probe.jsonl", name, incarnation)
     probe.record(0)
     member.hello(force=True)
@@ -130,8 +130,8 @@ def _connect(cfg: RunConfig, model_dir: str, name: str, index: int, incarnation:
                         cfg.net.heartbeat_interval_s, keys).start()
     tp = cfg.generator.tensor_parallel_size
     member = SyncMember(control, engine, name, 1 + index * tp, incarnation,
-                        cfg.net.learner_host, cfg.net.sync_store_port, cfg.sync.backend,
-                        cfg.sync.timeout_s, cfg.net.heartbeat_interval_s,
+                        cfg.net.learner_host, cfg.net.sync_store_port, cfg.weight_sync.backend,
+                        cfg.weight_sync.timeout_s, cfg.net.heartbeat_interval_s,
                         cfg.net.ready_timeout_s, max_weight_bytes=push_bytes_bound(model_dir),
                         rejected=m.messages_rejected)
     return buffer, member
@@ -145,7 +145,7 @@ class _Generation:
         self.cfg, self.engine, self.control, self.delivery = cfg, engine, control, delivery
         self.prompt_ids, self.rng, self.m, self.stats = prompt_ids, rng, m, stats
         self.train_ids = list(prompt_ids)
-        # sync mode: this generator's share of one learner batch (groups per version).
+        # generator.on_policy: this generator's share of one learner batch (per version).
         self.share = -(-cfg.learner.groups_per_step // cfg.generator.num_generators)  # ceil
 
     # ------------------------------------------------------------------ streaming
@@ -173,7 +173,7 @@ class _Generation:
             if ready and not delivery.full():  # a full window holds finished groups back
                 delivery.send(ready, control.version)
                 ready = []
-            # Idle (buffer full, or sync mode waiting for new weights): wait on both sockets.
+            # Idle (buffer full, or on-policy waiting for new weights): wait on both sockets.
             wait = 0.0 if rollout.busy else 0.02
             delivery.pump(wait)
             if not rollout.busy:
@@ -181,11 +181,11 @@ class _Generation:
             self._gauges(rollout)
 
     def _admit(self, rollout: Rollout, made: Counter) -> None:
-        """Start new prompts while there is room (and, in sync mode, while this version's
-        share of the batch is not started)."""
+        """Start new prompts while there is room (and, on-policy, while this version's share
+        of the batch is not started)."""
         gc, version = self.cfg.generator, self.control.version
         while (rollout.room(gc.group_size) and not self.delivery.full()
-               and (self.cfg.sync.mode == "async" or made[version] < self.share)):
+               and (not self.cfg.generator.on_policy or made[version] < self.share)):
             pid = self.rng.choice(self.train_ids)
             rollout.start(SampleGroup(pid, self.prompt_ids[pid], version, gc.group_size,
                                       gc.temperature, gc.max_tokens, rollout.clock()))
@@ -216,7 +216,7 @@ class _Generation:
         made: Counter[int] = Counter()  # generate calls made under each policy version
         while True:
             control.serve(0.0)
-            while self.cfg.sync.mode == "sync" and made[control.version] >= calls_per_version:
+            while self.cfg.generator.on_policy and made[control.version] >= calls_per_version:
                 # Strictly on-policy: this version's share is done; wait for the new weights.
                 control.evaluate_blocking()
                 control.serve(1.0)

@@ -2,10 +2,10 @@
 the answers into metrics.jsonl by version, without ever waiting for one while training.
 
 When: version 0 (the SFT policy) and every `learner.eval_interval` versions an evaluation is
-owed; it is asked for at the first version pushed at or after that (with sync.interval=1, that
-very version) from a generator that confirmed holding it (round robin over the generators), so
-the version evaluated is the version asked for. The generator answers with the accuracy and
-the version its engine held (asyncrl/generator/evaluate.py).
+owed; it is asked for at the first version pushed at or after that (with
+weight_sync.interval=1, that very version) from a generator that confirmed holding it (round
+robin over the generators), so the version evaluated is the version asked for. The generator
+answers with the accuracy and the version its engine held (asyncrl/generator/evaluate.py).
 
 Joining: metrics.jsonl keeps one row per step, in order, and a row carries the evaluation of
 its version. A row is therefore written once no evaluation asked at or before its version is
@@ -206,7 +206,7 @@ class RemoteEvals:
             if restarted or now - a.at > self.timeout_s:
                 log.warning("gave up the evaluation of version %d by %s (%s)", version,
                             a.name, "it restarted" if restarted
-                            else f"no answer within {self.timeout_s:.0f}s (sync.timeout_s)")
+                            else f"no answer within {self.timeout_s:.0f}s (weight_sync.timeout_s)")
                 del self.pending[version]
                 self.owed = True
         self._flush()

@@ -72,11 +72,12 @@ class Lead:
             lambda port, reason: m.auth_failures.labels(str(port), reason).inc(),
             allow=(transport.GENERATORS,))
         self.sender = WeightSender(self.control, cfg.net.bind_host, cfg.net.sync_store_port,
-                                   cfg.generator.num_generators, cfg.sync.backend,
-                                   cfg.sync.timeout_s, cfg.net.ready_timeout_s,
+                                   cfg.generator.num_generators, cfg.weight_sync.backend,
+                                   cfg.weight_sync.timeout_s, cfg.net.ready_timeout_s,
                                    rejected=m.messages_rejected,
                                    ranks_per_generator=cfg.generator.tensor_parallel_size,
-                                   dtype=cfg.model.dtype, bucket_bytes=cfg.sync.bucket_mb << 20,
+                                   dtype=cfg.model.dtype,
+                                   bucket_bytes=cfg.weight_sync.bucket_mb << 20,
                                    live_s=cfg.net.heartbeat_timeout_s)
         self.sender.start()
         # A generator holds at most the newest version this learner will reach by replaying
@@ -89,7 +90,7 @@ class Lead:
         self.evaluators = (FileEvaluators(run_dir) if cfg.generator.eval_engine
                            else GeneratorEvaluators(self.sender))
         self.evals = RemoteEvals(self.evaluators, cfg.learner.eval_interval,
-                                 cfg.learner.total_steps, cfg.sync.timeout_s, out,
+                                 cfg.learner.total_steps, cfg.weight_sync.timeout_s, out,
                                  m.eval_accuracy.set)
         # RL time starts once every generator is up (and goes on from before a restart).
         self.t_start = resumed_t0

@@ -6,7 +6,7 @@ group-relative advantages and the PPO-clipped loss against the generators' behav
 step the optimizer (when nproc > 1 the ranks share the model as learner.strategy says: DDP
 copies, or FSDP2 shards, asyncrl/learner/shard.py). The policy version is the number of
 optimizer steps done. After each step, in this order: the weights are pushed to the
-generators every sync.interval steps (asyncrl/learner/whole.py), an evaluation of held-out
+generators every weight_sync.interval steps (asyncrl/learner/whole.py), an evaluation of held-out
 accuracy is asked for every learner.eval_interval versions (asyncrl/learner/evals.py joins the
 answer by version when it comes: training never waits for it), and the step's row is written
 to RUN_DIR/metrics.jsonl through the run's Monitor (asyncrl/monitor.py) once its evaluation is
@@ -131,7 +131,7 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
                       token_staleness(batch, step - 1), waited, step_seconds)
         last = step == cfg.learner.total_steps
         # After the step, in this order: push, evaluate, write (rank 0's duties: lead.py).
-        pushed = whole.push(step, due=step % cfg.sync.interval == 0 or last)
+        pushed = whole.push(step, due=step % cfg.weight_sync.interval == 0 or last)
         if cfg.generator.eval_engine and evals.due(step, cfg.learner.eval_interval,
                                                    cfg.learner.total_steps):
             whole.export_for_eval(step)  # the evaluator's copy, before it is asked for
@@ -183,7 +183,7 @@ def _device(cfg: RunConfig, world: int) -> torch.device:
     torch.set_num_threads(cfg.learner.threads)
     torch.manual_seed(cfg.learner.seed)
 
-    backend = resolve_backend(cfg.sync.backend)
+    backend = resolve_backend(cfg.weight_sync.backend)
     device = (torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
               if backend in ("nccl", "ipc") else torch.device("cpu"))
     if device.type == "cuda":

@@ -53,7 +53,7 @@ class Whole:
                      version)
 
     def push(self, version: int, due: bool, look: bool = True) -> tuple[float, int] | None:
-        """Push `version` if rank 0's sender says so (`due`: sync.interval says it is time;
+        """Push `version` if rank 0's sender says so (`due`: weight_sync.interval says it is time;
         `look=False`: rank 0 does not even ask). Under fsdp a collective of every rank: rank
         0 decides and every rank gathers. A failed push is retried once, the session
         re-formed with the generators heard from since. Returns (seconds, bytes) or None."""
@@ -115,20 +115,20 @@ class Whole:
                      time.perf_counter() - t0)
 
     def finish_evals(self, version: int) -> None:
-        """End of training: rank 0 waits (up to sync.timeout_s) for the evaluations still
+        """End of training: rank 0 waits (up to weight_sync.timeout_s) for the evaluations still
         outstanding (RemoteEvals.finish), pushing the final version if it was held back; under
         fsdp the other ranks follow each round so that they gather with it for a push."""
         if not self.every_rank:
             if self.lead is not None:
                 self.lead.evals.finish(version, lambda: self.keep_in_sync(version),
-                                       self.cfg.sync.timeout_s)
+                                       self.cfg.weight_sync.timeout_s)
             return
         if self.lead is not None:
             def one_round() -> None:
                 shard.from_rank0(True, self.device)  # the others: one more round
                 self.keep_in_sync(version)
 
-            self.lead.evals.finish(version, one_round, self.cfg.sync.timeout_s)
+            self.lead.evals.finish(version, one_round, self.cfg.weight_sync.timeout_s)
             shard.from_rank0(False, self.device)
         else:
             while shard.from_rank0(False, self.device):

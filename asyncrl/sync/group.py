@@ -52,7 +52,7 @@ def open_store(host: str, port: int, is_master: bool, timeout_s: float):
         raise TimeoutError(
             f"weight-sync group: could not {role} the store at {host}:{port} within "
             f"{timeout_s:.0f}s ({e}). Check net.learner_host and that learner rank 0 is up; "
-            "the limit is sync.timeout_s") from None
+            "the limit is weight_sync.timeout_s") from None
 
 
 def _listen(host: str, port: int) -> int:
@@ -94,7 +94,7 @@ def join(store, prefix: str, rank: int, world_size: int, backend: str,
         raise TimeoutError(
             f"weight-sync group {prefix} ({backend}, world {world_size}): rank {rank} failed "
             f"to form it within {timeout_s:.0f}s: {e}. Every generator and learner rank 0 must "
-            "join; the limit is sync.timeout_s") from None
+            "join; the limit is weight_sync.timeout_s") from None
     return SyncGroup(pg, store)
 
 
@@ -125,7 +125,7 @@ class Broadcast:
         NCCL's only orders the current CUDA stream: it neither blocks nor raises, so a dead
         peer would stall the stream until the watchdog kills the process. On CUDA the work is
         polled until it completes, with a deadline; past it the communicator is aborted and
-        TimeoutError names sync.timeout_s, so the caller re-forms the session as after a gloo
+        TimeoutError names weight_sync.timeout_s, so the caller re-forms the session as after a gloo
         failure, and times only what really finished."""
         if not self.tensor.is_cuda:
             self.work.wait()
@@ -137,8 +137,8 @@ class Broadcast:
                 abort(self.group)
                 raise TimeoutError(
                     f"weight broadcast of {self.tensor.numel() * self.tensor.element_size()} "
-                    f"bytes did not finish within {timeout_s:.0f}s (sync.timeout_s); a peer of "
-                    "the group is gone or stuck")
+                    f"bytes did not finish within {timeout_s:.0f}s (weight_sync.timeout_s); a "
+                    "peer of the group is gone or stuck")
             time.sleep(0.0005)
         torch.cuda.current_stream(self.tensor.device).synchronize()
 

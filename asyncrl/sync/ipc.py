@@ -1,4 +1,4 @@
-"""Colocated weight sync (`sync.backend=ipc`): the learner and one generator share a GPU.
+"""Colocated weight sync (`weight_sync.backend=ipc`): the learner and one generator share a GPU.
 
 Nothing is broadcast. The learner packs its weights into the same flat per-dtype buffers as
 for a broadcast (asyncrl/sync/weights.py), on its GPU, and sends each buffer's CUDA IPC handle
@@ -52,7 +52,7 @@ def open_buffers(handles: list[dict], device: torch.device) -> dict[str, torch.T
     out = {}
     for h in handles:
         if h["device_uuid"] != uuid:
-            raise RuntimeError(f"sync.backend=ipc: the learner's weights are on GPU "
+            raise RuntimeError(f"weight_sync.backend=ipc: the learner's weights are on GPU "
                                f"{h['device_uuid']}, this engine is on {uuid}; colocate them "
                                "(generator.device_ids = learner.device_ids) or use nccl")
         out[h["dtype"]] = rebuild_cuda_tensor(

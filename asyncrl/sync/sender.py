@@ -74,7 +74,7 @@ class WeightSender:
         the engines hold (model.dtype); floating weights are cast to it as they are packed.
         backend `ipc` (colocated): no group; each push hands the engine CUDA IPC handles to
         the packed buffers instead of broadcasting them (asyncrl/sync/ipc.py). bucket_bytes:
-        sync.bucket_mb in bytes. live_s: net.heartbeat_timeout_s; a generator heard within it
+        weight_sync.bucket_mb in bytes. live_s: net.heartbeat_timeout_s; a generator heard within it
         is alive, and another incarnation under its name is refused meanwhile."""
         self.server, self.backend, self.rejected = server, backend, rejected
         self.timeout_s, self.ready_timeout_s = timeout_s, ready_timeout_s
@@ -262,7 +262,7 @@ class WeightSender:
 
     def due(self, version: int, due: bool) -> bool:
         """Re-form the session if its membership changed, and say whether to push `version`
-        now: when due (sync.interval) or when a generator is behind after a re-form, never to
+        now: when due (weight_sync.interval) or when a generator is behind after a re-form, never to
         move a generator back."""
         self._drain()
         formed = self._needs_forming()
@@ -326,6 +326,6 @@ class WeightSender:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"weight sync to version {version}: generators {waiting} did not confirm "
-                    f"loading within {self.timeout_s:.0f}s (sync.timeout_s)")
+                    f"loading within {self.timeout_s:.0f}s (weight_sync.timeout_s)")
             self._drain(timeout_s=0.2)
         return time.perf_counter() - t0, wire.spec_bytes(specs)

@@ -7,9 +7,9 @@ tensors, and waits for every generator's weights_loaded. What differs is how the
 
   Broadcast   a process group of the learner's rank 0 and every generator worker (gloo on
               CPU, NCCL on GPUs), formed once per weight-sync session; the tensors go in
-              buckets of sync.bucket_mb, each filled while the previous one is on the wire
+              buckets of weight_sync.bucket_mb, each filled while the previous one is on the wire
               (asyncrl/sync/weights.py), and each worker loads bucket by bucket.
-  CudaIpc     colocated on one GPU (sync.backend=ipc): no group; the tensors are packed into
+  CudaIpc     colocated on one GPU (weight_sync.backend=ipc): no group; the tensors are packed into
               flat buffers on the learner's GPU and the weights_update carries their CUDA IPC
               handles (asyncrl/sync/ipc.py), which the worker maps and loads from.
 
@@ -156,7 +156,7 @@ class CudaIpc:
 
 def for_backend(backend: str, host: str, timeout_s: float, bucket_bytes: int,
                 dtype: str | None) -> WeightTransfer:
-    """sync.backend's transfer: `ipc` colocated, else a broadcast over gloo or nccl."""
+    """weight_sync.backend's transfer: `ipc` colocated, else a broadcast over gloo or nccl."""
     if backend == "ipc":
         return CudaIpc(dtype)
     return Broadcast(backend, host, timeout_s, bucket_bytes)

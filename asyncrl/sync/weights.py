@@ -1,16 +1,16 @@
 """How a model's tensors are laid out for a push: specs, then buckets of bytes.
 
 A push broadcasts the tensors in spec order packed into buckets of at most `bucket_bytes`
-(sync.bucket_mb; a larger tensor goes alone). Both ends derive the same buckets from the specs
-(plan_buckets), so only the specs and the bucket size travel in the weights_update message.
+(weight_sync.bucket_mb; a larger tensor goes alone). Both ends derive the same buckets from the
+specs (plan_buckets), so only the specs and the bucket size travel in the weights_update message.
 Bucketing keeps collectives few (the tiny model has 39 tensors, a 0.5B model ~290, and
 per-call latency dominated when each went separately) without a flat copy of the whole model:
 the sender fills one bucket while the previous one is on the wire (sender.py), the receiver
 hands each bucket's tensors to the engine before receiving the next (receiver.py), so each end
 holds about two buckets beyond the model itself.
 
-The colocated path (sync.backend=ipc) still packs one flat buffer per dtype (pack): the engine
-maps those buffers by CUDA IPC handle, so nothing is copied twice there.
+The colocated path (weight_sync.backend=ipc) still packs one flat buffer per dtype (pack): the
+engine maps those buffers by CUDA IPC handle, so nothing is copied twice there.
 """
 
 from __future__ import annotations

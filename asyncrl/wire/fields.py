@@ -24,8 +24,8 @@ MAX_TENSORS = 2**18  # tensors in one weights_update (a 670B MoE checkpoint has 
 MAX_TENSOR_NAME = 512
 MAX_TENSOR_DIMS = 8
 MAX_TENSOR_DIM = 2**40
-MAX_BUCKET_BYTES = 2**36  # 64 GiB: sync.bucket_mb's bound
-DEFAULT_BUCKET_BYTES = 64 << 20  # sync.bucket_mb's default, for callers without a config
+MAX_BUCKET_BYTES = 2**36  # 64 GiB: weight_sync.bucket_mb's bound
+DEFAULT_BUCKET_BYTES = 64 << 20  # weight_sync.bucket_mb's default, for callers without a config
 MAX_WEIGHT_BYTES = 2**41  # 2 TiB: the wire's bound; a generator also checks its own model's
 
 

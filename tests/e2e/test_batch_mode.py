@@ -1,7 +1,7 @@
 """Batch generation (generator.streaming=false) never leaves the learner waiting: a generator
 whose message waits on a full buffer still answers the evaluation the learner asks for, so the
 run ends within seconds of its last step with the final evaluation in metrics.jsonl (it waited
-sync.timeout_s for it when the generator only resent). Real vLLM, sockets and torchrun."""
+weight_sync.timeout_s for it when the generator only resent). Real vLLM, sockets and torchrun."""
 
 import json
 
@@ -21,7 +21,7 @@ def test_batch_mode_ends_at_once_with_the_final_evaluation(model_cache, tmp_path
     proc = start_run([f"warm_start.cache_dir={model_cache}", f"run_dir={tmp_path}",
                       f"net.base_port={free_base_port()}", "generator.streaming=false",
                       f"learner.total_steps={STEPS}", "learner.eval_interval=4",
-                      "learner.checkpoint_interval=100", "sync.timeout_s=120",
+                      "learner.checkpoint_interval=100", "weight_sync.timeout_s=120",
                       "net.ready_timeout_s=120"])
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
@@ -31,7 +31,7 @@ def test_batch_mode_ends_at_once_with_the_final_evaluation(model_cache, tmp_path
     assert rows[STEPS]["eval_by"].startswith("gen")
     summary = json.loads((tmp_path / "summary.json").read_text())
     # From the last step to the end (its evaluation, the shutdown): seconds, not the
-    # sync.timeout_s a generator stuck resending made the learner wait.
+    # weight_sync.timeout_s a generator stuck resending made the learner wait.
     tail_s = summary["elapsed_s"] - rows[STEPS]["elapsed_s"]
     print(f"last step to the end of the run: {tail_s:.1f}s")
     assert tail_s < 30, tail_s

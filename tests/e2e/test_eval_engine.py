@@ -64,7 +64,7 @@ def test_the_evaluators_evaluation_of_a_version_is_that_of_its_weights(evaluated
 
 
 def test_no_generator_evaluates_and_every_push_goes_out(evaluated_run):
-    # The generator is never asked (its engine only trains), and with sync.interval=1 every
+    # The generator is never asked (its engine only trains), and with weight_sync.interval=1 every
     # step's push goes out: none is held back for an evaluation (tests/unit/test_eval_engine.py
     # checks Lead.push_due itself; a generator's evaluation holds pushes only when it is
     # still running at the next step, which this short run may not show either way).

@@ -98,7 +98,7 @@ def test_prometheus_scrapes_generated_tokens_from_a_real_run(model_cache, tmp_pa
                  "net.base_port": base, "learner.total_steps": 30, "learner.nproc": 1,
                  "learner.groups_per_step": 4, "generator.group_size": 4,
                  "generator.prompts_per_call": 4, "learner.eval_interval": 100,
-                 "net.ready_timeout_s": 120, "sync.timeout_s": 120}
+                 "net.ready_timeout_s": 120, "weight_sync.timeout_s": 120}
     run = subprocess.Popen(
         [sys.executable, "-m", "asyncrl", "run", "configs/default.yaml",
          *(f"{k}={v}" for k, v in overrides.items())],

@@ -1,8 +1,8 @@
-"""configs/reasoning.yaml end to end (issue 13's workload): a long tail of completion lengths in
+"""configs/reasoning.yaml end to end (the long-tail reasoning workload): a long tail of completion lengths in
 what the learner trained, its histogram and percentiles in the run directory, and the target of
 at least 10 points of held-out accuracy gained by RL within 15 minutes of RL wall time (the
 warm start distils an imperfect teacher, task.carry_slip, that RL can improve on;
-docs/performance.md section 9, session 8). The first run builds builtin:tiny-reasoning (about
+docs/performance.md, "RL gain on the reasoning task"). The first run builds builtin:tiny-reasoning (about
 30-65 minutes on 2 cores), later ones reuse it from the cache."""
 
 import json

@@ -1,4 +1,4 @@
-"""A real pretrained model through the whole loop (issue 14): SmolLM2-135M-Instruct, its 49k
+"""A real pretrained model through the whole loop: SmolLM2-135M-Instruct, its 49k
 BPE tokenizer and chat template, real vLLM, real torchrun, real sockets, a few GRPO steps on
 the word problems with the GRPO demo's rewards and a KL term.
 
@@ -88,7 +88,7 @@ def test_chat_template_gives_the_same_token_ids_in_generator_and_learner(run):
             assert sent == tok.encode(rendered, add_special_tokens=False)
             assert sent[0] == start and sent[-len(assistant):] == assistant
     probe = json.loads((run_dir / "sync_probe.jsonl").read_text().splitlines()[0])
-    assert probe["prompt_tokens"] == encode_prompt(tok, cfg.sync.probe_prompt, True, context)
+    assert probe["prompt_tokens"] == encode_prompt(tok, cfg.weight_sync.probe_prompt, True, context)
 
 
 def test_rewards_score_the_real_completions(run):

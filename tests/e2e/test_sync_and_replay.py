@@ -18,7 +18,7 @@ def _run(model_cache, run_dir, *extra):
 
 
 def test_sync_mode_is_on_policy_and_wastes_nothing(model_cache, tmp_path):
-    rows = _run(model_cache, tmp_path, "sync.mode=sync", "buffer.max_staleness=0")
+    rows = _run(model_cache, tmp_path, "generator.on_policy=true", "buffer.max_staleness=0")
     for r in rows[1:]:
         assert r["staleness_max"] == 0 and set(r["staleness_tokens"]) == {"0"}
         # the generator waited for each new version, so nothing was generated to be dropped

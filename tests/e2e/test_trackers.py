@@ -15,8 +15,7 @@ import pytest
 from asyncrl.config import load_config, save_config
 from asyncrl.jsonl import read_jsonl
 from tests.conftest import ROOT, free_base_port
-from tests.helpers.trackers import (mlflow_series, tensorboard_series, wandb_history,
-                                    wandb_series)
+from tests.helpers.trackers import mlflow_series, tensorboard_series, wandb_history, wandb_series
 
 pytestmark = pytest.mark.e2e
 

@@ -14,8 +14,8 @@ def run_overrides(model_cache, run_dir, base_port, **extra):
          "net.base_port": base_port, "learner.total_steps": STEPS, "learner.nproc": 2,
          "learner.groups_per_step": 4, "generator.group_size": 4,
          "generator.prompts_per_call": 4, "generator.temperature": 0.7,
-         "buffer.max_staleness": 0, "sync.interval": 1, "learner.eval_interval": 2,
-         "net.ready_timeout_s": 120, "sync.timeout_s": 120}
+         "buffer.max_staleness": 0, "weight_sync.interval": 1, "learner.eval_interval": 2,
+         "net.ready_timeout_s": 120, "weight_sync.timeout_s": 120}
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
 

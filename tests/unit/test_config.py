@@ -1,6 +1,7 @@
 import pytest
 
 from asyncrl.config import ConfigError, RunConfig, load_config, save_config
+from tests.conftest import ROOT
 
 
 def test_default_config_loads_and_validates():
@@ -34,10 +35,10 @@ def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    (["buffer.max_staleness=0", "sync.interval=2"], "buffer.max_staleness"),
+    (["buffer.max_staleness=0", "weight_sync.interval=2"], "buffer.max_staleness"),
     (["learner.nproc=3", "learner.groups_per_step=16"], "learner.groups_per_step"),
     (["generator.group_size=1"], "generator.group_size"),
-    (["sync.backend=mpi"], "sync.backend"),
+    (["weight_sync.backend=mpi"], "weight_sync.backend"),
     (["model.path=/no/such/model"], "model.path"),
 ])
 def test_cross_field_checks_name_the_field(overrides, needle):
@@ -98,3 +99,33 @@ def test_the_note_names_a_single_update_per_batch_and_a_cap_that_drops_tokens():
     assert "drops" in one  # the default is_cap, 2
     assert "drops" not in advisories(load_config("configs/default.yaml",
                                                  [*base, "learner.is_cap=5"]))[0]
+
+
+@pytest.mark.parametrize("override,says", [
+    ("sync.interval=2", "sync.interval is now weight_sync.interval"),
+    ("sync.backend=gloo", "sync.backend is now weight_sync.backend"),
+    ("sync.mode=sync", "sync.mode is now generator.on_policy (sync.mode=sync: "
+                       "generator.on_policy=true"),
+])
+def test_an_old_sync_key_is_refused_naming_the_new_one(override, says):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "default.yaml", [override])
+    assert says in str(e.value) and "the overrides" in str(e.value)
+
+
+def test_an_old_sync_section_in_a_file_is_refused_naming_the_file(tmp_path):
+    p = tmp_path / "old.yaml"
+    p.write_text("sync:\n  interval: 1\n  mode: async\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "weight_sync.interval" in str(e.value)
+    assert "generator.on_policy" in str(e.value)
+
+
+def test_on_policy_needs_staleness_zero():
+    cfg = load_config(ROOT / "configs" / "default.yaml",
+                      ["generator.on_policy=true", "buffer.max_staleness=0"])
+    assert cfg.generator.on_policy and cfg.weight_sync.interval == 1
+    with pytest.raises(ConfigError, match="generator.on_policy=true needs"):
+        load_config(ROOT / "configs" / "default.yaml",
+                    ["generator.on_policy=true", "buffer.max_staleness=2"])

@@ -101,7 +101,7 @@ def test_every_numeric_field_has_exactly_one_bound():
 def test_the_walk_reaches_every_section():
     sections = {p.split(".")[0] for p, _ in SCALARS}
     assert sections == {"seed", "task", "warm_start", "net", "generator", "buffer", "learner",
-                        "sync", "run"}
+                        "weight_sync", "run"}
 
 
 @pytest.mark.parametrize("path,value", CASES, ids=[f"{p}={v}" for p, v in CASES])

@@ -376,7 +376,7 @@ def test_slurm_dry_run_writes_hosts_and_starts_every_role(tmp_path, mode):
     assert cfg.net.bind_host == "0.0.0.0" and cfg.run_dir == str(run_dir)
     assert cfg.generator.num_generators == 2 and cfg.learner.nproc == 4
     assert cfg.model.path == str(model) and cfg.learner.lr == 1e-4
-    assert cfg.sync.backend == "nccl"
+    assert cfg.weight_sync.backend == "nccl"
 
     listed = json.loads((run_dir / "prometheus-targets.json").read_text())
     targets = {(t["labels"]["role"], t["labels"].get("generator", t["labels"].get("rank"))):

@@ -40,22 +40,22 @@ def test_apply_writes_the_assignment_into_the_config_and_revalidates():
                              "learner.groups_per_step=16"])
     a = devices.apply(cfg, visible=4)
     assert cfg.generator.device_ids == [0, 1] and cfg.learner.device_ids == [2, 3]
-    assert cfg.sync.backend == "nccl" and "gen1: GPU 1" in a.describe()
+    assert cfg.weight_sync.backend == "nccl" and "gen1: GPU 1" in a.describe()
 
 
 def test_overlapping_lists_under_nccl_are_refused_naming_both_fields():
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["sync.backend=nccl", "generator.device_ids=[0]",
+        load_config(None, ["weight_sync.backend=nccl", "generator.device_ids=[0]",
                            "learner.device_ids=[0]"])
     msg = str(e.value)
     assert "generator.device_ids=[0]" in msg and "learner.device_ids=[0]" in msg
-    assert "sync.backend=ipc" in msg and "\n" not in msg
+    assert "weight_sync.backend=ipc" in msg and "\n" not in msg
 
 
 def test_ipc_is_for_one_rank_and_one_generator():
-    with pytest.raises(ConfigError, match="sync.backend=ipc"):
-        load_config(None, ["sync.backend=ipc", "generator.num_generators=2"])
-    load_config(None, ["sync.backend=ipc", "generator.device_ids=[0]", "learner.device_ids=[0]"])
+    with pytest.raises(ConfigError, match="weight_sync.backend=ipc"):
+        load_config(None, ["weight_sync.backend=ipc", "generator.num_generators=2"])
+    load_config(None, ["weight_sync.backend=ipc", "generator.device_ids=[0]", "learner.device_ids=[0]"])
 
 
 def test_tensor_parallel_generators_take_consecutive_gpus():

@@ -83,7 +83,7 @@ def test_a_bad_result_file_is_not_joined(tmp_path):
     _step(ex, ev, 0, exported=False)
     files.result_path(tmp_path / "evals", 0).write_text('{"version": 0, "accuracy": 7}')
     ev.poll()
-    assert accs == [] and rows == []  # still pending: given up after sync.timeout_s
+    assert accs == [] and rows == []  # still pending: given up after weight_sync.timeout_s
 
 
 def test_bad_requests_are_set_aside_not_fatal(tmp_path):

@@ -98,7 +98,7 @@ def test_an_owed_evaluation_waits_for_a_generator_holding_the_version():
     _step(ev, s, 0)
     s.answer(0)
     _step(ev, s, 1)
-    _step(ev, s, 2, push=False)  # sync.interval > 1: version 2 was not pushed
+    _step(ev, s, 2, push=False)  # weight_sync.interval > 1: version 2 was not pushed
     assert s.asked == [("gen0", 0)] and ev.owed
     _step(ev, s, 3)
     assert s.asked[-1] == ("gen0", 3) and not ev.owed

@@ -8,8 +8,14 @@ import time
 
 import pytest
 
-from asyncrl.monitor import (JsonlMonitor, TrackerFeed, TrackerSettings, numeric,
-                             open_trackers, role_figures)
+from asyncrl.monitor import (
+    JsonlMonitor,
+    TrackerFeed,
+    TrackerSettings,
+    numeric,
+    open_trackers,
+    role_figures,
+)
 from tests.helpers.trackers import mlflow_series, tensorboard_series, wandb_series
 
 

@@ -56,7 +56,7 @@ def test_settings_that_change_training_are_refused_naming_each_key(tmp_path):
     assert "seed: 0 in the run, 5 now" in str(e.value)
     # where and how the roles run may change: ports, timeouts, restarts, threads
     free = load_config(DEFAULT, [f"run_dir={tmp_path}", "net.base_port=48000",
-                                 "learner.max_restarts=0", "sync.timeout_s=60",
+                                 "learner.max_restarts=0", "weight_sync.timeout_s=60",
                                  "learner.threads=2", "run.max_role_restarts=5"])
     _check_same_training(saved, free, tmp_path)
 
