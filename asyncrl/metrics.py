@@ -71,11 +71,32 @@ class GeneratorMetrics:
                                               registry=r)
         self.policy_version = Gauge("asyncrl_generator_policy_version",
                                     "Policy version of the weights in the engine", registry=r)
+        self._episode_metrics(r)
         self.sync_seconds = Histogram("asyncrl_sync_receive_seconds",
                                       "Receive and load of one weight update in the engine",
                                       buckets=_SYNC_BUCKETS, registry=r)
         self.sync_bytes = Counter("asyncrl_sync_received_bytes_total",
                                   "Weight bytes received", registry=r)
+
+
+    def _episode_metrics(self, r: CollectorRegistry) -> None:
+        """Multi-turn episodes (env.name)."""
+        self.episodes = Counter("asyncrl_generator_episodes_total",
+                                "Multi-turn episodes finished (env.name), by finish reason",
+                                ["finish_reason"], registry=r)
+        self.episode_turns = Histogram("asyncrl_generator_episode_turns",
+                                       "Model turns per finished episode",
+                                       buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
+        self.env_seconds = Histogram("asyncrl_generator_env_seconds",
+                                     "Wall time of one environment call (reset, step, score)",
+                                     buckets=_SYNC_BUCKETS, registry=r)
+        self.injected_tokens = Counter("asyncrl_generator_injected_tokens_total",
+                                       "Tokens an environment injected into episodes "
+                                       "(observations; no loss)", registry=r)
+        self.tool_errors = Counter("asyncrl_generator_tool_errors_total",
+                                   "Tool calls answered with an error, and observations cut "
+                                   "to env.max_observation_tokens, by reason", ["reason"],
+                                   registry=r)
 
 
 class BufferMetrics:

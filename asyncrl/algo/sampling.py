@@ -20,9 +20,13 @@ def dynamic_sampling_mask(group_rewards: torch.Tensor, atol: float = 0.0) -> tor
     return spread > atol
 
 
+TRUNCATED = ("length", "max_turns")
+
+
 def truncated_from_finish_reasons(finish_reasons: list[str]) -> torch.Tensor:
-    """(B,) bool: True for completions stopped by the length limit (vLLM's finish_reason)."""
-    return torch.tensor([reason == "length" for reason in finish_reasons], dtype=torch.bool)
+    """(B,) bool: True for completions stopped by a budget: the length limit (vLLM's
+    finish_reason, or an episode's token budget) or an episode's turn limit."""
+    return torch.tensor([reason in TRUNCATED for reason in finish_reasons], dtype=torch.bool)
 
 
 def overlong_filter_mask(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:

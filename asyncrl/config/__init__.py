@@ -33,6 +33,7 @@ from asyncrl.config.schema import (
     TASKS,
     BufferConfig,
     ConfigError,
+    EnvConfig,
     GeneratorConfig,
     LaunchConfig,
     LearnerConfig,
@@ -48,7 +49,8 @@ __all__ = [
     "BOUNDS", "Bound", "advisories", "validate", "ADVANTAGES", "BUILTIN_MAX_POSITIONS",
     "BUILTIN_MODEL",
     "KL_ESTIMATORS", "LOSS_AGG", "OFFPOLICY", "PRETRAINED_BUILTINS", "SMOLLM2_MODEL",
-    "STRATEGIES", "SYNC_BACKENDS", "TASKS", "BufferConfig", "ConfigError", "GeneratorConfig",
+    "STRATEGIES", "SYNC_BACKENDS", "TASKS", "BufferConfig", "ConfigError", "EnvConfig",
+    "GeneratorConfig",
     "LaunchConfig", "LearnerConfig", "ModelConfig", "NetConfig", "RunConfig", "WeightSyncConfig",
     "TaskConfig", "WarmStartConfig", "load_config", "save_config",
 ]

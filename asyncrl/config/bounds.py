@@ -71,6 +71,7 @@ BOUNDS: dict[str, Bound] = {
     "task.max_terms": _ints(2, 64),  # a prompt of max_terms x (digits + 1) tokens
     "task.terms_tail": _floats(0, 10, "0: uniform number of terms"),
     "task.carry_slip": _floats(0, 1, "0: an exact teacher"),
+    "task.tool_skip": _floats(0, 1, "0: an exact teacher"),
     "task.train_size": _ints(1, 10**6),  # problems are built in memory at start-up
     "task.eval_size": _ints(1, 10**6),
     "task.seed": SEED,
@@ -92,6 +93,10 @@ BOUNDS: dict[str, Bound] = {
     "generator.group_size": _ints(2, 1024, "group-relative advantages need a group"),
     "generator.temperature": _positive(10.0),
     "generator.max_tokens": _ints(1, MAX_TOKENS),
+    "generator.max_turns": _ints(1, 1024),
+    "generator.max_episode_tokens": _ints(1, MAX_TOKENS),
+    "env.step_timeout_s": _positive(DAY_S),
+    "env.max_observation_tokens": _ints(1, MAX_TOKENS),
     "generator.kv_cache_gib": _ints(1, 1024),  # vLLM allocates it all at start-up
     "generator.gpu_memory_utilization": _positive(1.0),
     "generator.threads": _ints(1, 1024),

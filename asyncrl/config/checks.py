@@ -89,7 +89,27 @@ def cross_field_errors(cfg: RunConfig) -> list[str]:
     """Checks that combine fields; every field is already in its range."""
     return (_task_errors(cfg) + _warm_start_errors(cfg) + _length_errors(cfg)
             + _net_errors(cfg) + _device_errors(cfg) + _learner_errors(cfg)
-            + _buffer_errors(cfg))
+            + _buffer_errors(cfg) + _env_errors(cfg))
+
+
+def _env_errors(cfg: RunConfig) -> list[str]:
+    """Multi-turn episodes: the environment imports and constructs, and the budgets fit."""
+    if not cfg.env.name:
+        return []
+    from asyncrl.env import EnvError, load_environment
+
+    try:
+        load_environment(cfg.env.name, cfg.env.kwargs)
+    except EnvError as e:
+        return [str(e)]
+    gen = cfg.generator
+    return _failed([
+        (gen.streaming, "env.name needs generator.streaming=true (episodes are a rollout "
+                        "kind of the streaming generator)"),
+        (gen.max_tokens <= gen.max_episode_tokens,
+         f"generator.max_tokens={gen.max_tokens} (per turn) must be <= "
+         f"generator.max_episode_tokens={gen.max_episode_tokens}"),
+    ])
 
 
 def _task_errors(cfg: RunConfig) -> list[str]:
@@ -111,11 +131,17 @@ def _task_errors(cfg: RunConfig) -> list[str]:
         (not addition or task.train_size + task.eval_size <= 100**task.digits,
          f"task.train_size + task.eval_size = {task.train_size + task.eval_size}: exceeds "
          f"the {100**task.digits} distinct problems of task.digits={task.digits}"),
-        (task.name != "reasoning" or task.min_terms <= task.max_terms,
+        (task.name not in ("reasoning", "calculator") or task.min_terms <= task.max_terms,
          f"task.min_terms={task.min_terms} > task.max_terms={task.max_terms}"),
-        (task.carry_slip == 0 or task.name in ("addition", "reasoning"),
+        (task.carry_slip == 0 or task.name in ("addition", "reasoning", "calculator"),
          f"task.carry_slip={task.carry_slip} shapes the built-in tasks' SFT references: it "
-         f"needs task.name=addition or reasoning, not {task.name!r}"),
+         f"needs task.name=addition, reasoning or calculator, not {task.name!r}"),
+        (task.tool_skip == 0 or task.name == "calculator",
+         f"task.tool_skip={task.tool_skip} shapes the calculator task's SFT transcripts: it "
+         f"needs task.name=calculator, not {task.name!r}"),
+        (task.name != "calculator" or cfg.env.name,
+         "task.name=calculator is solved with a tool over several turns: it needs "
+         "env.name=calculator"),
     ])
 
 
@@ -137,13 +163,14 @@ def _length_errors(cfg: RunConfig) -> list[str]:
     """What the built-in tasks' problem counts and the builtin model's positions leave
     room for: terms, prompts per call, SFT batches, completion tokens."""
     task, gen = cfg.task, cfg.generator
-    synthetic = task.name in ("addition", "reasoning")
+    synthetic = task.name in ("addition", "reasoning", "calculator")
     positions = BUILTIN_MAX_POSITIONS.get(cfg.model.path)
     # BOS, then a, "+", b, "=" (addition) or up to max_terms terms of `digits` digits.
     prompt_tokens = (1 + 2 * task.digits + 2 if task.name == "addition"
                      else 1 + task.max_terms * (task.digits + 1))
     return _failed([
-        (task.name != "reasoning" or task.max_terms <= 9 * 10 ** (task.digits - 1),
+        (task.name not in ("reasoning", "calculator")
+         or task.max_terms <= 9 * 10 ** (task.digits - 1),
          f"task.max_terms={task.max_terms}: more than the {9 * 10 ** (task.digits - 1)} "
          f"distinct terms of task.digits={task.digits}"),
         (not synthetic or gen.prompts_per_call <= task.train_size,
@@ -154,11 +181,12 @@ def _length_errors(cfg: RunConfig) -> list[str]:
          f"warm_start.batch_size={cfg.warm_start.batch_size}: must be <= "
          f"task.train_size={task.train_size} (a batch samples without replacement)"),
         (not (synthetic and positions)
-         or prompt_tokens + gen.max_tokens + 8 <= positions,
-         f"generator.max_tokens={gen.max_tokens}: must be <= "
+         or prompt_tokens + cfg.max_completion_tokens + 8 <= positions,
+         f"{'generator.max_episode_tokens' if cfg.env.name else 'generator.max_tokens'}="
+         f"{cfg.max_completion_tokens}: must be <= "
          f"{(positions or 0) - 8 - prompt_tokens} ({cfg.model.path} has "
          f"{positions} positions for the prompt of {prompt_tokens} tokens at "
-         "this task.digits (and task.max_terms), max_tokens and 8 spare)"),
+         "this task.digits (and task.max_terms), the completion and 8 spare)"),
     ])
 
 
@@ -221,8 +249,9 @@ def _learner_errors(cfg: RunConfig) -> list[str]:
         (lc.minibatches <= cfg.groups_per_rank,
          f"learner.minibatches={lc.minibatches}: must be in [1, groups_per_step / "
          f"(nproc x nnodes) = {cfg.groups_per_rank}]"),
-        (lc.overlong_cache <= gen.max_tokens,
-         "learner.overlong_cache must be in (0, generator.max_tokens]"),
+        (lc.overlong_cache <= cfg.max_completion_tokens,
+         "learner.overlong_cache must be in (0, generator.max_tokens] (with env.name, "
+         "generator.max_episode_tokens)"),
         (lc.nnodes == 1 or ":" in lc.rdzv_endpoint,
          "learner.nnodes > 1 needs learner.rdzv_endpoint=host:port"),
     ])

@@ -21,12 +21,13 @@ STRATEGIES = ("ddp", "fsdp")
 # Positions of each builtin model, by model.path (asyncrl/task/tiny_model.py builds them with
 # these; tests/unit/test_config_bounds.py checks): prompt + generator.max_tokens + 8 must fit,
 # or vLLM refuses to start. The reasoning task's scratchpads need more than addition's answers.
-BUILTIN_MAX_POSITIONS = {BUILTIN_MODEL: 128, "builtin:tiny-reasoning": 512}
+BUILTIN_MAX_POSITIONS = {BUILTIN_MODEL: 128, "builtin:tiny-reasoning": 512,
+                         "builtin:tiny-calculator": 256}
 # Real pretrained models built offline from a package (asyncrl/task/smollm2.py); no SFT,
 # their own positions (8192), so no prompt-length check against BUILTIN_MAX_POSITIONS.
 SMOLLM2_MODEL = "builtin:smollm2-135m-instruct"
 PRETRAINED_BUILTINS = (SMOLLM2_MODEL,)
-TASKS = ("addition", "reasoning", "dataset", "word_problems")
+TASKS = ("addition", "reasoning", "calculator", "dataset", "word_problems")
 
 
 class ConfigError(ValueError):
@@ -53,8 +54,10 @@ class TaskConfig:
     sums of several terms answered with a worked scratchpad in <reasoning>/<answer> tags,
     lengths with a long tail (asyncrl/task/reasoning.py); `word_problems`: one- and two-step
     grade-school word problems with integer answers, asking for the <reasoning>/<answer>
-    layout (asyncrl/task/word_problems.py, for a small real instruct model); `dataset`:
-    prompt/answer records from task.path."""
+    layout (asyncrl/task/word_problems.py, for a small real instruct model); `calculator`:
+    the reasoning task's sums solved over several turns with a calculator tool (with
+    env.name=calculator; asyncrl/task/calculator.py); `dataset`: prompt/answer records from
+    task.path."""
     path: str = ""
     """A local .jsonl or .parquet file of records (task.name=dataset)."""
     prompt_field: str = "prompt"
@@ -79,10 +82,15 @@ class TaskConfig:
     terms_tail: float = 1.0
     """reasoning: P(k terms) ~ (k - min_terms + 1)^-terms_tail, a long tail of long problems;
     0 is uniform, larger makes long problems rarer."""
+    tool_skip: float = 0.0
+    """calculator: before each tool call the SFT teacher stops using the tool with this
+    probability and adds the remaining terms in its head (slipping with task.carry_slip): an
+    imperfect tool user RL can improve on (asyncrl/task/calculator.py)."""
     carry_slip: float = 0.0
-    """addition, reasoning: the SFT teacher forgets the carry out of the units digit with this
-    probability at each sum that has one (an imperfect teacher RL can improve on; the
-    rewards and held-out answers stay exact; asyncrl/task/reasoning.py). 0: an exact solver."""
+    """addition, reasoning, calculator: the SFT teacher forgets the carry out of the units
+    digit with this probability at each sum that has one (an imperfect teacher RL can improve
+    on; the rewards and held-out answers stay exact; asyncrl/task/reasoning.py). 0: an exact
+    solver."""
     train_size: int = 5000
     """Number of distinct training problems."""
     eval_size: int = 512
@@ -208,6 +216,13 @@ class GeneratorConfig:
     """Completions sampled per prompt (the GRPO group)."""
     temperature: float = 1.0
     max_tokens: int = 6
+    """Sampled tokens per completion; with an environment (env.name), per model turn."""
+    max_turns: int = 8
+    """With an environment: model turns per episode; one that has not ended by then ends
+    with finish reason `max_turns`."""
+    max_episode_tokens: int = 96
+    """With an environment: tokens after the prompt per episode (sampled and injected); one
+    that reaches it ends with finish reason `length`."""
     kv_cache_gib: int = 1
     """VLLM_CPU_KVCACHE_SPACE on CPU (required there); ignored on GPU."""
     gpu_memory_utilization: float = 0.85
@@ -393,6 +408,23 @@ class LearnerConfig:
 
 
 @dataclass
+class EnvConfig:
+    """Multi-turn episodes (asyncrl/env/, asyncrl/generator/episode.py)."""
+
+    name: str = ""
+    """Empty: one completion per sample, scored by task.rewards. Else the environment each
+    episode runs in: a built-in (`calculator`) or `package.module:Class`; a class that does
+    not import or construct stops the run when it starts, naming this field."""
+    kwargs: dict = field(default_factory=dict)
+    """Keyword arguments of each construction of the environment."""
+    step_timeout_s: float = 30.0
+    """An environment call (reset, step, score) that takes longer ends its episode with
+    finish reason `env_timeout` (reward 0); the other episodes go on meanwhile."""
+    max_observation_tokens: int = 64
+    """An observation longer than this many tokens is cut there (counted)."""
+
+
+@dataclass
 class WeightSyncConfig:
     """How the learner's weights reach the generators (asyncrl/sync/)."""
 
@@ -454,6 +486,7 @@ class RunConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     run: LaunchConfig = field(default_factory=LaunchConfig)
 
@@ -462,6 +495,12 @@ class RunConfig:
         """Groups the buffer holds before it answers "busy" (see BufferConfig.admit_steps)."""
         return min(self.buffer.capacity_groups,
                    self.buffer.admit_steps * self.learner.groups_per_step)
+
+    @property
+    def max_completion_tokens(self) -> int:
+        """The most tokens after a prompt: generator.max_tokens, or with an environment the
+        episode's budget, generator.max_episode_tokens."""
+        return self.generator.max_episode_tokens if self.env.name else self.generator.max_tokens
 
     @property
     def learner_world(self) -> int:

@@ -22,6 +22,7 @@ import numpy as np
 from asyncrl import wire
 from asyncrl.config import RunConfig
 from asyncrl.generator.engine import Sample
+from asyncrl.generator.episode import EpisodeGroup
 from asyncrl.generator.outbox import Outbox
 from asyncrl.rewards import combine
 
@@ -52,12 +53,31 @@ class Delivery:
         return self.outbox.full()
 
     def send(self, units: list, version: int) -> None:
-        """Score finished SampleGroups and queue them as one message."""
-        groups = [self.scorer.stream_group(self.problems[u.key], u, self.name) for u in units]
+        """Score finished units and queue them as one message: a SampleGroup is scored here
+        (task.rewards), an EpisodeGroup was scored by its environment."""
+        groups = [u.trajectory(self.name) if isinstance(u, EpisodeGroup) else
+                  self.scorer.stream_group(self.problems[u.key], u, self.name) for u in units]
+        for u in units:
+            if isinstance(u, EpisodeGroup):
+                self._count_episodes(u)
         seq = self._message_seq(groups)
         self.first_token[seq] = min(u.first_token_at or u.started_at for u in units)
         self.completions[seq] = sum(len(g.completions) for g in groups)
         self.outbox.put(seq, self._encode(groups, version, seq), len(groups))
+
+    def _count_episodes(self, unit: EpisodeGroup) -> None:
+        for e in unit.episodes:
+            self.m.episodes.labels(e.finish_reason).inc()
+            self.m.episode_turns.observe(e.turns)
+            self.m.injected_tokens.inc(sum(e.sources))
+            for seconds in e.env_seconds:
+                self.m.env_seconds.observe(seconds)
+            errors = getattr(e.env, "tool_errors", 0)
+            if errors:
+                self.m.tool_errors.labels("tool_error").inc(errors)
+            if e.truncated_observations:
+                self.m.tool_errors.labels("observation_truncated").inc(e.truncated_observations)
+        self.stats.add_episodes(unit.episodes)
 
     def pump(self, timeout_s: float) -> None:
         """Send what may be sent, take the acks waiting (or arriving within timeout_s)."""
@@ -88,7 +108,7 @@ class Delivery:
         return self.seq
 
     def _encode(self, groups: list[wire.TrajectoryGroup], version: int, seq: int) -> bytes:
-        self.m.generated_tokens.inc(sum(g.num_tokens for g in groups))
+        self.m.generated_tokens.inc(sum(g.num_sampled_tokens for g in groups))
         self.m.reward.set(float(np.mean([c.reward for g in groups for c in g.completions])))
         return wire.encode("trajectories", version, sender=self.name,
                            incarnation=self.incarnation, seq=seq, groups=groups)

@@ -7,8 +7,10 @@ always use this real engine.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from asyncrl.wire import DEFAULT_BUCKET_BYTES
 
@@ -192,3 +194,13 @@ class Delta:
     logprobs: list[float]  # behaviour logprob of each new token (temperature applied)
     finished: bool
     finish_reason: str  # "stop" | "length" | "abort" once finished, else ""
+
+
+def engine_length(cfg, model_dir: str, prompts: list[list[int]]) -> int:
+    """The engine's max_model_len: the longest prompt and completion with 8 spare; with an
+    environment, whose prompts only its reset says, the model's positions (each episode
+    keeps within them)."""
+    if cfg.env.name:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        return int(config.get("max_position_embeddings", 4096))
+    return max(map(len, prompts)) + cfg.max_completion_tokens + 8

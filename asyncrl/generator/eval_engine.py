@@ -108,7 +108,7 @@ def run(cfg, model_dir: str, run_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     from asyncrl import metrics
-    from asyncrl.generator.engine import VLLMEngine
+    from asyncrl.generator.engine import VLLMEngine, engine_length
     from asyncrl.generator.evaluate import Evaluator
     from asyncrl.task import chat_context, encode_prompt, load_task
 
@@ -119,12 +119,12 @@ def run(cfg, model_dir: str, run_dir: Path) -> None:
     evals.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(model_dir)
     train, held_out = load_task(cfg.task)
-    evaluator = Evaluator.for_task(cfg, tok, held_out)
     # The generators' engine length (training prompts too), so that the two evaluate alike.
     chat, context = cfg.task.chat_template, chat_context(cfg.task)
-    longest = max(len(encode_prompt(tok, p.prompt, chat, context)) for p in train)
-    longest = max(longest, *map(len, evaluator.prompts))
-    engine = VLLMEngine(model_dir, cfg.model.dtype, gc.seed, longest + gc.max_tokens + 8,
+    length = engine_length(cfg, model_dir, [encode_prompt(tok, p.prompt, chat, context)
+                                            for p in [*train, *held_out]])
+    evaluator = Evaluator.for_task(cfg, tok, held_out, context_tokens=length)
+    engine = VLLMEngine(model_dir, cfg.model.dtype, gc.seed, length,
                         gc.gpu_memory_utilization, gpu=gpu, cuda_graphs=gc.cuda_graphs,
                         tensor_parallel_size=gc.tensor_parallel_size)
     from asyncrl import transport, wire

@@ -46,6 +46,7 @@ from asyncrl import wire
 from asyncrl.config import RunConfig
 from asyncrl.generator.control import Control, Probe
 from asyncrl.generator.delivery import Delivery, Scorer
+from asyncrl.generator.engine import engine_length
 from asyncrl.generator.evaluate import Evaluator
 from asyncrl.generator.stream import EvalBatch, Rollout, SampleGroup
 from asyncrl.sync.member import LearnerFinished, SyncMember
@@ -75,8 +76,9 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
     train, held_out = load_task(cfg.task)
     chat, context = cfg.task.chat_template, chat_context(cfg.task)
     prompt_ids = {p.id: encode_prompt(tok, p.prompt, chat, context) for p in train}
-    evaluator = Evaluator.for_task(cfg, tok, held_out)
-    max_len = max(map(len, [*prompt_ids.values(), *evaluator.prompts])) + gc.max_tokens + 8
+    max_len = engine_length(cfg, model_dir, [*prompt_ids.values(), *(
+        encode_prompt(tok, p.prompt, chat, context) for p in held_out)])
+    evaluator = Evaluator.for_task(cfg, tok, held_out, context_tokens=max_len)
     engine = _engine(cfg, model_dir, index, max_len, gpu)
     incarnation = uuid.uuid4().hex[:12]  # a restarted generator is a new sender stream
     stats = _Stats(run_dir / f"{name}_stats.json", "stream" if gc.streaming else "batch",
@@ -93,7 +95,8 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
         cfg, engine, Control(name, member, evaluator, probe, m, stats),
         Delivery(cfg, name, incarnation, Scorer(cfg, tok), {p.id: p for p in train}, buffer, m,
                  stats, (run_dir / "acks").joinpath(f"{name}.jsonl")),
-        prompt_ids, random.Random(gc.seed * 1000 + index), m, stats)
+        prompt_ids, random.Random(gc.seed * 1000 + index), m, stats,
+        _unit_kind(cfg, tok, prompt_ids, {p.id: p for p in train}, max_len))
     try:
         if gc.streaming:
             gen.stream()
@@ -137,12 +140,28 @@ def _connect(cfg: RunConfig, model_dir: str, name: str, index: int, incarnation:
     return buffer, member
 
 
+def _unit_kind(cfg: RunConfig, tok, prompt_ids: dict, problems: dict, context_tokens: int):
+    """What one training prompt becomes in the rollout: (prompt id, version, now) -> a unit.
+    A SampleGroup (group_size completions), or with env.name an EpisodeGroup (group_size
+    multi-turn episodes, asyncrl/generator/episode.py)."""
+    gc = cfg.generator
+    if not cfg.env.name:
+        return lambda pid, version, now: SampleGroup(pid, prompt_ids[pid], version, gc.group_size,
+                                                     gc.temperature, gc.max_tokens, now)
+    from asyncrl.generator.episode import EpisodeGroup, episode_parts
+
+    spec, codec, budgets = episode_parts(cfg, tok, context_tokens)
+    return lambda pid, version, now: EpisodeGroup(pid, [problems[pid]] * gc.group_size, spec,
+                                                  codec, budgets, gc.temperature, version, now)
+
+
 class _Generation:
     """One generator's loops over its rollout, control and delivery."""
 
     def __init__(self, cfg: RunConfig, engine, control: Control, delivery: Delivery,
-                 prompt_ids: dict, rng: random.Random, m, stats: _Stats):
+                 prompt_ids: dict, rng: random.Random, m, stats: _Stats, new_unit):
         self.cfg, self.engine, self.control, self.delivery = cfg, engine, control, delivery
+        self.new_unit = new_unit  # _unit_kind's
         self.prompt_ids, self.rng, self.m, self.stats = prompt_ids, rng, m, stats
         self.train_ids = list(prompt_ids)
         # generator.on_policy: this generator's share of one learner batch (per version).
@@ -158,7 +177,7 @@ class _Generation:
         rollout = Rollout(self.engine, gc.max_inflight, gc.inflight_update, time.monotonic)
         control, delivery = self.control, self.delivery
         made: Counter[int] = Counter()  # groups started under each policy version
-        ready: list[SampleGroup] = []  # complete groups not yet in a message
+        ready: list = []  # complete groups (SampleGroup, EpisodeGroup) not yet in a message
         while True:
             control.serve(0.0, rollout)  # loads between two engine steps
             control.start_eval(rollout)
@@ -186,9 +205,8 @@ class _Generation:
         gc, version = self.cfg.generator, self.control.version
         while (rollout.room(gc.group_size) and not self.delivery.full()
                and (not self.cfg.generator.on_policy or made[version] < self.share)):
-            pid = self.rng.choice(self.train_ids)
-            rollout.start(SampleGroup(pid, self.prompt_ids[pid], version, gc.group_size,
-                                      gc.temperature, gc.max_tokens, rollout.clock()))
+            rollout.start(self.new_unit(self.rng.choice(self.train_ids), version,
+                                        rollout.clock()))
             made[version] += 1
 
     def _step(self, rollout: Rollout) -> None:
@@ -255,14 +273,23 @@ class _Stats:
         self.inflight_updates = 0
         self.multi_version_completions = 0
         self.evals, self.eval_s, self.eval_load_wait_s = 0, 0.0, 0.0
+        self.episodes, self.turns, self.env_s = 0, 0, 0.0
+        self.finish_reasons: Counter[str] = Counter()
 
     def add(self, groups: list[wire.TrajectoryGroup]) -> None:
         for g in groups:
-            self.tokens += g.num_tokens
+            self.tokens += g.num_sampled_tokens
             self.completions += len(g.completions)
             self.multi_version_completions += sum(
                 c.versions is not None and len(set(c.versions.tolist())) > 1
                 for c in g.completions)
+
+    def add_episodes(self, episodes: list) -> None:
+        for e in episodes:
+            self.episodes += 1
+            self.turns += e.turns
+            self.env_s += sum(e.env_seconds)
+            self.finish_reasons[e.finish_reason] += 1
 
     def write(self) -> None:
         wall = time.monotonic() - self.t0
@@ -276,4 +303,6 @@ class _Stats:
             "inflight_updates": self.inflight_updates,
             "multi_version_completions": self.multi_version_completions,
             "evals": self.evals, "eval_s": self.eval_s,
+            "episodes": self.episodes, "turns": self.turns, "env_s": self.env_s,
+            "finish_reasons": dict(self.finish_reasons),
             "eval_load_wait_s": self.eval_load_wait_s}) + "\n")

@@ -77,6 +77,21 @@ class Unit:
         """A sequence of this unit finished: the new sequences it leads to (none here)."""
         return []
 
+    @property
+    def waiting(self) -> bool:
+        """Waiting on something outside the engine (an environment step)."""
+        return False
+
+    def poll(self, version: int) -> list[Sequence]:
+        """Between engine steps: the new sequences what it waited on leads to (its next
+        requests; `version` is the one the engine holds)."""
+        return []
+
+    def slots(self) -> int:
+        """How many of generator.max_inflight it occupies: its sequences not done (a
+        multi-turn unit counts its episodes waiting on the environment too)."""
+        return sum(not s.done for s in self.seqs)
+
     def first_token(self, at: float) -> None:
         """The first token of this unit was sampled at `at` (clock time)."""
 
@@ -130,7 +145,9 @@ class Rollout:
     # ------------------------------------------------------------------ adding work
 
     def budgeted_running(self) -> int:
-        return sum(u.budgeted for u, _ in self.running.values())
+        """The slots of generator.max_inflight taken (running sequences and episodes
+        waiting on their environment)."""
+        return sum(u.slots() for u in self.units if u.budgeted)
 
     def room(self, sequences: int) -> bool:
         """Whether `sequences` more fit under generator.max_inflight."""
@@ -153,12 +170,19 @@ class Rollout:
 
     @property
     def busy(self) -> bool:
-        return bool(self.running)
+        """Requests in the engine, or units waiting on something outside it."""
+        return bool(self.running) or any(u.waiting for u in self.units)
 
     def step(self, version: int) -> None:
-        """One engine step; every token it produced is tagged `version`. The units it
-        completed are taken with `take_finished`."""
-        self._advance(version)
+        """One engine step (when requests run); every token it produced is tagged `version`.
+        Then what waited outside the engine is polled and its new requests submitted. The
+        units completed are taken with `take_finished`."""
+        if self.running:
+            self._advance(version)
+        for u in self.units:
+            for s in u.poll(version):
+                self._submit(u, s)
+        self._collect()
 
     def _advance(self, version: int) -> None:
         now = None

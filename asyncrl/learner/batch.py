@@ -14,7 +14,9 @@ from asyncrl.wire import TrajectoryGroup
 class TrainBatch:
     input_ids: torch.Tensor  # (B, L) prompt + completion, right-padded
     attention_mask: torch.Tensor  # (B, L)
-    completion_mask: torch.Tensor  # (B, L-1) 1 where position t predicts a completion token
+    # (B, L-1) 1 where position t predicts a completion token the policy sampled (tokens an
+    # environment injected are part of the input, never of the loss, KL, entropy or counts)
+    completion_mask: torch.Tensor
     behav_logprobs: torch.Tensor  # (B, L-1) generator logprobs, aligned with completion_mask
     rewards: torch.Tensor  # (G, N)
     versions: torch.Tensor  # (B, L-1) policy version that sampled each completion token
@@ -39,7 +41,7 @@ class BatchRules:
     batch is refused and counted instead of crashing a step."""
 
     group_size: int  # generator.group_size: advantages work on (G, group_size) rows
-    max_tokens: int  # generator.max_tokens: no completion is longer
+    max_tokens: int  # RunConfig.max_completion_tokens: no completion is longer
     max_positions: int | None  # the model's max_position_embeddings, when it has one
 
 
@@ -58,7 +60,7 @@ def refusal(groups: list[TrajectoryGroup], asked: int, rules: BatchRules
         if longest > rules.max_tokens or (rules.max_positions is not None and len(
                 g.prompt_tokens) + longest > rules.max_positions):
             return "too_long", (f"prompt {g.prompt_id}: {len(g.prompt_tokens)} + {longest} "
-                                f"tokens (generator.max_tokens={rules.max_tokens}, model "
+                                f"tokens (at most {rules.max_tokens} after a prompt, model "
                                 f"positions {rules.max_positions})")
     return None
 
@@ -82,7 +84,9 @@ def collate(groups: list[TrajectoryGroup], pad_id: int) -> TrainBatch:
         input_ids[i, P : P + T] = torch.from_numpy(c.tokens.astype("int64"))
         attention_mask[i, : P + T] = 1
         # Logits at position t predict token t+1: completion token j is predicted at P-1+j.
-        completion_mask[i, P - 1 : P - 1 + T] = 1
+        completion_mask[i, P - 1 : P - 1 + T] = (
+            1.0 if c.sources is None
+            else torch.from_numpy((c.sources == 0).astype("float32")))
         behav[i, P - 1 : P - 1 + T] = torch.from_numpy(c.logprobs.astype("float32"))
         versions[i, P - 1 : P - 1 + T] = (g.policy_version if c.versions is None else
                                           torch.from_numpy(c.versions.astype("int64")))

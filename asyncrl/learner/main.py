@@ -123,7 +123,7 @@ def run(cfg: RunConfig, run_dir: Path) -> None:
             _check_packing(cfg, model, batch, compute)
         with compute:
             stats = train_step(models, batch, cfg.learner, cfg.generator.temperature,
-                               cfg.generator.max_tokens)
+                               cfg.max_completion_tokens)
         sched.step()
         stats.update(dynamic_sampling_filtered_groups=filtered, stale_dropped_total=dropped_total)
         step_seconds = time.perf_counter() - t0
@@ -233,7 +233,7 @@ def _connect(cfg: RunConfig, rank: int, model, m) -> _Source:
                         lambda: wire.encode("heartbeat", 0, sender=f"learner{rank}",
                                             role="learner"),
                         cfg.net.heartbeat_interval_s, keys).start()
-    rules = BatchRules(cfg.generator.group_size, cfg.generator.max_tokens,
+    rules = BatchRules(cfg.generator.group_size, cfg.max_completion_tokens,
                        getattr(model.config, "max_position_embeddings", None))
     return _Source(buffer, rules, model.get_input_embeddings().num_embeddings,
                    m.messages_rejected, _Stop())

@@ -50,7 +50,7 @@ def replay(run_dir: Path, out=print) -> bool:
     loss_diff = 0.0
     for steps, groups in enumerate(read_batch_log(log), 1):
         stats = train_step(models, collate(groups, tok.pad_token_id), cfg.learner,
-                           cfg.generator.temperature, cfg.generator.max_tokens)
+                           cfg.generator.temperature, cfg.max_completion_tokens)
         sched.step()
         logged = logged_loss.get(steps)
         loss_diff = max(loss_diff, abs(stats["loss"] - logged) if logged is not None else inf)

@@ -19,6 +19,12 @@ def load_task(task: Any) -> tuple[list[Problem], list[Problem]]:
 
         return make_reasoning(task.digits, task.min_terms, task.max_terms, task.terms_tail,
                               task.train_size, task.eval_size, task.seed, task.carry_slip)
+    if task.name == "calculator":
+        from asyncrl.task.calculator import make_problems as make_calculator
+
+        return make_calculator(task.digits, task.min_terms, task.max_terms, task.terms_tail,
+                               task.train_size, task.eval_size, task.seed, task.tool_skip,
+                               task.carry_slip)
     if task.name == "word_problems":
         from asyncrl.task.word_problems import make_problems as make_word_problems
 

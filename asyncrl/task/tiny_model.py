@@ -7,10 +7,13 @@ briefly with SFT on the task so that RL starts from a partly-right policy. The r
 is a normal hub-format directory that vLLM and transformers load like any checkpoint, and it is
 cached under `warm_start.cache_dir` keyed by a hash of everything that shapes it.
 
-Two builtins (BUILTINS): `builtin:tiny-addition`, the embedded default, and
+Three builtins (BUILTINS): `builtin:tiny-addition`, the embedded default;
 `builtin:tiny-reasoning` for the reasoning task (asyncrl/task/reasoning.py): the same network
 with 512 positions for its long scratchpads, and the four format tags as single tokens, so a
-completion's length is its scratchpad rather than the tags' characters. The tags are normal
+completion's length is its scratchpad rather than the tags' characters; and
+`builtin:tiny-calculator` for the agentic calculator task (asyncrl/task/calculator.py), whose
+warm start imitates whole episodes: the model's turns, each ended by EOS, are trained on, the
+tool's results between them are read but not trained on, as in RL. The tags are normal
 added tokens, not special ones: the generator decodes with skip_special_tokens=True and the
 format rewards must still see them.
 """
@@ -29,7 +32,7 @@ from functools import partial
 from pathlib import Path
 
 from asyncrl.config import BUILTIN_MAX_POSITIONS, BUILTIN_MODEL, PRETRAINED_BUILTINS, RunConfig
-from asyncrl.task import encode_prompt, load_task
+from asyncrl.task import calculator, encode_prompt, load_task
 from asyncrl.task.build import build_once
 from asyncrl.task.reasoning import TAGS
 
@@ -49,6 +52,8 @@ class Builtin:
 BUILTINS = {
     BUILTIN_MODEL: Builtin(BUILTIN_MAX_POSITIONS[BUILTIN_MODEL]),
     "builtin:tiny-reasoning": Builtin(BUILTIN_MAX_POSITIONS["builtin:tiny-reasoning"], TAGS),
+    "builtin:tiny-calculator": Builtin(BUILTIN_MAX_POSITIONS["builtin:tiny-calculator"],
+                                       calculator.TAGS),
 }
 
 
@@ -95,8 +100,10 @@ def cache_key(cfg: RunConfig) -> str:
     # Fields and the builtin's name enter only where they matter, so that a setting that does
     # not shape the model never changes its key (nor rebuilds its cached model).
     fields = ["name", "digits", "train_size", "eval_size", "seed", "carry_slip"]
-    if cfg.task.name == "reasoning":
+    if cfg.task.name in ("reasoning", "calculator"):
         fields += ["min_terms", "max_terms", "terms_tail"]
+    if cfg.task.name == "calculator":
+        fields += ["tool_skip"]
     task = {k: getattr(cfg.task, k) for k in fields}
     warm = {k: v for k, v in asdict(cfg.warm_start).items() if k != "cache_dir"}
     for name, before in _ADDED_LATER.items():
@@ -146,8 +153,8 @@ def _build(cfg: RunConfig, out: Path, progress: Callable[[str], None]) -> None:
                                                            schedule=ws.lr_schedule,
                                                            floor=ws.min_lr_ratio))
     rng = random.Random(seed)
-    batches = _sft_batches(train, ws.batch_size, rng, bucket=8 if cfg.task.name == "reasoning"
-                           else 0)
+    batches = _sft_batches(train, ws.batch_size, rng,
+                           bucket=8 if cfg.task.name in ("reasoning", "calculator") else 0)
     model.train()
     # With slip_steps the imperfect teacher (task.carry_slip) speaks only at the end: the model
     # first learns to add from exact answers, then to forget some carries.
@@ -249,6 +256,16 @@ def _sft_batch(tok, problems, exact: bool = False):
     seqs, labels = [], []
     for p in problems:
         prompt = encode_prompt(tok, p.prompt)
+        if calculator.SEP in p.reference:  # an episode: the model's turns, then the tool's
+            ids, lab = list(prompt), [-100] * len(prompt)
+            for text, by_model in calculator.segments(p.reference):
+                part = tok.encode(text, add_special_tokens=False)
+                part = part + [tok.eos_token_id] if by_model else part
+                ids += part
+                lab += part if by_model else [-100] * len(part)
+            seqs.append(ids)
+            labels.append(lab)
+            continue
         target = p.answer if exact else (p.reference or p.answer)
         answer = tok.encode(target, add_special_tokens=False) + [tok.eos_token_id]
         seqs.append(prompt + answer)

@@ -18,10 +18,11 @@ from asyncrl.wire.messages import MESSAGES, SCHEMA, VERSION, Message
 # The wire format's version: groups travel as columns (one array per field per message),
 # each group with its identity (incarnation, seq, index; asyncrl/buffer/journal.py) and each
 # token with the policy version that sampled it (`version_lag`: the version minus its group's
-# policy_version, which is the group's oldest token's) and each completion with the parts of
-# its reward (`reward_part_names`, `reward_parts`); weights_update says its bucket_bytes.
-# A frame of any other version is refused (`schema_version`), never misread.
-SCHEMA_VERSION = 5
+# policy_version, which is the group's oldest token's) and its source (`sources`: sampled by
+# the policy, or injected by an environment), each completion with the parts of its reward
+# (`reward_part_names`, `reward_parts`); weights_update says its bucket_bytes. A frame of any
+# other version is refused (`schema_version`), never misread.
+SCHEMA_VERSION = 6
 MAGIC = b"ARL1"
 _ARRAY_EXT = 1
 _DTYPES = {"int32", "int64", "float32", "float64", "uint8", "float16"}

@@ -30,6 +30,10 @@ class Completion:
     # The parts the scorer made `reward` of (each reward function unweighted, a reward model's
     # score), by name; None: not given. Every completion of a message has the same names.
     reward_parts: dict[str, float] | None = None
+    # (T,) uint8, where each token came from: 0 sampled by the policy (it has a behaviour
+    # logprob and a version, and is trained on), 1 injected (an environment's observation,
+    # a chat template's delimiters: no logprob, no loss). None: every token sampled.
+    sources: np.ndarray | None = None
 
 
 @dataclass
@@ -52,6 +56,12 @@ class TrajectoryGroup:
     def num_tokens(self) -> int:
         return sum(len(c.tokens) for c in self.completions)
 
+    @property
+    def num_sampled_tokens(self) -> int:
+        """The completion tokens the policy sampled (not those an environment injected)."""
+        return sum(len(c.tokens) if c.sources is None else int((c.sources == 0).sum())
+                   for c in self.completions)
+
 
 
 # column -> numpy kinds allowed, 1-D. Per group: prompt_id .. group_size; per completion:
@@ -60,6 +70,7 @@ _ARRAY_COLUMNS = {
     "prompt_id": "iu", "policy_version": "iu", "created_at": "f", "prompt_len": "iu",
     "group_size": "iu", "length": "iu", "reward": "f", "prompt_tokens": "iu", "tokens": "iu",
     "logprobs": "f", "seq": "i", "index": "i", "version_lag": "iu", "reward_parts": "f",
+    "sources": "u",
 }
 # column -> longest string allowed (per group: generator, incarnation; per completion:
 # finish_reason)
@@ -95,6 +106,8 @@ def group_columns(groups: list[TrajectoryGroup]) -> dict:
         "version_lag": cat([np.zeros(len(c.tokens), np.int32) if c.versions is None
                             else np.asarray(c.versions, np.int64) - g.policy_version
                             for g in groups for c in g.completions], "int32"),
+        "sources": cat([np.zeros(len(c.tokens), np.uint8) if c.sources is None
+                        else np.asarray(c.sources, np.uint8) for c in comps], "uint8"),
         "reward": np.array([c.reward for c in comps], np.float64),
         "finish_reason": [c.finish_reason for c in comps],
         **_reward_part_columns(comps),
@@ -195,6 +208,9 @@ def _check_sums(c: dict) -> None:
         raise MessageError("inconsistent", f"prompt lengths do not add up to "
                                            f"{len(c['prompt_tokens'])}")
     n_tokens = len(c["tokens"])
+    if len(c["sources"]) != n_tokens:
+        raise MessageError("inconsistent", f"groups.sources has {len(c['sources'])} entries, "
+                                           f"tokens {n_tokens}")
     if len(c["version_lag"]) != n_tokens:
         raise MessageError("inconsistent", f"groups.version_lag has {len(c['version_lag'])} "
                                            f"entries, tokens {n_tokens}")
@@ -212,6 +228,9 @@ def _check_values(c: dict) -> None:
         logprobs = c["logprobs"] = c["logprobs"].astype(np.float32, copy=False)
     if len(c["tokens"]) and not (np.isfinite(logprobs).all() and (logprobs <= 1e-4).all()):
         raise MessageError("bad_logprob", "groups.logprobs not finite or > 0")
+    if not _within(c["sources"], 0, 1):
+        raise MessageError("bad_value", "groups.sources holds a value other than 0 (sampled) "
+                                        "or 1 (injected)")
     if not (np.isfinite(c["reward"]).all() and np.isfinite(c["reward_parts"]).all()):
         raise MessageError("bad_reward", "groups.reward or groups.reward_parts not finite")
     if not np.isfinite(c["created_at"]).all():
@@ -259,11 +278,13 @@ def parse_groups(cols: Any, vocab_size: int | None = None) -> list[TrajectoryGro
     names = c["reward_part_names"]
     parts = (c["reward_parts"].reshape(len(length), len(names)).tolist() if names
              else [None] * len(length))
-    comps = [Completion(t, lp, r, f, v, dict(zip(names, p)) if p is not None else None)
-             for t, lp, r, f, v, p in zip(
+    comps = [Completion(t, lp, r, f, v, dict(zip(names, p)) if p is not None else None,
+                        src if src.any() else None)
+             for t, lp, r, f, v, p, src in zip(
                  _split(c["tokens"].astype(np.int32, copy=False), length),
                  _split(c["logprobs"], length), c["reward"].tolist(), c["finish_reason"],
-                 _split(c["versions"], length), parts, strict=True)]
+                 _split(c["versions"], length), parts, _split(c["sources"], length),
+                 strict=True)]
     ends = np.cumsum(group_size).tolist()
     return [TrajectoryGroup(pid, prompt, version, comps[end - size : end], gen, created, inc,
                             seq, index)

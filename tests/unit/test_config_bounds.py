@@ -29,6 +29,7 @@ ACCEPTED = {
     ("task.reward_model_weight", -1): "a reward model's score may be a penalty",
     ("task.terms_tail", 0): "reasoning: a uniform number of terms (documented)",
     ("task.carry_slip", 0): "an exact SFT teacher",
+    ("task.tool_skip", 0): "a teacher that always calls the tool (the default)",
     ("warm_start.seed", 0): "any 31-bit seed",
     ("warm_start.seed", -1): "the run's seed (the default)",
     ("warm_start.until_loss", 0): "always warm_start.steps (the default)",
@@ -101,7 +102,7 @@ def test_every_numeric_field_has_exactly_one_bound():
 def test_the_walk_reaches_every_section():
     sections = {p.split(".")[0] for p, _ in SCALARS}
     assert sections == {"seed", "task", "warm_start", "net", "generator", "buffer", "learner",
-                        "weight_sync", "run"}
+                        "env", "weight_sync", "run"}
 
 
 @pytest.mark.parametrize("path,value", CASES, ids=[f"{p}={v}" for p, v in CASES])

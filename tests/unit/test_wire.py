@@ -39,7 +39,7 @@ def test_groups_travel_as_a_few_raw_byte_columns_not_lists():
     # One array per field for the whole message, however many groups and completions.
     assert arrays == {"prompt_id", "policy_version", "created_at", "prompt_len", "prompt_tokens",
                       "group_size", "length", "tokens", "logprobs", "reward", "seq", "index", "version_lag",
-                      "reward_parts"}
+                      "reward_parts", "sources"}
     assert len(columns["tokens"].data) >= 4 * 1000 * 8 * 4
     assert columns["finish_reason"] == ["stop", "stop"] * 16
     decoded = wire.decode(frame).groups

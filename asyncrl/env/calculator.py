@@ -1,0 +1,67 @@
+"""The built-in calculator environment: long sums, a calculator tool, several turns.
+
+The problem is a sum of k terms (the reasoning task's, `17+5+33+8=`). Each model turn either
+calls the calculator on two numbers, `<calc>17+5</calc>`, answered with
+`<result>22</result>`, or gives the answer, `<answer>63</answer>`, which ends the episode.
+The reward is 1 when the answer is the sum, else 0. Adding the terms pairwise with the tool
+takes k - 1 calls and an answer: k turns.
+
+The tool's argument comes from the model and is never evaluated as code: it must be two
+non-negative integers joined by `+` (at most `max_digits` digits each); anything else is
+answered with an error result, as a real calculator answers bad input, and counted
+(`tool_errors`). A turn with neither a call nor an answer is answered with an error too.
+"""
+
+from __future__ import annotations
+
+import re
+
+from asyncrl.env import Step, Tool
+
+_ANSWER = re.compile(r"<answer>\s*(-?\d{1,40})\s*</answer>")
+_CALC = re.compile(r"<calc>(.*?)</calc>", re.S)
+_SUM = re.compile(r"\s*(\d+)\s*\+\s*(\d+)\s*")
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+class Calculator:
+    def __init__(self, max_digits: int = 12):
+        self.max_digits = max_digits
+        self.tools = [Tool("add", "The sum of two non-negative integers.",
+                           {"type": "object", "properties": {"a": {"type": "integer"},
+                                                             "b": {"type": "integer"}},
+                            "required": ["a", "b"]}, add)]
+        self.answer: str | None = None
+        self.given: str | None = None
+        self.tool_calls = self.tool_errors = 0
+
+    def reset(self, problem) -> str:
+        self.answer, self.given = str(problem.answer).strip(), None
+        self.tool_calls = self.tool_errors = 0
+        return problem.prompt
+
+    def step(self, text: str) -> Step:
+        m = _ANSWER.search(text)
+        if m is not None:
+            self.given = m.group(1)
+            return Step(done=True)
+        m = _CALC.search(text)
+        if m is None:
+            self.tool_errors += 1
+            return Step("<result>error: call <calc>a+b</calc> or answer <answer>n</answer>"
+                        "</result>\n")
+        self.tool_calls += 1
+        return Step(f"<result>{self._calc(m.group(1))}</result>\n")
+
+    def _calc(self, expr: str) -> str:
+        m = _SUM.fullmatch(expr)
+        if m is None or max(len(m.group(1)), len(m.group(2))) > self.max_digits:
+            self.tool_errors += 1
+            return f"error: give two numbers of at most {self.max_digits} digits, a+b"
+        return self.tools[0].call({"a": int(m.group(1)), "b": int(m.group(2))})
+
+    def score(self) -> float:
+        return float(self.given is not None and self.given == self.answer)

@@ -1,0 +1,128 @@
+"""Multi-turn episodes on the real vLLM engine, with the calculator environment and the
+embedded default's model and byte-level tokenizer: in 3-turn episodes whose turns are aborted
+and resubmitted mid-turn (abort mode), the learner's logprobs of the sampled tokens equal the
+behaviour logprobs within 1e-4, the ids it trains on are exactly those the engine saw, and
+the gradient of the training loss reaches no position that predicts an injected token."""
+
+import time
+
+import pytest
+import torch
+
+from asyncrl.config import LearnerConfig, load_config
+from asyncrl.env import EnvSpec
+from asyncrl.env.calculator import Calculator
+from asyncrl.generator.episode import INJECTED, SAMPLED, Budgets, EpisodeGroup
+from asyncrl.generator.stream import Rollout
+from asyncrl.learner.batch import collate
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def setup(model_cache):
+    from transformers import AutoTokenizer
+
+    from asyncrl.generator.engine import VLLMEngine, configure_cpu_env
+    from asyncrl.generator.episode import episode_codec
+    from asyncrl.runner import resolve_model
+    from asyncrl.task import load_task
+
+    cfg = resolve_model(load_config(ROOT / "configs" / "default.yaml",
+                                    [f"warm_start.cache_dir={model_cache}", "env.name=calculator",
+                                     "generator.max_tokens=6", "generator.max_turns=3"]),
+                        lambda _: None)
+    configure_cpu_env(1, 1)
+    engine = VLLMEngine(cfg.model.path, "float32", 0, 128, 0.85)
+    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    train, _ = load_task(cfg.task)
+    return cfg, engine, tok, episode_codec(cfg, tok), train
+
+
+def _episodes(setup, n_groups=2, abort_every=3):
+    cfg, engine, tok, codec, train = setup
+    r = Rollout(engine, 16, "abort", clock=time.monotonic)
+    budgets = Budgets(3, 6, 120, 16, 30.0)
+    units = [r.start(EpisodeGroup(p.id, [p, p], EnvSpec(Calculator), codec, budgets, 1.0, 0,
+                                  0.0)) for p in train[:n_groups]]
+    done, steps, aborts = [], 0, 0
+    while len(done) < n_groups:
+        r.step(0)
+        steps += 1
+        if steps % abort_every == 0 and r.running:  # an "update" to the same weights
+            r.before_update(0)
+            r.after_update()
+            aborts += 1
+        done += r.take_finished()
+        assert steps < 5000
+    assert {id(u) for u in done} == {id(u) for u in units}
+    return [u.trajectory("gen0") for u in done], aborts
+
+
+def test_three_turn_episodes_train_on_the_engines_ids_and_logprobs(setup):
+    from asyncrl.learner.model import load_policy, token_logprobs
+
+    cfg, _, tok, codec, _ = setup
+    groups, aborts = _episodes(setup)
+    assert aborts > 0  # turns were aborted and resubmitted with their tokens so far
+    for g in groups:
+        for c in g.completions:
+            assert c.finish_reason in ("max_turns", "stop", "length"), c.finish_reason
+            assert (c.sources == INJECTED).any() and (c.sources == SAMPLED).any()
+    # Exactly 3 model turns in the longest: the untrained model never answers.
+    assert any(c.finish_reason == "max_turns" for g in groups for c in g.completions)
+    batch = collate(groups, tok.pad_token_id)
+    model, _ = load_policy(cfg.model.path, "float32")
+    with torch.no_grad():
+        lp = token_logprobs(model, batch.input_ids, batch.attention_mask, 1.0)
+    mask = batch.completion_mask.bool()
+    diff = (lp - batch.behav_logprobs)[mask].abs().max().item()
+    assert diff < 1e-4, diff
+    # The rows are the episodes' ids as sampled and injected, never re-encoded.
+    row = 0
+    for g in groups:
+        for c in g.completions:
+            P = len(g.prompt_tokens)
+            ids = batch.input_ids[row, P:P + len(c.tokens)].tolist()
+            assert ids == c.tokens.tolist()
+            row += 1
+
+
+def test_the_loss_gradient_reaches_no_injected_token(setup, monkeypatch):
+    from asyncrl.learner import step as step_mod
+    from asyncrl.learner.model import load_policy
+    from asyncrl.learner.step import Models, train_step
+
+    cfg, _, tok, _, _ = setup
+    groups, _ = _episodes(setup, n_groups=2, abort_every=1000)
+    for g, reward in zip(groups, (1.0, 0.0)):  # rewards that differ within each group
+        g.completions[0].reward, g.completions[1].reward = reward, 1.0 - reward
+    batch = collate(groups, tok.pad_token_id)
+    kept = []
+    real = step_mod.forward_logprobs
+
+    def keep_grad(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if out[0].requires_grad:
+            out[0].retain_grad()
+            kept.append(out[0])
+        return out
+
+    monkeypatch.setattr(step_mod, "forward_logprobs", keep_grad)
+    model, _ = load_policy(cfg.model.path, "float32")
+    models = Models(model, torch.optim.AdamW(model.parameters(), lr=1e-5))
+    train_step(models, batch, LearnerConfig(pack_row_tokens=0), 1.0, 120)
+    (lp,) = kept
+    grad = lp.grad
+    completion = torch.zeros_like(batch.completion_mask, dtype=torch.bool)
+    row = 0
+    for g in groups:
+        for c in g.completions:
+            P = len(g.prompt_tokens)
+            injected = torch.from_numpy(c.sources == INJECTED)
+            completion[row, P - 1:P - 1 + len(c.tokens)] = injected
+            row += 1
+    assert completion.any()
+    assert grad[completion].abs().max().item() == 0.0
+    assert grad[batch.completion_mask.bool()].abs().max().item() > 0.0
