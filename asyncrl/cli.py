@@ -168,9 +168,13 @@ def _learner(args) -> int:
 
 
 def _plot(args) -> int:
-    from asyncrl.plots import plot_run
+    from asyncrl.plots import plot_episodes, plot_run
 
-    print(plot_run(Path(args.run_dir) / "metrics.jsonl", Path(args.run_dir) / "curves.png"))
+    run = Path(args.run_dir)
+    print(plot_run(run / "metrics.jsonl", run / "curves.png"))
+    episodes = plot_episodes(run / "metrics.jsonl", run / "episodes.png")
+    if episodes is not None:
+        print(episodes)
     return 0
 
 

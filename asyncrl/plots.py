@@ -44,6 +44,43 @@ def plot_run(metrics_path: Path, out_path: Path) -> Path:
     return out_path
 
 
+def plot_episodes(metrics_path: Path, out_path: Path) -> Path | None:
+    """Multi-turn runs (env.name): model turns per episode, the tool-call success rate and
+    the held-out accuracy against learner step (episodes.png); None for a run without
+    episodes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(metrics_path)
+    turns = [(r["step"], r["episode_turns"]) for r in rows if "episode_turns" in r]
+    if not turns:
+        return None
+    success = [(r["step"], r["tool_success"]) for r in rows if "tool_success" in r]
+    acc = [(r["step"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), dpi=110, sharex=True)
+    top.plot(*zip(*turns), color="tab:purple", lw=1.5, label="model turns per episode")
+    top.set_ylabel("turns")
+    top.grid(alpha=0.3)
+    top.legend(loc="best")
+    if success:
+        bottom.plot(*zip(*success), color="tab:green", lw=1.5,
+                    label="tool calls answered without error")
+    if acc:
+        bottom.plot(*zip(*acc), "o-", color="tab:red", lw=2, label="held-out accuracy (greedy)")
+    bottom.set_ylim(0, 1.02)
+    bottom.set_xlabel("learner step (policy version)")
+    bottom.set_ylabel("rate")
+    bottom.grid(alpha=0.3)
+    bottom.legend(loc="best")
+    top.set_title(f"asyncrl episodes: {Path(metrics_path).parent.name}")
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
 def length_percentiles(lengths: list[int]) -> dict[str, float]:
     """p10, p50 and p90 of completion lengths in tokens (numpy's linear interpolation)."""
     import numpy as np

@@ -9,7 +9,8 @@ takes k - 1 calls and an answer: k turns.
 The tool's argument comes from the model and is never evaluated as code: it must be two
 non-negative integers joined by `+` (at most `max_digits` digits each); anything else is
 answered with an error result, as a real calculator answers bad input, and counted
-(`tool_errors`). A turn with neither a call nor an answer is answered with an error too.
+(`tool_errors`). A turn with neither a call nor an answer is answered with an error too; every
+turn that does not answer counts as a call (`tool_calls`).
 """
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ class Calculator:
         if m is not None:
             self.given = m.group(1)
             return Step(done=True)
+        self.tool_calls += 1  # every turn that does not answer tries the tool
         m = _CALC.search(text)
         if m is None:
             self.tool_errors += 1
             return Step("<result>error: call <calc>a+b</calc> or answer <answer>n</answer>"
                         "</result>\n")
-        self.tool_calls += 1
         return Step(f"<result>{self._calc(m.group(1))}</result>\n")
 
     def _calc(self, expr: str) -> str:

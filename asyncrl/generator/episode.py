@@ -164,11 +164,22 @@ class Episode:
         """Over and scored."""
         return self.done and self.call is None
 
+    def parts(self) -> dict[str, float]:
+        """The episode's reward and its figures (`episode_*`, logged as they are by rank 0):
+        turns, and the tool calls the environment answered and those it answered with an
+        error, when it counts them (`tool_calls`, `tool_errors` attributes)."""
+        out = {"env": self.reward, "episode_turns": float(self.turns)}
+        for name in ("tool_calls", "tool_errors"):
+            value = getattr(self.env, name, None)
+            if isinstance(value, (int, float)):
+                out[f"episode_{name}"] = float(value)
+        return out
+
     def completion(self) -> wire.Completion:
         return wire.Completion(np.asarray(self.ids, np.int32),
                                np.asarray(self.logprobs, np.float32), self.reward,
                                self.finish_reason, np.asarray(self.versions, np.int64),
-                               reward_parts={"env": self.reward},
+                               reward_parts=self.parts(),
                                sources=np.asarray(self.sources, np.uint8))
 
 
@@ -239,6 +250,7 @@ class EvalEpisodes(EpisodeGroup):
 
     one_version = True
     budgeted = False
+    evaluation = True
 
     def __init__(self, problems: list, env_spec: EnvSpec, codec: Codec, budgets: Budgets,
                  started_at: float = 0.0):

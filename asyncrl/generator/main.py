@@ -48,7 +48,7 @@ from asyncrl.generator.control import Control, Probe
 from asyncrl.generator.delivery import Delivery, Scorer
 from asyncrl.generator.engine import engine_length
 from asyncrl.generator.evaluate import Evaluator
-from asyncrl.generator.stream import EvalBatch, Rollout, SampleGroup
+from asyncrl.generator.stream import Rollout, SampleGroup
 from asyncrl.sync.member import LearnerFinished, SyncMember
 from asyncrl.task import chat_context, encode_prompt, load_task
 
@@ -185,7 +185,7 @@ class _Generation:
             if rollout.busy:
                 self._step(rollout)
             for unit in rollout.take_finished():
-                if isinstance(unit, EvalBatch):
+                if unit.evaluation:
                     control.finish_eval(unit)
                 else:
                     ready.append(unit)

@@ -65,6 +65,7 @@ class Unit:
 
     one_version = False  # must be sampled under one policy version (finishes before a load)
     budgeted = True  # its running sequences count toward generator.max_inflight
+    evaluation = False  # a held-out evaluation (its result goes to the learner, not the buffer)
 
     def __init__(self, seqs: list[Sequence]):
         self.seqs = seqs
@@ -121,6 +122,7 @@ class EvalBatch(Unit):
 
     one_version = True
     budgeted = False
+    evaluation = True
 
     def __init__(self, prompts: list[list[int]], max_tokens: int):
         super().__init__([Sequence(list(p), max_tokens, 0.0) for p in prompts])

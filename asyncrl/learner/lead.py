@@ -30,7 +30,9 @@ def reward_parts(groups) -> dict[str, float]:
     """reward_<name>: the mean of each part of the reward (each task.rewards function
     unweighted, a reward model's score) over these completions, as the scorer that made the
     reward computed it, so the parts of a composite reward have curves of their own in
-    metrics.jsonl. Nothing when a completion's reward has one part (it is reward_mean)."""
+    metrics.jsonl (nothing when the reward has one part: it is reward_mean). Figures of
+    episodes (`episode_turns`, `episode_tool_calls`, ...) are averaged under their own names,
+    and `tool_success` is the share of tool calls answered without an error."""
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     for g in groups:
@@ -38,9 +40,13 @@ def reward_parts(groups) -> dict[str, float]:
             for name, value in (c.reward_parts or {}).items():
                 sums[name] = sums.get(name, 0.0) + value
                 counts[name] = counts.get(name, 0) + 1
-    if len(sums) < 2:
-        return {}
-    return {f"reward_{k}": v / counts[k] for k, v in sums.items()}
+    means = {k: v / counts[k] for k, v in sums.items()}
+    figures = {k: v for k, v in means.items() if k.startswith("episode_")}
+    rewards = {f"reward_{k}": v for k, v in means.items() if not k.startswith("episode_")}
+    if sums.get("episode_tool_calls"):
+        figures["tool_success"] = 1.0 - sums.get("episode_tool_errors", 0.0) / sums[
+            "episode_tool_calls"]
+    return {**(rewards if len(rewards) > 1 else {}), **figures}
 
 
 class Lead:
@@ -161,10 +167,11 @@ class Lead:
                 "metrics_held": self.evals.held_upto(step)}
 
     def finish(self, sha256: str) -> None:
-        from asyncrl.plots import length_percentiles, plot_lengths, plot_run
+        from asyncrl.plots import length_percentiles, plot_episodes, plot_lengths, plot_run
 
         self.sender.shutdown(f"trained {self.cfg.learner.total_steps} steps")
         plot_run(self.metrics_path, self.run_dir / "curves.png")
+        plot_episodes(self.metrics_path, self.run_dir / "episodes.png")
         plot_lengths(self.lengths, self.run_dir / "lengths.png")
         (self.run_dir / "summary.json").write_text(json.dumps(
             {"steps": self.cfg.learner.total_steps, "final_weights_sha256": sha256,

@@ -70,10 +70,12 @@ def test_three_trackers_hold_every_step_once_after_a_learner_restart(model_cache
     for reader in (tensorboard_series, wandb_series, mlflow_series):
         reward = reader(tmp_path, "reward_mean")
         assert [s for s, _ in reward] == list(range(1, STEPS + 1)), reader.__name__
-        acc = reader(tmp_path, "eval_accuracy")
-        assert [s for s, _ in acc] == evaluated, reader.__name__
-        assert acc[0][1] == pytest.approx(want[0]["eval_accuracy"])
-        assert acc[-1][1] == pytest.approx(want[STEPS]["eval_accuracy"])
+        # A replayed step keeps what was first logged for it; the evaluation a resumed
+        # learner owes may join a replayed row (metrics.jsonl), not the trackers.
+        acc = dict(reader(tmp_path, "eval_accuracy"))
+        assert {0, STEPS} <= set(acc) <= set(evaluated), (reader.__name__, acc, evaluated)
+        for s, value in acc.items():
+            assert value == pytest.approx(want[s]["eval_accuracy"]), (reader.__name__, s)
         assert [s for s, _ in reader(tmp_path, "tokens_per_s")] == list(range(1, STEPS + 1))
         # The generator's and buffer's figures, one row per interval for all generators.
         assert reader(tmp_path, "generator/generated_tokens_total"), reader.__name__

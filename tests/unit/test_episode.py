@@ -131,7 +131,9 @@ def test_the_group_travels_with_its_sources_and_the_learner_masks_injected_token
                                   groups=[g])).groups[0]
     for a, b in zip(g.completions, out.completions):
         assert np.array_equal(a.sources, b.sources) and np.array_equal(a.tokens, b.tokens)
-        assert b.reward == 1.0 and b.reward_parts == {"env": 1.0}
+        assert b.reward == 1.0 and b.reward_parts == {
+            "env": 1.0, "episode_turns": 3.0, "episode_tool_calls": 2.0,
+            "episode_tool_errors": 0.0}
     batch = collate([out], pad_id=0)
     P_len = len(out.prompt_tokens)
     sources = out.completions[0].sources
@@ -263,7 +265,7 @@ def test_the_calculator_answers_bad_calls_as_a_tool_would_and_never_runs_code():
                 "<calc>1+</calc>", "hello", "<calc>" + "9" * 40 + "+1</calc>"):
         obs = env.step(bad).observation
         assert obs.startswith("<result>error") and not env.step(bad).done
-    assert env.tool_errors == 10 and env.score() == 0.0
+    assert (env.tool_calls, env.tool_errors) == (11, 10) and env.score() == 0.0
     assert env.step("<answer>55</answer>").done and env.score() == 1.0
 
 

@@ -27,3 +27,18 @@ def test_curves_keep_rewards_above_one_on_the_chart(tmp_path):
             {"step": 1, "reward_mean": 3.2}, {"step": 2, "reward_mean": 3.6, "eval_accuracy": 0.6}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert plot_run(tmp_path / "metrics.jsonl", tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_episodes_png_only_for_runs_with_episodes(tmp_path):
+    from asyncrl.plots import plot_episodes
+
+    rows = [{"step": 0, "reward_mean": None, "eval_accuracy": 0.4},
+            {"step": 1, "reward_mean": 0.5, "episode_turns": 2.5, "tool_success": 0.8},
+            {"step": 2, "reward_mean": 0.6, "episode_turns": 3.0, "tool_success": 0.9,
+             "eval_accuracy": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = plot_episodes(tmp_path / "metrics.jsonl", tmp_path / "episodes.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "plain.jsonl").write_text(json.dumps({"step": 1, "reward_mean": 0.5}) + "\n")
+    assert plot_episodes(tmp_path / "plain.jsonl", tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()

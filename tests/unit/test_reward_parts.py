@@ -56,3 +56,12 @@ def test_the_scorer_sends_the_parts_its_reward_is_made_of():
         assert c.reward_parts == rules.components(text, "7")
         assert c.reward == pytest.approx(rules(text, "7"))
     assert reward_parts([g])["reward_correctness"] == pytest.approx(0.5)
+
+
+def test_episode_figures_are_logged_under_their_own_names():
+    parts = reward_parts([_group([
+        {"env": 1.0, "episode_turns": 3.0, "episode_tool_calls": 2.0, "episode_tool_errors": 0.0},
+        {"env": 0.0, "episode_turns": 1.0, "episode_tool_calls": 2.0, "episode_tool_errors": 1.0},
+    ])])
+    assert parts == {"episode_turns": 2.0, "episode_tool_calls": 2.0,
+                     "episode_tool_errors": 0.5, "tool_success": 0.75}
