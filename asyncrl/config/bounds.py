@@ -94,6 +94,7 @@ BOUNDS: dict[str, Bound] = {
     "generator.temperature": _positive(10.0),
     "generator.max_tokens": _ints(1, MAX_TOKENS),
     "generator.max_turns": _ints(1, 1024),
+    "generator.kv_block_size": _ints(0, 1024, "0: vLLM's"),
     "generator.max_episode_tokens": _ints(1, MAX_TOKENS),
     "env.step_timeout_s": _positive(DAY_S),
     "env.max_observation_tokens": _ints(1, MAX_TOKENS),

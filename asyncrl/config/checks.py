@@ -60,6 +60,8 @@ def field_errors(cfg: RunConfig) -> list[str]:
         (cfg.weight_sync.backend in SYNC_BACKENDS,
          f"weight_sync.backend={cfg.weight_sync.backend!r}: choose one of "
          f"{', '.join(SYNC_BACKENDS)}"),
+        (cfg.generator.prefix_caching in ("auto", "on", "off"),
+         f"generator.prefix_caching={cfg.generator.prefix_caching!r}: choose auto, on or off"),
         (cfg.generator.inflight_update in ("keep", "abort", "drain"),
          f"generator.inflight_update={cfg.generator.inflight_update!r}: choose keep, "
          "abort or drain"),

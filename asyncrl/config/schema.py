@@ -238,6 +238,13 @@ class GeneratorConfig:
     prompts_per_call prompts at a time, weights only between calls (for comparison)."""
     max_inflight: int = 64
     """Streaming: sequences kept running at once (continuous batching); at least group_size."""
+    prefix_caching: str = "auto"
+    """The engine's prefix cache: `on`, `off`, or `auto` (on with env.name, whose episodes
+    resubmit their transcript every turn). Requests are salted with the policy version that
+    starts them (vLLM's cache_salt), so KV computed by other weights is never reused."""
+    kv_block_size: int = 0
+    """KV cache block size in tokens (0: vLLM's, 128 on CPU); only full blocks are reused by
+    the prefix cache, so short transcripts need small blocks (configs/agent.yaml: 16)."""
     send_window: int = 4
     """Streaming: messages to the buffer unacknowledged at once (each kept until acked and
     resent on timeout; the buffer takes them in order)."""
@@ -501,6 +508,12 @@ class RunConfig:
         """The most tokens after a prompt: generator.max_tokens, or with an environment the
         episode's budget, generator.max_episode_tokens."""
         return self.generator.max_episode_tokens if self.env.name else self.generator.max_tokens
+
+    @property
+    def prefix_caching(self) -> bool:
+        """generator.prefix_caching resolved: auto is on for multi-turn episodes."""
+        mode = self.generator.prefix_caching
+        return mode == "on" or (mode == "auto" and bool(self.env.name))
 
     @property
     def learner_world(self) -> int:

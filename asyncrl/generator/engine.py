@@ -53,9 +53,14 @@ def configure_cpu_env(kv_cache_gib: int, threads: int) -> None:
 class VLLMEngine:
     def __init__(self, model_dir: str, dtype: str, seed: int, max_model_len: int,
                  gpu_memory_utilization: float, gpu: bool = False, cuda_graphs: bool = True,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, prefix_caching: bool = False,
+                 block_size: int = 0):
+        """prefix_caching: reuse the KV of prompt prefixes (multi-turn episodes resubmit their
+        transcript every turn); requests are then salted with the policy version (Rollout).
+        block_size: KV cache block size in tokens (0: vLLM's; only full blocks are reused)."""
         from vllm import LLM
 
+        self.prefix_caching = prefix_caching
         self.llm = LLM(
             model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
             # CUDA graphs on a GPU: reload_weights copies into the parameters in place, so the
@@ -67,7 +72,8 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             worker_extension_cls="asyncrl.sync.receiver.WeightReceiver",
             generation_config="vllm",  # ignore the checkpoint's sampling defaults
-            enable_prefix_caching=False,
+            enable_prefix_caching=prefix_caching,
+            **({"block_size": block_size} if block_size else {}),
         )
         self._live: set[str] = set()  # request-level requests not finished or aborted
         self._stash: list[Delta] = []  # their outputs taken while `generate` ran
@@ -123,15 +129,18 @@ class VLLMEngine:
         return out
 
     def add(self, request_id: str, prompt: list[int], temperature: float, max_tokens: int,
-            seed: int | None = None) -> None:
+            seed: int | None = None, cache_salt: str | None = None) -> None:
+        """A request of the engine's own loop. cache_salt: prefix-cache blocks are shared only
+        between requests of the same salt (the policy version that computes them)."""
         from vllm import SamplingParams, TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(n=1, temperature=temperature, max_tokens=max_tokens, logprobs=0,
                                 seed=seed, detokenize=False,
                                 output_kind=RequestOutputKind.DELTA)
-        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt),
-                                        params)
+        tokens = (TokensPrompt(prompt_token_ids=prompt) if cache_salt is None
+                  else TokensPrompt(prompt_token_ids=prompt, cache_salt=cache_salt))
+        self.llm.llm_engine.add_request(request_id, tokens, params)
         self._live.add(request_id)
 
     def step(self) -> list[Delta]:

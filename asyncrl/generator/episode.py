@@ -136,14 +136,24 @@ class Episode:
         if len(ids) > self.budgets.observation_tokens:
             ids = ids[: self.budgets.observation_tokens]
             self.truncated_observations += 1
+        room = min(self.budgets.episode_tokens - len(self.ids),
+                   self.budgets.context_tokens - len(self.prompt) - len(self.ids))
+        if len(ids) >= room:  # the episode's budget ends inside the observation
+            ids = ids[: max(0, room)]
+            self._inject(ids, version)
+            return self._end("length")
+        self._inject(ids, version)
+        if self.turns >= self.budgets.max_turns:
+            return self._end("max_turns")
+        return self._next_turn()
+
+    def _inject(self, ids: list[int], version: int) -> None:
+        """Observation tokens: no logprob, the version of the turn before them."""
         last = self.versions[-1] if self.versions else version
         self.ids += ids
         self.logprobs += [0.0] * len(ids)
         self.versions += [last] * len(ids)
         self.sources += [INJECTED] * len(ids)
-        if self.turns >= self.budgets.max_turns:
-            return self._end("max_turns")
-        return self._next_turn()
 
     def _next_turn(self) -> Sequence | None:
         used = len(self.ids)

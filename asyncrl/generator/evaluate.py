@@ -102,7 +102,7 @@ class Evaluator:
             return False
         self.job = _Job(self.asked.pop(0), version, self.clock(), len(self.prompts))
         rollout.start(self.episodes() if self.episodes is not None
-                      else EvalBatch(self.prompts, self.max_tokens))
+                      else EvalBatch(self.prompts, self.max_tokens), version)
         if self.job.asked != version:
             log.warning("evaluating policy version %d (asked for %d)", version, self.job.asked)
         return True

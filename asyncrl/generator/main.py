@@ -114,7 +114,8 @@ def _engine(cfg: RunConfig, model_dir: str, index: int, max_len: int, gpu: bool)
     gc = cfg.generator
     return VLLMEngine(model_dir, cfg.model.dtype, gc.seed + index, max_len,
                       gc.gpu_memory_utilization, gpu=gpu, cuda_graphs=gc.cuda_graphs,
-                      tensor_parallel_size=gc.tensor_parallel_size)
+                      tensor_parallel_size=gc.tensor_parallel_size,
+                      prefix_caching=cfg.prefix_caching, block_size=gc.kv_block_size)
 
 
 def _connect(cfg: RunConfig, model_dir: str, name: str, index: int, incarnation: str, engine,
@@ -174,7 +175,8 @@ class _Generation:
         and queued the moment it is complete, sends are pipelined, and weight updates load
         between engine steps."""
         gc = self.cfg.generator
-        rollout = Rollout(self.engine, gc.max_inflight, gc.inflight_update, time.monotonic)
+        rollout = Rollout(self.engine, gc.max_inflight, gc.inflight_update, time.monotonic,
+                          salt_versions=self.cfg.prefix_caching)
         control, delivery = self.control, self.delivery
         made: Counter[int] = Counter()  # groups started under each policy version
         ready: list = []  # complete groups (SampleGroup, EpisodeGroup) not yet in a message
@@ -206,7 +208,7 @@ class _Generation:
         while (rollout.room(gc.group_size) and not self.delivery.full()
                and (not self.cfg.generator.on_policy or made[version] < self.share)):
             rollout.start(self.new_unit(self.rng.choice(self.train_ids), version,
-                                        rollout.clock()))
+                                        rollout.clock()), version)
             made[version] += 1
 
     def _step(self, rollout: Rollout) -> None:

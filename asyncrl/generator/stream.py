@@ -130,11 +130,15 @@ class EvalBatch(Unit):
 
 class Rollout:
     def __init__(self, engine, max_inflight: int, inflight_update: str,
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], salt_versions: bool = False):
         if inflight_update not in INFLIGHT_UPDATES:
             raise ValueError(f"generator.inflight_update={inflight_update!r}: choose one of "
                              f"{INFLIGHT_UPDATES}")
         self.engine, self.max_inflight = engine, max_inflight
+        # With the engine's prefix cache on, each request is salted with the policy version
+        # it starts under (vLLM's cache_salt): KV computed by other weights is never reused.
+        self.salt_versions = salt_versions
+        self.version = 0  # the policy version the engine holds, as the loop last said
         self.mode, self.clock = inflight_update, clock
         self.running: dict[str, tuple[Unit, Sequence]] = {}
         self.units: list[Unit] = []  # started, not yet finished
@@ -155,7 +159,11 @@ class Rollout:
         """Whether `sequences` more fit under generator.max_inflight."""
         return self.budgeted_running() + sequences <= self.max_inflight
 
-    def start(self, unit: Unit) -> Unit:
+    def start(self, unit: Unit, version: int | None = None) -> Unit:
+        """Submit a unit's sequences (`version`: the one the engine holds, when the loop
+        knows it better than the last step)."""
+        if version is not None:
+            self.version = version
         for s in unit.seqs:
             self._submit(unit, s)
         self.units.append(unit)
@@ -165,8 +173,9 @@ class Rollout:
         s.request_id = f"r{next(self._ids)}"
         self.running[s.request_id] = (unit, s)
         # The prompt plus what was already sampled (after an abort, the prefix is recomputed).
+        salt = {"cache_salt": f"v{self.version}"} if self.salt_versions else {}
         self.engine.add(s.request_id, s.prompt + s.tokens, s.temperature,
-                        s.max_tokens - len(s.tokens))
+                        s.max_tokens - len(s.tokens), **salt)
 
     # ------------------------------------------------------------------ stepping
 
@@ -179,6 +188,7 @@ class Rollout:
         """One engine step (when requests run); every token it produced is tagged `version`.
         Then what waited outside the engine is polled and its new requests submitted. The
         units completed are taken with `take_finished`."""
+        self.version = version
         if self.running:
             self._advance(version)
         for u in self.units:
@@ -241,8 +251,11 @@ class Rollout:
             while self.running:
                 self._advance(version)
 
-    def after_update(self) -> None:
-        """Called once the new weights are live: abort mode resubmits what it aborted."""
+    def after_update(self, version: int | None = None) -> None:
+        """Called once the new weights (`version`) are live: abort mode resubmits what it
+        aborted."""
+        if version is not None:
+            self.version = version
         aborted, self._aborted = self._aborted, []
         for unit, s in aborted:
             if len(s.tokens) >= s.max_tokens:

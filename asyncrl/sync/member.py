@@ -37,7 +37,7 @@ class InFlight(Protocol):
 
     def before_update(self, version: int) -> None: ...
 
-    def after_update(self) -> None: ...
+    def after_update(self, version: int | None = None) -> None: ...
 
 
 @dataclass
@@ -173,7 +173,7 @@ class SyncMember:
         self.control.try_send(wire.encode("weights_loaded", version, sender=self.name,
                                           session=self.session, seconds=seconds))
         if inflight is not None:
-            inflight.after_update()
+            inflight.after_update(version)
         return Loaded(version, seconds, nbytes)
 
     def _leave(self, why: str) -> None:

@@ -245,6 +245,11 @@ def test_budgets_end_an_episode_with_the_reason_the_learner_sees():
     _run(r)
     assert (turns.episodes[0].finish_reason, turns.episodes[0].turns) == ("max_turns", 3)
     assert short.episodes[0].finish_reason == "length" and len(short.episodes[0].ids) <= 40
+    for cap in range(15, 60, 3):  # wherever the budget falls: in a turn or an observation
+        u = r.start(_group(P, size=1, budgets=_budgets(episode_tokens=cap)))
+        _run(r)
+        assert u.episodes[0].finish_reason == "length" and len(u.episodes[0].ids) <= cap, cap
+        assert len(u.episodes[0].ids) == cap or u.episodes[0].sources[-1] == SAMPLED
     assert rambling.episodes[0].finish_reason == "length"
     assert rambling.episodes[0].turns == 1 and len(rambling.episodes[0].ids) == 5
     for u in (turns, short, rambling):

@@ -205,3 +205,27 @@ def test_a_finished_sequence_can_lead_to_the_next_request_of_its_unit():
     first, second = unit.seqs
     assert eng.added[1][1] == [5] + first.tokens + [99]  # exactly the ids so far, no re-encode
     assert first.versions == [0, 1, 2] and second.versions == [3, 4, 5]
+
+
+class SaltedEngine(FakeEngine):
+    def __init__(self, lengths):
+        super().__init__(lengths)
+        self.salts = {}
+
+    def add(self, rid, prompt, temperature, max_tokens, seed=None, cache_salt=None):
+        self.salts[rid] = cache_salt
+        super().add(rid, prompt, temperature, max_tokens, seed)
+
+
+def test_with_prefix_caching_each_request_is_salted_with_the_version_it_starts_under():
+    eng = SaltedEngine([6, 6])
+    r = Rollout(eng, 8, "abort", clock=lambda: 0.0, salt_versions=True)
+    r.start(SampleGroup("A", [1], 3, 2, 1.0, 10, 0.0), 3)
+    r.step(3)
+    assert sorted(eng.salts.values()) == ["v3", "v3"]
+    r.before_update(3)
+    r.after_update(4)  # the aborted requests start again under version 4: not v3's KV
+    assert sorted(eng.salts.values()) == ["v3", "v3", "v4", "v4"]
+    plain = SaltedEngine([6])
+    Rollout(plain, 8, "keep", clock=lambda: 0.0).start(SampleGroup("B", [1], 0, 1, 1.0, 4, 0.0))
+    assert list(plain.salts.values()) == [None]
