@@ -1,13 +1,14 @@
 """The built-in calculator environment: long sums, a calculator tool, several turns.
 
 The problem is a sum of k terms (the reasoning task's, `17+5+33+8=`). Each model turn either
-calls the calculator on two numbers, `<calc>17+5</calc>`, answered with
-`<result>22</result>`, or gives the answer, `<answer>63</answer>`, which ends the episode.
-The reward is 1 when the answer is the sum, else 0. Adding the terms pairwise with the tool
-takes k - 1 calls and an answer: k turns.
+calls the calculator, or gives the answer, `<answer>63</answer>`, which ends the episode. The
+calculator has a memory, like a desk calculator's: `<calc>+17</calc>` adds 17 to the last
+result (0 at first) and answers `<result>17</result>`; `<calc>17+5</calc>` adds two numbers
+(and remembers the sum). The reward is 1 when the answer is the sum, else 0. Adding the terms
+one by one takes k calls and an answer: k + 1 turns.
 
-The tool's argument comes from the model and is never evaluated as code: it must be two
-non-negative integers joined by `+` (at most `max_digits` digits each); anything else is
+The tool's argument comes from the model and is never evaluated as code: it must be `+b` or
+`a+b` with non-negative integers (at most `max_digits` digits each); anything else is
 answered with an error result, as a real calculator answers bad input, and counted
 (`tool_errors`). A turn with neither a call nor an answer is answered with an error too; every
 turn that does not answer counts as a call (`tool_calls`).
@@ -21,7 +22,7 @@ from asyncrl.env import Step, Tool
 
 _ANSWER = re.compile(r"<answer>\s*(-?\d{1,40})\s*</answer>")
 _CALC = re.compile(r"<calc>(.*?)</calc>", re.S)
-_SUM = re.compile(r"\s*(\d+)\s*\+\s*(\d+)\s*")
+_SUM = re.compile(r"\s*(\d*)\s*\+\s*(\d+)\s*")
 
 
 def add(a: int, b: int) -> int:
@@ -37,10 +38,11 @@ class Calculator:
                             "required": ["a", "b"]}, add)]
         self.answer: str | None = None
         self.given: str | None = None
+        self.memory = 0  # the last result
         self.tool_calls = self.tool_errors = 0
 
     def reset(self, problem) -> str:
-        self.answer, self.given = str(problem.answer).strip(), None
+        self.answer, self.given, self.memory = str(problem.answer).strip(), None, 0
         self.tool_calls = self.tool_errors = 0
         return problem.prompt
 
@@ -61,8 +63,11 @@ class Calculator:
         m = _SUM.fullmatch(expr)
         if m is None or max(len(m.group(1)), len(m.group(2))) > self.max_digits:
             self.tool_errors += 1
-            return f"error: give two numbers of at most {self.max_digits} digits, a+b"
-        return self.tools[0].call({"a": int(m.group(1)), "b": int(m.group(2))})
+            return f"error: give +b or a+b, numbers of at most {self.max_digits} digits"
+        a = int(m.group(1)) if m.group(1) else self.memory
+        result = self.tools[0].call({"a": a, "b": int(m.group(2))})
+        self.memory = int(result)
+        return result
 
     def score(self) -> float:
         return float(self.given is not None and self.given == self.answer)

@@ -2,10 +2,10 @@
 
 A problem is the reasoning task's sum of k distinct terms, `17+5+33=` (asyncrl/task/
 reasoning.py); it runs in the calculator environment (asyncrl/env/calculator.py), where each
-model turn either calls the tool on two numbers, `<calc>17+5</calc>`, answered
-`<result>22</result>`, or answers, `<answer>55</answer>`. Using the tool at every step is
-always right: the model only copies numbers (the last result, the next term). Adding in its
-head is where it slips.
+model turn either calls the tool, whose memory holds the last result, `<calc>+17</calc>`,
+answered `<result>17</result>`, or answers, `<answer>55</answer>`. Using the tool for every
+term is always right: the model only copies numbers (the next term, the last result). Adding
+in its head is where it slips.
 
 The SFT warm start imitates an imperfect tool user (`task.tool_skip`): before each call the
 teacher may instead stop using the tool and add the remaining terms in its head, forgetting
@@ -33,17 +33,18 @@ SEP = "\x1e"  # between the segments of a reference transcript
 
 def transcript(terms: list[int], tool_skip: float, carry_slip: float,
                rng: random.Random | None) -> list[tuple[str, bool]]:
-    """The teacher's episode as (text, said by the model) segments: a call per term after the
-    first, each answered by the tool; or, with probability tool_skip before a call, the rest
-    added in its head (slipping the carry with carry_slip); then the answer."""
+    """The teacher's episode as (text, said by the model) segments: a call per term, adding it
+    to the calculator's memory; or, with probability tool_skip before a call after the first,
+    the remaining terms added in its head (slipping the carry with carry_slip); then the
+    answer."""
     segs: list[tuple[str, bool]] = []
-    total = terms[0]
-    for i, t in enumerate(terms[1:], 1):
-        if rng is not None and rng.random() < tool_skip:
+    total = 0
+    for i, t in enumerate(terms):
+        if i > 0 and rng is not None and rng.random() < tool_skip:
             for u in terms[i:]:
                 total = slipped_sum(total, u, carry_slip, rng)
             break
-        segs.append((f"<calc>{total}+{t}</calc>", True))
+        segs.append((f"<calc>+{t}</calc>", True))
         total += t
         segs.append((f"<result>{total}</result>\n", False))
     segs.append((f"<answer>{total}</answer>", True))

@@ -266,11 +266,12 @@ def test_the_calculator_answers_bad_calls_as_a_tool_would_and_never_runs_code():
     env = Calculator()
     env.reset(P)
     assert env.step("<calc>17+5</calc>") == Step("<result>22</result>\n")
+    assert env.step("<calc>+33</calc>") == Step("<result>55</result>\n")  # its memory
     for bad in ("<calc>__import__('os').system('x')</calc>", "<calc>1*2</calc>",
                 "<calc>1+</calc>", "hello", "<calc>" + "9" * 40 + "+1</calc>"):
         obs = env.step(bad).observation
         assert obs.startswith("<result>error") and not env.step(bad).done
-    assert (env.tool_calls, env.tool_errors) == (11, 10) and env.score() == 0.0
+    assert (env.tool_calls, env.tool_errors) == (12, 10) and env.score() == 0.0
     assert env.step("<answer>55</answer>").done and env.score() == 1.0
 
 

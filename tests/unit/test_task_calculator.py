@@ -10,16 +10,29 @@ from asyncrl.task.reasoning import prompt_terms
 
 def test_an_exact_teacher_calls_the_tool_for_every_term_and_answers_right():
     segs = transcript([17, 5, 33], 0.0, 0.0, random.Random(0))
-    assert segs == [("<calc>17+5</calc>", True), ("<result>22</result>\n", False),
-                    ("<calc>22+33</calc>", True), ("<result>55</result>\n", False),
+    assert segs == [("<calc>+17</calc>", True), ("<result>17</result>\n", False),
+                    ("<calc>+5</calc>", True), ("<result>22</result>\n", False),
+                    ("<calc>+33</calc>", True), ("<result>55</result>\n", False),
                     ("<answer>55</answer>", True)]
+    from asyncrl.env.calculator import Calculator
+    from asyncrl.task.addition import Problem
+
+    env = Calculator()  # the environment answers the teacher's calls with its results
+    env.reset(Problem(0, "17+5+33=", "55"))
+    for text, by_model in segs[:-1]:
+        if by_model:
+            obs = env.step(text).observation
+        else:
+            assert obs == text
+    assert env.step(segs[-1][0]).done and env.score() == 1.0
 
 
 def test_a_teacher_that_skips_the_tool_adds_the_rest_in_its_head():
     skipped = transcript([17, 5, 33], 1.0, 0.0, random.Random(0))
-    assert skipped == [("<answer>55</answer>", True)]  # skipped at once, added right
+    assert skipped == [("<calc>+17</calc>", True), ("<result>17</result>\n", False),
+                       ("<answer>55</answer>", True)]  # one call, the rest added right
     slipping = transcript([18, 5, 37], 1.0, 1.0, random.Random(0))
-    assert slipping == [("<answer>40</answer>", True)]  # forgot both carries: 18+5=13, +37=40
+    assert slipping[-1] == ("<answer>40</answer>", True)  # forgot both carries: 13, then 40
 
 
 def test_the_problems_carry_their_transcripts_and_exact_answers():
@@ -48,7 +61,7 @@ def test_the_warm_start_trains_on_the_model_turns_only(tmp_path):
     row, lab = ids[0].tolist(), labels[0].tolist()
     trained = tok.decode([t for t, label in zip(row, lab) if label != -100])
     terms = prompt_terms(p.prompt)
-    assert trained.count("</s>") == 3  # each model turn ends with EOS
-    assert "<result>" not in trained and f"<calc>{terms[0]}+{terms[1]}</calc>" in trained
+    assert trained.count("</s>") == 4  # each model turn ends with EOS
+    assert "<result>" not in trained and f"<calc>+{terms[1]}</calc>" in trained
     assert f"<answer>{p.answer}</answer>" in trained
     assert tok.convert_tokens_to_ids("<calc>") in row  # the tags are single tokens
