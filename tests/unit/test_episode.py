@@ -340,3 +340,26 @@ def test_env_calls_run_in_threads_of_their_own():
     r.start(_group(P, Where, size=1))
     _run(r)
     assert seen and all(n == "env-call" for n in seen)
+
+
+def test_held_out_episodes_are_greedy_of_one_version_and_scored_by_the_environment():
+    from asyncrl.generator.episode import EvalEpisodes
+    from asyncrl.generator.evaluate import Evaluator
+
+    problems = [P, Problem(1, "1+2=", "3"), Problem(2, "4+4+4=", "13")]  # the last one wrong
+    ev = Evaluator([[1]] * 3, ["x"] * 3, lambda ids: "", lambda t, a: 0.0, 8,
+                   episodes=lambda: EvalEpisodes(problems, EnvSpec(Calculator), CODEC,
+                                                 _budgets()))
+    # Streaming: one unit among the training work, outside the budget, at temperature 0.
+    eng = FakeEngine()
+    r = Rollout(eng, 2, "keep", clock=time.monotonic)
+    ev.ask(5)
+    assert ev.start(r, 5) and r.room(2)
+    (unit,) = _run(r, version=5)
+    assert unit.evaluation and all(s.temperature == 0.0 for s in unit.seqs)
+    res = ev.collect(unit)
+    assert (res.asked, res.version, res.accuracy) == (5, 5, pytest.approx(2 / 3))
+    # Blocking (the evaluator process, batch generation): the same episodes alone.
+    ev.ask(6)
+    res = ev.run_blocking(FakeEngine(), 6)
+    assert (res.asked, res.version, res.accuracy) == (6, 6, pytest.approx(2 / 3))
