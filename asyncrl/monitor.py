@@ -11,7 +11,8 @@ Two places write, and neither waits on the other:
     run.tracker_interval_s into one row for all of them (`role_figures`: counters summed over
     the generators, gauges averaged, so the rate does not grow with their number), and hands
     both to every tracker, with the config at the start and the plots at the end.
-No tracker call runs in a learner process, so a slow or failing tracker cannot slow a step.
+No tracker call runs in a learner process, so a slow or failing tracker cannot slow a step,
+and the feed's thread runs at a lower priority (nice 10, and so do the processes it starts).
 
 A tracker named but not installed is reported in one line and left out; one that raises
 (network down, disk full) is reported once and left out for the rest of the run. Neither
@@ -358,6 +359,7 @@ class TrackerFeed:
                 self.out(f"[run] the trackers did not finish within {timeout_s:.0f}s; left")
 
     def _run(self) -> None:
+        _lower_priority()  # before the trackers start their own processes (wandb-core)
         self.trackers = open_trackers(self.settings.names, self.run_dir, self.settings,
                                       self.state, self.out)
         self._save()
@@ -421,6 +423,15 @@ class TrackerFeed:
             os.replace(tmp, self.state_path)
         except OSError as e:
             log.warning("could not write %s (%s)", self.state_path, e)
+
+
+def _lower_priority(niceness: int = 10) -> None:
+    """This thread (and the processes it starts) yields the CPU to training: on Linux a
+    thread's nice value is its own. Nowhere else does it matter; failures are ignored."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass
 
 
 def _read_state(path: Path) -> dict:

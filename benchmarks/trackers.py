@@ -6,15 +6,17 @@ The learner side is rank 0's loop as `asyncrl.learner.main` runs it, in this pro
 tiny Llama with random weights, --groups x 8 completions) and its metrics.jsonl row written
 through `JsonlMonitor`. The trackers are fed as `asyncrl run` feeds them: `TrackerFeed` in
 another process (the launcher's), tailing that metrics.jsonl and scraping a Prometheus page
-every --interval seconds (one generator's metrics, served here), with wandb offline and
-MLflow's file store. Steps alternate in blocks of --block between "none" (no feed running)
-and "trackers" (the feed running), so both see the same machine; the first block of each is
-a warm-up and not counted.
+every --interval seconds (run.tracker_interval_s, 10 by default; one generator's metrics,
+served here), with wandb offline and MLflow's file store, at the feed's lower priority. Steps
+alternate in blocks of --block between "none" (no feed running) and "trackers" (the feed
+running), in ABBA order so that a drift of the machine's load cancels; the first block of
+each is a warm-up and not counted. Each block's median is kept (`block_medians`): their
+spread is the machine's noise.
 
 Reported: the median step time of each, and under `ratios` in --json
 `step_s_trackers_over_none` (the target: at most 1.03).
 
-Run from the repository root (about 2 minutes on 2 cores):
+Run from the repository root (about 4 minutes on 2 cores):
     .venv/bin/python -m benchmarks.trackers [--json PATH]
 """
 
@@ -30,10 +32,12 @@ from benchmarks import common
 
 def _parser():
     p = common.doc_parser(__doc__)
-    p.add_argument("--blocks", type=int, default=6, help="blocks of each kind (first: warm-up)")
+    p.add_argument("--blocks", type=int, default=10,
+                   help="blocks of each kind (first: warm-up)")
     p.add_argument("--block", type=int, default=12, help="steps per block")
     p.add_argument("--groups", type=int, default=16, help="groups per batch (of 8 completions)")
-    p.add_argument("--interval", type=float, default=1.0, help="run.tracker_interval_s")
+    p.add_argument("--interval", type=float, default=10.0,
+                   help="run.tracker_interval_s (its default)")
     p.add_argument("--threads", type=int, default=1, help="the learner's torch threads")
     p.add_argument("--work-dir", default="~/.cache/asyncrl/bench")
     common.add_json_argument(p)
@@ -98,14 +102,18 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = JsonlMonitor(Path(tmp) / "metrics.jsonl")
         step = 0
-        for block in range(2 * args.blocks):
-            kind = "trackers" if block % 2 else "none"
+        blocks = []
+        for pair in range(args.blocks):  # ABBA order, so a drift of the machine cancels
+            blocks += ["none", "trackers"] if pair % 2 == 0 else ["trackers", "none"]
+        per_block: dict[str, list[float]] = {"none": [], "trackers": []}
+        for block, kind in enumerate(blocks):
             ready, stop = ctx.Event(), ctx.Event()
             feed = (ctx.Process(target=_feed, args=(tmp, url, args.interval, ready, stop))
                     if kind == "trackers" else None)
             if feed is not None:
                 feed.start()
                 ready.wait(180)  # the trackers are open before the block is timed
+            mine = []
             for _ in range(args.block):
                 step += 1
                 t0 = time.perf_counter()
@@ -115,11 +123,15 @@ def main(argv: list[str] | None = None) -> None:
                                                  if isinstance(v, float)}}, step)
                 if block >= 2:
                     times[kind].append(time.perf_counter() - t0)
+                    mine.append(times[kind][-1])
+            if mine:
+                per_block[kind].append(common.median(mine))
             if feed is not None:
                 stop.set()
                 feed.join(120)
-            print(f"block {block + 1}/{2 * args.blocks} ({kind}): median step "
-                  f"{common.median(times[kind] or [0.0]):.4f}s so far", flush=True)
+            print(f"block {block + 1}/{len(blocks)} ({kind}): median step "
+                  f"{common.median(mine) if mine else float('nan'):.4f}s (warm-up if nan)",
+                  flush=True)
     server.shutdown()
     none_s, with_s = common.median(times["none"]), common.median(times["trackers"])
     print(common.table(["trackers", "steps", "median step s"],
@@ -129,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"step time with the trackers / without: {ratio:.3f} (target <= 1.03)")
     common.write_json(args.json, {"median_step_s_none": none_s,
                                   "median_step_s_trackers": with_s,
-                                  "steps_each": len(times["none"])},
+                                  "steps_each": len(times["none"]),
+                                  "block_medians": per_block},
                       {"step_s_trackers_over_none": ratio})
 
 

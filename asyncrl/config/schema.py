@@ -243,8 +243,9 @@ class GeneratorConfig:
     resubmit their transcript every turn). Requests are salted with the policy version that
     starts them (vLLM's cache_salt), so KV computed by other weights is never reused."""
     kv_block_size: int = 0
-    """KV cache block size in tokens (0: vLLM's, 128 on CPU); only full blocks are reused by
-    the prefix cache, so short transcripts need small blocks (configs/agent.yaml: 16)."""
+    """KV cache block size in tokens (0: vLLM's, 128 on CPU, where it must be a multiple of
+    32); only full blocks are reused by the prefix cache, so short transcripts need small
+    blocks (configs/agent.yaml: 32)."""
     send_window: int = 4
     """Streaming: messages to the buffer unacknowledged at once (each kept until acked and
     resent on timeout; the buffer takes them in order)."""
