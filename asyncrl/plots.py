@@ -35,13 +35,8 @@ def plot_run(metrics_path: Path, out_path: Path) -> Path:
     # Composite rewards (configs/reasoning.yaml sums to 4) must not run off the top.
     values = [v for _, v in rew]
     ax.set_ylim(min(0.0, *values), max(1.0, *(v * 1.05 for v in values)))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
     ax.set_title(f"asyncrl run: {Path(metrics_path).parent.name}")
-    fig.tight_layout()
-    fig.savefig(out_path)
-    plt.close(fig)
-    return out_path
+    return _save(fig, [ax], out_path)
 
 
 def plot_episodes(metrics_path: Path, out_path: Path) -> Path | None:
@@ -72,9 +67,17 @@ def plot_episodes(metrics_path: Path, out_path: Path) -> Path | None:
     bottom.set_ylim(0, 1.02)
     bottom.set_xlabel("learner step (policy version)")
     bottom.set_ylabel("rate")
-    bottom.grid(alpha=0.3)
-    bottom.legend(loc="best")
     top.set_title(f"asyncrl episodes: {Path(metrics_path).parent.name}")
+    return _save(fig, [bottom], out_path)
+
+
+def _save(fig, axes, out_path: Path) -> Path:
+    """A grid and a legend on `axes`, then the figure written and closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(out_path)
     plt.close(fig)
