@@ -93,6 +93,13 @@ class GeneratorMetrics:
         self.injected_tokens = Counter("asyncrl_generator_injected_tokens_total",
                                        "Tokens an environment injected into episodes "
                                        "(observations; no loss)", registry=r)
+        self.prompt_tokens = Counter("asyncrl_generator_prompt_tokens_total",
+                                     "Prompt tokens of the engine requests (streaming; a "
+                                     "multi-turn episode's every turn resubmits its transcript)",
+                                     registry=r)
+        self.cached_tokens = Counter("asyncrl_generator_prefix_cache_hit_tokens_total",
+                                     "Of those, tokens the engine's prefix cache served "
+                                     "(generator.prefix_caching)", registry=r)
         self.tool_errors = Counter("asyncrl_generator_tool_errors_total",
                                    "Tool calls answered with an error, and observations cut "
                                    "to env.max_observation_tokens, by reason", ["reason"],

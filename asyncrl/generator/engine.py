@@ -76,6 +76,7 @@ class VLLMEngine:
             **({"block_size": block_size} if block_size else {}),
         )
         self._live: set[str] = set()  # request-level requests not finished or aborted
+        self._counted: set[str] = set()  # live requests whose cached prompt tokens were reported
         self._stash: list[Delta] = []  # their outputs taken while `generate` ran
         self._calls = 0
 
@@ -153,16 +154,22 @@ class VLLMEngine:
         for o in self.llm.llm_engine.step():
             c = o.outputs[0]
             lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs or [])]
+            cached = 0
+            if o.request_id not in self._counted and o.num_cached_tokens is not None:
+                self._counted.add(o.request_id)
+                cached = o.num_cached_tokens
             out.append(Delta(o.request_id, list(c.token_ids), lps, o.finished,
-                             (c.finish_reason or "length") if o.finished else ""))
+                             (c.finish_reason or "length") if o.finished else "", cached))
             if o.finished:
                 self._live.discard(o.request_id)
+                self._counted.discard(o.request_id)
         return out
 
     def abort(self, request_ids: list[str]) -> None:
         if request_ids:
             self.llm.llm_engine.abort_request(request_ids)
             self._live.difference_update(request_ids)
+            self._counted.difference_update(request_ids)
             self._stash = [d for d in self._stash if d.request_id not in set(request_ids)]
 
     def has_unfinished(self) -> bool:
@@ -203,6 +210,7 @@ class Delta:
     logprobs: list[float]  # behaviour logprob of each new token (temperature applied)
     finished: bool
     finish_reason: str  # "stop" | "length" | "abort" once finished, else ""
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache (a request's first output)
 
 
 def engine_length(cfg, model_dir: str, prompts: list[list[int]]) -> int:

@@ -225,6 +225,10 @@ class _Generation:
         self.stats.eval_load_wait_s = rollout.one_version_wait_s
         self.m.inflight_updates.inc(rollout.updates_in_flight - self.stats.inflight_updates)
         self.stats.inflight_updates = rollout.updates_in_flight
+        self.m.prompt_tokens.inc(rollout.prompt_tokens - self.stats.prompt_tokens)
+        self.m.cached_tokens.inc(rollout.cached_tokens - self.stats.cached_tokens)
+        self.stats.prompt_tokens, self.stats.cached_tokens = (rollout.prompt_tokens,
+                                                               rollout.cached_tokens)
 
     # ------------------------------------------------------------------ batch generation
 
@@ -276,6 +280,7 @@ class _Stats:
         self.multi_version_completions = 0
         self.evals, self.eval_s, self.eval_load_wait_s = 0, 0.0, 0.0
         self.episodes, self.turns, self.env_s = 0, 0, 0.0
+        self.prompt_tokens = self.cached_tokens = 0
         self.finish_reasons: Counter[str] = Counter()
 
     def add(self, groups: list[wire.TrajectoryGroup]) -> None:
@@ -307,4 +312,5 @@ class _Stats:
             "evals": self.evals, "eval_s": self.eval_s,
             "episodes": self.episodes, "turns": self.turns, "env_s": self.env_s,
             "finish_reasons": dict(self.finish_reasons),
+            "prompt_tokens": self.prompt_tokens, "prefix_cache_hit_tokens": self.cached_tokens,
             "eval_load_wait_s": self.eval_load_wait_s}) + "\n")

@@ -146,6 +146,8 @@ class Rollout:
         self._ids = itertools.count()
         self._aborted: list[tuple[Unit, Sequence]] = []
         self.updates_in_flight = 0  # weight loads that found sequences running
+        self.prompt_tokens = 0  # prompt tokens of every request submitted
+        self.cached_tokens = 0  # of those, served by the engine's prefix cache
         self.one_version_wait_s = 0.0  # time loads waited for one-version units to finish
 
     # ------------------------------------------------------------------ adding work
@@ -174,6 +176,7 @@ class Rollout:
         self.running[s.request_id] = (unit, s)
         # The prompt plus what was already sampled (after an abort, the prefix is recomputed).
         salt = {"cache_salt": f"v{self.version}"} if self.salt_versions else {}
+        self.prompt_tokens += len(s.prompt) + len(s.tokens)
         self.engine.add(s.request_id, s.prompt + s.tokens, s.temperature,
                         s.max_tokens - len(s.tokens), **salt)
 
@@ -202,6 +205,7 @@ class Rollout:
             if d.request_id not in self.running:
                 continue  # an aborted request's last output
             unit, s = self.running[d.request_id]
+            self.cached_tokens += d.cached_tokens
             if d.tokens:
                 now = now or self.clock()
                 unit.first_token(now)
