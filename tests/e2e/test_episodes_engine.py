@@ -126,3 +126,36 @@ def test_the_loss_gradient_reaches_no_injected_token(setup, monkeypatch):
     assert completion.any()
     assert grad[completion].abs().max().item() == 0.0
     assert grad[batch.completion_mask.bool()].abs().max().item() > 0.0
+
+
+class SlowCalculator(Calculator):
+    def step(self, text):
+        time.sleep(0.3)  # a window between two turns in which the update lands
+        return super().step(text)
+
+
+def test_an_update_between_two_turns_gives_an_episode_tokens_of_two_versions(setup):
+    from asyncrl.generator.episode import SAMPLED
+
+    cfg, engine, tok, codec, train = setup
+    r = Rollout(engine, 16, "keep", clock=time.monotonic, salt_versions=False)
+    budgets = Budgets(3, 6, 120, 16, 30.0)
+    unit = r.start(EpisodeGroup(train[0].id, [train[0]], EnvSpec(SlowCalculator), codec,
+                                budgets, 1.0, 0, 0.0), 0)
+    version, deadline = 0, time.monotonic() + 120
+    while not unit.done:
+        ep = unit.episodes[0]
+        if version == 0 and ep.turns == 1 and not r.running:  # between turns 1 and 2
+            r.before_update(0)
+            version = 1
+            r.after_update(1)
+        r.step(version)
+        if not r.running:
+            time.sleep(0.01)  # the environment's step is running
+        assert time.monotonic() < deadline
+    ep = unit.episodes[0]
+    sampled = [v for v, s in zip(ep.versions, ep.sources) if s == SAMPLED]
+    assert ep.turns >= 2 and set(sampled) == {0, 1}, (ep.turns, sampled)
+    first_turn = sampled.index(1)
+    assert set(sampled[:first_turn]) == {0} and set(sampled[first_turn:]) == {1}
+    assert unit.trajectory("gen0").policy_version == 0

@@ -168,8 +168,13 @@ def _buffer_counters(port):
                                      if line.split(" ")[0] in want)}
 
 
-def test_generator_killed_and_restarted_rejoins_and_loses_nothing(model_cache, tmp_path):
-    path = _config(model_cache, tmp_path)
+EPISODES = ("env.name=calculator", "generator.max_tokens=6", "generator.max_turns=3",
+            "generator.max_episode_tokens=64")
+
+
+@pytest.mark.parametrize("extra", [(), EPISODES], ids=["samples", "episodes"])
+def test_generator_killed_and_restarted_rejoins_and_loses_nothing(model_cache, tmp_path, extra):
+    path = _config(model_cache, tmp_path, *extra)
     cfg = load_config(path)
     procs = {}
 
@@ -212,6 +217,9 @@ def test_generator_killed_and_restarted_rejoins_and_loses_nothing(model_cache, t
     assert len(set(keys)) == len(keys) == STEPS * cfg.learner.groups_per_step
     assert any(g.created_at > restarted_at for g in groups)
     assert any(g.created_at < restarted_at for g in groups)
+    if extra:  # multi-turn episodes: observations travelled as injected tokens
+        assert all(c.sources is not None and c.sources.any() for g in groups
+                   for c in g.completions if len(c.tokens) > 8)
     assert counts["asyncrl_buffer_trajectories_received_total"] == (
         counts["asyncrl_buffer_trajectories_served_total"]
         + counts["asyncrl_buffer_occupancy_trajectories"]
