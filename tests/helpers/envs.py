@@ -26,3 +26,16 @@ class Flaky(Calculator):
         if self.kind == 3:
             time.sleep(self.slow_s)
         return super().step(text)
+
+
+class Chatter(Calculator):
+    """Answers every turn with a short result and never ends an episode before its turn
+    limit, so a model that answers at once still has several turns; scored like the
+    calculator on the last answer given."""
+
+    def step(self, text):
+        step = super().step(text)
+        step.done = False
+        if step.observation is None:
+            step.observation = "<result>noted</result>\n"
+        return step
