@@ -282,10 +282,28 @@ def episode_parts(cfg: RunConfig, tok, context_tokens: int = 1 << 30):
 
 
 def episode_codec(cfg: RunConfig, tok):
-    """Text <-> ids for episodes, as the generators encode prompts (asyncrl/task)."""
+    """Text <-> ids for episodes, as the generators encode prompts (asyncrl/task); with
+    task.chat_template an observation is the chat template's tool turn (`chat_observation`)."""
     from asyncrl.task import chat_context, encode_prompt
 
     chat, context = cfg.task.chat_template, chat_context(cfg.task)
     return Codec(prompt=lambda text: encode_prompt(tok, text, chat, context),
                  decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
-                 observation=lambda text: tok.encode(text, add_special_tokens=False))
+                 observation=(lambda text: chat_observation(tok, text)) if chat else
+                 (lambda text: tok.encode(text, add_special_tokens=False)))
+
+
+def chat_observation(tok, text: str) -> list[int]:
+    """An observation as the chat template renders a tool turn after an assistant turn, and
+    the assistant's next turn opened: what the template writes after the assistant's end of
+    turn (its EOS, which the model sampled), the tool message, and the generation prompt.
+    Tokenized once, here; the transcript before it is never re-rendered."""
+    base = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    before = tok.apply_chat_template(base, tokenize=False)
+    after = tok.apply_chat_template([*base, {"role": "tool", "content": text}], tokenize=False,
+                                    add_generation_prompt=True)
+    if not after.startswith(before) or tok.eos_token not in before:
+        raise ValueError("the chat template does not render a tool turn after an assistant turn")
+    # The model's turn ends with its EOS token; the template may write more after it ("\n").
+    tail = before[before.rindex(tok.eos_token) + len(tok.eos_token):]
+    return list(tok.encode(tail + after[len(before):], add_special_tokens=False))
