@@ -1,6 +1,7 @@
 """Multi-turn episodes on the real vLLM engine, with the calculator environment and the
-embedded default's model and byte-level tokenizer: in 3-turn episodes whose turns are aborted
-and resubmitted mid-turn (abort mode), the learner's logprobs of the sampled tokens equal the
+embedded default's model and byte-level tokenizer, the prefix cache on and salted by version:
+in 3-turn episodes whose turns are aborted and resubmitted mid-turn (abort mode), the
+learner's logprobs of the sampled tokens equal the
 behaviour logprobs within 1e-4, the ids it trains on are exactly those the engine saw, and
 the gradient of the training loss reaches no position that predicts an injected token."""
 
@@ -34,7 +35,9 @@ def setup(model_cache):
                                      "generator.max_tokens=6", "generator.max_turns=3"]),
                         lambda _: None)
     configure_cpu_env(1, 1)
-    engine = VLLMEngine(cfg.model.path, "float32", 0, 128, 0.85)
+    # The prefix cache on, as episodes run (generator.prefix_caching=auto), salted by version.
+    engine = VLLMEngine(cfg.model.path, "float32", 0, 128, 0.85, prefix_caching=True,
+                        block_size=32)
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
     train, _ = load_task(cfg.task)
     return cfg, engine, tok, episode_codec(cfg, tok), train
@@ -42,7 +45,7 @@ def setup(model_cache):
 
 def _episodes(setup, n_groups=2, abort_every=3):
     cfg, engine, tok, codec, train = setup
-    r = Rollout(engine, 16, "abort", clock=time.monotonic)
+    r = Rollout(engine, 16, "abort", clock=time.monotonic, salt_versions=True)
     budgets = Budgets(3, 6, 120, 16, 30.0)
     units = [r.start(EpisodeGroup(p.id, [p, p], EnvSpec(Calculator), codec, budgets, 1.0, 0,
                                   0.0)) for p in train[:n_groups]]
@@ -57,15 +60,16 @@ def _episodes(setup, n_groups=2, abort_every=3):
         done += r.take_finished()
         assert steps < 5000
     assert {id(u) for u in done} == {id(u) for u in units}
-    return [u.trajectory("gen0") for u in done], aborts
+    return [u.trajectory("gen0") for u in done], aborts, r.cached_tokens
 
 
 def test_three_turn_episodes_train_on_the_engines_ids_and_logprobs(setup):
     from asyncrl.learner.model import load_policy, token_logprobs
 
     cfg, _, tok, codec, _ = setup
-    groups, aborts = _episodes(setup)
+    groups, aborts, cached = _episodes(setup)
     assert aborts > 0  # turns were aborted and resubmitted with their tokens so far
+    assert cached > 0  # some turns' prompts came from the prefix cache
     for g in groups:
         for c in g.completions:
             assert c.finish_reason in ("max_turns", "stop", "length"), c.finish_reason
@@ -95,7 +99,7 @@ def test_the_loss_gradient_reaches_no_injected_token(setup, monkeypatch):
     from asyncrl.learner.step import Models, train_step
 
     cfg, _, tok, _, _ = setup
-    groups, _ = _episodes(setup, n_groups=2, abort_every=1000)
+    groups, _, _ = _episodes(setup, n_groups=2, abort_every=1000)
     for g, reward in zip(groups, (1.0, 0.0)):  # rewards that differ within each group
         g.completions[0].reward, g.completions[1].reward = reward, 1.0 - reward
     batch = collate(groups, tok.pad_token_id)
