@@ -29,6 +29,7 @@ has, so nothing is ever logged below it).
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -303,8 +304,8 @@ def scrape(url: str, timeout_s: float = 2.0) -> str | None:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as r:
             return r.read().decode(errors="replace")
-    except OSError:
-        return None  # a role restarting: its figures are missing from this row
+    except (OSError, http.client.HTTPException, ValueError):
+        return None  # a role starting, restarting or stopping: missing from this row
 
 
 def scrape_targets(cfg) -> dict[str, list[str]]:
@@ -338,6 +339,7 @@ class TrackerFeed:
         self.last_counts: dict[str, tuple[float, float]] = {}  # key -> (value, time)
         self._stop = threading.Event()
         self.ready = threading.Event()  # the trackers are open (or reported missing)
+        self._failed = False  # the feed's own failure was reported
         self._thread: threading.Thread | None = None
 
     @property
@@ -366,9 +368,21 @@ class TrackerFeed:
         self._each("log_config", self.config)
         self.ready.set()
         while not self._stop.wait(min(1.0, self.settings.interval_s)):
-            self.pump()
-        self.pump(final=True)
+            self._pump_safely()
+        self._pump_safely(final=True)
         self._each("finish")
+
+    def _pump_safely(self, final: bool = False) -> None:
+        """`pump`, where anything unexpected is reported once and the feed goes on: the
+        trackers never stop a run, and neither does their feed."""
+        try:
+            self.pump(final)
+        except Exception as e:  # noqa: BLE001 - the feed's own failure, never the run's
+            if not self._failed:
+                self._failed = True
+                self.out(f"[run] the trackers' feed failed ({type(e).__name__}: {e}); it goes "
+                         "on (metrics.jsonl has every row)")
+            log.warning("tracker feed: %s", e, exc_info=True)
 
     def pump(self, final: bool = False) -> None:
         """Log the learner rows written since the last call, the other roles' figures when
@@ -396,8 +410,10 @@ class TrackerFeed:
         row: dict[str, float] = {}
         for role, urls in self.targets.items():
             pages = [p for p in map(self.fetch, urls) if p is not None]
-            if pages:
-                row.update(role_figures(role, pages))
+            try:
+                row.update(role_figures(role, pages) if pages else {})
+            except ValueError as e:  # a page cut short as its role stopped
+                log.info("skipped %s's figures this time (%s)", role, e)
         key = "generator/generated_tokens_total"
         if key in row:
             before = self.last_counts.get(key)

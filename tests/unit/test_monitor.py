@@ -184,3 +184,23 @@ def test_each_real_tracker_holds_the_series_with_the_right_steps(tmp_path, reade
     assert reader(tmp_path, "eval_accuracy") == [(s, pytest.approx(s / 20))
                                                  for s in range(0, 9, 2)]
     assert [s for s, _ in reader(tmp_path, "tokens_per_s")] == list(range(9))
+
+
+def test_the_feed_survives_pages_cut_short_and_errors_of_its_own(tmp_path):
+    import http.client
+
+    def cut(url):
+        raise http.client.IncompleteRead(b"# TYPE asyncrl_")
+
+    lines = []
+    rec = Recorder()
+    feed = _feed(tmp_path, [rec], fetch=cut, targets={"generator": ["g0"]})
+    feed.out = lines.append
+    _write(tmp_path / "metrics.jsonl", range(2))
+    feed._pump_safely(final=True)  # the fetch raising: reported once, the rows still logged
+    feed._pump_safely(final=True)
+    assert len(lines) == 1 and "feed failed (IncompleteRead" in lines[0]
+    assert role_figures("generator", ["# TYPE x counter\nx_total 1\n"]) == {}
+    bad = TrackerFeed(tmp_path, TrackerSettings([], interval_s=3600), {}, {"buffer": ["b"]},
+                      out=lines.append, fetch=lambda url: "asyncrl_buffer_x{ 1\n")
+    assert bad.figures(0.0) == {}  # a page cut mid-line: skipped, no exception
