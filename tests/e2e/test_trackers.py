@@ -41,6 +41,7 @@ def _start(path, *prelude):
                             text=True, start_new_session=True)
 
 
+@pytest.mark.slow  # ~1 minute, a learner restart included: CI's second pytest call runs it
 def test_three_trackers_hold_every_step_once_after_a_learner_restart(model_cache, tmp_path):
     for mod in ("tensorboard", "wandb", "mlflow"):
         pytest.importorskip(mod)
