@@ -45,8 +45,6 @@ from asyncrl.jsonl import Tail
 
 log = logging.getLogger(__name__)
 
-TRACKERS = ("tensorboard", "wandb", "mlflow")
-WANDB_MODES = ("auto", "online", "offline")
 PLOTS = ("curves.png", "lengths.png", "episodes.png")
 INSTALL = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
 

@@ -13,6 +13,7 @@ from asyncrl.config.bounds import BOUNDS
 from asyncrl.config.schema import (
     ADVANTAGES,
     BUILTIN_MAX_POSITIONS,
+    CACHE_MODES,
     KL_ESTIMATORS,
     LOSS_AGG,
     OFFPOLICY,
@@ -24,6 +25,9 @@ from asyncrl.config.schema import (
     RunConfig,
 )
 from asyncrl.rewards import REWARD_FUNCTIONS
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # asyncrl/monitor.py's OPENERS
+WANDB_MODES = ("auto", "online", "offline")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -60,7 +64,13 @@ def field_errors(cfg: RunConfig) -> list[str]:
         (cfg.weight_sync.backend in SYNC_BACKENDS,
          f"weight_sync.backend={cfg.weight_sync.backend!r}: choose one of "
          f"{', '.join(SYNC_BACKENDS)}"),
-        (cfg.generator.prefix_caching in ("auto", "on", "off"),
+        (all(t in TRACKERS for t in cfg.run.trackers),
+         f"run.trackers={list(cfg.run.trackers)}: each one of {', '.join(TRACKERS)}"),
+        (len(set(cfg.run.trackers)) == len(cfg.run.trackers),
+         f"run.trackers={list(cfg.run.trackers)} names a tracker twice"),
+        (cfg.run.wandb_mode in WANDB_MODES,
+         f"run.wandb_mode={cfg.run.wandb_mode!r}: choose one of {', '.join(WANDB_MODES)}"),
+        (str(cfg.generator.prefix_caching).lower() in CACHE_MODES,
          f"generator.prefix_caching={cfg.generator.prefix_caching!r}: choose auto, on or off"),
         (cfg.generator.inflight_update in ("keep", "abort", "drain"),
          f"generator.inflight_update={cfg.generator.inflight_update!r}: choose keep, "

@@ -27,6 +27,8 @@ BUILTIN_MAX_POSITIONS = {BUILTIN_MODEL: 128, "builtin:tiny-reasoning": 512,
 # their own positions (8192), so no prompt-length check against BUILTIN_MAX_POSITIONS.
 SMOLLM2_MODEL = "builtin:smollm2-135m-instruct"
 PRETRAINED_BUILTINS = (SMOLLM2_MODEL,)
+# generator.prefix_caching: YAML reads on/off (and yes/no) as booleans, which arrive as text.
+CACHE_MODES = {"auto": "auto", "on": "on", "true": "on", "off": "off", "false": "off"}
 TASKS = ("addition", "reasoning", "calculator", "dataset", "word_problems")
 
 
@@ -513,7 +515,7 @@ class RunConfig:
     @property
     def prefix_caching(self) -> bool:
         """generator.prefix_caching resolved: auto is on for multi-turn episodes."""
-        mode = self.generator.prefix_caching
+        mode = CACHE_MODES.get(str(self.generator.prefix_caching).lower())
         return mode == "on" or (mode == "auto" and bool(self.env.name))
 
     @property

@@ -58,6 +58,15 @@ class Codec:
     prompt: Callable[[object], list[int]]
     decode: Callable[[list[int]], str]
     observation: Callable[[str], list[int]]
+    vocab_size: int = 1 << 31  # token ids an environment gives must be below it
+
+
+def _finite(value) -> float:
+    """A reward an environment gave, as a float; ValueError for anything else."""
+    x = float(value)
+    if x != x or x in (float("inf"), float("-inf")):
+        raise ValueError(f"a reward of {value!r}")
+    return x
 
 
 class Episode:
@@ -117,22 +126,25 @@ class Episode:
         if kind == "reset":
             self.prompt = list(self.codec.prompt(value))
             return self._next_turn()
-        if kind == "score":
-            self.reward += float(value)
-            self.finish_reason = self.finish_reason or "stop"
+        try:
+            if kind == "score":
+                self.reward += _finite(value)
+                self.finish_reason = self.finish_reason or "stop"
+                return None
+            return self._after_step(value, version)
+        except (TypeError, ValueError):  # an environment's garbage: its episode ends
+            self.reward, self.finish_reason, self.call = 0.0, "env_error", None
             return None
-        return self._after_step(value, version)
 
     def _after_step(self, step: Step, version: int) -> Sequence | None:
         if not isinstance(step, Step):
             self.reward, self.finish_reason = 0.0, "env_error"
             return None
-        self.reward += float(step.reward)
+        self.reward += _finite(step.reward)
         if step.done:
             self.call, self.call_kind = Call(self.env.score, self.budgets.step_timeout_s), "score"
             return None
-        obs = step.observation
-        ids = (list(obs) if isinstance(obs, list) else self.codec.observation(obs or ""))
+        ids = self._observation_ids(step.observation)
         if len(ids) > self.budgets.observation_tokens:
             ids = ids[: self.budgets.observation_tokens]
             self.truncated_observations += 1
@@ -146,6 +158,16 @@ class Episode:
         if self.turns >= self.budgets.max_turns:
             return self._end("max_turns")
         return self._next_turn()
+
+    def _observation_ids(self, obs) -> list[int]:
+        """Text (tokenized once) or token ids, each a valid id of the model; anything else
+        is the environment's error (ValueError)."""
+        if obs is None or isinstance(obs, str):
+            return list(self.codec.observation(obs or ""))
+        if not isinstance(obs, list) or not all(
+                type(t) is int and 0 <= t < self.codec.vocab_size for t in obs):
+            raise ValueError("an observation is text or a list of the model's token ids")
+        return list(obs)
 
     def _inject(self, ids: list[int], version: int) -> None:
         """Observation tokens: no logprob, the version of the turn before them."""
@@ -290,7 +312,8 @@ def episode_codec(cfg: RunConfig, tok):
     return Codec(prompt=lambda text: encode_prompt(tok, text, chat, context),
                  decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
                  observation=(lambda text: chat_observation(tok, text)) if chat else
-                 (lambda text: tok.encode(text, add_special_tokens=False)))
+                 (lambda text: tok.encode(text, add_special_tokens=False)),
+                 vocab_size=len(tok))
 
 
 def chat_observation(tok, text: str) -> list[int]:

@@ -129,3 +129,21 @@ def test_on_policy_needs_staleness_zero():
     with pytest.raises(ConfigError, match="generator.on_policy=true needs"):
         load_config(ROOT / "configs" / "default.yaml",
                     ["generator.on_policy=true", "buffer.max_staleness=2"])
+
+
+def test_prefix_caching_on_and_off_survive_yaml_booleans():
+    for value, want in (("on", True), ("off", False), ("true", True), ("auto", False)):
+        cfg = load_config(ROOT / "configs" / "default.yaml", [f"generator.prefix_caching={value}"])
+        assert cfg.prefix_caching is want, value
+
+
+@pytest.mark.parametrize("override,says", [
+    ("run.trackers=[tensorbord]", "run.trackers=['tensorbord']: each one of tensorboard, wandb"),
+    ("run.trackers=[wandb,wandb]", "names a tracker twice"),
+    ("run.wandb_mode=cloud", "run.wandb_mode='cloud': choose one of auto, online, offline"),
+    ("generator.prefix_caching=sometimes", "generator.prefix_caching='sometimes': choose auto"),
+])
+def test_a_bad_tracker_or_cache_setting_is_refused_naming_it(override, says):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "default.yaml", [override])
+    assert says in str(e.value)

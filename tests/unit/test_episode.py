@@ -363,3 +363,32 @@ def test_held_out_episodes_are_greedy_of_one_version_and_scored_by_the_environme
     ev.ask(6)
     res = ev.run_blocking(FakeEngine(), 6)
     assert (res.asked, res.version, res.accuracy) == (6, 6, pytest.approx(2 / 3))
+
+
+class Garbage(Calculator):
+    """Answers with what it was told to: an observation or reward no episode can take."""
+
+    answer_with = None
+
+    def step(self, text):
+        kind, value = self.answer_with
+        if kind == "score":
+            self.score = lambda: value
+            return Step(done=True)
+        return Step(**{kind: value})
+
+
+@pytest.mark.parametrize("answer", [("observation", {"text": "x"}), ("observation", [1, -2]),
+                                    ("observation", [10**9]), ("observation", [1.5]),
+                                    ("reward", float("nan")), ("reward", "lots"),
+                                    ("score", "x"), ("score", float("inf"))])
+def test_an_environment_answering_garbage_ends_its_episode_not_the_generator(answer):
+    env_cls = type("G", (Garbage,), {"answer_with": answer})
+    codec = Codec(CODEC.prompt, CODEC.decode, CODEC.observation, vocab_size=300)
+    r = Rollout(FakeEngine(), 16, "keep", clock=time.monotonic)
+    bad = r.start(EpisodeGroup(P.id, [P], EnvSpec(env_cls), codec, _budgets(), 1.0, 0, 0.0))
+    good = r.start(_group(Problem(1, "1+2=", "3"), size=1))
+    _run(r)
+    assert (bad.episodes[0].finish_reason, bad.episodes[0].reward) == ("env_error", 0.0)
+    assert good.episodes[0].reward == 1.0
+    bad.trajectory("gen0")  # and it still travels
