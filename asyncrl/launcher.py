@@ -160,7 +160,8 @@ def _trackers(cfg: RunConfig, run_dir: Path, out):
         return None
     from omegaconf import OmegaConf
 
-    from asyncrl.monitor import TrackerFeed, TrackerSettings, scrape_targets
+    from asyncrl.monitor import TrackerFeed, scrape_targets
+    from asyncrl.trackers import TrackerSettings
 
     feed = TrackerFeed(run_dir, TrackerSettings.of(cfg), OmegaConf.to_container(
         OmegaConf.structured(cfg)), scrape_targets(cfg), out)

@@ -46,7 +46,8 @@ def _parser():
 
 def _feed(run_dir: str, url: str, interval: float, ready, stop) -> None:
     """The launcher's side: the tracker feed until `stop` is set."""
-    from asyncrl.monitor import TrackerFeed, TrackerSettings
+    from asyncrl.monitor import TrackerFeed
+    from asyncrl.trackers import TrackerSettings
 
     feed = TrackerFeed(Path(run_dir), TrackerSettings(["tensorboard", "wandb", "mlflow"],
                                                       wandb_mode="offline",

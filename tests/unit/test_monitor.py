@@ -8,14 +8,8 @@ import time
 
 import pytest
 
-from asyncrl.monitor import (
-    JsonlMonitor,
-    TrackerFeed,
-    TrackerSettings,
-    numeric,
-    open_trackers,
-    role_figures,
-)
+from asyncrl.monitor import JsonlMonitor, TrackerFeed, numeric, role_figures
+from asyncrl.trackers import TrackerSettings, open_trackers
 from tests.helpers.trackers import mlflow_series, tensorboard_series, wandb_series
 
 
