@@ -262,6 +262,9 @@ def test_completions_with_other_reward_parts_are_not_encoded_together():
     (lambda c: c.update(reward_part_names=[f"p{i}" for i in range(33)],
                         reward_parts=np.zeros(66)), "bad_value"),
     (lambda c: c.update(reward_part_names=["x" * 200, "y"]), "bad_value"),
+    (lambda c: c.update(sources=np.full(len(c["sources"]), 2, np.uint8)), "bad_value"),
+    (lambda c: c.update(sources=c["sources"][:-1]), "inconsistent"),
+    (lambda c: c.update(sources=c["sources"].astype(np.float32)), "bad_array"),
 ])
 def test_bad_reward_parts_are_refused_naming_why(change, reason):
     g = _with_parts([{"a": 1.0, "b": 0.0}, {"a": 0.0, "b": 1.0}])
