@@ -15,6 +15,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=dev
 if [ "${1:-}" = "--trackers" ]; then
+  if [ -z "${2:-}" ]; then
+    echo "install.sh: --trackers needs a list, e.g. --trackers tensorboard,wandb,mlflow" >&2; exit 2
+  fi
   for t in ${2//,/ }; do
     case "$t" in
       tensorboard|wandb|mlflow) extras="$extras,$t" ;;

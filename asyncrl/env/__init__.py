@@ -110,6 +110,7 @@ class EnvSpec:
 
     cls: type
     kwargs: dict = field(default_factory=dict)
+    tools: list[Tool] = field(default_factory=list)  # as the first construction has them
 
     def make(self):
         return self.cls(**self.kwargs)
@@ -137,4 +138,8 @@ def load_environment(name: str, kwargs: dict | None = None) -> EnvSpec:
     for method in ("reset", "step", "score"):
         if not callable(getattr(probe, method, None)):
             raise EnvError(f"env.name={name!r}: {path} has no {method}() method")
+    tools = getattr(probe, "tools", None) or []
+    if not isinstance(tools, list) or not all(isinstance(t, Tool) for t in tools):
+        raise EnvError(f"env.name={name!r}: {path}.tools is a list of asyncrl.env.Tool")
+    spec.tools = list(tools)
     return spec

@@ -12,13 +12,17 @@ The tool's argument comes from the model and is never evaluated as code: it must
 answered with an error result, as a real calculator answers bad input, and counted
 (`tool_errors`). A turn with neither a call nor an answer is answered with an error too; every
 turn that does not answer counts as a call (`tool_calls`).
+
+Chat models call it as chat templates with tools write calls (its `add` tool is in their
+prompt, env.tools_in_prompt): `<tool_call>{"name": "add", "arguments": {"a": 17, "b": 5}}
+</tool_call>`, checked against the tool's schema, the result remembered the same way.
 """
 
 from __future__ import annotations
 
 import re
 
-from asyncrl.env import Step, Tool
+from asyncrl.env import Step, Tool, parse_call
 
 _ANSWER = re.compile(r"<answer>\s*(-?\d{1,40})\s*</answer>")
 _CALC = re.compile(r"<calc>(.*?)</calc>", re.S)
@@ -52,12 +56,32 @@ class Calculator:
             self.given = m.group(1)
             return Step(done=True)
         self.tool_calls += 1  # every turn that does not answer tries the tool
+        call = parse_call(text)
+        if call is not None:
+            return Step(f"<result>{self._tool(call)}</result>\n")
         m = _CALC.search(text)
         if m is None:
             self.tool_errors += 1
             return Step("<result>error: call <calc>a+b</calc> or answer <answer>n</answer>"
                         "</result>\n")
         return Step(f"<result>{self._calc(m.group(1))}</result>\n")
+
+    def _tool(self, call: tuple[str, dict] | str) -> str:
+        if isinstance(call, str) or call[0] != "add":  # malformed, or a tool it does not have
+            self.tool_errors += 1
+            return call if isinstance(call, str) else f"error: no tool named {call[0]!r}"
+        args = call[1]
+        if any(type(args.get(k)) is not int or not 0 <= args[k] < 10 ** self.max_digits
+               for k in ("a", "b") if k in args):
+            self.tool_errors += 1
+            return (f"error: add takes integers a and b of at most {self.max_digits} digits, "
+                    "not negative")
+        result = self.tools[0].call(args)  # names missing and unknown arguments
+        if result.startswith("error"):
+            self.tool_errors += 1
+        else:
+            self.memory = int(result)
+        return result
 
     def _calc(self, expr: str) -> str:
         m = _SUM.fullmatch(expr)

@@ -297,19 +297,21 @@ def episode_parts(cfg: RunConfig, tok, context_tokens: int = 1 << 30):
     (context_tokens: the engine's max_model_len)."""
     from asyncrl.env import load_environment
 
-    gc = cfg.generator
-    return (load_environment(cfg.env.name, cfg.env.kwargs), episode_codec(cfg, tok),
+    gc, spec = cfg.generator, load_environment(cfg.env.name, cfg.env.kwargs)
+    return (spec, episode_codec(cfg, tok, spec.tools),
             Budgets(gc.max_turns, gc.max_tokens, gc.max_episode_tokens,
                     cfg.env.max_observation_tokens, cfg.env.step_timeout_s, context_tokens))
 
 
-def episode_codec(cfg: RunConfig, tok):
+def episode_codec(cfg: RunConfig, tok, tools=()):
     """Text <-> ids for episodes, as the generators encode prompts (asyncrl/task); with
-    task.chat_template an observation is the chat template's tool turn (`chat_observation`)."""
+    task.chat_template an observation is the chat template's tool turn (`chat_observation`),
+    and the environment's `tools` are in the prompt (env.tools_in_prompt)."""
     from asyncrl.task import chat_context, encode_prompt
 
     chat, context = cfg.task.chat_template, chat_context(cfg.task)
-    return Codec(prompt=lambda text: encode_prompt(tok, text, chat, context),
+    schemas = [t.schema() for t in tools] if chat and cfg.env.tools_in_prompt else None
+    return Codec(prompt=lambda text: encode_prompt(tok, text, chat, context, schemas),
                  decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
                  observation=(lambda text: chat_observation(tok, text)) if chat else
                  (lambda text: tok.encode(text, add_special_tokens=False)),

@@ -65,3 +65,23 @@ def test_the_warm_start_trains_on_the_model_turns_only(tmp_path):
     assert "<result>" not in trained and f"<calc>+{terms[1]}</calc>" in trained
     assert f"<answer>{p.answer}</answer>" in trained
     assert tok.convert_tokens_to_ids("<calc>") in row  # the tags are single tokens
+
+
+def test_the_calculator_takes_the_chat_templates_tool_calls_checked_against_its_schema():
+    from asyncrl.env.calculator import Calculator
+
+    env = Calculator(max_digits=3)
+    env.reset(type("P", (), {"prompt": "17+5=", "answer": 22})())
+    call = '<tool_call>{{"name": "{}", "arguments": {}}}</tool_call>'.format
+    assert env.step(call("add", '{"a": 17, "b": 5}')).observation == "<result>22</result>\n"
+    assert env.memory == 22
+    for name, args, says in [("add", '{"a": 1}', "missing ['b']"),
+                             ("add", '{"a": 1, "b": 2, "c": 3}', "unknown ['c']"),
+                             ("add", '{"a": "__import__(\'os\')", "b": 2}', "integers"),
+                             ("add", '{"a": 1000, "b": 2}', "at most 3 digits"),
+                             ("add", '{"a": -1, "b": 2}', "not negative"),
+                             ("mul", '{"a": 1, "b": 2}', "no tool named 'mul'"),
+                             ("add", '[1, 2]', "arguments are an object")]:
+        assert says in env.step(call(name, args)).observation
+    assert env.memory == 22 and env.tool_errors == 7 and env.tool_calls == 8
+    assert env.step("<answer>22</answer>").done and env.score() == 1.0

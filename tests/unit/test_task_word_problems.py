@@ -110,3 +110,45 @@ def test_smollm2_config_loads_with_the_grpo_demo_recipe():
     assert cfg.learner.advantage == "grpo" and cfg.learner.kl_coef > 0
     train, held_out = load_task(cfg.task)
     assert len(train) == cfg.task.train_size and len(held_out) == cfg.task.eval_size
+
+
+class _ToolTok(_Tok):  # a template that renders tools itself, after the messages
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize, tools=None):
+        text = super().apply_chat_template(messages, add_generation_prompt, tokenize)
+        return text + (f"tools: {[t['function']['name'] for t in tools]}" if tools else "")
+
+
+class _IgnoringTok(_Tok):  # a template that takes tools and ignores them (SmolLM2's)
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize, tools=None):
+        return super().apply_chat_template(messages, add_generation_prompt, tokenize)
+
+    def __len__(self):
+        return 0x110000
+
+
+def test_tools_are_rendered_by_the_template_or_written_into_the_system_turn():
+    from asyncrl.env.calculator import Calculator
+    from asyncrl.task import tools_system_text
+
+    schemas = [t.schema() for t in Calculator().tools]
+    text = "".join(map(chr, encode_prompt(_ToolTok(), "Q", True, None, schemas)))
+    assert text.endswith("assistant: tools: ['add']")  # the template's own rendering wins
+    plain = "".join(map(chr, encode_prompt(_IgnoringTok(), "Q", True, [
+        {"role": "system", "content": "S"}], schemas)))
+    assert plain == f"system: S\n\n{tools_system_text(schemas)}\nuser: Q\nassistant: "
+    assert '"name": "add"' in plain and '"required": ["a", "b"]' in plain
+    alone = "".join(map(chr, encode_prompt(_IgnoringTok(), "Q", True, None, schemas)))
+    assert alone.startswith("system: You can call these tools")
+
+
+def test_an_environments_tools_reach_the_episode_prompt_unless_turned_off():
+    from asyncrl.generator.episode import episode_parts
+
+    cfg = load_config(None, ["task.chat_template=true", "env.name=calculator"])
+    spec, codec, _ = episode_parts(cfg, _IgnoringTok())
+    assert [t.name for t in spec.tools] == ["add"]
+    assert "<tools>" in "".join(map(chr, codec.prompt("Q")))
+    cfg = load_config(None, ["task.chat_template=true", "env.name=calculator",
+                             "env.tools_in_prompt=false"])
+    assert "".join(map(chr, episode_parts(cfg, _IgnoringTok())[1].prompt("Q"))) == \
+        "user: Q\nassistant: "
