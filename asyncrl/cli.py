@@ -2,6 +2,7 @@
 
     asyncrl run CONFIG [key=value ...]       everything: prepare the model, start all roles
     asyncrl prepare CONFIG [key=value ...]   build the embedded default model (SFT) only
+    asyncrl train-rm CONFIG [key=value ...]  train a reward model on preferences (rm.*)
     asyncrl buffer --config CONFIG           one role, e.g. on its own host
     asyncrl generator --config CONFIG --index I
     asyncrl evaluator --config CONFIG        the evaluation engine (generator.eval_engine)
@@ -32,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="asyncrl", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, helptext in (("run", "prepare the model and run every role"),
-                           ("prepare", "build the embedded default model only")):
+                           ("prepare", "build the embedded default model only"),
+                           ("train-rm", "train a reward model on preference pairs or scored "
+                                        "responses (rm.*; docs/rlhf.md)")):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("config", help="YAML file in configs/ (e.g. configs/default.yaml)")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learner.lr=1e-4")
@@ -109,6 +112,25 @@ def _prepare(args) -> int:
     from asyncrl.runner import resolve_model
 
     print(resolve_model(_config(args)).model.path)
+    return 0
+
+
+def _train_rm(args) -> int:
+    import time
+
+    from asyncrl.rm.train import train_reward_model
+    from asyncrl.runner import resolve_model
+
+    cfg = _config(args)
+    rm_given = cfg.task.reward_model
+    cfg.task.reward_model = ""  # the model being trained is not needed to train it
+    cfg = resolve_model(cfg)
+    cfg.task.reward_model = rm_given
+    out = Path(cfg.rm.out or Path("runs") / f"{cfg.name}-rm-{time.strftime('%Y%m%d-%H%M%S')}")
+    summary = train_reward_model(cfg, out)
+    print(f"[train-rm] held-out accuracy {summary['held_out_accuracy']:.1%} on "
+          f"{summary['held_out_rows']} pairs; reward model written to {out.resolve()} "
+          f"(task.reward_model={out.resolve()})")
     return 0
 
 
@@ -223,7 +245,7 @@ def _replay(args) -> int:
     return 0 if replay(Path(args.run_dir)) else 1
 
 
-COMMANDS = {"run": _run, "prepare": _prepare, "buffer": _buffer, "generator": _generator,
+COMMANDS = {"run": _run, "prepare": _prepare, "train-rm": _train_rm, "buffer": _buffer, "generator": _generator,
             "evaluator": _evaluator,
             "learner": _learner, "plot": _plot, "study": _study, "audit": _audit,
             "keys": _keys, "replay": _replay}

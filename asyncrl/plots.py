@@ -118,3 +118,26 @@ def plot_lengths(lengths: list[int], path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def plot_reward_model(history: list[dict], out_path: Path) -> Path:
+    """`asyncrl train-rm`'s training loss and held-out accuracy against step (rm.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), dpi=110, sharex=True)
+    loss = [(r["step"], r["loss"]) for r in history if r.get("loss") is not None]
+    if loss:
+        top.plot(*zip(*loss), color="tab:blue", lw=1.5, label="training loss (mean since last)")
+    top.set_ylabel("loss")
+    acc = [(r["step"], r["eval_accuracy"]) for r in history if r["eval_accuracy"] == r["eval_accuracy"]]
+    if acc:
+        bottom.plot(*zip(*acc), "o-", color="tab:red", lw=2, label="held-out pairwise accuracy")
+        bottom.annotate(f"{acc[-1][1]:.1%}", acc[-1], textcoords="offset points", xytext=(-20, 8))
+    bottom.set_ylim(0, 1.02)
+    bottom.set_xlabel("reward-model training step")
+    bottom.set_ylabel("accuracy")
+    top.set_title("asyncrl train-rm")
+    return _save(fig, [top, bottom], out_path)

@@ -193,14 +193,6 @@ class RewardModelScorer:
             raise ValueError(f"reward model {path} needs pad_token_id in its config and a pad "
                              "token in its tokenizer to score padded batches")
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
-        self._templated = bool(getattr(self.tokenizer, "chat_template", None))
-
-    def _render(self, prompt: str, completion: str) -> str:
-        if self._templated:
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt},
-                 {"role": "assistant", "content": completion}], tokenize=False)
-        return prompt + completion
 
     def score(self, prompts: list[str], completions: list[str]) -> list[float]:
         """One float per (prompt, completion) pair, in order."""
@@ -208,14 +200,15 @@ class RewardModelScorer:
 
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        texts = [self._render(p, c) for p, c in zip(prompts, completions, strict=True)]
+        from asyncrl.rm import encode, render
+
+        texts = [render(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt",
-                                 padding=True, truncation=self.max_length is not None,
-                                 max_length=self.max_length,
-                                 # a chat template already wrote the special tokens
-                                 add_special_tokens=not self._templated).to(self.device)
+            enc = encode(self.tokenizer, texts[start:start + self.batch_size],
+                         return_tensors="pt", padding=True,
+                         truncation=self.max_length is not None,
+                         max_length=self.max_length).to(self.device)
             with torch.inference_mode():
                 logits = self.model(**enc).logits  # (b, 1)
             scores.extend(logits[:, 0].float().tolist())

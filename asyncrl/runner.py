@@ -27,11 +27,16 @@ RESUME_FREE = ("name", "run_dir", "net.", "run.", "warm_start.", "buffer.fsync",
 
 
 def resolve_model(cfg: RunConfig, progress=print) -> RunConfig:
-    """Replace a builtin model path by the built directory (building it once, cached)."""
+    """Replace a builtin model path (and a builtin reward model) by the built directory
+    (building it once, cached)."""
     if cfg.model.path.startswith("builtin:"):
         from asyncrl.task.tiny_model import prepare_builtin
 
         cfg.model.path = str(prepare_builtin(cfg, progress))
+    if cfg.task.reward_model.startswith("builtin:"):
+        from asyncrl.rm.train import prepare_builtin_rm
+
+        cfg.task.reward_model = str(prepare_builtin_rm(cfg, progress))
     return cfg
 
 

@@ -13,6 +13,8 @@ from asyncrl.config.bounds import BOUNDS
 from asyncrl.config.schema import (
     ADVANTAGES,
     BUILTIN_MAX_POSITIONS,
+    BUILTIN_PREFERENCES,
+    BUILTIN_REWARD_MODELS,
     CACHE_MODES,
     KL_ESTIMATORS,
     LOSS_AGG,
@@ -56,6 +58,7 @@ def field_errors(cfg: RunConfig) -> list[str]:
              + _choice("warm_start.lr_schedule", cfg.warm_start.lr_schedule,
                        ("constant", "cosine")))
     errs += _choice("task.eval_reward", cfg.task.eval_reward, REWARD_FUNCTIONS)
+    errs += _choice("rm.loss", cfg.rm.loss, ("auto", "pairwise", "pointwise"))
     errs += [f"task.rewards has unknown {k!r}: choose from {sorted(REWARD_FUNCTIONS)}"
              for k in cfg.task.rewards if k not in REWARD_FUNCTIONS]
     checks = [
@@ -83,9 +86,16 @@ def field_errors(cfg: RunConfig) -> list[str]:
 
 def path_errors(cfg: RunConfig) -> list[str]:
     errs = []
-    if cfg.task.reward_model and not (Path(cfg.task.reward_model).expanduser()
-                                       / "config.json").is_file():
-        errs.append(f"task.reward_model={cfg.task.reward_model!r} has no config.json")
+    rm = cfg.task.reward_model
+    if rm.startswith("builtin:") and rm not in BUILTIN_REWARD_MODELS:
+        errs.append(f"task.reward_model={rm!r}: the builtins are "
+                    f"{', '.join(BUILTIN_REWARD_MODELS)}")
+    elif rm and not rm.startswith("builtin:") and not (Path(rm).expanduser()
+                                                        / "config.json").is_file():
+        errs.append(f"task.reward_model={rm!r} has no config.json")
+    data = cfg.rm.data
+    if data.startswith("builtin:") and data not in BUILTIN_PREFERENCES:
+        errs.append(f"rm.data={data!r}: the builtins are {', '.join(BUILTIN_PREFERENCES)}")
     if not cfg.model.path.startswith("builtin:"):
         if not Path(cfg.model.path).expanduser().is_dir():
             errs.append(f"model.path={cfg.model.path!r} is not a directory")

@@ -27,6 +27,10 @@ BUILTIN_MAX_POSITIONS = {BUILTIN_MODEL: 128, "builtin:tiny-reasoning": 512,
 # their own positions (8192), so no prompt-length check against BUILTIN_MAX_POSITIONS.
 SMOLLM2_MODEL = "builtin:smollm2-135m-instruct"
 PRETRAINED_BUILTINS = (SMOLLM2_MODEL,)
+# Reward models and preference data the project makes itself (asyncrl/rm/): task.reward_model
+# and rm.data.
+BUILTIN_REWARD_MODELS = ("builtin:addition-rm",)
+BUILTIN_PREFERENCES = ("builtin:addition-preferences",)
 # generator.prefix_caching: YAML reads on/off (and yes/no) as booleans, which arrive as text.
 CACHE_MODES = {"auto": "auto", "on": "on", "true": "on", "off": "off", "false": "off"}
 TASKS = ("addition", "reasoning", "calculator", "dataset", "word_problems")
@@ -432,6 +436,10 @@ class EnvConfig:
     finish reason `env_timeout` (reward 0); the other episodes go on meanwhile."""
     max_observation_tokens: int = 64
     """An observation longer than this many tokens is cut there (counted)."""
+    tools_in_prompt: bool = True
+    """With task.chat_template: the environment's tools (name, description, argument schema)
+    are in each episode's prompt, as the chat template renders tools, or in the system turn
+    when the template ignores them (asyncrl/task: tools_system_text)."""
 
 
 @dataclass
@@ -484,6 +492,43 @@ class LaunchConfig:
 
 
 @dataclass
+class RewardModelTrainConfig:
+    """`asyncrl train-rm CONFIG`: a reward model trained on preferences or scores
+    (asyncrl/rm/, docs/rlhf.md)."""
+
+    data: str = "builtin:addition-preferences"
+    """A JSONL file of preference pairs (prompt, chosen, rejected, optional margin) or of
+    scored responses (prompt, response, score); or `builtin:addition-preferences`: pairs of
+    the SFT policy's own samples on the addition task, labelled by a hidden gold preference
+    with Bradley-Terry noise, as raters would (asyncrl/rm/gold.py)."""
+    loss: str = "auto"
+    """`pairwise` (Bradley-Terry: -log sigmoid(r(x, y_w) - r(x, y_l) - margin)),
+    `pointwise` (squared error to the score) or `auto`: from the file's fields."""
+    margin: float = 0.0
+    """Pairwise margin for rows without their own `margin` field."""
+    base: str = ""
+    """The causal LM the reward model starts from (its last token's hidden state gets a
+    scalar head); empty: model.path, the policy's base."""
+    out: str = ""
+    """Where the reward model is written; empty: RUN_DIR (runs/<name>-rm-<time>)."""
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    max_length: int = 0
+    """Tokens per rendered prompt + response; a longer row is skipped and counted (0: the
+    base model's max_position_embeddings)."""
+    eval_fraction: float = 0.1
+    """Share of the pairs (by prompt) held out for the held-out accuracy."""
+    eval_interval: int = 50
+    pairs: int = 2000
+    """With the builtin data: how many labelled training pairs to make."""
+    rater_temperature: float = 0.1
+    """With the builtin data: the raters' Bradley-Terry noise: the better response (by the
+    gold reward) is chosen with probability sigmoid(gold gap / this); 0: always."""
+
+
+@dataclass
 class RunConfig:
     name: str = "tiny-addition"
     run_dir: str = ""
@@ -499,6 +544,7 @@ class RunConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     run: LaunchConfig = field(default_factory=LaunchConfig)
+    rm: RewardModelTrainConfig = field(default_factory=RewardModelTrainConfig)
 
     @property
     def admit_groups(self) -> int:

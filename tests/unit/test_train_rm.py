@@ -1,0 +1,95 @@
+"""asyncrl train-rm: bad rows counted and skipped, an unusable file refused naming it, the
+pair-wise and point-wise losses learn a preference a small model can see, and what it writes
+is a one-label sequence classifier the run's scorer loads."""
+
+import json
+import math
+
+import pytest
+
+from asyncrl.cli import main
+from asyncrl.config import load_config
+from asyncrl.rewards import RewardModelScorer
+from asyncrl.rm.data import RmDataError, read_rm_data
+from asyncrl.rm.gold import gold_score, label_pairs
+from asyncrl.testing import build_tiny_model
+
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _pairs(n):  # the preferred answer ends in 7, the other in 3: visible on the last token
+    return [{"prompt": f"{i:02d}+{i:02d}=", "chosen": f"{i}7", "rejected": f"{i}3"}
+            for i in range(n)]
+
+
+def test_bad_rows_are_counted_by_reason_and_a_file_without_a_usable_row_is_refused(tmp_path):
+    rows = _pairs(2) + ["{not json", {"prompt": "p", "chosen": "a"},
+                        {"prompt": "p", "chosen": " ", "rejected": "b"},
+                        {"prompt": "p", "chosen": "a", "rejected": "a"},
+                        {"prompt": 3, "chosen": "a", "rejected": "b"},
+                        {"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}]
+    data = read_rm_data(_write(tmp_path / "p.jsonl", rows))
+    assert data.kind == "pairwise" and len(data.rows) == 2
+    assert data.bad == {"not JSON": 1, "missing rejected": 1, "empty response": 1,
+                        "chosen equals rejected": 1, "prompt not text": 1,
+                        "margin not a finite number": 1}
+    scored = read_rm_data(_write(tmp_path / "s.jsonl", [
+        {"prompt": "p", "response": "r", "score": 1.5}, {"prompt": "p", "response": "r"},
+        {"prompt": "p", "response": "r", "score": float("nan")}]))
+    assert scored.kind == "pointwise" and scored.bad == {"score missing or not a finite number": 2}
+    with pytest.raises(RmDataError, match=r"bad\.jsonl.*no usable row.*2 not JSON"):
+        read_rm_data(_write(tmp_path / "bad.jsonl", ["{", "[1,"]))
+    with pytest.raises(RmDataError, match="no such file"):
+        read_rm_data(tmp_path / "missing.jsonl")
+
+
+def test_the_gold_preference_ranks_concise_over_rambling_over_near_over_far_misses():
+    order = ["52", "52 and so on", "53", "62", "99", "no idea"]
+    golds = [gold_score("52", r) for r in order]
+    assert golds == sorted(golds, reverse=True) and len(set(golds)) == len(golds)
+    problem = type("P", (), {"prompt": "40+12=", "answer": "52"})()
+    import random
+
+    exact = label_pairs([problem] * 200, [["62", "52"]] * 200, 1000, 0.0, random.Random(0), False)
+    assert all(p.chosen == "52" for p in exact)  # temperature 0: raters always pick the better
+    noisy = label_pairs([problem] * 400, [["62", "52"]] * 400, 1000, 0.5, random.Random(0), False)
+    wrong = sum(p.chosen == "62" for p in noisy) / len(noisy)
+    expected = 1 / (1 + math.exp((gold_score("52", "52") - gold_score("52", "62")) / 0.5))
+    assert abs(wrong - expected) < 0.07  # Bradley-Terry noise at the configured temperature
+
+
+@pytest.mark.parametrize("loss", ["pairwise", "pointwise"])
+def test_train_rm_learns_the_preference_and_writes_a_model_the_scorer_loads(tmp_path, loss):
+    base = build_tiny_model(tmp_path / "base")
+    if loss == "pairwise":
+        rows = _pairs(60) + [{"prompt": "x", "chosen": "a"}]  # one bad row, counted
+    else:
+        rows = [{"prompt": f"{i:02d}+{i:02d}=", "response": f"{i}{d}", "score": float(d == 7)}
+                for i in range(60) for d in (3, 7)] + [{"prompt": "x", "response": "a"}]
+    data = _write(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "rm"
+    rc = main(["train-rm", "configs/default.yaml", f"model.path={base}", f"rm.data={data}",
+               f"rm.out={out}", "rm.steps=30", "rm.eval_interval=15", "rm.lr=1e-3",
+               "rm.batch_size=16", "rm.eval_fraction=0.2"])
+    assert rc == 0
+    summary = json.loads((out / "train_rm.json").read_text())
+    assert summary["kind"] == loss and sum(summary["skipped"].values()) == 1
+    assert summary["held_out_accuracy"] >= 0.9, summary
+    assert (out / "rm.png").stat().st_size > 0
+    assert [json.loads(x)["step"] for x in (out / "rm_metrics.jsonl").read_text().splitlines()] == \
+        [0, 15, 30]
+    scorer = RewardModelScorer(out)
+    hi, lo = scorer.score(["98+98="] * 2, ["987", "983"])
+    assert hi > lo
+
+
+def test_train_rm_refuses_a_bad_config_and_a_missing_base(tmp_path, capsys):
+    with pytest.raises(Exception, match="rm.loss"):
+        load_config("configs/default.yaml", ["rm.loss=hinge"])
+    data = _write(tmp_path / "d.jsonl", _pairs(4))
+    assert main(["train-rm", "configs/default.yaml", f"model.path={tmp_path}",
+                 f"rm.data={data}", f"rm.out={tmp_path / 'o'}"]) == 2
+    assert "model.path" in capsys.readouterr().err
