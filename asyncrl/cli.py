@@ -6,6 +6,7 @@
     asyncrl buffer --config CONFIG           one role, e.g. on its own host
     asyncrl generator --config CONFIG --index I
     asyncrl evaluator --config CONFIG        the evaluation engine (generator.eval_engine)
+    asyncrl reward --config CONFIG           the reward service (reward.service)
     asyncrl learner --config CONFIG          wraps torchrun --nproc-per-node learner.nproc
     asyncrl plot RUN_DIR                     redraw RUN_DIR/curves.png from metrics.jsonl
     asyncrl replay RUN_DIR                   re-train on the logged batches, compare weights
@@ -39,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=helptext)
         s.add_argument("config", help="YAML file in configs/ (e.g. configs/default.yaml)")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learner.lr=1e-4")
-    for name in ("buffer", "generator", "evaluator", "learner"):
+    for name in ("buffer", "generator", "evaluator", "reward", "learner"):
         s = sub.add_parser(name, help=f"run the {name} role alone")
         s.add_argument("--config", required=True)
         s.add_argument("overrides", nargs="*")
@@ -131,6 +132,24 @@ def _train_rm(args) -> int:
     print(f"[train-rm] held-out accuracy {summary['held_out_accuracy']:.1%} on "
           f"{summary['held_out_rows']} pairs; reward model written to {out.resolve()} "
           f"(task.reward_model={out.resolve()})")
+    return 0
+
+
+def _reward_role(args) -> int:
+    cfg = _config(args)
+    if cfg.reward.device_ids:  # before vLLM (and CUDA) is imported
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, cfg.reward.device_ids))
+    from asyncrl.generator.engine import configure_cpu_env, on_gpu
+    from asyncrl.reward.main import run
+    from asyncrl.runner import resolve_model
+
+    gpu = on_gpu()
+    if not gpu:
+        configure_cpu_env(1, 1)
+    cfg = resolve_model(cfg)
+    if not cfg.task.reward_model:
+        raise ConfigError("asyncrl reward serves task.reward_model, which is empty")
+    run(cfg, gpu)
     return 0
 
 
@@ -245,7 +264,7 @@ def _replay(args) -> int:
     return 0 if replay(Path(args.run_dir)) else 1
 
 
-COMMANDS = {"run": _run, "prepare": _prepare, "train-rm": _train_rm, "buffer": _buffer, "generator": _generator,
+COMMANDS = {"run": _run, "prepare": _prepare, "train-rm": _train_rm, "reward": _reward_role, "buffer": _buffer, "generator": _generator,
             "evaluator": _evaluator,
             "learner": _learner, "plot": _plot, "study": _study, "audit": _audit,
             "keys": _keys, "replay": _replay}

@@ -6,6 +6,7 @@ visible GPUs are split: generators first (generator i gets GPU i), then the lear
 with one GPU and one generator and one learner rank runs colocated: both on GPU 0, weights handed
 over by CUDA IPC (`weight_sync.backend=ipc`), memory shared through
 generator.gpu_memory_utilization.
+The reward service (reward.service) takes the first GPU left after them.
 With no GPU (this project's CI) nothing changes and the backend is gloo. Lists given in the
 config are kept; config validation has already refused lists that overlap under NCCL.
 """
@@ -77,8 +78,22 @@ def apply(cfg: RunConfig, visible: int) -> Assignment:
                cfg.learner.device_ids, cfg.weight_sync.backend, visible)
     cfg.generator.device_ids, cfg.learner.device_ids = a.generator_ids, a.learner_ids
     cfg.weight_sync.backend = a.backend
+    if cfg.reward.service and visible and not cfg.reward.device_ids:
+        cfg.reward.device_ids = [reward_device(a, visible)]
     validate(cfg)  # the assignment obeys the same rules as a hand-written config
     return a
+
+
+def reward_device(a: Assignment, visible: int) -> int:
+    """The reward role's GPU (reward.service): the first one no generator or rank holds."""
+    free = [d for d in range(visible) if d not in {*a.generator_ids, *a.learner_ids}]
+    if not free:
+        raise ConfigError(
+            f"{visible} GPU(s) visible and all taken by the generators and learner ranks; the "
+            "reward service (reward.service) needs one of its own: use fewer generators, or "
+            "set reward.device_ids (it may share a generator's GPU if memory allows: lower "
+            "generator.gpu_memory_utilization)")
+    return free[0]
 
 
 def visible_gpus() -> int:

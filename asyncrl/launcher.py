@@ -5,11 +5,12 @@ Each role runs in its own process group, with its output in RUN_DIR/logs/<role>.
 The launcher prints progress from RUN_DIR/metrics.jsonl and, with run.trackers, feeds the
 experiment trackers from a thread (asyncrl/monitor.py).
 
-Supervision: a buffer, generator or evaluator that dies is restarted, up to
+Supervision: a buffer, generator, evaluator or reward service that dies is restarted, up to
 run.max_role_restarts times per role (after run.restart_delay_s, doubling), which the roles
 are built for: the buffer recovers what it acknowledged from its durable log, a restarted
 generator is a new sender incarnation that the learner takes into a new weight-sync session,
-a restarted evaluator answers the requests still unanswered in RUN_DIR/evals/. Each restart
+a restarted evaluator answers the requests still unanswered in RUN_DIR/evals/, the
+generators send a restarted reward service the score requests it had not answered. Each restart
 is printed and counted (`asyncrl_run_role_restarts_total` on net.base_port + 5). The
 learner has torchrun's own restarts (learner.max_restarts); if torchrun gives up, the run
 ends.
@@ -58,6 +59,8 @@ class Role:
 def role_commands(cfg: RunConfig, config_path: Path) -> dict[str, list[str]]:
     py = sys.executable
     cmds = {"buffer": [py, "-m", "asyncrl", "buffer", "--config", str(config_path)]}
+    if cfg.reward.service:
+        cmds["reward"] = [py, "-m", "asyncrl", "reward", "--config", str(config_path)]
     for i in range(cfg.generator.num_generators):
         cmds[f"gen{i}"] = [py, "-m", "asyncrl", "generator", "--config", str(config_path),
                            "--index", str(i)]

@@ -100,6 +100,19 @@ class GeneratorMetrics:
         self.cached_tokens = Counter("asyncrl_generator_prefix_cache_hit_tokens_total",
                                      "Of those, tokens the engine's prefix cache served "
                                      "(generator.prefix_caching)", registry=r)
+        self.score_waiting = Gauge("asyncrl_generator_score_requests_waiting",
+                                   "Score requests sent to the reward service and not yet "
+                                   "answered (reward.service; at most reward.window)",
+                                   registry=r)
+        self.score_seconds = Histogram("asyncrl_generator_score_wait_seconds",
+                                       "From a score request's first send to its scores "
+                                       "(reward.service)", buckets=_SYNC_BUCKETS, registry=r)
+        self.score_resends = Counter("asyncrl_generator_score_resends_total",
+                                     "Score requests sent again after reward.timeout_s "
+                                     "without an answer", registry=r)
+        self.reward_busy = Counter("asyncrl_generator_reward_busy_total",
+                                   "Score requests the reward service answered busy",
+                                   registry=r)
         self.tool_errors = Counter("asyncrl_generator_tool_errors_total",
                                    "Tool calls answered with an error, and observations cut "
                                    "to env.max_observation_tokens, by reason", ["reason"],
@@ -139,6 +152,38 @@ class BufferMetrics:
                                      "reason", ["port", "reason"], registry=r)
         self.learner_version = Gauge("asyncrl_buffer_learner_policy_version",
                                      "Latest learner policy version seen", registry=r)
+
+
+class RewardMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
+        self.requests = Counter("asyncrl_reward_requests_total",
+                                "Score requests answered, by status (ok, busy, rejected)",
+                                ["status"], registry=r)
+        self.scored = Counter("asyncrl_reward_scored_texts_total",
+                              "(prompt, completion) texts scored", registry=r)
+        self.batch_texts = Histogram("asyncrl_reward_batch_texts",
+                                     "Texts scored in one engine call (gathered across "
+                                     "generators, at most reward.max_batch)",
+                                     buckets=(1, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+                                     registry=r)
+        self.batch_seconds = Histogram("asyncrl_reward_batch_seconds",
+                                       "Wall time of one scoring call", buckets=_STEP_BUCKETS,
+                                       registry=r)
+        self.wait_seconds = Histogram("asyncrl_reward_queue_wait_seconds",
+                                      "From a request's arrival to its scoring",
+                                      buckets=_STEP_BUCKETS, registry=r)
+        self.queue_texts = Gauge("asyncrl_reward_queue_texts",
+                                 "Texts waiting to be scored (busy past reward.max_queue)",
+                                 registry=r)
+        self.rejected = Counter("asyncrl_reward_messages_rejected_total",
+                                "Frames rejected, by reason", ["reason"], registry=r)
+        self.truncated = Counter("asyncrl_reward_truncated_texts_total",
+                                 "Texts longer than the reward model reads, cut to their last "
+                                 "tokens", registry=r)
+        self.auth_failures = Counter("asyncrl_reward_auth_failures_total",
+                                     "Connections refused by CURVE authentication, by port and "
+                                     "reason", ["port", "reason"], registry=r)
 
 
 class LauncherMetrics:

@@ -155,6 +155,8 @@ def scrape_targets(cfg) -> dict[str, list[str]]:
                              for i in range(cfg.generator.num_generators)]}
     if cfg.generator.eval_engine:
         targets["evaluator"] = [url(cfg.net.evaluator_metrics_port)]
+    if cfg.reward.service:
+        targets["reward"] = [url(cfg.net.reward_metrics_port)]
     return targets
 
 

@@ -41,6 +41,7 @@ from zmq.utils.monitor import parse_monitor_message
 log = logging.getLogger(__name__)
 
 SERVER = "server"
+SERVING_ROLES = ("buffer", "reward")  # roles that only serve: they hold the server pair
 # Which client roles a port admits: a name, or a prefix ending in "*" for numbered roles.
 GENERATORS, LEARNER, EVALUATOR = "gen*", "learner", "evaluator"
 
@@ -85,10 +86,12 @@ def make_keys(directory: str | os.PathLike, roles: list[str] | None = None) -> P
 
 def load_keys(directory: str | os.PathLike, role: str = "gen0") -> Keys:
     """The keys of `role` in `directory`: the server's (with its secret where the directory
-    has it), the role's own pair (none for the buffer, which only serves), and every client
+    has it), the role's own pair (none for the buffer and the reward role, which only
+    serve), and every client
     role's public key. FileNotFoundError naming what is missing."""
     d = Path(directory)
-    need = ["server.key"] + ([f"{role}.key_secret"] if role != "buffer" else [])
+    serves_only = role in SERVING_ROLES
+    need = ["server.key"] + ([f"{role}.key_secret"] if not serves_only else [])
     missing = [f for f in need if not (d / f).is_file()]
     if missing:
         raise FileNotFoundError(
@@ -99,7 +102,7 @@ def load_keys(directory: str | os.PathLike, role: str = "gen0") -> Keys:
     server_public, server_secret = zmq.auth.load_certificate(
         d / ("server.key_secret" if (d / "server.key_secret").is_file() else "server.key"))
     client_public = client_secret = None
-    if role != "buffer":
+    if not serves_only:
         client_public, client_secret = zmq.auth.load_certificate(d / f"{role}.key_secret")
         if client_secret is None:
             raise ValueError(f"CURVE keys in {d}: {role}.key_secret holds no secret key")

@@ -59,6 +59,8 @@ def field_errors(cfg: RunConfig) -> list[str]:
                        ("constant", "cosine")))
     errs += _choice("task.eval_reward", cfg.task.eval_reward, REWARD_FUNCTIONS)
     errs += _choice("rm.loss", cfg.rm.loss, ("auto", "pairwise", "pointwise"))
+    errs += _choice("reward.backend", cfg.reward.backend, ("vllm", "transformers"))
+    errs += _choice("reward.normalize", cfg.reward.normalize, ("none", "running", "group"))
     errs += [f"task.rewards has unknown {k!r}: choose from {sorted(REWARD_FUNCTIONS)}"
              for k in cfg.task.rewards if k not in REWARD_FUNCTIONS]
     checks = [
@@ -150,6 +152,11 @@ def _task_errors(cfg: RunConfig) -> list[str]:
          "task.chat_template=true"),
         (task.rewards or task.reward_model,
          "task.rewards is empty and no task.reward_model: nothing scores samples"),
+        (task.reward_model or not cfg.reward.service,
+         "reward.service=true needs task.reward_model: the reward role serves that model"),
+        (not (cfg.reward.service and cfg.env.name),
+         "reward.service scores single completions; an episode (env.name) is scored by its "
+         "environment"),
         (not addition or task.train_size + task.eval_size <= 100**task.digits,
          f"task.train_size + task.eval_size = {task.train_size + task.eval_size}: exceeds "
          f"the {100**task.digits} distinct problems of task.digits={task.digits}"),

@@ -151,6 +151,8 @@ class NetConfig:
     """Address generators and learner use to reach the buffer."""
     learner_host: str = "127.0.0.1"
     """Address generators use to reach learner rank 0 (weight-sync control and process group)."""
+    reward_host: str = "127.0.0.1"
+    """Address generators use to reach the reward service (reward.service)."""
     base_port: int = 47100
     """Every port is base_port + a fixed offset; see docs/architecture.md for the table."""
     heartbeat_interval_s: float = 1.0
@@ -191,6 +193,14 @@ class NetConfig:
     @property
     def launcher_metrics_port(self) -> int:
         return self.base_port + 5
+
+    @property
+    def reward_port(self) -> int:
+        return self.base_port + 7
+
+    @property
+    def reward_metrics_port(self) -> int:
+        return self.base_port + 8
 
     @property
     def buffer_metrics_port(self) -> int:
@@ -492,6 +502,39 @@ class LaunchConfig:
 
 
 @dataclass
+class RewardConfig:
+    """How task.reward_model's score is computed and combined (asyncrl/reward/)."""
+
+    service: bool = False
+    """Score with task.reward_model in a reward role of its own (`asyncrl reward`, started
+    and restarted by `asyncrl run`, on its own GPUs with reward.device_ids) instead of inside
+    every generator: generators send each finished group's texts and go on sampling while
+    it waits for its scores."""
+    backend: str = "vllm"
+    """The reward role's engine: `vllm` (the pooling runner: runner="pooling", batched,
+    continuous) or `transformers` (AutoModelForSequenceClassification, padded batches)."""
+    normalize: str = "none"
+    """The reward model's score before it is weighted into the reward: `none`, `running`
+    (by the mean and standard deviation of every score this generator has seen) or `group`
+    (by its group's mean and standard deviation). The raw score is logged as
+    reward_reward_model either way."""
+    max_batch: int = 256
+    """Texts the reward role scores in one engine call, gathered across generators."""
+    max_queue: int = 4096
+    """Texts waiting in the reward role past which it answers `busy` (back-pressure)."""
+    window: int = 8
+    """Score requests a generator has unanswered at most; past it finished groups wait."""
+    timeout_s: float = 30.0
+    """A score request unanswered this long is sent again (the role may have restarted)."""
+    device_ids: list[int] = field(default_factory=list)
+    """GPUs of the reward role (CUDA_VISIBLE_DEVICES); empty: `asyncrl run` assigns one
+    when GPUs are visible, else it runs on the CPU."""
+    max_model_len: int = 0
+    """Tokens of one rendered (prompt, completion) the reward role reads; a longer one keeps
+    its last this many (counted). 0: the reward model's positions."""
+
+
+@dataclass
 class RewardModelTrainConfig:
     """`asyncrl train-rm CONFIG`: a reward model trained on preferences or scores
     (asyncrl/rm/, docs/rlhf.md)."""
@@ -544,6 +587,7 @@ class RunConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     run: LaunchConfig = field(default_factory=LaunchConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     rm: RewardModelTrainConfig = field(default_factory=RewardModelTrainConfig)
 
     @property

@@ -31,7 +31,9 @@ log = logging.getLogger("asyncrl.generator")
 
 class Delivery:
     def __init__(self, cfg: RunConfig, name: str, incarnation: str, scorer: Scorer,
-                 problems: dict, buffer, m, stats, acks_path: Path):
+                 problems: dict, buffer, m, stats, acks_path: Path, remote=None):
+        """remote: a RemoteRewards (asyncrl/generator/scoring.py) with reward.service, whose
+        scores a group waits for before it is queued for the buffer."""
         self.cfg, self.name, self.incarnation = cfg, name, incarnation
         self.scorer, self.problems, self.buffer, self.m, self.stats = (scorer, problems, buffer,
                                                                         m, stats)
@@ -41,6 +43,7 @@ class Delivery:
         self.first_token: dict[int, float] = {}  # seq -> earliest first token of its groups
         self.completions: dict[int, int] = {}  # seq -> completions in it
         net = cfg.net
+        self.remote = remote
         self.outbox = Outbox(buffer, cfg.generator.send_window,
                              min(10.0, net.ready_timeout_s), net.ready_timeout_s,
                              self._on_acked, m.busy_retries.inc,
@@ -49,21 +52,46 @@ class Delivery:
     # ------------------------------------------------------------------ streaming
 
     def full(self) -> bool:
-        """The send window is full: finished groups wait (back-pressure)."""
-        return self.outbox.full()
+        """The send window (or the reward service's) is full: finished groups wait
+        (back-pressure)."""
+        return self.outbox.full() or (self.remote is not None and self.remote.full())
 
     def send(self, units: list, version: int) -> None:
         """Score finished units and queue them as one message: a SampleGroup is scored here
-        (task.rewards), an EpisodeGroup was scored by its environment."""
+        (task.rewards; with reward.service the reward model's score comes later, and the
+        message is queued when it has), an EpisodeGroup was scored by its environment."""
+        first_token = min(u.first_token_at or u.started_at for u in units)
+        if self.remote is not None:
+            texts = [self.scorer.texts(u.seqs) for u in units]
+            groups = [self.scorer.stream_group(self.problems[u.key], u, self.name, t)
+                      for u, t in zip(units, texts)]
+            self.remote.submit(groups, version, first_token,
+                               [self.problems[u.key].prompt for u, t in zip(units, texts)
+                                for _ in t], [x for t in texts for x in t])
+            self.pump(0.0)
+            return
         groups = [u.trajectory(self.name) if isinstance(u, EpisodeGroup) else
                   self.scorer.stream_group(self.problems[u.key], u, self.name) for u in units]
         for u in units:
             if isinstance(u, EpisodeGroup):
                 self._count_episodes(u)
+        self._queue(groups, version, first_token)
+
+    def _queue(self, groups: list, version: int, first_token: float) -> None:
         seq = self._message_seq(groups)
-        self.first_token[seq] = min(u.first_token_at or u.started_at for u in units)
+        self.first_token[seq] = first_token
         self.completions[seq] = sum(len(g.completions) for g in groups)
         self.outbox.put(seq, self._encode(groups, version, seq), len(groups))
+
+    def _scored(self, timeout_s: float) -> None:
+        """The groups whose reward-model scores came: scored, and queued for the buffer."""
+        for w in self.remote.pump(timeout_s):
+            at = 0
+            for g in w.groups:
+                self.scorer.add_model_scores(g, w.scores[at:at + len(g.completions)])
+                at += len(g.completions)
+            self._queue(w.groups, w.version, w.first_token)
+        self.m.score_waiting.set(len(self.remote))
 
     def _count_episodes(self, unit: EpisodeGroup) -> None:
         for e in unit.episodes:
@@ -80,7 +108,10 @@ class Delivery:
         self.stats.add_episodes(unit.episodes)
 
     def pump(self, timeout_s: float) -> None:
-        """Send what may be sent, take the acks waiting (or arriving within timeout_s)."""
+        """Send what may be sent, take the acks (and scores) waiting (or arriving within
+        timeout_s)."""
+        if self.remote is not None:
+            self._scored(0.0)
         self.outbox.pump(timeout_s=timeout_s)
         self.m.unacked.set(len(self.outbox))
 
@@ -89,6 +120,26 @@ class Delivery:
         self._journal(seq, groups, self.completions.pop(seq))
 
     # ------------------------------------------------------------------ batch generation
+
+    def batch_groups(self, ids: list[int], prompts: dict, samples: list, version: int,
+                     wait: Callable[[float], None]) -> list[wire.TrajectoryGroup]:
+        """One generate call's groups, scored; with reward.service, once the service has
+        answered (`wait(seconds)` serves the control channel meanwhile)."""
+        texts = [self.scorer.texts(s) for s in samples]
+        groups = [self.scorer.group(self.problems[i], prompts[i], s, version, self.name, t)
+                  for i, s, t in zip(ids, samples, texts)]
+        if self.remote is None:
+            return groups
+        self.remote.submit(groups, version, time.monotonic(),
+                           [self.problems[i].prompt for i, t in zip(ids, texts) for _ in t],
+                           [x for t in texts for x in t])
+        while not (done := self.remote.pump(0.05)):
+            wait(0.0)
+        at = 0
+        for g in groups:
+            self.scorer.add_model_scores(g, done[0].scores[at:at + len(g.completions)])
+            at += len(g.completions)
+        return groups
 
     def send_blocking(self, groups: list[wire.TrajectoryGroup], version: int, first_token: float,
                       wait: Callable[[float], None]) -> None:
@@ -127,12 +178,16 @@ class Scorer:
     reward_<name>."""
 
     def __init__(self, cfg: RunConfig, tok):
+        from asyncrl.generator.scoring import ScoreNorm
         from asyncrl.rewards import RewardModelScorer
 
         self.tok = tok
         self.rules = combine(cfg.task.rewards) if cfg.task.rewards else None
-        self.rm = RewardModelScorer(cfg.task.reward_model) if cfg.task.reward_model else None
+        # With reward.service the reward role scores (add_model_scores), not this process.
+        self.rm = (RewardModelScorer(cfg.task.reward_model)
+                   if cfg.task.reward_model and not cfg.reward.service else None)
         self.rm_weight = cfg.task.reward_model_weight
+        self.norm = ScoreNorm(cfg.reward.normalize)
 
     def score(self, problem, texts: list[str]) -> tuple[list[float], list[dict[str, float]]]:
         """Each completion's reward and its parts."""
@@ -141,12 +196,26 @@ class Scorer:
                    for p in parts]
         if self.rm is not None:
             scores = self.rm.score([problem.prompt] * len(texts), texts)
-            rewards = [r + self.rm_weight * x for r, x in zip(rewards, scores)]
+            normed = self.norm(scores)
+            rewards = [r + self.rm_weight * x for r, x in zip(rewards, normed)]
             parts = [{**p, "reward_model": float(x)} for p, x in zip(parts, scores)]
         return rewards, parts
 
-    def group(self, problem, prompt, samples, version: int, name: str) -> wire.TrajectoryGroup:
-        texts = [self.tok.decode(s.tokens, skip_special_tokens=True) for s in samples]
+    def add_model_scores(self, group: wire.TrajectoryGroup, scores: list[float]) -> None:
+        """The reward service's scores of one group's completions, into their rewards
+        (normalised by reward.normalize, weighted by task.reward_model_weight) and parts
+        (raw)."""
+        for c, x, n in zip(group.completions, scores, self.norm(scores), strict=True):
+            c.reward += self.rm_weight * n
+            c.reward_parts = {**(c.reward_parts or {}), "reward_model": float(x)}
+
+    def texts(self, samples) -> list[str]:
+        """The completions' text, as the rewards read it."""
+        return [self.tok.decode(s.tokens, skip_special_tokens=True) for s in samples]
+
+    def group(self, problem, prompt, samples, version: int, name: str,
+              texts: list[str] | None = None) -> wire.TrajectoryGroup:
+        texts = self.texts(samples) if texts is None else texts
         rewards, parts = self.score(problem, texts)
         comps = [wire.Completion(np.asarray(s.tokens, np.int32),
                                  np.asarray(s.logprobs, np.float32), r, s.finish_reason,
@@ -157,11 +226,12 @@ class Scorer:
                                     policy_version=version, completions=comps, generator=name,
                                     created_at=time.time())
 
-    def stream_group(self, problem, g, name: str) -> wire.TrajectoryGroup:
+    def stream_group(self, problem, g, name: str,
+                     texts: list[str] | None = None) -> wire.TrajectoryGroup:
         """A finished SampleGroup, scored: every token keeps the version that sampled it, and
         the group's policy_version is its oldest token's (what its staleness is judged by)."""
         samples = [Sample(s.tokens, s.logprobs, s.finish_reason) for s in g.seqs]
-        out = self.group(problem, g.prompt, samples, g.oldest_version, name)
+        out = self.group(problem, g.prompt, samples, g.oldest_version, name, texts)
         for c, s in zip(out.completions, g.seqs):
             c.versions = np.asarray(s.versions, np.int64)
         return out

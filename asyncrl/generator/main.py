@@ -94,7 +94,8 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
     gen = _Generation(
         cfg, engine, Control(name, member, evaluator, probe, m, stats),
         Delivery(cfg, name, incarnation, Scorer(cfg, tok), {p.id: p for p in train}, buffer, m,
-                 stats, (run_dir / "acks").joinpath(f"{name}.jsonl")),
+                 stats, (run_dir / "acks").joinpath(f"{name}.jsonl"),
+                 _reward_service(cfg, name, incarnation, m)),
         prompt_ids, random.Random(gc.seed * 1000 + index), m, stats,
         _unit_kind(cfg, tok, prompt_ids, {p.id: p for p in train}, max_len))
     try:
@@ -139,6 +140,20 @@ def _connect(cfg: RunConfig, model_dir: str, name: str, index: int, incarnation:
                         cfg.net.ready_timeout_s, max_weight_bytes=push_bytes_bound(model_dir),
                         rejected=m.messages_rejected)
     return buffer, member
+
+
+def _reward_service(cfg: RunConfig, name: str, incarnation: str, m):
+    """With reward.service, this generator's side of it (asyncrl/generator/scoring.py)."""
+    if not cfg.reward.service:
+        return None
+    from asyncrl import transport
+    from asyncrl.generator.scoring import RemoteRewards
+
+    net = cfg.net
+    client = transport.Client(transport.context(), net.reward_host, net.reward_port, name,
+                              transport.keys_for(net, cfg.run_dir, name))
+    return RemoteRewards(client, name, incarnation, cfg.reward.window, cfg.reward.timeout_s,
+                         net.ready_timeout_s, f"{net.reward_host}:{net.reward_port}", m)
 
 
 def _unit_kind(cfg: RunConfig, tok, prompt_ids: dict, problems: dict, context_tokens: int):
@@ -254,9 +269,8 @@ class _Generation:
             self.m.generate_seconds.observe(busy)
             self.m.engine_busy_seconds.inc(busy)
             self.stats.engine_busy_s += busy
-            scorer, problems = self.delivery.scorer, self.delivery.problems
-            groups = [scorer.group(problems[i], self.prompt_ids[i], s, version,
-                                   self.delivery.name) for i, s in zip(batch, samples)]
+            groups = self.delivery.batch_groups(batch, self.prompt_ids, samples, version,
+                                                self._wait)
             self.delivery.send_blocking(groups, version, time.monotonic() - busy, self._wait)
             made[version] += 1
 

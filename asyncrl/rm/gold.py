@@ -114,12 +114,20 @@ def make_preferences(cfg, policy_dir: str, progress: Callable[[str], None] = pri
                          f"{cfg.task.name!r}; give rm.data a JSONL file for other tasks")
     train, held_out = load_task(cfg.task)
     rng = random.Random(f"{cfg.seed}:preferences")
-    per = 4  # samples per prompt: two disjoint pairs at most
-    need = math.ceil(cfg.rm.pairs / (per // 2))
-    prompts = [train[i % len(train)] for i in range(max(need, 1))]
-    rs = sample_responses(policy_dir, [p.prompt for p in prompts], per,
-                          cfg.generator.max_tokens, cfg.seed, progress)
-    pairs = label_pairs(prompts, rs, cfg.rm.pairs, cfg.rm.rater_temperature, rng, False)
+    pairs: list[Pair] = []
+    start, rounds = 0, 0
+    while len(pairs) < cfg.rm.pairs:  # many prompts get the same answer four times: no pair
+        rounds += 1
+        if rounds > 20:
+            raise ValueError(f"rm.pairs={cfg.rm.pairs}: the policy's samples gave only "
+                             f"{len(pairs)} pairs of different responses in 20 rounds")
+        need = max(64, 2 * (cfg.rm.pairs - len(pairs)))  # about half the prompts give one
+        prompts = [train[(start + i) % len(train)] for i in range(need)]
+        start += need
+        rs = sample_responses(policy_dir, [p.prompt for p in prompts], 4,
+                              cfg.generator.max_tokens, cfg.seed + 1000 * rounds, progress)
+        pairs += label_pairs(prompts, rs, cfg.rm.pairs - len(pairs), cfg.rm.rater_temperature,
+                             rng, False)
     eval_rs = sample_responses(policy_dir, [p.prompt for p in held_out], 8,
                                cfg.generator.max_tokens, cfg.seed + 1, progress)
     return pairs, label_pairs(held_out, eval_rs, len(held_out) * 4, 0.0, rng, True)

@@ -39,6 +39,8 @@ Message kinds (docs/architecture.md has the table with directions and sockets):
                                           evaluated and the version asked for
   error             any reply             the request was rejected and why
   heartbeat         generator, learner -> buffer   "I am alive" (no reply)
+  score_request     generator -> reward   score these (prompt, completion) texts
+  scores            reward -> generator   status ok (one score per text) | busy | rejected
 """
 
 from asyncrl.wire.codec import (
@@ -64,11 +66,13 @@ from asyncrl.wire.fields import (
     MAX_WEIGHT_BYTES,
     WEIGHT_DTYPES,
     Float,
+    Floats,
     Int,
     IpcHandles,
     MessageError,
     Str,
     TensorSpecs,
+    Texts,
     spec_bytes,
 )
 from asyncrl.wire.groups import Completion, Groups, TrajectoryGroup, group_columns, parse_groups
@@ -85,6 +89,8 @@ from asyncrl.wire.messages import (
     GeneratorHello,
     Heartbeat,
     Message,
+    Scores,
+    ScoreRequest,
     Shutdown,
     SyncJoin,
     Trajectories,
@@ -96,9 +102,11 @@ __all__ = [
     "MAGIC", "MAX_FRAME_BYTES", "SCHEMA_VERSION", "decode", "encode", "seal",
     "DEFAULT_BUCKET_BYTES", "INT64_MAX", "MAX_BUCKET_BYTES", "MAX_GROUPS_PER_REQUEST", "MAX_NAME",
     "MAX_RANKS", "MAX_REASON", "MAX_TENSORS", "MAX_VERSION", "MAX_WEIGHT_BYTES", "WEIGHT_DTYPES",
-    "Float", "Int", "IpcHandles", "MessageError", "Str", "TensorSpecs", "spec_bytes",
+    "Float", "Floats", "Int", "IpcHandles", "MessageError", "Str", "TensorSpecs", "Texts",
+    "spec_bytes",
     "Completion", "Groups", "TrajectoryGroup", "group_columns", "parse_groups",
     "KINDS", "MESSAGES", "SCHEMA", "Ack", "Batch", "BatchRequest", "Error", "EvalRequest",
-    "EvalResult", "GeneratorHello", "Heartbeat", "Message", "Shutdown", "SyncJoin",
+    "EvalResult", "GeneratorHello", "Heartbeat", "Message", "ScoreRequest", "Scores",
+    "Shutdown", "SyncJoin",
     "Trajectories", "WeightsLoaded", "WeightsUpdate", "_default", "_unpack_array",
 ]

@@ -173,3 +173,42 @@ class IpcHandles:
                     raise MessageError("bad_type", f"{where}[{i}].{key} is not bytes <= 4096")
         return v
 
+
+
+MAX_TEXTS = 2**16  # texts in one score_request: a generator's group or window, with room
+MAX_TEXT_CHARS = 2**20  # one prompt or completion (MAX_FRAME_BYTES bounds the total anyway)
+
+
+@dataclass(frozen=True)
+class Texts:
+    """A list of at most MAX_TEXTS strings of at most MAX_TEXT_CHARS characters each."""
+
+    def check(self, v: Any, where: str, vocab_size: int | None, build: bool) -> list:
+        if type(v) is not list:
+            raise MessageError("bad_type", f"{where} is {_type_name(v)}, not a list")
+        if len(v) > MAX_TEXTS:
+            raise MessageError("bad_value", f"{where}: {len(v)} texts > {MAX_TEXTS}")
+        for i, t in enumerate(v):
+            if type(t) is not str:
+                raise MessageError("bad_type", f"{where}[{i}] is {_type_name(t)}, not str")
+            if len(t) > MAX_TEXT_CHARS:
+                raise MessageError("bad_value", f"{where}[{i}] longer than {MAX_TEXT_CHARS} "
+                                                "characters")
+        return v
+
+
+@dataclass(frozen=True)
+class Floats:
+    """A list of at most MAX_TEXTS finite numbers (the scores of a score_request's texts)."""
+
+    def check(self, v: Any, where: str, vocab_size: int | None, build: bool) -> list:
+        if type(v) is not list:
+            raise MessageError("bad_type", f"{where} is {_type_name(v)}, not a list")
+        if len(v) > MAX_TEXTS:
+            raise MessageError("bad_value", f"{where}: {len(v)} numbers > {MAX_TEXTS}")
+        for i, x in enumerate(v):
+            if type(x) not in (int, float):
+                raise MessageError("bad_type", f"{where}[{i}] is {_type_name(x)}, not float")
+            if not math.isfinite(x):
+                raise MessageError("bad_value", f"{where}[{i}]={x} is not finite")
+        return v

@@ -23,10 +23,12 @@ from asyncrl.wire.fields import (
     MAX_REASON,
     MAX_VERSION,
     Float,
+    Floats,
     Int,
     IpcHandles,
     Str,
     TensorSpecs,
+    Texts,
 )
 from asyncrl.wire.groups import Groups, TrajectoryGroup
 
@@ -180,9 +182,35 @@ class Heartbeat(Message):
     role: Annotated[str, Str(16)]
 
 
+@dataclass(frozen=True, slots=True)
+class ScoreRequest(Message):
+    """generator -> reward service: score each (prompts[i], completions[i]) with the reward
+    model; request `seq` of the stream (sender, incarnation). Resent until answered."""
+
+    kind: ClassVar[str] = "score_request"
+    sender: Annotated[str, NAME]
+    incarnation: Annotated[str, NAME]
+    seq: Annotated[int, Int(0, INT64_MAX)]
+    prompts: Annotated[list, Texts()]
+    completions: Annotated[list, Texts()]
+
+
+@dataclass(frozen=True, slots=True)
+class Scores(Message):
+    """reward service -> generator: the scores of request `seq` (status ok, one per text),
+    or busy (its queue is full: send again later) or rejected (the request is invalid;
+    seq -1 when it could not be read)."""
+
+    kind: ClassVar[str] = "scores"
+    seq: Annotated[int, Int(-1, INT64_MAX)]
+    status: Annotated[str, Str(16, ("ok", "busy", "rejected"))]
+    reason: Annotated[str, REASON]
+    scores: Annotated[list, Floats()]
+
+
 MESSAGES: dict[str, type[Message]] = {cls.kind: cls for cls in (
     Trajectories, Ack, BatchRequest, Batch, GeneratorHello, SyncJoin, WeightsUpdate,
-    WeightsLoaded, Shutdown, EvalRequest, EvalResult, Error, Heartbeat)}
+    WeightsLoaded, Shutdown, EvalRequest, EvalResult, Error, Heartbeat, ScoreRequest, Scores)}
 KINDS = tuple(MESSAGES)
 
 

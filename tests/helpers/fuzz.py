@@ -136,6 +136,9 @@ def template(kind: str) -> dict:
         "eval_request": lambda: dict(),
         "eval_result": lambda: dict(sender="gen0", asked=1, accuracy=0.5, problems=8,
                                     seconds=0.1),
+        "score_request": lambda: dict(sender="gen0", incarnation="ab12", seq=3,
+                                      prompts=["07+45=", "07+45="], completions=["52", "42"]),
+        "scores": lambda: dict(seq=3, status="ok", reason="", scores=[0.5, -1.25]),
     }[kind]()
 
 
@@ -187,6 +190,10 @@ def in_bounds(field) -> st.SearchStrategy:
                 st.booleans() if k == "event_sync" else st.binary(max_size=64))
             for k, f in wire.IpcHandles.FIELDS.items()})
         return st.lists(handle, max_size=2)
+    if isinstance(field, wire.Texts):
+        return st.lists(st.one_of(st.text(max_size=12), st.just("é" * 300)), max_size=4)
+    if isinstance(field, wire.Floats):
+        return st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=4)
     assert isinstance(field, wire.Groups)
     return st.lists(valid_group(), max_size=3).map(wire.group_columns)
 
@@ -238,7 +245,7 @@ def column_edit(draw, cols: dict) -> None:
         key, value = draw(st.sampled_from(_TARGETED))
         cols[key] = value
         return
-    key = draw(st.sampled_from(sorted(cols)))
+    key = draw(st.sampled_from(sorted(cols, key=repr)))  # an earlier edit may add a bytes key
     if how == "drop":
         del cols[key]
     elif how == "array":  # any dtype, rank and length, extreme values included

@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 
 ROLE_CLASSES = {"generator": metrics.GeneratorMetrics, "buffer": metrics.BufferMetrics,
                 "learner": metrics.LearnerMetrics, "launcher": metrics.LauncherMetrics,
-                "evaluator": metrics.EvaluatorMetrics}
+                "evaluator": metrics.EvaluatorMetrics, "reward": metrics.RewardMetrics}
 def metric_objects(m) -> list:
     """Every metric an instance holds, also those kept in a dict (LearnerMetrics.step_gauges)."""
     return [x for v in vars(m).values() for x in (v.values() if isinstance(v, dict) else [v])]

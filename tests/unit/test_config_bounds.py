@@ -56,6 +56,7 @@ ACCEPTED = {
     ("learner.export_interval", 0): "hub-format export only at the end (documented)",
     ("run.max_role_restarts", 0): "a role that dies ends the run",
     ("run.restart_delay_s", 0): "restart a dead role at once",
+    ("reward.max_model_len", 0): "the reward model's positions (the default)",
     ("rm.margin", 0): "the Bradley-Terry loss without a margin (the default)",
     ("rm.margin", -1): "a negative margin loosens the pair-wise loss; valid",
     ("rm.weight_decay", 0): "no weight decay (the default)",
@@ -108,7 +109,7 @@ def test_every_numeric_field_has_exactly_one_bound():
 def test_the_walk_reaches_every_section():
     sections = {p.split(".")[0] for p, _ in SCALARS}
     assert sections == {"seed", "task", "warm_start", "net", "generator", "buffer", "learner",
-                        "env", "weight_sync", "run", "rm"}
+                        "env", "weight_sync", "run", "rm", "reward"}
 
 
 @pytest.mark.parametrize("path,value", CASES, ids=[f"{p}={v}" for p, v in CASES])

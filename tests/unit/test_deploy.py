@@ -89,7 +89,7 @@ def test_catalog_lists_exactly_the_metrics_the_code_defines():
 
 def test_names_follow_prometheus_conventions_as_exposed():
     for name, c in exposed().items():
-        assert re.fullmatch(r"asyncrl_(generator|buffer|learner|sync|run|evaluator)_[a-z_]+", name), name
+        assert re.fullmatch(r"asyncrl_(generator|buffer|learner|sync|run|evaluator|reward)_[a-z_]+", name), name
         assert (c["type"] == "counter") == name.endswith("_total"), name
         suffixes = {s[len(c["family"]):] for s in c["samples"]} - {"_created"}
         assert suffixes == SAMPLE_SUFFIXES[c["type"]], name
@@ -167,7 +167,8 @@ def test_prometheus_yml_targets_use_the_default_ports():
     cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     assert cfg["global"]["scrape_interval"] == "5s"
     jobs = {j["job_name"]: j["static_configs"] for j in cfg["scrape_configs"]}
-    assert set(jobs) == {"asyncrl-buffer", "asyncrl-generator", "asyncrl-learner"}
+    assert set(jobs) == {"asyncrl-buffer", "asyncrl-generator", "asyncrl-learner",
+                         "asyncrl-reward"}
 
     def ports(job, label):
         out = {}
@@ -179,6 +180,7 @@ def test_prometheus_yml_targets_use_the_default_ports():
         return out
 
     assert ports("asyncrl-buffer", None) == {None: NET.buffer_metrics_port}
+    assert ports("asyncrl-reward", None) == {None: NET.reward_metrics_port}
     gens = ports("asyncrl-generator", "generator")
     assert gens == {str(i): NET.generator_metrics_port(i) for i in range(len(gens))}
     ranks = ports("asyncrl-learner", "rank")

@@ -47,7 +47,8 @@ def test_the_scorer_sends_the_parts_its_reward_is_made_of():
     from asyncrl.generator.engine import Sample
 
     cfg = SimpleNamespace(task=SimpleNamespace(rewards=dict(GRPO_DEMO_WEIGHTS), reward_model="",
-                                               reward_model_weight=1.0))
+                                               reward_model_weight=1.0),
+                          reward=SimpleNamespace(service=False, normalize="none"))
     scorer = Scorer(cfg, _Tok())
     g = scorer.group(_Problem(), [0], [Sample([0], [-0.1], "stop"), Sample([2], [-0.1], "stop")],
                      0, "gen0")

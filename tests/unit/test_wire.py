@@ -62,6 +62,9 @@ def test_every_kind_round_trips():
         "heartbeat": dict(sender="gen0", role="generator"),
         "eval_request": dict(),
         "eval_result": dict(sender="gen0", asked=2, accuracy=0.75, problems=512, seconds=0.4),
+        "score_request": dict(sender="gen0", incarnation="i", seq=4, prompts=["1+1=", "é"],
+                              completions=["2", ""]),
+        "scores": dict(seq=4, status="ok", reason="", scores=[0.25, -3.0]),
     }
     for kind, fields in cases.items():
         msg = wire.decode(wire.encode(kind, 2, **fields))

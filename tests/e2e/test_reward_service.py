@@ -1,0 +1,145 @@
+"""The reward service with real engines, real sockets and real keys: its scores (vLLM's
+pooling runner, in the `asyncrl reward` role) equal transformers' scores of the same texts
+within 1e-4; a peer without the run's keys is refused and counted, a generator's garbage is
+rejected and counted, and the role goes on answering. Then, slow-marked: a SIGKILLed reward
+service inside `asyncrl run` is restarted, and every group is trained exactly once."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from asyncrl import transport, wire
+from asyncrl.cli import main
+from asyncrl.config import load_config, save_config
+from asyncrl.rewards import RewardModelScorer
+from asyncrl.testing import build_tiny_model
+from tests.conftest import ROOT, asyncrl, free_base_port, wait_until
+
+pytestmark = pytest.mark.e2e
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory):
+    """A reward model trained for a few steps from the tiny Llama's shape (a preference for
+    answers ending in 7), so its scores differ by text."""
+    d = tmp_path_factory.mktemp("rm")
+    base = build_tiny_model(d / "base")
+    pairs = d / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"{i:02d}+{i:02d}=", "chosen": f"{i}7",
+                                         "rejected": f"{i}3"}) + "\n" for i in range(40)))
+    assert main(["train-rm", "configs/default.yaml", f"model.path={base}", f"rm.data={pairs}",
+                 f"rm.out={d / 'rm'}", "rm.steps=10", "rm.eval_interval=10"]) == 0
+    return d / "rm"
+
+
+PROMPTS = ["07+45=", "07+45=", "99+99=", "10+01=", "33+44="]
+TEXTS = ["52", "42", "198 and some more text to make it longer", "11", "77"]
+
+
+def _metrics(port) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def test_the_service_scores_as_transformers_does_and_refuses_strangers(tiny_rm, tmp_path):
+    base = free_base_port()
+    cfg = load_config(ROOT / "configs" / "default.yaml", [
+        f"run_dir={tmp_path}", f"net.base_port={base}", f"task.reward_model={tiny_rm}",
+        "reward.service=true", "model.path=" + str(tiny_rm)])
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    transport.make_keys(tmp_path / "keys")
+    role = subprocess.Popen([sys.executable, "-m", "asyncrl", "reward", "--config", str(path)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        ctx = transport.context()
+        keys = transport.load_keys(tmp_path / "keys", "gen0")
+        gen = transport.Client(ctx, "127.0.0.1", cfg.net.reward_port, "gen0", keys)
+        ask = wire.encode("score_request", 0, sender="gen0", incarnation="i", seq=1,
+                          prompts=PROMPTS, completions=TEXTS)
+        reply = wait_until(lambda: gen.request(ask, timeout_s=5), 180, "the reward role's answer")
+        got = wire.decode(reply)
+        want = RewardModelScorer(tiny_rm).score(PROMPTS, TEXTS)
+        assert got.status == "ok" and got.seq == 1
+        assert max(abs(a - b) for a, b in zip(got.scores, want)) < TOL, (got.scores, want)
+        assert len(set(round(x, 4) for x in want)) > 1  # the texts really score differently
+
+        # A peer without the keys gets nothing and is counted; garbage from a generator's key
+        # is rejected and counted; the role still answers.
+        stranger = transport.Client(ctx, "127.0.0.1", cfg.net.reward_port, "x")
+        assert stranger.request(ask, timeout_s=2) is None
+        bad = wire.decode(gen.request(b"\x00\x01garbage", timeout_s=10))
+        assert (bad.status, bad.seq) == ("rejected", -1)
+        again = wire.decode(gen.request(ask, timeout_s=10))
+        assert again.scores == got.scores
+        page = _metrics(cfg.net.reward_metrics_port)
+        assert re.search(r'asyncrl_reward_auth_failures_total\{.*\} [1-9]', page), page
+        assert re.search(r'asyncrl_reward_messages_rejected_total\{reason="bad_magic"\} 1', page)
+        assert re.search(r'asyncrl_reward_requests_total\{status="ok"\} 2', page)
+    finally:
+        os.killpg(role.pid, signal.SIGKILL)
+        out, _ = role.communicate()
+    assert "Traceback" not in out, out[-3000:]
+
+
+class _Output:
+    def __init__(self, proc):
+        self.proc, self.lines = proc, []
+
+    def until(self, pattern, timeout_s=400):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"run ended before {pattern!r}:\n" + "".join(self.lines))
+            self.lines.append(line)
+            if m := re.search(pattern, line):
+                return m
+        raise AssertionError(f"no {pattern!r} within {timeout_s}s:\n" + "".join(self.lines))
+
+
+@pytest.mark.slow
+def test_a_killed_reward_service_is_restarted_and_no_group_is_lost(model_cache, tiny_rm,
+                                                                   tmp_path):
+    steps = 16
+    args = [f"warm_start.cache_dir={model_cache}", f"run_dir={tmp_path}",
+            f"net.base_port={free_base_port()}", f"learner.total_steps={steps}",
+            "learner.eval_interval=100", "learner.checkpoint_interval=100",
+            "net.ready_timeout_s=120", f"task.reward_model={tiny_rm}", "reward.service=true",
+            "reward.timeout_s=3", "run.restart_delay_s=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "asyncrl", "run", "configs/default.yaml",
+                             *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    out = _Output(proc)
+    try:
+        pids = dict((n, int(p)) for n, p in re.findall(
+            r"(\w+) \(pid (\d+)\)", out.until(r"\[run\] started .*").group(0)))
+        assert "reward" in pids, pids
+        out.until(r"\[step 5/")
+        os.killpg(pids["reward"], signal.SIGKILL)
+        out.until(r"reward exited with code -9; restarting it")
+        out.until(r"reward restarted")
+        rest, _ = proc.communicate(timeout=600)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    text = "".join(out.lines) + rest
+    assert proc.returncode == 0, text[-4000:]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(steps + 1))
+    assert all("reward_reward_model" in r for r in rows[1:]), rows[1]
+    r = asyncrl("audit", str(tmp_path), timeout=120)
+    assert r.returncode == 0 and "exactly once" in r.stdout, r.stdout + r.stderr
+    gen_log = (tmp_path / "logs" / "gen0.log").read_text()
+    assert "Traceback" not in gen_log, gen_log[-3000:]
