@@ -11,6 +11,7 @@
     asyncrl plot RUN_DIR                     redraw RUN_DIR/curves.png from metrics.jsonl
     asyncrl replay RUN_DIR                   re-train on the logged batches, compare weights
     asyncrl study staleness ... CONFIG       a grid of runs over staleness and correction
+    asyncrl study rlhf ... CONFIG            reward-model over-optimisation: KL coef x RM size
     asyncrl keys DIR [--generators N]        make a run's CURVE keys (roles started on their own)
     asyncrl audit RUN_DIR                    was every acknowledged group trained exactly once?
 
@@ -48,17 +49,25 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--index", type=int, default=0)
     s = sub.add_parser("plot", help="redraw RUN_DIR/curves.png")
     s.add_argument("run_dir")
-    s = sub.add_parser("study", help="a grid of runs and a report (staleness sweep)")
-    s.add_argument("kind", choices=["staleness"])
+    s = sub.add_parser("study", help="a grid of runs and a report (staleness sweep, "
+                                     "reward-model over-optimisation)")
+    s.add_argument("kind", choices=["staleness", "rlhf"])
     s.add_argument("config")
     s.add_argument("overrides", nargs="*", help="key=value overrides for every run")
-    s.add_argument("--max-staleness", default="0,1,2,4,8", help="comma-separated bounds")
+    s.add_argument("--max-staleness", default=None,
+                   help="comma-separated bounds (staleness: default 0,1,2,4,8; rlhf: one more "
+                        "axis when given)")
+    s.add_argument("--kl-coef", default="0.01,0.05,0.2",
+                   help="rlhf: comma-separated learner.kl_coef values")
+    s.add_argument("--rm-pairs", default="500,2000,8000",
+                   help="rlhf: comma-separated reward-model training sizes (rm.pairs)")
     s.add_argument("--correction", default="none,tis,decoupled",
                    help="comma-separated learner.offpolicy values")
     s.add_argument("--seeds", type=int, default=1)
     s.add_argument("--target", type=float, default=0.8,
                    help="accuracy for the time-to-target column")
-    s.add_argument("--out", default="studies/staleness", help="sweep directory (resumable)")
+    s.add_argument("--out", default=None,
+                   help="sweep directory (resumable; default studies/<kind>)")
     s = sub.add_parser("audit", help="check from RUN_DIR alone that every group the buffer "
                                      "acknowledged was trained once, dropped as stale or held")
     s.add_argument("run_dir")
@@ -220,18 +229,33 @@ def _plot(args) -> int:
 
 
 def _study(args) -> int:
-    from asyncrl.study import grid, run_sweep
-
     load_config(args.config, args.overrides)  # fail now on a bad config, not at run 7
-    settings = grid([int(x) for x in args.max_staleness.split(",")],
-                    args.correction.split(","))
-    for s in settings:
-        load_config(args.config, [*args.overrides, *s.overrides])
-    report = run_sweep(args.config, args.overrides, settings, args.seeds, Path(args.out),
-                       args.target)
+    out = Path(args.out or f"studies/{args.kind}")
+    if args.kind == "rlhf":
+        from asyncrl.study_rlhf import grid as rlhf_grid
+        from asyncrl.study_rlhf import run_study
+
+        settings = rlhf_grid([float(x) for x in args.kl_coef.split(",")],
+                             [int(x) for x in args.rm_pairs.split(",")],
+                             [int(x) for x in args.max_staleness.split(",")]
+                             if args.max_staleness else None)
+        _check_settings(args, settings)
+        report = run_study(args.config, args.overrides, settings, args.seeds, out)
+    else:
+        from asyncrl.study import grid, run_sweep
+
+        settings = grid([int(x) for x in (args.max_staleness or "0,1,2,4,8").split(",")],
+                        args.correction.split(","))
+        _check_settings(args, settings)
+        report = run_sweep(args.config, args.overrides, settings, args.seeds, out, args.target)
     print(f"[study] report in {report}:")
     print((report / "summary.md").read_text())
     return 0
+
+
+def _check_settings(args, settings) -> None:
+    for s in settings:
+        load_config(args.config, [*args.overrides, *s.overrides])
 
 
 def _audit(args) -> int:
@@ -264,7 +288,8 @@ def _replay(args) -> int:
     return 0 if replay(Path(args.run_dir)) else 1
 
 
-COMMANDS = {"run": _run, "prepare": _prepare, "train-rm": _train_rm, "reward": _reward_role, "buffer": _buffer, "generator": _generator,
+COMMANDS = {"run": _run, "prepare": _prepare, "train-rm": _train_rm, "reward": _reward_role,
+            "buffer": _buffer, "generator": _generator,
             "evaluator": _evaluator,
             "learner": _learner, "plot": _plot, "study": _study, "audit": _audit,
             "keys": _keys, "replay": _replay}

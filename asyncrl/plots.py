@@ -132,7 +132,8 @@ def plot_reward_model(history: list[dict], out_path: Path) -> Path:
     if loss:
         top.plot(*zip(*loss), color="tab:blue", lw=1.5, label="training loss (mean since last)")
     top.set_ylabel("loss")
-    acc = [(r["step"], r["eval_accuracy"]) for r in history if r["eval_accuracy"] == r["eval_accuracy"]]
+    acc = [(r["step"], r["eval_accuracy"]) for r in history
+           if r["eval_accuracy"] == r["eval_accuracy"]]  # not NaN
     if acc:
         bottom.plot(*zip(*acc), "o-", color="tab:red", lw=2, label="held-out pairwise accuracy")
         bottom.annotate(f"{acc[-1][1]:.1%}", acc[-1], textcoords="offset points", xytext=(-20, 8))

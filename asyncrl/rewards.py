@@ -126,6 +126,23 @@ def math_verify_reward(completion: str, answer: str) -> float:
     return 1.0 if verify(gold, pred, timeout_seconds=timeout) else 0.0
 
 
+def gold_reward(completion: str, answer: str) -> float:
+    """The hidden gold preference of the built-in preference data (asyncrl/rm/gold.py) on the
+    addition task: 1 for the exact answer, less 0.1 per character after it (at most 0.5);
+    a wrong number or none, 0, less 0.05 per character after it (at most 0.2). A correct and
+    concise answer beats a correct one with text after it ("rambling"), which beats a wrong
+    one. Logged with weight 0 in configs/rlhf.yaml, it is the gold the reward model (the
+    proxy) is measured against."""
+    text = completion.strip()
+    m = _GOLD_NUMBER.match(text)
+    extra = len(text) - (m.end() if m else 0)
+    if m is not None and m.group() == str(answer).strip():
+        return 1.0 - min(0.5, 0.1 * extra)
+    return -min(0.2, 0.05 * extra)
+
+
+_GOLD_NUMBER = re.compile(r"-?\d+")
+
 REWARD_FUNCTIONS: dict[str, Callable[[str, str], float]] = {
     "correctness": correctness_reward,
     "int": int_reward,
@@ -134,6 +151,7 @@ REWARD_FUNCTIONS: dict[str, Callable[[str, str], float]] = {
     "xmlcount": xmlcount_reward,
     "scratchpad": scratchpad_reward,
     "math_verify": math_verify_reward,
+    "gold": gold_reward,
 }
 
 GRPO_DEMO_WEIGHTS: dict[str, float] = {

@@ -7,6 +7,7 @@ are given.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def execute_run(cfg: RunConfig, out=print) -> int:
     config_path = run_dir / "config.yaml"
     save_config(cfg, config_path)
     code = launch(cfg, run_dir, config_path, out)
-    summary(run_dir, out)
+    summary(run_dir, out, cfg if code == 0 else None)
     return code
 
 
@@ -147,7 +148,7 @@ def _check_same_training(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> Non
                           "or choose another run_dir")
 
 
-def summary(run_dir: Path, out=print) -> None:
+def summary(run_dir: Path, out=print, cfg: RunConfig | None = None) -> None:
     evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "eval_accuracy" in r]
     if len(evals) >= 2:
         a0, a1 = evals[0]["eval_accuracy"], evals[-1]["eval_accuracy"]
@@ -155,6 +156,30 @@ def summary(run_dir: Path, out=print) -> None:
             f"({(a1 - a0) * 100:+.1f} points)")
     if (run_dir / "curves.png").exists():
         out(f"[run] plot: {run_dir / 'curves.png'}")
+    if cfg is not None:
+        judge_against_sft(cfg, run_dir, out)
+
+
+def judge_against_sft(cfg: RunConfig, run_dir: Path, out=print) -> dict | None:
+    """A run that logs the gold reward (task.rewards has `gold`: the built-in preference's,
+    configs/rlhf.yaml) on the addition task: its final policy against the SFT policy it
+    started from, as the gold preference judges them (RUN_DIR/win_rate.json)."""
+    steps = cfg.learner.total_steps
+    # The final policy in hub format: the last checkpoint (ddp), or the export (fsdp).
+    final = next((d for d in (run_dir / "checkpoints" / f"step_{steps}",
+                              run_dir / "export" / "final") if (d / "config.json").is_file()),
+                 None)
+    if "gold" not in cfg.task.rewards or cfg.task.name != "addition" or final is None:
+        return None
+    from asyncrl.rm.gold import win_rate
+
+    w = win_rate(str(final), cfg.model.path, cfg)
+    (run_dir / "win_rate.json").write_text(json.dumps(w, indent=1) + "\n")
+    out(f"[run] against the SFT policy, as the gold preference judges them: wins "
+        f"{w['win_rate']:.1%} of {w['comparisons']} held-out comparisons (ties count half; "
+        f"{w['decided_win_rate']:.1%} of those decided); gold reward {w['gold_sft']:.3f} -> "
+        f"{w['gold_policy']:.3f}")
+    return w
 
 
 def role_run_dir(cfg: RunConfig) -> Path:

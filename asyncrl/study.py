@@ -53,6 +53,14 @@ def grid(max_staleness: list[int], corrections: list[str]) -> list[Setting]:
 
 def run_sweep(config: str, overrides: list[str], settings: list[Setting], seeds: int,
               out_dir: Path, target: float, progress=print) -> Path:
+    run_grid(config, overrides, settings, seeds, out_dir, progress)
+    return write_report(out_dir, settings, seeds, target)
+
+
+def run_grid(config: str, overrides: list[str], settings: list[Setting], seeds: int,
+             out_dir: Path, progress=print) -> None:
+    """Every setting x seed, one `asyncrl run` at a time in OUT/<setting>-seed<k>/; finished
+    runs (summary.json) are skipped, unfinished ones started again: the sweep resumes."""
     from asyncrl.runner import execute_run
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +79,6 @@ def run_sweep(config: str, overrides: list[str], settings: list[Setting], seeds:
         if code != 0:
             raise RuntimeError(f"run {run_dir} failed with exit code {code}; see its logs/. "
                                "Run the same command again to resume the sweep.")
-    return write_report(out_dir, settings, seeds, target)
 
 
 def _rows(run_dir: Path) -> list[dict]:

@@ -40,7 +40,8 @@ class Waiting:
 
 class RemoteRewards:
     def __init__(self, client, name: str, incarnation: str, window: int, timeout_s: float,
-                 ready_timeout_s: float, where: str, m, clock: Callable[[], float] = time.monotonic):
+                 ready_timeout_s: float, where: str, m,
+                 clock: Callable[[], float] = time.monotonic):
         self.client, self.name, self.incarnation = client, name, incarnation
         self.window, self.timeout_s, self.ready_timeout_s = window, timeout_s, ready_timeout_s
         self.where, self.m, self.clock = where, m, clock

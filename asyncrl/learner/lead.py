@@ -150,6 +150,7 @@ class Lead:
                **{k: v for k, v in stats.items() if k != "reward_mean"},
                **reward_parts(groups),
                "tokens": batch.num_completion_tokens,
+               "completions": batch.input_ids.shape[0],
                "tokens_per_s": self.tokens_total / max(elapsed, 1e-9),
                "step_s": step_seconds, "data_wait_s": waited, "sync_s": sync_s,
                "elapsed_s": elapsed}

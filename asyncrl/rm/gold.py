@@ -5,39 +5,23 @@ The SFT policy (model.path, the embedded default's warm-started model) samples r
 the addition task's prompts at temperature 1; pairs of two different responses to one prompt
 are shown to simulated raters who prefer by a hidden gold reward, with Bradley-Terry noise:
 the response with the higher gold reward is chosen with probability
-sigmoid(gold gap / rm.rater_temperature). The gold reward (`gold_score`) ranks a correct and
-concise answer over a correct one with text after it ("rambling"), over a near miss, over a
-far miss, over no number. The proxy reward model trained on the pairs never sees the
-function, only the choices; its held-out pairs come from the task's held-out problems,
-labelled by the gold reward itself (no noise), so its held-out accuracy is its agreement with
-the gold preference.
+sigmoid(gold gap / rm.rater_temperature). The gold reward (asyncrl.rewards.gold_reward,
+registered as the rule reward `gold`) ranks a correct and concise answer over a correct one
+with text after it ("rambling"), over a wrong one. Two responses the gold reward ties (two
+different wrong answers) are not shown to the raters, who would have no preference. The
+proxy reward model trained on the pairs never sees the function, only the choices; its
+held-out pairs come from the task's held-out problems, labelled by the gold reward itself (no
+noise), so its held-out accuracy is its agreement with the gold preference.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import re
 from collections.abc import Callable
 
+from asyncrl.rewards import gold_reward
 from asyncrl.rm.data import Pair
-
-_NUMBER = re.compile(r"-?\d+")
-
-
-def gold_score(answer: str, response: str) -> float:
-    """The hidden gold reward of a response to an addition prompt: 1 for the exact answer,
-    less 0.1 per character after it (at most 0.5); a wrong number 0.4 * exp(-|error| / 10),
-    less 0.05 per character after it (at most 0.2); no number, 0."""
-    text = response.strip()
-    m = _NUMBER.match(text)
-    if m is None:
-        return 0.0
-    extra = len(text) - m.end()
-    if m.group() == str(answer).strip():
-        return 1.0 - min(0.5, 0.1 * extra)
-    error = abs(int(m.group()) - int(answer)) if len(m.group()) < 19 else 10**18
-    return 0.4 * math.exp(-min(error, 1000) / 10) - min(0.2, 0.05 * extra)
 
 
 def sample_responses(policy_dir: str, prompts: list[str], k: int, max_tokens: int, seed: int,
@@ -76,15 +60,15 @@ def sample_responses(policy_dir: str, prompts: list[str], k: int, max_tokens: in
 
 def label_pairs(problems, responses: list[list[str]], n: int, temperature: float,
                 rng: random.Random, strict: bool) -> list[Pair]:
-    """Up to n pairs of two different responses to one prompt, the chosen one picked as a
-    rater would (Bradley-Terry on the gold gap; temperature 0: always the better one).
-    strict: only pairs the gold reward orders (held-out pairs, labelled without noise)."""
+    """Up to n pairs of two responses to one prompt that the gold reward does not tie, the
+    chosen one picked as a rater would (Bradley-Terry on the gold gap; temperature 0 or
+    strict (held-out pairs): always the better one)."""
     pairs = []
     for p, rs in zip(problems, responses, strict=True):
-        for a, b in _distinct_pairs(rs, p.answer, strict):
-            gap = gold_score(p.answer, a) - gold_score(p.answer, b)
+        for a, b in _distinct_pairs(rs, p.answer):
+            gap = gold_reward(a, p.answer) - gold_reward(b, p.answer)
             if strict or temperature == 0:
-                first = gap > 0 or (gap == 0 and rng.random() < 0.5)
+                first = gap > 0
             else:
                 first = rng.random() < 1 / (1 + math.exp(-max(-50, min(50, gap / temperature))))
             pairs.append(Pair(p.prompt, a, b) if first else Pair(p.prompt, b, a))
@@ -93,13 +77,13 @@ def label_pairs(problems, responses: list[list[str]], n: int, temperature: float
     return pairs
 
 
-def _distinct_pairs(responses: list[str], answer: str, strict: bool):
-    """Disjoint pairs of different responses (of different gold rewards when strict)."""
+def _distinct_pairs(responses: list[str], answer: str):
+    """Disjoint pairs of responses the gold reward does not tie."""
     left = list(responses)
     while len(left) >= 2:
         a = left.pop(0)
         for j, b in enumerate(left):
-            if b != a and (not strict or gold_score(answer, a) != gold_score(answer, b)):
+            if gold_reward(a, answer) != gold_reward(b, answer):
                 yield a, left.pop(j)
                 break
 
@@ -131,3 +115,30 @@ def make_preferences(cfg, policy_dir: str, progress: Callable[[str], None] = pri
     eval_rs = sample_responses(policy_dir, [p.prompt for p in held_out], 8,
                                cfg.generator.max_tokens, cfg.seed + 1, progress)
     return pairs, label_pairs(held_out, eval_rs, len(held_out) * 4, 0.0, rng, True)
+
+
+def win_rate(policy_dir: str, sft_dir: str, cfg, samples: int = 4,
+             progress: Callable[[str], None] = print) -> dict:
+    """How often the trained policy's responses beat the SFT policy's as the gold preference
+    judges them: on every held-out problem, `samples` responses of each at temperature 1,
+    paired in order; a win counts 1, a tie (equal gold reward) 1/2. Also the share of wins
+    among decided pairs, and each side's mean gold reward."""
+    from asyncrl.task import load_task
+
+    _, held_out = load_task(cfg.task)
+    prompts = [p.prompt for p in held_out]
+    ours = sample_responses(policy_dir, prompts, samples, cfg.generator.max_tokens,
+                            cfg.seed + 7, lambda _line: None)
+    theirs = sample_responses(sft_dir, prompts, samples, cfg.generator.max_tokens,
+                              cfg.seed + 7, lambda _line: None)
+    wins = ties = losses = 0
+    gold_ours = gold_theirs = 0.0
+    for p, a_list, b_list in zip(held_out, ours, theirs, strict=True):
+        for a, b in zip(a_list, b_list, strict=True):
+            ga, gb = gold_reward(a, p.answer), gold_reward(b, p.answer)
+            gold_ours, gold_theirs = gold_ours + ga, gold_theirs + gb
+            wins, ties, losses = wins + (ga > gb), ties + (ga == gb), losses + (ga < gb)
+    n = wins + ties + losses
+    return {"win_rate": (wins + ties / 2) / n, "decided_win_rate": wins / max(1, wins + losses),
+            "wins": wins, "ties": ties, "losses": losses, "comparisons": n,
+            "gold_policy": gold_ours / n, "gold_sft": gold_theirs / n}

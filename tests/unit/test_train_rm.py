@@ -9,9 +9,9 @@ import pytest
 
 from asyncrl.cli import main
 from asyncrl.config import load_config
-from asyncrl.rewards import RewardModelScorer
+from asyncrl.rewards import RewardModelScorer, gold_reward
 from asyncrl.rm.data import RmDataError, read_rm_data
-from asyncrl.rm.gold import gold_score, label_pairs
+from asyncrl.rm.gold import label_pairs
 from asyncrl.testing import build_tiny_model
 
 
@@ -46,10 +46,16 @@ def test_bad_rows_are_counted_by_reason_and_a_file_without_a_usable_row_is_refus
         read_rm_data(tmp_path / "missing.jsonl")
 
 
-def test_the_gold_preference_ranks_concise_over_rambling_over_near_over_far_misses():
-    order = ["52", "52 and so on", "53", "62", "99", "no idea"]
-    golds = [gold_score("52", r) for r in order]
+def test_the_gold_preference_ranks_concise_over_rambling_over_wrong_and_ties_go_unlabelled():
+    order = ["52", "52 and so", "62", "62 and so on"]
+    golds = [gold_reward(r, "52") for r in order]
     assert golds == sorted(golds, reverse=True) and len(set(golds)) == len(golds)
+    assert gold_reward("53", "52") == gold_reward("99", "52") == 0.0  # ties: both wrong
+    tie = type("P", (), {"prompt": "40+12=", "answer": "52"})()
+    import random
+
+    assert label_pairs([tie], [["53", "99", "98", "52"]], 10, 0.1, random.Random(0), False) == [
+        label_pairs([tie], [["53", "52"]], 10, 0.0, random.Random(0), False)[0]]
     problem = type("P", (), {"prompt": "40+12=", "answer": "52"})()
     import random
 
@@ -57,7 +63,7 @@ def test_the_gold_preference_ranks_concise_over_rambling_over_near_over_far_miss
     assert all(p.chosen == "52" for p in exact)  # temperature 0: raters always pick the better
     noisy = label_pairs([problem] * 400, [["62", "52"]] * 400, 1000, 0.5, random.Random(0), False)
     wrong = sum(p.chosen == "62" for p in noisy) / len(noisy)
-    expected = 1 / (1 + math.exp((gold_score("52", "52") - gold_score("52", "62")) / 0.5))
+    expected = 1 / (1 + math.exp((gold_reward("52", "52") - gold_reward("62", "52")) / 0.5))
     assert abs(wrong - expected) < 0.07  # Bradley-Terry noise at the configured temperature
 
 
