@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     train, _ = load_task(cfg.task)
     problems = {p.id: p for p in train}
     prompt_ids = {p.id: encode_prompt(tok, p.prompt) for p in train[:512]}
-    engine = VLLMEngine(cfg.model.path, "float32", 0, engine_length(cfg, cfg.model.path, []),
-                        0.85)
+    engine = VLLMEngine(cfg.model.path, "float32", 0,
+                        engine_length(cfg, cfg.model.path, list(prompt_ids.values())), 0.85)
     m = metrics.GeneratorMetrics(CollectorRegistry())
     sides = {}
 

@@ -29,11 +29,13 @@ def sample_responses(policy_dir: str, prompts: list[str], k: int, max_tokens: in
     """k responses per prompt from the policy at temperature 1 (transformers, CPU)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from asyncrl.task import encode_prompt
 
+    hf_logging.disable_progress_bar()  # progress is ours, one line per chunk
     tok = AutoTokenizer.from_pretrained(policy_dir)
-    model = AutoModelForCausalLM.from_pretrained(policy_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
     torch.manual_seed(seed)
     by_length: dict[int, list[int]] = {}
     ids = [encode_prompt(tok, p) for p in prompts]

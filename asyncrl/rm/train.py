@@ -131,7 +131,7 @@ def load_base(base: str):
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, pad_token_id=tok.pad_token_id, torch_dtype=torch.float32)
+        path, num_labels=1, pad_token_id=tok.pad_token_id, dtype=torch.float32)
     return model, tok
 
 
