@@ -15,8 +15,10 @@ Per logged step: the proxy reward (the reward model's raw score, reward_reward_m
 gold reward (reward_gold) and the policy's KL distance from the reference, sequence-level:
 the learner's token-mean KL (kl_ref) times the mean completion length. The report
 (OUT/report/): overoptimization.png (gold and proxy, each as its change since the first
-step, against sqrt(KL), one panel per reward-model size, one line per KL coefficient),
-runs.csv, and summary.md: per run the final KL, proxy and gold changes, where gold peaked,
+steps, smoothed over 5 steps and averaged in bins of sqrt(KL), against sqrt(KL), one panel per
+reward-model size, one line per KL coefficient),
+runs.csv, and summary.md: per run the final KL, proxy and gold changes (the last 5 steps'
+mean against the first 3 steps': one batch's reward is noisy), where gold peaked,
 whether proxy and gold parted (gold fell from its peak by more than its noise while proxy
 kept rising), the reward model's held-out agreement with the gold preference, and the final
 policy's win rate against the SFT policy as the gold preference judges them.
@@ -119,23 +121,36 @@ def _plot(path: Path, runs: dict) -> None:
         twin = ax.twinx()
         for i, ((s, k), (_, rows)) in enumerate(r for r in runs.items()
                                                 if _override(r[0][0], "rm.pairs") == size):
-            x = [math.sqrt(r["kl_seq"]) for r in rows]
-            color = f"C{i}"
-            gold = _smooth([r["reward_gold"] - rows[0]["reward_gold"] for r in rows])
-            proxy = _smooth([r["reward_reward_model"] - rows[0]["reward_reward_model"]
+            # KL does not grow every step: smooth each series over 5 steps, then bin by KL
+            x = [math.sqrt(v) for v in _smooth([r["kl_seq"] for r in rows])]
+            gold = _smooth([r["reward_gold"] - _start(rows, "reward_gold") for r in rows])
+            proxy = _smooth([r["reward_reward_model"] - _start(rows, "reward_reward_model")
                              for r in rows])
             label = f"kl_coef {_override(s, 'learner.kl_coef')}" + (f" seed {k}" if k else "")
-            ax.plot(x, gold, "-", color=color, lw=2, label=f"gold, {label}")
-            twin.plot(x, proxy, "--", color=color, lw=1.2, label=f"proxy, {label}")
+            color = f"C{i}"
+            ax.plot(*_binned(x, gold), "o-", color=color, lw=2, ms=3, label=f"gold, {label}")
+            twin.plot(*_binned(x, proxy), "s--", color=color, lw=1.2, ms=3,
+                      label=f"proxy, {label}")
         ax.set(xlabel="sqrt(KL(policy || reference)), per sequence",
                ylabel="gold reward change (solid)", title=f"reward model on {size} pairs")
         twin.set_ylabel("proxy (reward model) change (dashed)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        lines = ax.get_legend_handles_labels()
+        twins = twin.get_legend_handles_labels()
+        ax.legend(lines[0] + twins[0], lines[1] + twins[1], fontsize=7, loc="upper left")
     fig.suptitle("reward-model over-optimisation: gold vs proxy against KL (Gao et al. 2022)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _binned(x: list[float], y: list[float], bins: int = 12) -> tuple[list, list]:
+    """The mean of y in `bins` equal-count bins of x, in order of x."""
+    pts = sorted(zip(x, y))
+    size = max(1, len(pts) // bins)
+    groups = [pts[i:i + size] for i in range(0, len(pts), size)]
+    return ([sum(p[0] for p in g) / len(g) for g in groups],
+            [sum(p[1] for p in g) / len(g) for g in groups])
 
 
 def _override(s: Setting, key: str) -> str:
@@ -145,18 +160,29 @@ def _override(s: Setting, key: str) -> str:
 def _summary(runs: dict) -> str:
     lines = ["| setting | seed | RM held-out agreement | final KL (seq) | proxy change | "
              "gold change | gold peak (step, KL) | parted | win rate vs SFT (gold) |",
+             # changes: the last 5 steps' mean against the first 3 steps' mean
              "|---|---|---|---|---|---|---|---|---|"]
     for (s, k), (d, rows) in runs.items():
         p = parted(rows)
         agreement = _agreement(d)
         win = _json(d / "win_rate.json").get("win_rate")
         lines.append(
-            f"| {s.name} | {k} | {agreement} | {rows[-1]['kl_seq']:.3f} | "
-            f"{rows[-1]['reward_reward_model'] - rows[0]['reward_reward_model']:+.3f} | "
-            f"{rows[-1]['reward_gold'] - rows[0]['reward_gold']:+.3f} | "
+            f"| {s.name} | {k} | {agreement} | {_end(rows, 'kl_seq'):.3f} | "
+            f"{_end(rows, 'reward_reward_model') - _start(rows, 'reward_reward_model'):+.3f} | "
+            f"{_end(rows, 'reward_gold') - _start(rows, 'reward_gold'):+.3f} | "
             f"{p['gold_peak_step']}, {p['gold_peak_kl']:.3f} | {'yes' if p['parted'] else 'no'} | "
             + (f"{win:.1%} |" if win is not None else "- |"))
     return "\n".join(lines) + "\n"
+
+
+def _start(rows: list[dict], key: str) -> float:
+    """The first 3 steps' mean: one batch's reward is noisy (16 groups)."""
+    return sum(r[key] for r in rows[:3]) / len(rows[:3])
+
+
+def _end(rows: list[dict], key: str) -> float:
+    """The last 5 steps' mean."""
+    return sum(r[key] for r in rows[-5:]) / len(rows[-5:])
 
 
 def _agreement(run_dir: Path) -> str:
