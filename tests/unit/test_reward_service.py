@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 from prometheus_client import CollectorRegistry
 
 from asyncrl import metrics, transport, wire
@@ -20,6 +21,7 @@ from asyncrl.reward.main import serve
 from asyncrl.reward.service import RewardService
 from asyncrl.testing import make_groups
 from tests.conftest import free_base_port, wait_until
+from tests.helpers.fuzz import hostile_frames
 
 
 class LengthScorer:  # the score is the completion's length: easy to check per text
@@ -197,3 +199,33 @@ def test_score_normalisation_modes():
     running([0.0, 2.0])
     later = running([4.0])  # mean and std over every score seen: 0, 2, 4
     assert later == pytest.approx([(4.0 - 2.0) / np.std([0.0, 2.0, 4.0])], abs=1e-4)
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.large_base_example])
+@given(frame=hostile_frames("score_request"))
+def test_hostile_frames_at_the_reward_port_are_refused_by_the_codecs_reason(frame):
+    """Structure-aware fuzzing of the reward role's request handling (the codec's fuzz
+    strategies): a frame the codec refuses is answered rejected and counted by the codec's
+    own reason; a valid one is queued, or refused as impersonation or for unequal lengths."""
+    service, m = _service(max_queue=1 << 30)
+    try:
+        msg, reason = wire.decode(frame, expect=("score_request",)), None
+    except wire.MessageError as e:
+        msg, reason = None, e.reason
+    reply = service.take(b"x", frame, "gen0")
+    if reason is not None:
+        assert wire.decode(reply).status == "rejected"
+        assert m.rejected.labels(reason)._value.get() == 1
+        return
+    if msg.sender != "gen0":
+        want = "impersonation"
+    elif len(msg.prompts) != len(msg.completions):
+        want = "bad_value"
+    else:
+        assert reply is None and len(service.queue) == 1
+        (_, answer), = service.score(service.next_batch())
+        assert wire.decode(answer).scores == [len(c) + 0.5 for c in msg.completions]
+        return
+    assert wire.decode(reply).status == "rejected" and m.rejected.labels(want)._value.get() == 1
