@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable
 
 from asyncrl.rewards import gold_reward
@@ -42,7 +43,7 @@ def sample_responses(policy_dir: str, prompts: list[str], k: int, max_tokens: in
     for i, x in enumerate(ids):
         by_length.setdefault(len(x), []).append(i)
     out: list[list[str]] = [[] for _ in prompts]
-    done = 0
+    done, t0 = 0, time.monotonic()
     for length, members in by_length.items():
         for start in range(0, len(members), 256):
             chunk = members[start:start + 256]
@@ -55,8 +56,11 @@ def sample_responses(policy_dir: str, prompts: list[str], k: int, max_tokens: in
             texts = tok.batch_decode(seqs[:, length:], skip_special_tokens=True)
             for j, i in enumerate(chunk):
                 out[i] = texts[j * k:(j + 1) * k]
-            done += len(chunk)
-            progress(f"[train-rm] sampled the SFT policy on {done}/{len(prompts)} prompts")
+            before, done = done, done + len(chunk)
+            if done == len(prompts) or done * 10 // len(prompts) > before * 10 // len(prompts):
+                took = time.monotonic() - t0
+                progress(f"[train-rm] sampled the SFT policy on {done}/{len(prompts)} prompts "
+                         f"({took:.0f}s, about {took * (len(prompts) - done) / done:.0f}s left)")
     return out
 
 

@@ -138,9 +138,11 @@ def load_base(base: str):
 def train_reward_model(cfg, out: Path, progress: Callable[[str], None] = print) -> dict:
     """Train, evaluate and write the reward model to `out`; the summary (train_rm.json)."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from asyncrl.task.tiny_model import sft_lr_factor
 
+    hf_logging.disable_progress_bar()  # the progress is ours: a line per evaluation, an ETA
     base = cfg.rm.base or cfg.model.path
     model, tok = load_base(base)
     data, held_out, source = load_data(cfg, cfg.model.path, progress)
