@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -21,6 +20,7 @@ from asyncrl.config import load_config, save_config
 from asyncrl.rewards import RewardModelScorer
 from asyncrl.testing import build_tiny_model
 from tests.conftest import ROOT, asyncrl, free_base_port, wait_until
+from tests.helpers.runs import Output, pids
 
 pytestmark = pytest.mark.e2e
 TOL = 1e-4
@@ -90,22 +90,6 @@ def test_the_service_scores_as_transformers_does_and_refuses_strangers(tiny_rm, 
     assert "Traceback" not in out, out[-3000:]
 
 
-class _Output:
-    def __init__(self, proc):
-        self.proc, self.lines = proc, []
-
-    def until(self, pattern, timeout_s=400):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"run ended before {pattern!r}:\n" + "".join(self.lines))
-            self.lines.append(line)
-            if m := re.search(pattern, line):
-                return m
-        raise AssertionError(f"no {pattern!r} within {timeout_s}s:\n" + "".join(self.lines))
-
-
 @pytest.mark.slow
 def test_a_killed_reward_service_is_restarted_and_no_group_is_lost(model_cache, tiny_rm,
                                                                    tmp_path):
@@ -118,23 +102,21 @@ def test_a_killed_reward_service_is_restarted_and_no_group_is_lost(model_cache, 
     proc = subprocess.Popen([sys.executable, "-m", "asyncrl", "run", "configs/default.yaml",
                              *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-    out = _Output(proc)
+    out = Output(proc)
     try:
-        pids = dict((n, int(p)) for n, p in re.findall(
-            r"(\w+) \(pid (\d+)\)", out.until(r"\[run\] started .*").group(0)))
-        assert "reward" in pids, pids
+        roles = pids(out.until(r"\[run\] started .*").group(0))
+        assert "reward" in roles, roles
         out.until(r"\[step 5/")
-        os.killpg(pids["reward"], signal.SIGKILL)
+        os.killpg(roles["reward"], signal.SIGKILL)
         out.until(r"reward exited with code -9; restarting it")
         out.until(r"reward restarted")
-        rest, _ = proc.communicate(timeout=600)
+        text = out.rest(timeout_s=600)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         proc.wait()
-    text = "".join(out.lines) + rest
     assert proc.returncode == 0, text[-4000:]
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(steps + 1))

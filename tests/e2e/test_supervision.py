@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from asyncrl.audit import delivery_audit
 from asyncrl.config import load_config
 from tests.conftest import ROOT, asyncrl, free_base_port, wait_until
+from tests.helpers.runs import Output, pids
 
 pytestmark = pytest.mark.e2e
 
@@ -35,33 +35,6 @@ def _start_run(model_cache, run_dir, *extra):
                              *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     return proc, base
-
-
-class Output:
-    """The launcher's stdout, read line by line; the role pids it announces."""
-
-    def __init__(self, proc):
-        self.proc, self.lines = proc, []
-
-    def until(self, pattern, timeout_s=300):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"run ended before {pattern!r}:\n" + "".join(self.lines))
-            self.lines.append(line)
-            if m := re.search(pattern, line):
-                return m
-        raise AssertionError(f"no {pattern!r} within {timeout_s}s:\n" + "".join(self.lines))
-
-    def rest(self, timeout_s=400):
-        out, _ = self.proc.communicate(timeout=timeout_s)
-        self.lines.append(out)
-        return "".join(self.lines)
-
-
-def _pids(started_line: str) -> dict[str, int]:
-    return {name: int(pid) for name, pid in re.findall(r"(\w+) \(pid (\d+)\)", started_line)}
 
 
 def _restarts(base) -> dict[str, float]:
@@ -95,16 +68,16 @@ def test_killed_generator_then_buffer_are_restarted_and_nothing_is_lost(model_ca
     window = load_config(ROOT / "configs" / "default.yaml").generator.send_window
     out = Output(proc)
     try:
-        pids = _pids(out.until(r"\[run\] started .*").group(0))
+        roles = pids(out.until(r"\[run\] started .*").group(0))
         out.until(r"\[step 5/")
-        _kill(pids["gen0"])
+        _kill(roles["gen0"])
         out.until(r"gen0 exited with code -9; restarting it .*restart 1 of "
                   r"run\.max_role_restarts=3")
         gen = int(out.until(r"gen0 restarted \(pid (\d+)\)").group(1))
-        assert gen != pids["gen0"]
+        assert gen != roles["gen0"]
         assert _restarts(base) == {"buffer": 0.0, "gen0": 0.0, "learner": 0.0} | {"gen0": 1.0}
         out.until(r"\[step 15/")
-        _kill(pids["buffer"])
+        _kill(roles["buffer"])
         out.until(r"buffer exited with code -9; restarting it")
         # gen0's metrics (base + 20): the window fills and stays full while the buffer is down
         wait_until(lambda: _gauge(base, 20, "asyncrl_generator_unacked_messages") == window,
@@ -136,9 +109,9 @@ def test_past_the_restart_budget_the_run_stops_naming_role_and_setting(model_cac
     proc, _ = _start_run(model_cache, tmp_path, "run.max_role_restarts=0")
     out = Output(proc)
     try:
-        pids = _pids(out.until(r"\[run\] started .*").group(0))
+        roles = pids(out.until(r"\[run\] started .*").group(0))
         out.until(r"\[step 5/")
-        _kill(pids["buffer"])
+        _kill(roles["buffer"])
         text = out.rest(timeout_s=120)
     finally:
         _stop(proc)

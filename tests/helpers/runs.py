@@ -1,7 +1,9 @@
 """Whole runs started from tests: the overrides of a short run, the launcher, metrics rows."""
 
+import re
 import subprocess
 import sys
+import time
 
 from asyncrl.jsonl import read_jsonl
 from tests.conftest import ROOT
@@ -28,3 +30,31 @@ def start_run(args):
 
 def metrics_rows(run_dir) -> list[dict]:
     return read_jsonl(run_dir / "metrics.jsonl")
+
+
+class Output:
+    """The launcher's stdout, read line by line; the role pids it announces (`pids`)."""
+
+    def __init__(self, proc):
+        self.proc, self.lines = proc, []
+
+    def until(self, pattern, timeout_s=300):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"run ended before {pattern!r}:\n" + "".join(self.lines))
+            self.lines.append(line)
+            if m := re.search(pattern, line):
+                return m
+        raise AssertionError(f"no {pattern!r} within {timeout_s}s:\n" + "".join(self.lines))
+
+    def rest(self, timeout_s=400):
+        out, _ = self.proc.communicate(timeout=timeout_s)
+        self.lines.append(out)
+        return "".join(self.lines)
+
+
+def pids(started_line: str) -> dict[str, int]:
+    """Role name -> pid, from the launcher's "[run] started ..." line."""
+    return {name: int(pid) for name, pid in re.findall(r"(\w+) \(pid (\d+)\)", started_line)}
