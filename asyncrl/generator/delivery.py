@@ -65,9 +65,7 @@ class Delivery:
             texts = [self.scorer.texts(u.seqs) for u in units]
             groups = [self.scorer.stream_group(self.problems[u.key], u, self.name, t)
                       for u, t in zip(units, texts)]
-            self.remote.submit(groups, version, first_token,
-                               [self.problems[u.key].prompt for u, t in zip(units, texts)
-                                for _ in t], [x for t in texts for x in t])
+            self._submit([u.key for u in units], groups, texts, version, first_token)
             self.pump(0.0)
             return
         groups = [u.trajectory(self.name) if isinstance(u, EpisodeGroup) else
@@ -83,14 +81,26 @@ class Delivery:
         self.completions[seq] = sum(len(g.completions) for g in groups)
         self.outbox.put(seq, self._encode(groups, version, seq), len(groups))
 
+    def _submit(self, keys: list, groups: list, texts: list[list[str]], version: int,
+                first_token: float) -> None:
+        """Groups (rule rewards in) to the reward service: each completion's text with its
+        problem's prompt."""
+        self.remote.submit(groups, version, first_token,
+                           [self.problems[k].prompt for k, t in zip(keys, texts) for _ in t],
+                           [x for t in texts for x in t])
+
+    def _with_scores(self, w) -> list:
+        """A request's groups with the reward service's scores in (in completion order)."""
+        at = 0
+        for g in w.groups:
+            self.scorer.add_model_scores(g, w.scores[at:at + len(g.completions)])
+            at += len(g.completions)
+        return w.groups
+
     def _scored(self, timeout_s: float) -> None:
         """The groups whose reward-model scores came: scored, and queued for the buffer."""
         for w in self.remote.pump(timeout_s):
-            at = 0
-            for g in w.groups:
-                self.scorer.add_model_scores(g, w.scores[at:at + len(g.completions)])
-                at += len(g.completions)
-            self._queue(w.groups, w.version, w.first_token)
+            self._queue(self._with_scores(w), w.version, w.first_token)
         self.m.score_waiting.set(len(self.remote))
 
     def _count_episodes(self, unit: EpisodeGroup) -> None:
@@ -130,16 +140,10 @@ class Delivery:
                   for i, s, t in zip(ids, samples, texts)]
         if self.remote is None:
             return groups
-        self.remote.submit(groups, version, time.monotonic(),
-                           [self.problems[i].prompt for i, t in zip(ids, texts) for _ in t],
-                           [x for t in texts for x in t])
-        while not (done := self.remote.pump(0.05)):
+        self._submit(ids, groups, texts, version, time.monotonic())
+        while not (done := self.remote.pump(0.05)):  # the only request waiting: this one
             wait(0.0)
-        at = 0
-        for g in groups:
-            self.scorer.add_model_scores(g, done[0].scores[at:at + len(g.completions)])
-            at += len(g.completions)
-        return groups
+        return self._with_scores(done[0])
 
     def send_blocking(self, groups: list[wire.TrajectoryGroup], version: int, first_token: float,
                       wait: Callable[[float], None]) -> None:

@@ -229,3 +229,54 @@ def test_hostile_frames_at_the_reward_port_are_refused_by_the_codecs_reason(fram
         assert wire.decode(answer).scores == [len(c) + 0.5 for c in msg.completions]
         return
     assert wire.decode(reply).status == "rejected" and m.rejected.labels(want)._value.get() == 1
+
+
+class _AnsweringService:  # a RemoteRewards whose service answers at once: text length + 0.5
+    def __init__(self):
+        self.pending, self.asked = [], []
+
+    def __len__(self):
+        return len(self.pending)
+
+    def full(self):
+        return False
+
+    def submit(self, groups, version, first_token, prompts, completions):
+        from asyncrl.generator.scoring import Waiting
+
+        self.asked.append((prompts, completions))
+        self.pending.append(Waiting(b"", groups, version, first_token,
+                                    scores=[len(c) + 0.5 for c in completions]))
+
+    def pump(self, timeout_s=0.0):
+        done, self.pending = self.pending, []
+        return done
+
+
+def test_batch_generation_waits_for_the_services_scores_and_adds_them_to_each_completion(
+        tmp_path):
+    from transformers import AutoTokenizer
+
+    from asyncrl.generator.delivery import Delivery
+    from asyncrl.generator.engine import Sample
+    from asyncrl.task.tiny_model import build_tokenizer
+
+    build_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{}")  # the model the role would serve
+    cfg = load_config(None, ["reward.service=true", f"task.reward_model={tmp_path}",
+                             "task.reward_model_weight=2.0"])
+    problems = {7: type("P", (), {"id": 7, "prompt": "40+12=", "answer": "52"})()}
+    remote = _AnsweringService()
+    stats = type("S", (), {"add": lambda self, g: None})()
+    d = Delivery(cfg, "gen0", "inc", Scorer(cfg, tok), problems, None,
+                 metrics.GeneratorMetrics(CollectorRegistry()), stats, tmp_path / "acks.jsonl",
+                 remote)
+    samples = [[Sample(tok.encode("52", add_special_tokens=False), [-0.1, -0.1], "stop"),
+                Sample(tok.encode("412", add_special_tokens=False), [-0.1] * 3, "stop")]]
+    waited = []
+    (g,) = d.batch_groups([7], {7: [1, 2, 3]}, samples, 0, waited.append)
+    assert remote.asked == [(["40+12="] * 2, ["52", "412"])]
+    assert [c.reward_parts["reward_model"] for c in g.completions] == [2.5, 3.5]
+    # correctness (weight 1) plus 2 x the raw score (reward.normalize=none)
+    assert [c.reward for c in g.completions] == [1.0 + 5.0, 0.0 + 7.0]
