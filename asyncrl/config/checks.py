@@ -20,6 +20,9 @@ from asyncrl.config.schema import (
     LOSS_AGG,
     OFFPOLICY,
     PRETRAINED_BUILTINS,
+    REWARD_BACKENDS,
+    RM_LOSSES,
+    SCORE_NORMS,
     STRATEGIES,
     SYNC_BACKENDS,
     TASKS,
@@ -58,9 +61,9 @@ def field_errors(cfg: RunConfig) -> list[str]:
              + _choice("warm_start.lr_schedule", cfg.warm_start.lr_schedule,
                        ("constant", "cosine")))
     errs += _choice("task.eval_reward", cfg.task.eval_reward, REWARD_FUNCTIONS)
-    errs += _choice("rm.loss", cfg.rm.loss, ("auto", "pairwise", "pointwise"))
-    errs += _choice("reward.backend", cfg.reward.backend, ("vllm", "transformers"))
-    errs += _choice("reward.normalize", cfg.reward.normalize, ("none", "running", "group"))
+    errs += (_choice("rm.loss", cfg.rm.loss, RM_LOSSES)
+             + _choice("reward.backend", cfg.reward.backend, REWARD_BACKENDS)
+             + _choice("reward.normalize", cfg.reward.normalize, SCORE_NORMS))
     errs += [f"task.rewards has unknown {k!r}: choose from {sorted(REWARD_FUNCTIONS)}"
              for k in cfg.task.rewards if k not in REWARD_FUNCTIONS]
     checks = [
@@ -92,9 +95,8 @@ def path_errors(cfg: RunConfig) -> list[str]:
     if rm.startswith("builtin:") and rm not in BUILTIN_REWARD_MODELS:
         errs.append(f"task.reward_model={rm!r}: the builtins are "
                     f"{', '.join(BUILTIN_REWARD_MODELS)}")
-    elif rm and not rm.startswith("builtin:") and not (Path(rm).expanduser()
-                                                        / "config.json").is_file():
-        errs.append(f"task.reward_model={rm!r} has no config.json")
+    elif rm and not rm.startswith("builtin:"):
+        errs += _reward_model_errors(rm)
     data = cfg.rm.data
     if data.startswith("builtin:") and data not in BUILTIN_PREFERENCES:
         errs.append(f"rm.data={data!r}: the builtins are {', '.join(BUILTIN_PREFERENCES)}")
@@ -107,6 +109,27 @@ def path_errors(cfg: RunConfig) -> list[str]:
         errs.append(f"model.path={cfg.model.path!r}: the builtins are "
                     f"{', '.join((*BUILTIN_MAX_POSITIONS, *PRETRAINED_BUILTINS))}")
     return errs
+
+
+def _reward_model_errors(rm: str) -> list[str]:
+    """task.reward_model must be a one-label sequence classifier (what train-rm writes)."""
+    import json
+
+    path = Path(rm).expanduser() / "config.json"
+    if not path.is_file():
+        return [f"task.reward_model={rm!r} has no config.json"]
+    try:
+        config = json.loads(path.read_text())
+        archs, labels = config.get("architectures") or [], config.get("id2label")
+    except (OSError, ValueError, AttributeError):
+        return [f"task.reward_model={rm!r}: its config.json does not read as a JSON object"]
+    if archs and not any(a.endswith(("ForSequenceClassification", "ForRewardModel"))
+                         for a in archs):
+        return [f"task.reward_model={rm!r} is a {archs[0]}, not a reward model (a "
+                "sequence classifier with one label; asyncrl train-rm writes one)"]
+    if isinstance(labels, dict) and len(labels) != 1:
+        return [f"task.reward_model={rm!r} has {len(labels)} labels; a reward model has 1"]
+    return []
 
 
 def cross_field_errors(cfg: RunConfig) -> list[str]:

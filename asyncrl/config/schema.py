@@ -34,6 +34,9 @@ BUILTIN_PREFERENCES = ("builtin:addition-preferences",)
 # generator.prefix_caching: YAML reads on/off (and yes/no) as booleans, which arrive as text.
 CACHE_MODES = {"auto": "auto", "on": "on", "true": "on", "off": "off", "false": "off"}
 TASKS = ("addition", "reasoning", "calculator", "dataset", "word_problems")
+RM_LOSSES = ("auto", "pairwise", "pointwise")  # rm.loss
+REWARD_BACKENDS = ("vllm", "transformers")  # reward.backend (asyncrl/reward/engine.py)
+SCORE_NORMS = ("none", "running", "group")  # reward.normalize (generator/scoring.py ScoreNorm)
 
 
 class ConfigError(ValueError):

@@ -99,3 +99,16 @@ def test_train_rm_refuses_a_bad_config_and_a_missing_base(tmp_path, capsys):
     assert main(["train-rm", "configs/default.yaml", f"model.path={tmp_path}",
                  f"rm.data={data}", f"rm.out={tmp_path / 'o'}"]) == 2
     assert "model.path" in capsys.readouterr().err
+
+
+def test_a_causal_lm_or_a_many_label_classifier_is_refused_as_the_reward_model(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(Exception, match="task.reward_model=.* is a LlamaForCausalLM, not a rew"):
+        load_config(None, [f"task.reward_model={tmp_path}"])
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForSequenceClassification"], "id2label": {"0": "a", "1": "b"}}))
+    with pytest.raises(Exception, match="has 2 labels; a reward model has 1"):
+        load_config(None, [f"task.reward_model={tmp_path}"])
+    (tmp_path / "config.json").write_text("[not an object")
+    with pytest.raises(Exception, match="does not read as a JSON object"):
+        load_config(None, [f"task.reward_model={tmp_path}"])
