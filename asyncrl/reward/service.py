@@ -98,11 +98,11 @@ class RewardService:
         self.m.batch_seconds.observe(seconds)
         self.m.batch_texts.observe(len(prompts))
         self.m.scored.inc(len(prompts))
-        bad = [i for i, x in enumerate(scores) if not math.isfinite(x)]
+        bad = sum(not math.isfinite(x) for x in scores)
         if bad:  # the model's fault, not the request's: scored 0, counted, logged
-            self.m.rejected.labels("nonfinite_score").inc(len(bad))
-            self.refusals.refused("nonfinite_score", None, f"{len(bad)} scores not finite")
-            scores = [0.0 if i in set(bad) else x for i, x in enumerate(scores)]
+            self.m.rejected.labels("nonfinite_score").inc(bad)
+            self.refusals.refused("nonfinite_score", None, f"{bad} scores not finite")
+            scores = [x if math.isfinite(x) else 0.0 for x in scores]
         replies, at = [], 0
         for j in jobs:
             mine = [float(x) for x in scores[at:at + len(j.prompts)]]

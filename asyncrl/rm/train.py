@@ -75,17 +75,14 @@ def scores(model, tok, texts: list[str], batch: int = 64):
 
 
 def loss_of(model, tok, rows, kind: str):
+    import torch
     import torch.nn.functional as F
 
     r = scores(model, tok, _texts(tok, rows, kind), batch=len(rows) * 2)
-    if kind == "pairwise":
-        import torch
-
+    if kind == "pairwise":  # the chosen rows' scores, then the rejected rows'
         n = len(rows)
         margin = torch.tensor([row.margin for row in rows])
         return -F.logsigmoid(r[:n] - r[n:] - margin).mean()
-    import torch
-
     return F.mse_loss(r, torch.tensor([row.score for row in rows]))
 
 
