@@ -17,6 +17,8 @@ from asyncrl.config.schema import (
     BUILTIN_REWARD_MODELS,
     CACHE_MODES,
     KL_ESTIMATORS,
+    LORA_RANKS,
+    LORA_TARGETS,
     LOSS_AGG,
     OFFPOLICY,
     PRETRAINED_BUILTINS,
@@ -136,7 +138,74 @@ def cross_field_errors(cfg: RunConfig) -> list[str]:
     """Checks that combine fields; every field is already in its range."""
     return (_task_errors(cfg) + _warm_start_errors(cfg) + _length_errors(cfg)
             + _net_errors(cfg) + _device_errors(cfg) + _learner_errors(cfg)
-            + _buffer_errors(cfg) + _env_errors(cfg))
+            + _buffer_errors(cfg) + _env_errors(cfg) + _lora_errors(cfg))
+
+
+def _lora_errors(cfg: RunConfig) -> list[str]:
+    """model.lora: a rank vLLM takes, target modules the model has, no expert layers, and a
+    transfer that carries adapters. The model's layers are read from its weight files'
+    headers (no torch import: the buffer loads configs too)."""
+    lo = cfg.model.lora
+    if lo.rank == 0:
+        return []
+    errs = _failed([
+        (lo.rank in LORA_RANKS,
+         f"model.lora.rank={lo.rank}: vLLM's LoRA takes {', '.join(map(str, LORA_RANKS))}"),
+        (bool(lo.target_modules), "model.lora.target_modules is empty: nothing to adapt"),
+        (cfg.weight_sync.backend != "ipc",
+         "model.lora with weight_sync.backend=ipc: adapters are pushed by broadcast (gloo or "
+         "nccl); they are a few MB, so the colocated IPC path has nothing to save"),
+        ("lm_head" not in lo.target_modules,
+         "model.lora.target_modules has lm_head: the adapters stay on the decoder layers "
+         "(vLLM and peft apply an lm_head adapter differently)"),
+    ])
+    if cfg.model.path.startswith("builtin:"):
+        linears = set(LORA_TARGETS)  # every builtin is a Llama decoder
+        moe = False
+    else:
+        linears, moe = model_linears(Path(cfg.model.path).expanduser())
+    missing = sorted(set(lo.target_modules) - linears) if linears else []
+    if missing:
+        errs.append(f"model.lora.target_modules: {missing} is not a layer of {cfg.model.path} "
+                    f"(its linear layers: {', '.join(sorted(linears))})")
+    if moe and set(lo.target_modules) & moe:
+        errs.append(f"model.lora.target_modules: {sorted(set(lo.target_modules) & moe)} are "
+                    "expert (MoE) layers; vLLM 0.32's LoRA does not adapt experts on the CPU "
+                    "backend, and not in this project yet")
+    return errs
+
+
+def model_linears(path: Path) -> tuple[set[str], set[str]]:
+    """(last names of the 2-D weights of a hub-format model, those of them inside expert
+    layers), from its *.safetensors headers; (set(), set()) when it has none to read."""
+    import json
+    import struct
+
+    linears: set[str] = set()
+    experts: set[str] = set()
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with f.open("rb") as fh:
+                size = struct.unpack("<Q", fh.read(8))[0]
+                header = json.loads(fh.read(min(size, 1 << 28)))
+        except (OSError, ValueError, struct.error):
+            continue
+        for name, info in header.items():
+            if (name.endswith(".weight") and isinstance(info, dict)
+                    and len(info.get("shape", ())) == 2 and "embed" not in name):
+                last = name.removesuffix(".weight").rsplit(".", 1)[-1]
+                linears.add(last)
+                if ".experts." in name:
+                    experts.add(last)
+    try:  # experts fused into 3-D tensors have no 2-D weight to find: the config says
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if isinstance(config, dict) and any(
+            isinstance(config.get(k), int) and config[k] > 0
+            for k in ("num_local_experts", "num_experts", "n_routed_experts")):
+        experts |= {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "w1", "w2", "w3"}
+    return linears, experts
 
 
 def _env_errors(cfg: RunConfig) -> list[str]:

@@ -37,10 +37,33 @@ TASKS = ("addition", "reasoning", "calculator", "dataset", "word_problems")
 RM_LOSSES = ("auto", "pairwise", "pointwise")  # rm.loss
 REWARD_BACKENDS = ("vllm", "transformers")  # reward.backend (asyncrl/reward/engine.py)
 SCORE_NORMS = ("none", "running", "group")  # reward.normalize (generator/scoring.py ScoreNorm)
+# model.lora.target_modules' default: every linear layer of a Llama/Qwen decoder block.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's max_lora_rank choices
 
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the field or key at fault."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0
+    """LoRA adapters of this rank on the policy (0: off, the whole model trains). The learner
+    trains only the adapters, the reference policy is the base with them off, and a push
+    sends only the adapters (asyncrl/lora.py). vLLM 0.32 takes the ranks
+    1, 8, 16, 32, 64, 128, 256, 320, 512."""
+    alpha: float = 16.0
+    """LoRA's alpha: the update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training. Above 0 two forwards of one policy
+    differ, so the PPO ratio is not 1 on-policy (asyncrl/learner/model.py without_dropout)."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """The linear layers adapted, by their last name as peft takes them (q_proj, v_proj, ...);
+    the lm_head is not adapted."""
+    export_merged: bool = False
+    """Also write the merged weights (adapters folded in, hub format) at the end
+    (RUN_DIR/export/final-merged); the adapter itself is always written."""
 
 
 @dataclass
@@ -54,6 +77,8 @@ class ModelConfig:
     float32 hub-format directory, no SFT; see asyncrl/task/smollm2.py)."""
     dtype: str = "float32"
     """Weights dtype in generator and learner. float32 on CPU (bf16 is slow and shifts logprobs)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Train LoRA adapters instead of the weights (model.lora.rank > 0)."""
 
 
 @dataclass

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from asyncrl.lora import config_from_wire
 from asyncrl.wire import DEFAULT_BUCKET_BYTES
 
 
@@ -54,13 +56,19 @@ class VLLMEngine:
     def __init__(self, model_dir: str, dtype: str, seed: int, max_model_len: int,
                  gpu_memory_utilization: float, gpu: bool = False, cuda_graphs: bool = True,
                  tensor_parallel_size: int = 1, prefix_caching: bool = False,
-                 block_size: int = 0):
+                 block_size: int = 0, lora_rank: int = 0, max_loras: int = 1,
+                 adapter_dir: str | Path | None = None):
         """prefix_caching: reuse the KV of prompt prefixes (multi-turn episodes resubmit their
         transcript every turn); requests are then salted with the policy version (Rollout).
-        block_size: KV cache block size in tokens (0: vLLM's; only full blocks are reused)."""
+        block_size: KV cache block size in tokens (0: vLLM's; only full blocks are reused).
+        lora_rank > 0 (model.lora): the engine serves the base model plus one LoRA adapter per
+        pushed version (Adapters), up to max_loras of them in one batch; adapter_dir is
+        where pushed adapters are written (memory-backed files)."""
         from vllm import LLM
 
         self.prefix_caching = prefix_caching
+        lora = ({"enable_lora": True, "max_lora_rank": lora_rank, "max_loras": max_loras,
+                 "max_cpu_loras": max_loras} if lora_rank else {})
         self.llm = LLM(
             model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
             # CUDA graphs on a GPU: reload_weights copies into the parameters in place, so the
@@ -74,7 +82,10 @@ class VLLMEngine:
             generation_config="vllm",  # ignore the checkpoint's sampling defaults
             enable_prefix_caching=prefix_caching,
             **({"block_size": block_size} if block_size else {}),
+            **lora,
         )
+        self.adapters = (Adapters(self.llm.llm_engine, adapter_dir or adapter_root("engine"))
+                         if lora_rank else None)
         self._live: set[str] = set()  # request-level requests not finished or aborted
         self._counted: set[str] = set()  # live requests whose cached prompt tokens were reported
         self._stash: list[Delta] = []  # their outputs taken while `generate` ran
@@ -91,8 +102,9 @@ class VLLMEngine:
 
         params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0,
                                 seed=seed, detokenize=False)
+        lora = self.adapters.request(None) if self.adapters else None
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                                 use_tqdm=False)
+                                 use_tqdm=False, lora_request=lora)
         result = []
         for out in outs:
             group = []
@@ -130,9 +142,11 @@ class VLLMEngine:
         return out
 
     def add(self, request_id: str, prompt: list[int], temperature: float, max_tokens: int,
-            seed: int | None = None, cache_salt: str | None = None) -> None:
+            seed: int | None = None, cache_salt: str | None = None,
+            version: int | None = None) -> None:
         """A request of the engine's own loop. cache_salt: prefix-cache blocks are shared only
-        between requests of the same salt (the policy version that computes them)."""
+        between requests of the same salt (the policy version that computes them). version
+        (model.lora): the adapter the request runs on from start to end (None: the newest)."""
         from vllm import SamplingParams, TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
@@ -141,7 +155,8 @@ class VLLMEngine:
                                 output_kind=RequestOutputKind.DELTA)
         tokens = (TokensPrompt(prompt_token_ids=prompt) if cache_salt is None
                   else TokensPrompt(prompt_token_ids=prompt, cache_salt=cache_salt))
-        self.llm.llm_engine.add_request(request_id, tokens, params)
+        lora = self.adapters.request(version, request_id) if self.adapters else None
+        self.llm.llm_engine.add_request(request_id, tokens, params, lora_request=lora)
         self._live.add(request_id)
 
     def step(self) -> list[Delta]:
@@ -163,6 +178,8 @@ class VLLMEngine:
             if o.finished:
                 self._live.discard(o.request_id)
                 self._counted.discard(o.request_id)
+                if self.adapters:
+                    self.adapters.finished([o.request_id])
         return out
 
     def abort(self, request_ids: list[str]) -> None:
@@ -171,6 +188,8 @@ class VLLMEngine:
             self._live.difference_update(request_ids)
             self._counted.difference_update(request_ids)
             self._stash = [d for d in self._stash if d.request_id not in set(request_ids)]
+            if self.adapters:
+                self.adapters.finished(request_ids)
 
     def has_unfinished(self) -> bool:
         return self.llm.llm_engine.has_unfinished_requests()
@@ -184,9 +203,20 @@ class VLLMEngine:
         self.llm.collective_rpc("asyncrl_leave_sync")
 
     def receive_weights(self, specs: list[list], ipc: list[dict] | None = None,
-                        bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> tuple[float, int]:
+                        bucket_bytes: int = DEFAULT_BUCKET_BYTES, adapter: dict | None = None,
+                        version: int | None = None) -> tuple[float, int]:
         """Load one push: from the sync group's broadcasts, bucket by bucket, or (colocated)
-        from the learner's buffers through their CUDA IPC handles."""
+        from the learner's buffers through their CUDA IPC handles. With `adapter` (model.lora)
+        the push is that version's LoRA adapter: written to memory-backed files and added as
+        an adapter of its own; running requests stay on theirs."""
+        if adapter:
+            t0 = time.perf_counter()
+            path = self.adapters.path(version)
+            _, nbytes = self.llm.collective_rpc(
+                "asyncrl_receive_adapter",
+                args=(specs, bucket_bytes, str(path), config_from_wire(adapter)))[0]
+            self.adapters.add(version, path)
+            return time.perf_counter() - t0, nbytes
         seconds, nbytes = self.llm.collective_rpc("asyncrl_receive_weights",
                                                   args=(specs, ipc or None, bucket_bytes))[0]
         if not self._live:  # with requests running their blocks are in use (and the cache off)
@@ -199,6 +229,82 @@ class VLLMEngine:
         if not self._live:
             self.llm.reset_prefix_cache()
         return seconds
+
+
+def adapter_root(name: str) -> Path:
+    """Where a generator's pushed adapters are written: memory-backed files (/dev/shm, else
+    the temp directory), one directory per generator name, emptied when it starts (a killed
+    generator's adapters are removed by its successor)."""
+    import getpass
+    import shutil
+    import tempfile
+
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    root = base / f"asyncrl-{getpass.getuser()}" / f"{name}-{os.getpid()}"
+    for old in root.parent.glob(f"{name}-*"):  # those of processes no longer running
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+class Adapters:
+    """model.lora in the engine: each pushed version is its own LoRA adapter (its own name,
+    id and directory: vLLM's prefix cache keys include the adapter, so a version re-using a
+    name would be served another version's KV). A request runs on the adapter of the version
+    it started under (version 0, before any push, is the base: no adapter); an adapter that
+    is neither the newest nor in use by a running request is removed with its files."""
+
+    def __init__(self, engine, root: Path):
+        import atexit
+        import shutil
+
+        self.engine, self.root = engine, Path(root)
+        self.loaded: dict[int, object] = {}  # version -> LoRARequest
+        self.newest = 0
+        self.running: dict[str, int] = {}  # request id -> the version it runs on
+        atexit.register(shutil.rmtree, self.root, ignore_errors=True)
+
+    def path(self, version: int) -> Path:
+        return self.root / f"v{version}"
+
+    def add(self, version: int, path: Path) -> None:
+        from vllm.lora.request import LoRARequest
+
+        if version in self.loaded:  # the same version pushed again (a re-formed session)
+            self.engine.remove_lora(version)
+        # lora_int_id must be > 0: versions from 1 (version 0 is the base)
+        req = LoRARequest(f"asyncrl-v{version}", version, str(path))
+        self.engine.add_lora(req)
+        self.loaded[version] = req
+        self.newest = max(self.newest, version)
+        self.release()
+
+    def request(self, version: int | None, request_id: str | None = None):
+        """The LoRARequest of `version` (None: the newest), or None for the base."""
+        v = self.newest if version is None else version
+        if v and v not in self.loaded:
+            raise RuntimeError(f"no adapter of policy version {v} is loaded (have "
+                               f"{sorted(self.loaded)})")
+        if request_id is not None:
+            self.running[request_id] = v
+        return self.loaded.get(v)
+
+    def finished(self, request_ids) -> None:
+        for rid in request_ids:
+            self.running.pop(rid, None)
+        self.release()
+
+    def release(self) -> None:
+        import shutil
+
+        used = {*self.running.values(), self.newest}
+        for v in [v for v in self.loaded if v not in used]:
+            self.engine.remove_lora(v)
+            del self.loaded[v]
+            shutil.rmtree(self.path(v), ignore_errors=True)
 
 
 @dataclass

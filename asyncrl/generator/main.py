@@ -110,13 +110,24 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
 
 
 def _engine(cfg: RunConfig, model_dir: str, index: int, max_len: int, gpu: bool):
-    from asyncrl.generator.engine import VLLMEngine
+    from asyncrl.generator.engine import VLLMEngine, adapter_root
 
     gc = cfg.generator
+    lo = cfg.model.lora
     return VLLMEngine(model_dir, cfg.model.dtype, gc.seed + index, max_len,
                       gc.gpu_memory_utilization, gpu=gpu, cuda_graphs=gc.cuda_graphs,
                       tensor_parallel_size=gc.tensor_parallel_size,
-                      prefix_caching=cfg.prefix_caching, block_size=gc.kv_block_size)
+                      prefix_caching=cfg.prefix_caching, block_size=gc.kv_block_size,
+                      lora_rank=lo.rank, max_loras=max_loras(cfg),
+                      adapter_dir=adapter_root(f"gen{index}") if lo.rank else None)
+
+
+def max_loras(cfg: RunConfig) -> int:
+    """Adapters the engine keeps loaded and runs in one batch (model.lora): with in-flight
+    updates kept, a running request finishes on the version it started under, and the
+    buffer takes data up to buffer.max_staleness versions old, so max_staleness + 1 versions
+    may run at once, plus the one just pushed."""
+    return cfg.buffer.max_staleness + 2
 
 
 def _connect(cfg: RunConfig, model_dir: str, name: str, index: int, incarnation: str, engine,
@@ -138,7 +149,7 @@ def _connect(cfg: RunConfig, model_dir: str, name: str, index: int, incarnation:
                         cfg.net.learner_host, cfg.net.sync_store_port, cfg.weight_sync.backend,
                         cfg.weight_sync.timeout_s, cfg.net.heartbeat_interval_s,
                         cfg.net.ready_timeout_s, max_weight_bytes=push_bytes_bound(model_dir),
-                        rejected=m.messages_rejected)
+                        rejected=m.messages_rejected, lora_rank=cfg.model.lora.rank)
     return buffer, member
 
 
@@ -191,7 +202,8 @@ class _Generation:
         between engine steps."""
         gc = self.cfg.generator
         rollout = Rollout(self.engine, gc.max_inflight, gc.inflight_update, time.monotonic,
-                          salt_versions=self.cfg.prefix_caching)
+                          salt_versions=self.cfg.prefix_caching,
+                          adapters=self.cfg.model.lora.rank > 0)
         control, delivery = self.control, self.delivery
         made: Counter[int] = Counter()  # groups started under each policy version
         ready: list = []  # complete groups (SampleGroup, EpisodeGroup) not yet in a message

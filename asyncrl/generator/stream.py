@@ -29,6 +29,12 @@ may span several versions. Weights can change while requests are in flight
 A unit that must be of one version (`Unit.one_version`: an evaluation) always finishes under
 the old weights before a load, whatever the mode.
 
+With LoRA adapters (model.lora) a push does not change the weights running requests use: it
+adds the new version's adapter beside the old ones (asyncrl/generator/engine.py Adapters).
+Each request runs on the adapter of the version it was submitted under and its tokens carry
+that version: with `keep` a running request finishes on its adapter, with `abort` it is
+resubmitted on the new one.
+
 `Rollout` holds no sockets and imports no vllm: the engine is anything with add / step /
 abort (asyncrl/generator/engine.py's VLLMEngine), so tests drive it with a fake.
 """
@@ -54,6 +60,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)  # the policy version of every token
     finish_reason: str = ""  # "" while running
+    submitted: int = 0  # the policy version its current request was submitted under
 
     @property
     def done(self) -> bool:
@@ -130,7 +137,8 @@ class EvalBatch(Unit):
 
 class Rollout:
     def __init__(self, engine, max_inflight: int, inflight_update: str,
-                 clock: Callable[[], float], salt_versions: bool = False):
+                 clock: Callable[[], float], salt_versions: bool = False,
+                 adapters: bool = False):
         if inflight_update not in INFLIGHT_UPDATES:
             raise ValueError(f"generator.inflight_update={inflight_update!r}: choose one of "
                              f"{INFLIGHT_UPDATES}")
@@ -138,6 +146,9 @@ class Rollout:
         # With the engine's prefix cache on, each request is salted with the policy version
         # it starts under (vLLM's cache_salt): KV computed by other weights is never reused.
         self.salt_versions = salt_versions
+        # model.lora: each request runs on the adapter of the version it was submitted under
+        # (the engine is told which), and its tokens carry that version.
+        self.adapters = adapters
         self.version = 0  # the policy version the engine holds, as the loop last said
         self.mode, self.clock = inflight_update, clock
         self.running: dict[str, tuple[Unit, Sequence]] = {}
@@ -175,10 +186,13 @@ class Rollout:
         s.request_id = f"r{next(self._ids)}"
         self.running[s.request_id] = (unit, s)
         # The prompt plus what was already sampled (after an abort, the prefix is recomputed).
-        salt = {"cache_salt": f"v{self.version}"} if self.salt_versions else {}
+        extra = {"cache_salt": f"v{self.version}"} if self.salt_versions else {}
+        if self.adapters:
+            extra["version"] = self.version
+        s.submitted = self.version
         self.prompt_tokens += len(s.prompt) + len(s.tokens)
         self.engine.add(s.request_id, s.prompt + s.tokens, s.temperature,
-                        s.max_tokens - len(s.tokens), **salt)
+                        s.max_tokens - len(s.tokens), **extra)
 
     # ------------------------------------------------------------------ stepping
 
@@ -211,7 +225,7 @@ class Rollout:
                 unit.first_token(now)
             s.tokens += d.tokens
             s.logprobs += d.logprobs
-            s.versions += [version] * len(d.tokens)
+            s.versions += [s.submitted if self.adapters else version] * len(d.tokens)
             if d.finished:
                 del self.running[d.request_id]
                 self._end(unit, s, d.finish_reason or "length")

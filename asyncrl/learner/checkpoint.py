@@ -1,10 +1,12 @@
 """Learner checkpoints, and what a restarted learner resumes from.
 
 RUN_DIR/checkpoints/step_<n>/ holds the policy in hub format (model.safetensors, config,
-tokenizer: loadable by transformers and vLLM as it is) plus trainer_state.pt (optimizer,
-learning-rate schedule, critic and its optimizer, torch RNG state) and asyncrl_state.json
-(step, counters). A checkpoint is written to a temporary directory and renamed into place, so
-every step_<n> directory is complete: a rank killed mid-write leaves the previous one newest.
+tokenizer: loadable by transformers and vLLM as it is; with model.lora its peft-format adapter
+instead, loadable by peft and as a vLLM LoRARequest, the base being model.path) plus
+trainer_state.pt (optimizer, learning-rate schedule, critic and its optimizer, torch RNG
+state) and asyncrl_state.json (step, counters). A checkpoint is written to a temporary
+directory and renamed into place, so every step_<n> directory is complete: a rank killed
+mid-write leaves the previous one newest.
 
 Under learner.strategy=fsdp a checkpoint is sharded instead: step_<n>/sharded/ is a
 torch.distributed.checkpoint of the policy, its optimizer, the critic and its optimizer, each
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from asyncrl import lora
 from asyncrl.jsonl import read_jsonl
 from asyncrl.learner.step import Models
 
@@ -66,7 +69,11 @@ def save(run_dir: Path, step: int, model, tok, models: Models, sched, state: dic
     root = run_dir / "checkpoints"
     tmp, out = root / f".step_{step}.tmp", root / f"step_{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if lora.is_adapted(model):  # the adapter alone: the base is model.path, unchanged
+        lora.save_adapter(tmp, lora.config_of(model),
+                          lora.adapter_tensors(model.state_dict().items()))
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     critic = _unwrap(models.critic) if models.critic is not None else None
     torch.save({
@@ -144,10 +151,12 @@ def _sharded_state(models: Models) -> dict:
     return state
 
 
-def export(out: Path, policy, tok, rank: int) -> Path | None:
+def export(out: Path, policy, tok, rank: int, merged: bool = False) -> Path | None:
     """Hub-format weights (safetensors, config, tokenizer) of a possibly sharded policy, written
     by rank 0 to `out` (atomically). A collective under fsdp: the full weights are gathered
-    to rank 0's CPU memory for the write, the one moment a rank holds them all."""
+    to rank 0's CPU memory for the write, the one moment a rank holds them all. A policy with
+    LoRA adapters (model.lora) is written as its peft-format adapter (with the tokenizer),
+    or with `merged` as hub-format weights with the adapters folded in."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -162,7 +171,13 @@ def export(out: Path, policy, tok, rank: int) -> Path | None:
         return None
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    unwrap(policy).save_pretrained(tmp, state_dict=full, safe_serialization=True)
+    model = unwrap(policy)
+    if lora.is_adapted(model) and not merged:
+        lora.save_adapter(tmp, lora.config_of(model), lora.adapter_tensors(full.items()))
+    else:
+        if lora.is_adapted(model):
+            full = lora.merged_state(full.items(), lora.layers(model)[0].scaling)
+        model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
     tok.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from asyncrl import wire
+from asyncrl import lora, wire
 from asyncrl.config import RunConfig
 from asyncrl.jsonl import read_jsonl
 from asyncrl.learner import checkpoint
@@ -84,7 +84,8 @@ class Lead:
                                    ranks_per_generator=cfg.generator.tensor_parallel_size,
                                    dtype=cfg.model.dtype,
                                    bucket_bytes=cfg.weight_sync.bucket_mb << 20,
-                                   live_s=cfg.net.heartbeat_timeout_s)
+                                   live_s=cfg.net.heartbeat_timeout_s,
+                                   adapter=lora.wire_adapter(cfg.model.lora))
         self.sender.start()
         # A generator holds at most the newest version this learner will reach by replaying
         # (the last step logged before a restart) or has pushed (the sender raises it).

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from asyncrl import wire
+from asyncrl import lora, wire
 from asyncrl.algo.sampling import dynamic_sampling_mask
 from asyncrl.config import RunConfig
 from asyncrl.learner import checkpoint, evals, shard
@@ -165,11 +165,18 @@ def _take(step: int, batch_log: BatchLog, source: _Source, cfg: RunConfig, rank:
 def _export(cfg: RunConfig, run_dir: Path, models, tok, rank: int, step: int,
             last: bool) -> None:
     """Under fsdp (sharded checkpoints) the hub-format weights every
-    learner.export_interval steps and at the end."""
+    learner.export_interval steps and at the end; with model.lora the peft-format adapter
+    (whatever the strategy), and at the end the merged weights when
+    model.lora.export_merged."""
     interval = cfg.learner.export_interval
-    if cfg.learner.strategy == "fsdp" and (last or (interval and step % interval == 0)):
+    adapters = cfg.model.lora.rank > 0
+    if ((cfg.learner.strategy == "fsdp" or adapters)
+            and (last or (interval and step % interval == 0))):
         checkpoint.export(run_dir / "export" / ("final" if last else f"step_{step}"),
                           models.policy, tok, rank)
+    if adapters and last and cfg.model.lora.export_merged:
+        checkpoint.export(run_dir / "export" / "final-merged", models.policy, tok, rank,
+                          merged=True)
 
 
 def _device(cfg: RunConfig, world: int) -> torch.device:
@@ -210,8 +217,15 @@ def _restore(cfg: RunConfig, ckpt, device: torch.device, world: int, rank: int):
     newest checkpoint if there is one. A sharded checkpoint is loaded into the model once it
     is sharded, over the starting weights."""
     sharded_ckpt = ckpt is not None and checkpoint.is_sharded(ckpt)
-    model, tok = load_policy(ckpt.path if ckpt is not None and not sharded_ckpt
-                             else cfg.model.path, "float32", device.type)
+    adapters = cfg.model.lora.rank > 0  # a checkpoint then holds the adapter, not weights
+    whole_ckpt = ckpt is not None and not sharded_ckpt and not adapters
+    model, tok = load_policy(ckpt.path if whole_ckpt else cfg.model.path, "float32",
+                             device.type)
+    if adapters:
+        lo = cfg.model.lora
+        lora.apply(model, lo.rank, lo.alpha, lo.dropout, lo.target_modules)
+        if ckpt is not None and not sharded_ckpt:
+            lora.load_adapter(model, ckpt.path)
     model.to(device).train()
     models = _build_models(cfg, model, device, world)
     sched = warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)
@@ -262,10 +276,12 @@ def _build_models(cfg: RunConfig, model, device, world: int) -> Models:
         return shard.wrap(m, lc.strategy, world, cfg.model.dtype, lc.activation_checkpointing)
 
     policy = share(model)
-    opt = torch.optim.AdamW(policy.parameters(), lr=lc.lr, weight_decay=lc.weight_decay,
-                            eps=lc.adam_eps)
+    # With LoRA only the adapters train: the optimizer holds their moments alone.
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lc.lr,
+                            weight_decay=lc.weight_decay, eps=lc.adam_eps)
     ref = critic = critic_opt = None
-    if lc.kl_coef > 0:  # frozen: no master copy needed, it stays in model.dtype
+    adapters = lora.is_adapted(model)
+    if lc.kl_coef > 0 and not adapters:  # frozen: no master copy, it stays in model.dtype
         ref, _ = load_policy(cfg.model.path, cfg.model.dtype, device.type)
         ref.to(device).eval().requires_grad_(False)
         if lc.strategy == "fsdp" and world > 1:  # DDP has nothing to do for a frozen model
@@ -273,7 +289,8 @@ def _build_models(cfg: RunConfig, model, device, world: int) -> Models:
     if lc.advantage == "gae":
         critic = share(load_critic(cfg.model.path, "float32", device.type).to(device).train())
         critic_opt = torch.optim.AdamW(critic.parameters(), lr=lc.critic_lr, eps=lc.adam_eps)
-    return Models(policy, opt, ref, critic, critic_opt)
+    # With LoRA the reference is the policy with its adapters off: no second copy.
+    return Models(policy, opt, ref, critic, critic_opt, ref_is_base=adapters and lc.kl_coef > 0)
 
 
 class _Stop:

@@ -15,7 +15,7 @@ and backend.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -63,14 +63,17 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, whole tensor) in state_dict order, one at a time. Sharded tensors are
-    all-gathered as they are reached (a collective: every rank iterates to the end); the
-    others are the model's own tensors, not copies."""
+def full_tensors(model: torch.nn.Module, only: Callable[[str], bool] | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, whole tensor) in state_dict order, one at a time (`only`: the names
+    it keeps, the same on every rank). Sharded tensors are all-gathered as they are reached
+    (a collective: every rank iterates to the end); the others are the model's own tensors,
+    not copies."""
     from torch.distributed.tensor import DTensor
 
     for name, t in unwrap(model).state_dict().items():
-        yield name, (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+        if only is None or only(name):
+            yield name, (t.full_tensor() if isinstance(t, DTensor) else t).detach()
 
 
 def from_rank0(flag: bool, device: torch.device) -> bool:

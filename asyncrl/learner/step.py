@@ -8,10 +8,12 @@ the step's first update (recomputed here, no grad); current = the model being up
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
+from asyncrl import lora
 from asyncrl.algo.advantages import (
     ADVANTAGE_ESTIMATORS,
     gae_advantages,
@@ -42,6 +44,14 @@ class Models:
     ref: torch.nn.Module | None = None  # frozen copy of the starting policy, for KL
     critic: torch.nn.Module | None = None  # value model, for advantage="gae"
     critic_opt: torch.optim.Optimizer | None = None
+    ref_is_base: bool = False  # model.lora: the reference is the policy, adapters off
+
+    def reference(self):
+        """(the module whose logprobs are the reference's, the context to run it in), or
+        None without a KL term."""
+        if self.ref_is_base:
+            return self.policy, lora.adapters_off(self.policy)
+        return None if self.ref is None else (self.ref, contextlib.nullcontext())
 
 
 def warmup_schedule(opt: torch.optim.Optimizer, warmup_steps: int):
@@ -111,10 +121,12 @@ def train_step(models: Models, batch: TrainBatch, lc: LearnerConfig, temperature
                                        temperature, packing=packing,
                                        chunk_tokens=lc.logprob_chunk_tokens)  # (B, L-1)
         ref = None
-        if models.ref is not None:
-            ref, _ = forward_logprobs(models.ref, batch.input_ids, batch.attention_mask,
-                                      temperature, packing=packing,
-                                      chunk_tokens=lc.logprob_chunk_tokens)
+        if (reference := models.reference()) is not None:
+            module, context = reference
+            with context:
+                ref, _ = forward_logprobs(module, batch.input_ids, batch.attention_mask,
+                                          temperature, packing=packing,
+                                          chunk_tokens=lc.logprob_chunk_tokens)
         a = advantages(models, batch, rewards, mask, prox, ref, lc, packing)
     stats.update(a.stats)
     data = StepData(batch, mask, prox, ref, a.adv, a.returns, a.values)

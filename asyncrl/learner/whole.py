@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from asyncrl import lora
 from asyncrl.config import RunConfig
 from asyncrl.learner import checkpoint, shard
 from asyncrl.learner.lead import Lead
@@ -67,8 +68,7 @@ class Whole:
                 wanted = shard.from_rank0(wanted, self.device)
             if not wanted:
                 return None
-            tensors = (shard.full_tensors(self.models.policy) if self.every_rank
-                       else weights.sendable(shard.unwrap(self.models.policy)))
+            tensors = self._pushed()
             pushed = None
             try:
                 pushed = self._send(version, tensors)
@@ -86,6 +86,17 @@ class Whole:
                     lead.push_owed = False
                 return pushed
         return None
+
+    def _pushed(self):
+        """What a push sends, one tensor at a time: the whole model, or its LoRA adapters
+        (peft's names). Under fsdp each is gathered as it is reached (every rank)."""
+        policy = shard.unwrap(self.models.policy)
+        if not self.every_rank:
+            return weights.sendable(policy)
+        if not lora.is_adapted(policy):
+            return shard.full_tensors(self.models.policy)
+        return lora.adapter_tensors(shard.full_tensors(self.models.policy,
+                                                       only=lora.is_adapter_tensor))
 
     def _send(self, version: int, tensors) -> tuple[float, int] | None:
         """Rank 0 pushes; the other ranks (fsdp) only take part in the gathers."""
@@ -108,7 +119,7 @@ class Whole:
             return
         t0 = time.perf_counter()
         checkpoint.export(weights_dir(self.run_dir / EVALS_DIR, version), self.models.policy,
-                          self.tok, self.rank)
+                          self.tok, self.rank, merged=True)
         if self.lead is not None:
             self.lead.evaluators.exported = version
             log.info("wrote version %d for the evaluator (%.2fs)", version,

@@ -60,14 +60,15 @@ class SyncMember:
     def __init__(self, control, engine, name: str, sync_rank: int, incarnation: str,
                  host: str, store_port: int, backend: str, timeout_s: float,
                  hello_interval_s: float, alone_timeout_s: float,
-                 max_weight_bytes: int = wire.MAX_WEIGHT_BYTES, rejected: Counter | None = None):
+                 max_weight_bytes: int = wire.MAX_WEIGHT_BYTES, rejected: Counter | None = None,
+                 lora_rank: int = 0):
         """control: a transport.Client to learner rank 0's sync control port. engine: has
         init_sync / leave_sync / receive_weights (asyncrl.generator.engine.VLLMEngine).
         alone_timeout_s: fail when no session has been joined for this long (the learner is
-        gone). max_weight_bytes: a
-        push announcing more is refused before anything is allocated
-        (asyncrl.sync.weights.push_bytes_bound). rejected: counts refused control frames by
-        reason (GeneratorMetrics.messages_rejected)."""
+        gone). max_weight_bytes: a push announcing more is refused before anything is
+        allocated (asyncrl.sync.weights.push_bytes_bound). rejected: counts refused control
+        frames by reason (GeneratorMetrics.messages_rejected). lora_rank: model.lora.rank, the
+        largest adapter the engine loads (0: it loads whole weights, never adapters)."""
         self.control, self.engine = control, engine
         self.name, self.sync_rank, self.incarnation = name, sync_rank, incarnation
         self.host, self.store_port, self.backend, self.timeout_s = (host, store_port, backend,
@@ -75,6 +76,7 @@ class SyncMember:
         self.hello_interval_s = hello_interval_s
         self.alone_timeout_s = alone_timeout_s
         self.max_weight_bytes, self.rejected = max_weight_bytes, rejected
+        self.lora_rank = lora_rank
         self.alone_since = time.monotonic()
         self.session = ""
         self.version = 0
@@ -156,14 +158,20 @@ class SyncMember:
                          f"({self.max_weight_bytes}); refused")
             self._leave("the announced update cannot be received")
             return None
+        refused = self._refuse_adapter(msg)
+        if refused is not None:  # refused before anything is received
+            self._reject(*refused)
+            self._leave("the announced update cannot be loaded")
+            return None
         if version < self.version:
             log.error("%s: learner pushed version %d but we hold %d; loading it anyway",
                       self.name, version, self.version)
         if inflight is not None:
             inflight.before_update(self.version)
         try:
-            seconds, nbytes = self.engine.receive_weights(msg.tensors, msg.ipc,
-                                                          msg.bucket_bytes)
+            seconds, nbytes = self.engine.receive_weights(
+                msg.tensors, msg.ipc, msg.bucket_bytes,
+                **({"adapter": msg.adapter, "version": version} if msg.adapter else {}))
         except Exception as e:  # peer died mid-push: the buckets before it are loaded
             if inflight is not None:
                 inflight.after_update()
@@ -175,6 +183,27 @@ class SyncMember:
         if inflight is not None:
             inflight.after_update(version)
         return Loaded(version, seconds, nbytes)
+
+    def _refuse_adapter(self, msg: wire.WeightsUpdate) -> tuple[str, str] | None:
+        """(reason, why) when the push is not what this engine loads: an adapter where it
+        takes weights or weights where it takes adapters, an adapter of a larger rank than
+        the engine was started with, or one whose tensors are not adapter tensors."""
+        from asyncrl.lora import is_peft_adapter_tensor
+
+        v = msg.policy_version
+        if msg.adapter and not self.lora_rank:
+            return "adapter_unexpected", (f"a LoRA adapter pushed as version {v}, but this "
+                                          "generator runs without model.lora; refused")
+        if self.lora_rank and not msg.adapter:
+            return "adapter_expected", (f"whole weights pushed as version {v}, but this "
+                                        "generator runs model.lora and loads adapters; refused")
+        if msg.adapter and msg.adapter["r"] > self.lora_rank:
+            return "adapter_rank", (f"a rank-{msg.adapter['r']} adapter pushed as version {v}, "
+                                    f"above the engine's model.lora.rank={self.lora_rank}")
+        if msg.adapter and not all(is_peft_adapter_tensor(n) for n, _, _ in msg.tensors):
+            return "bad_adapter", (f"an adapter pushed as version {v} names tensors that are "
+                                   "not LoRA tensors; refused")
+        return None
 
     def _leave(self, why: str) -> None:
         log.warning("%s: %s; keeping policy version %d and waiting for the learner to form a "

@@ -65,6 +65,24 @@ class WeightReceiver:
         self.reload_weights(weights_iterator=tensors, is_checkpoint_format=True)
         return time.perf_counter() - t0, wire.spec_bytes(specs)
 
+    def asyncrl_receive_adapter(self, specs: list[list], bucket_bytes: int, out_dir: str,
+                                config: dict) -> tuple[float, int]:
+        """Receive one adapter push (model.lora) and write it as a peft-format directory at
+        `out_dir` (memory-backed files, asyncrl/generator/engine.py loads it as its own
+        adapter). Every tensor-parallel rank receives the broadcast; the first writes.
+        Returns (seconds, bytes)."""
+        from asyncrl import lora
+
+        t0 = time.perf_counter()
+        pool = getattr(self, "_asyncrl_pool", None)
+        if pool is None or pool.device != self.device:
+            pool = self._asyncrl_pool = weights.BucketPool(self.device)
+        tensors = transfer.Adapter.incoming(specs, bucket_bytes, self._asyncrl_pg,
+                                            self._asyncrl_timeout, pool)
+        if _tp_rank() == 0:
+            lora.save_adapter(out_dir, config, tensors.items())
+        return time.perf_counter() - t0, wire.spec_bytes(specs)
+
     def asyncrl_load_dir(self, path: str) -> float:
         """Load hub-format weights from a directory in place, every tensor as a push sends
         them (the evaluator, asyncrl/generator/eval_engine.py). Returns seconds."""

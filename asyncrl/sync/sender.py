@@ -67,7 +67,7 @@ class WeightSender:
                  backend: str, timeout_s: float, ready_timeout_s: float,
                  rejected: Counter | None = None, ranks_per_generator: int = 1,
                  dtype: str | None = None, bucket_bytes: int = weights.DEFAULT_BUCKET_BYTES,
-                 live_s: float = 5.0):
+                 live_s: float = 5.0, adapter: dict | None = None):
         """rejected: counts, by reason, the control frames refused (a Prometheus counter with
         a `reason` label, LearnerMetrics.messages_rejected). ranks_per_generator: the
         generators' tensor_parallel_size (each worker is a rank of the group). dtype: what
@@ -75,7 +75,9 @@ class WeightSender:
         backend `ipc` (colocated): no group; each push hands the engine CUDA IPC handles to
         the packed buffers instead of broadcasting them (asyncrl/sync/ipc.py). bucket_bytes:
         weight_sync.bucket_mb in bytes. live_s: net.heartbeat_timeout_s; a generator heard within it
-        is alive, and another incarnation under its name is refused meanwhile."""
+        is alive, and another incarnation under its name is refused meanwhile. adapter:
+        model.lora's (r, lora_alpha, target_modules): pushes are the adapter's tensors
+        (transfer.Adapter)."""
         self.server, self.backend, self.rejected = server, backend, rejected
         self.timeout_s, self.ready_timeout_s = timeout_s, ready_timeout_s
         self.expected = [f"gen{i}" for i in range(num_generators)]
@@ -86,7 +88,8 @@ class WeightSender:
         self.tag = uuid.uuid4().hex[:8]  # fresh per learner process, so per torchrun restart
         self.sessions = 0
         self.session = ""
-        self.transfer = transfer.for_backend(backend, host, timeout_s, bucket_bytes, dtype)
+        self.transfer = transfer.for_backend(backend, host, timeout_s, bucket_bytes, dtype,
+                                             adapter)
         self.joined: dict[str, str] = {}  # name -> incarnation in the current session
         self.members: dict[str, _Member] = {}
         self.failed_at: float | None = None  # a push failed: wait for fresh hellos

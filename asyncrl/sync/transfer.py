@@ -16,8 +16,14 @@ tensors, and waits for every generator's weights_loaded. What differs is how the
 Learner side: `connect` when a session forms (with every member), `announce` the fields the
 weights_update carries, `send` after it, `close` when the session is dropped. Engine side
 (inside the vLLM worker, asyncrl/sync/receiver.py): `incoming` yields the pushed tensors for
-the engine's `reload_weights`. An adapter-only push (LoRA) is a third implementation of the
-same five methods.
+the engine's `reload_weights`.
+
+  Adapter     model.lora: the LoRA adapter's tensors only (a few MB where the weights are
+              hundreds), over the same bucketed broadcast; the weights_update carries the
+              adapter's shape (rank, alpha, target modules). The engine side writes them as a
+              peft-format directory in memory-backed files (/dev/shm) and loads it as that
+              version's own adapter (asyncrl/generator/engine.py): vLLM 0.32 loads adapters
+              from a directory only.
 """
 
 from __future__ import annotations
@@ -45,8 +51,8 @@ class WeightTransfer(Protocol):
         `prefix`, `world` ranks with the learner as rank 0)."""
 
     def announce(self, specs: list[list], tensors: Iterator[Named]) -> dict:
-        """The weights_update fields that say how the push travels (`ipc`, `bucket_bytes`),
-        before it is sent."""
+        """The weights_update fields that say how the push travels (`ipc`, `bucket_bytes`,
+        `adapter`), before it is sent."""
 
     def send(self, specs: list[list], tensors: Iterator[Named]) -> None:
         """The push's tensors, after the announcement; `tensors` is consumed."""
@@ -75,7 +81,7 @@ class Broadcast:
                              bind_host=self.host)
 
     def announce(self, specs: list[list], tensors: Iterator[Named]) -> dict:
-        return {"ipc": [], "bucket_bytes": self.bucket_bytes}
+        return {"ipc": [], "bucket_bytes": self.bucket_bytes, "adapter": {}}
 
     def send(self, specs: list[list], tensors: Iterator[Named]) -> None:
         """Fill bucket i + 1 while bucket i is on the wire; two buffers in all."""
@@ -137,7 +143,8 @@ class CudaIpc:
 
         bufs = self._bufs = weights.pack(list(tensors), self._bufs, self.dtype)
         self.peak_buffer_bytes = max(self.peak_buffer_bytes, weights.nbytes(bufs))
-        return {"ipc": ipc.export(bufs), "bucket_bytes": weights.DEFAULT_BUCKET_BYTES}
+        return {"ipc": ipc.export(bufs), "bucket_bytes": weights.DEFAULT_BUCKET_BYTES,
+                "adapter": {}}
 
     def send(self, specs: list[list], tensors: Iterator[Named]) -> None:
         pass  # the engine reads the buffers the announcement pointed it to
@@ -154,9 +161,35 @@ class CudaIpc:
         return weights.unpack(specs, bufs), bufs
 
 
+class Adapter(Broadcast):
+    """The adapter's tensors (peft's names) broadcast like the weights; the announcement
+    says which adapter they make (`adapter`: r, lora_alpha, target_modules)."""
+
+    name = "adapter"
+
+    def __init__(self, backend: str, host: str, timeout_s: float, bucket_bytes: int,
+                 adapter: dict):
+        super().__init__(backend, host, timeout_s, bucket_bytes)
+        self.adapter = adapter
+
+    def announce(self, specs: list[list], tensors: Iterator[Named]) -> dict:
+        return {**super().announce(specs, tensors), "adapter": self.adapter}
+
+    @staticmethod
+    def incoming(specs: list[list], bucket_bytes: int, pg, timeout_s: float,
+                 pool: weights.BucketPool) -> dict[str, torch.Tensor]:
+        """Engine side: the adapter's tensors, copied out of the bucket buffers (they are
+        written to a file after the last bucket, when the buffers hold other tensors)."""
+        return {n: t.clone() for n, t in Broadcast.incoming(specs, bucket_bytes, pg,
+                                                            timeout_s, pool)}
+
+
 def for_backend(backend: str, host: str, timeout_s: float, bucket_bytes: int,
-                dtype: str | None) -> WeightTransfer:
-    """weight_sync.backend's transfer: `ipc` colocated, else a broadcast over gloo or nccl."""
+                dtype: str | None, adapter: dict | None = None) -> WeightTransfer:
+    """weight_sync.backend's transfer: `ipc` colocated, else a broadcast over gloo or nccl;
+    with `adapter` (model.lora's r, lora_alpha, target_modules) the adapter's broadcast."""
+    if adapter:
+        return Adapter(backend, host, timeout_s, bucket_bytes, adapter)
     if backend == "ipc":
         return CudaIpc(dtype)
     return Broadcast(backend, host, timeout_s, bucket_bytes)

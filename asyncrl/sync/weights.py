@@ -40,12 +40,16 @@ def specs_of(named: list[tuple[str, torch.Tensor]], dtype: str | None = None) ->
 
 
 def sendable(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The checkpoint-named tensors to send: all of them. A tied lm_head is sent too, though
-    it repeats the embedding: on CPU vLLM keeps a processed copy of lm_head after start-up,
-    and reloading only the embedding leaves it stale (logprobs off by 1e-3, measured). Under
-    FSDP these are DTensor shards: their specs (global shapes) are right, their data is
-    gathered by asyncrl.learner.shard.full_tensors."""
-    return list(model.state_dict().items())
+    """The checkpoint-named tensors to send: all of them, or with LoRA adapters on the model
+    (model.lora) the adapters' alone, in peft's names (asyncrl/lora.py). A tied lm_head is
+    sent too, though it repeats the embedding: on CPU vLLM keeps a processed copy of lm_head
+    after start-up, and reloading only the embedding leaves it stale (logprobs off by 1e-3,
+    measured). Under FSDP these are DTensor shards: their specs (global shapes) are right,
+    their data is gathered by asyncrl.learner.shard.full_tensors."""
+    from asyncrl import lora
+
+    named = model.state_dict().items()
+    return list(lora.adapter_tensors(named) if lora.is_adapted(model) else named)
 
 
 def dir_tensors(path: str):

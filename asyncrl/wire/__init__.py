@@ -31,7 +31,8 @@ Message kinds (docs/architecture.md has the table with directions and sockets):
                                           sent at start and every net.heartbeat_interval_s
   sync_join         learner -> generator  join weight-sync session S (a fresh store prefix)
   weights_update    learner -> generator  broadcasts of these tensors, in buckets of at most
-    bucket_bytes, follow on session S
+    bucket_bytes, follow on session S; `adapter`: {} for the weights, or the LoRA adapter
+    (model.lora) they are
   weights_loaded    generator -> learner  the new weights are live in the engine
   shutdown          learner -> generator  training finished: exit (status 0)
   eval_request      learner -> generator  evaluate the policy version you hold (held-out, greedy)
@@ -65,6 +66,7 @@ from asyncrl.wire.fields import (
     MAX_VERSION,
     MAX_WEIGHT_BYTES,
     WEIGHT_DTYPES,
+    AdapterSpec,
     Float,
     Floats,
     Int,
@@ -102,8 +104,8 @@ __all__ = [
     "MAGIC", "MAX_FRAME_BYTES", "SCHEMA_VERSION", "decode", "encode", "seal",
     "DEFAULT_BUCKET_BYTES", "INT64_MAX", "MAX_BUCKET_BYTES", "MAX_GROUPS_PER_REQUEST", "MAX_NAME",
     "MAX_RANKS", "MAX_REASON", "MAX_TENSORS", "MAX_VERSION", "MAX_WEIGHT_BYTES", "WEIGHT_DTYPES",
-    "Float", "Floats", "Int", "IpcHandles", "MessageError", "Str", "TensorSpecs", "Texts",
-    "spec_bytes",
+    "AdapterSpec", "Float", "Floats", "Int", "IpcHandles", "MessageError", "Str", "TensorSpecs",
+    "Texts", "spec_bytes",
     "Completion", "Groups", "TrajectoryGroup", "group_columns", "parse_groups",
     "KINDS", "MESSAGES", "SCHEMA", "Ack", "Batch", "BatchRequest", "Error", "EvalRequest",
     "EvalResult", "GeneratorHello", "Heartbeat", "Message", "ScoreRequest", "Scores",

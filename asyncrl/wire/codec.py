@@ -20,9 +20,10 @@ from asyncrl.wire.messages import MESSAGES, SCHEMA, VERSION, Message
 # token with the policy version that sampled it (`version_lag`: the version minus its group's
 # policy_version, which is the group's oldest token's) and its source (`sources`: sampled by
 # the policy, or injected by an environment), each completion with the parts of its reward
-# (`reward_part_names`, `reward_parts`); weights_update says its bucket_bytes. A frame of any
-# other version is refused (`schema_version`), never misread.
-SCHEMA_VERSION = 6
+# (`reward_part_names`, `reward_parts`); weights_update says its bucket_bytes and whether it
+# is a LoRA adapter (`adapter`). A frame of any other version is refused (`schema_version`),
+# never misread.
+SCHEMA_VERSION = 7
 MAGIC = b"ARL1"
 _ARRAY_EXT = 1
 _DTYPES = {"int32", "int64", "float32", "float64", "uint8", "float16"}

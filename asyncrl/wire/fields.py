@@ -175,6 +175,40 @@ class IpcHandles:
 
 
 
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A weights_update's LoRA adapter: {} for a push of the weights themselves, else exactly
+    {"r", "lora_alpha", "target_modules"}, from which the generator writes the adapter's
+    adapter_config.json (asyncrl/lora.py). Its tensors must then be adapter tensors."""
+
+    RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's (config.schema.LORA_RANKS)
+    MAX_TARGETS = 64
+
+    def check(self, v: Any, where: str, vocab_size: int | None, build: bool) -> dict:
+        if type(v) is not dict:
+            raise MessageError("bad_type", f"{where} is {_type_name(v)}, not a map")
+        if not v:
+            return v
+        if set(v) != {"r", "lora_alpha", "target_modules"}:
+            raise MessageError("bad_value", f"{where} has keys other than r, lora_alpha, "
+                                            "target_modules")
+        if type(v["r"]) is not int or v["r"] not in self.RANKS:
+            raise MessageError("bad_value", f"{where}.r is not one of {self.RANKS}")
+        _ALPHA.check(v["lora_alpha"], f"{where}.lora_alpha", vocab_size, build)
+        targets = v["target_modules"]
+        if type(targets) is not list or not 0 < len(targets) <= self.MAX_TARGETS:
+            raise MessageError("bad_value", f"{where}.target_modules is not a list of 1.."
+                                            f"{self.MAX_TARGETS} names")
+        for i, t in enumerate(targets):
+            if type(t) is not str or not t.isidentifier() or len(t) > MAX_NAME:
+                raise MessageError("bad_value", f"{where}.target_modules[{i}] is not a "
+                                                "module name")
+        return v
+
+
+_ALPHA = Float(1e-9, 1e6)
+
+
 MAX_TEXTS = 2**16  # texts in one score_request: a generator's group or window, with room
 MAX_TEXT_CHARS = 2**20  # one prompt or completion (MAX_FRAME_BYTES bounds the total anyway)
 

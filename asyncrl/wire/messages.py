@@ -22,6 +22,7 @@ from asyncrl.wire.fields import (
     MAX_RANKS,
     MAX_REASON,
     MAX_VERSION,
+    AdapterSpec,
     Float,
     Floats,
     Int,
@@ -117,13 +118,15 @@ class WeightsUpdate(Message):
     """learner -> generator: broadcasts of these tensors follow on session `session`, in
     buckets of at most bucket_bytes (both ends split `tensors` into the same buckets:
     asyncrl/sync/weights.py plan_buckets); `ipc` holds CUDA IPC handles for a colocated push,
-    [] for a broadcast."""
+    [] for a broadcast; `adapter` is {} for the weights, or the LoRA adapter these tensors
+    are (model.lora: r, lora_alpha, target_modules), loaded as its own adapter."""
 
     kind: ClassVar[str] = "weights_update"
     session: Annotated[str, SECRET]
     tensors: Annotated[list, TensorSpecs()]
     ipc: Annotated[list, IpcHandles()]
     bucket_bytes: Annotated[int, Int(1, MAX_BUCKET_BYTES)]
+    adapter: Annotated[dict, AdapterSpec()]
 
 
 @dataclass(frozen=True, slots=True)

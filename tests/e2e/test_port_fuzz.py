@@ -335,7 +335,7 @@ def test_a_generator_control_socket_survives_hostile_sealed_frames(tmp_path):
         join(session)
         learner.send(ident[0], wire.encode("weights_update", k, session=session,
                                            tensors=[["w", "float32", [4, 4]]], ipc=[],
-                                           bucket_bytes=1 << 20))
+                                           bucket_bytes=1 << 20, adapter={}))
         member.serve(timeout_s=10.0)
         listen(lambda msg: msg.kind == "weights_loaded" and msg.session == session)
         join("s.1")
@@ -352,9 +352,11 @@ def test_a_generator_control_socket_survives_hostile_sealed_frames(tmp_path):
                                                  "eval_request"))
         if reason is None:
             msg = wire.decode(frame)
-            if (msg.kind == "weights_update" and msg.session == member.session
-                    and wire.spec_bytes(msg.tensors) > limit):
-                reason = "weights_too_large"
+            if msg.kind == "weights_update" and msg.session == member.session:
+                if wire.spec_bytes(msg.tensors) > limit:
+                    reason = "weights_too_large"
+                elif msg.adapter:  # this generator trains no adapters
+                    reason = "adapter_unexpected"
         if reason is not None:
             expected[reason] += 1
         learner.send(ident[0], frame)
@@ -371,7 +373,7 @@ def test_a_generator_control_socket_survives_hostile_sealed_frames(tmp_path):
     join("s.1")
     learner.send(ident[0], wire.encode("weights_update", 9, session="s.1",
                                        tensors=[["w", "float32", [2**18, 2**18]]], ipc=[],
-                                       bucket_bytes=1 << 20))
+                                       bucket_bytes=1 << 20, adapter={}))
     member.serve(timeout_s=10.0)
     expected["weights_too_large"] += 1
     ctx.destroy(linger=0)

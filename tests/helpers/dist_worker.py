@@ -21,10 +21,16 @@ def _setup(rank: int, world: int, store: str, model_dir: str, strategy: str, **o
     torch.set_num_threads(1)
     cfg = _cfg(model_dir)
     cfg.learner.strategy = strategy
+    rank_lora = overrides.pop("lora_rank", 0)
     for k, v in overrides.items():
         setattr(cfg.learner, k, v)
     torch.manual_seed(0)
     model, tok = load_policy(model_dir)
+    if rank_lora:  # model.lora: adapters on every linear layer, the learner's own way
+        from asyncrl import lora
+
+        cfg.model.lora.rank = rank_lora
+        lora.apply(model, rank_lora, 16.0, 0.0, cfg.model.lora.target_modules)
     model.train()
     models = _build_models(cfg, model, torch.device("cpu"), world)
     return cfg, tok, models, warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)
@@ -41,6 +47,8 @@ def train(rank: int, world: int, store: str, model_dir: str, strategy: str, step
     from tests.helpers.learner import make_groups as _groups
 
     cfg, tok, models, sched = _setup(rank, world, store, model_dir, strategy, **overrides)
+    before = dict(full_tensors(models.policy))
+    before = {n: t.clone() for n, t in before.items()}
     losses = []
     for step in range(1, steps + 1):
         batch = collate(_groups(10 * step + rank), tok.pad_token_id)
@@ -48,9 +56,15 @@ def train(rank: int, world: int, store: str, model_dir: str, strategy: str, step
         sched.step()
     gathered = [None] * world
     dist.all_gather_object(gathered, losses)
-    sha = named_sha256(full_tensors(models.policy))
+    after = dict(full_tensors(models.policy))
+    sha = named_sha256(after.items())
+    adapter = [n for n in after if n.endswith((".lora_A.weight", ".lora_B.weight"))]
     if rank == 0:
-        Path(out).write_text(json.dumps({"losses": gathered, "sha256": sha}))
+        Path(out).write_text(json.dumps({
+            "losses": gathered, "sha256": sha,
+            "adapter_moved": any(not torch.equal(after[n], before[n]) for n in adapter),
+            "base_kept": all(torch.equal(after[n], before[n]) for n in after
+                             if n not in adapter)}))
     dist.destroy_process_group()
 
 

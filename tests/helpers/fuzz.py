@@ -128,7 +128,7 @@ def template(kind: str) -> dict:
         "generator_hello": lambda: dict(sender="gen0", sync_rank=1, incarnation="i", session=""),
         "sync_join": lambda: dict(session="s.1", world_size=2, token="t"),
         "weights_update": lambda: dict(session="s.1", tensors=specs(), ipc=[],
-                                      bucket_bytes=1 << 20),
+                                      bucket_bytes=1 << 20, adapter={}),
         "weights_loaded": lambda: dict(sender="gen0", session="s.1", seconds=0.5),
         "shutdown": lambda: dict(reason="done"),
         "error": lambda: dict(reason="x"),
@@ -190,6 +190,12 @@ def in_bounds(field) -> st.SearchStrategy:
                 st.booleans() if k == "event_sync" else st.binary(max_size=64))
             for k, f in wire.IpcHandles.FIELDS.items()})
         return st.lists(handle, max_size=2)
+    if isinstance(field, wire.AdapterSpec):
+        return st.one_of(st.just({}), st.fixed_dictionaries({
+            "r": st.sampled_from(wire.AdapterSpec.RANKS),
+            "lora_alpha": st.floats(1e-9, 1e6),
+            "target_modules": st.lists(st.sampled_from(["q_proj", "v_proj", "down_proj"]),
+                                       min_size=1, max_size=3)}))
     if isinstance(field, wire.Texts):
         return st.lists(st.one_of(st.text(max_size=12), st.just("é" * 300)), max_size=4)
     if isinstance(field, wire.Floats):

@@ -97,3 +97,15 @@ def test_a_sharded_checkpoint_resumes_to_the_weights_of_an_uninterrupted_run(
     resumed = run(True)
     assert resumed["sha256"] == uninterrupted["sha256"]
     assert resumed["export"] == uninterrupted["export"] == uninterrupted["sha256"]
+
+
+def test_lora_under_fsdp_trains_like_ddp_and_leaves_the_base_alone(model_dir, tmp_path):
+    # model.lora: frozen base weights and trained adapters in the same FSDP2 groups; the
+    # reference (KL) is the policy with its adapters off, under either strategy.
+    ddp = _run(tmp_path, model_dir, "ddp", steps=3, lr=1e-2, lora_rank=8)
+    fsdp = _run(tmp_path, model_dir, "fsdp", steps=3, lr=1e-2, lora_rank=8)
+    for rank in range(2):
+        for a, b in zip(ddp["losses"][rank], fsdp["losses"][rank], strict=True):
+            assert abs(a - b) <= 1e-5 * max(abs(a), 1e-8), (rank, ddp["losses"], fsdp["losses"])
+    assert ddp["adapter_moved"] and fsdp["adapter_moved"]
+    assert ddp["base_kept"] and fsdp["base_kept"]

@@ -55,7 +55,7 @@ def test_every_kind_round_trips():
         "generator_hello": dict(sender="gen0", sync_rank=1, incarnation="i", session=""),
         "sync_join": dict(session="s.1", world_size=2, token="t"),
         "weights_update": dict(session="s.1", tensors=[["w", "float32", [2, 3]]], ipc=[],
-                               bucket_bytes=1 << 20),
+                               bucket_bytes=1 << 20, adapter={}),
         "weights_loaded": dict(sender="gen0", session="s.1", seconds=0.5),
         "shutdown": dict(reason="done"),
         "error": dict(reason="x"),
