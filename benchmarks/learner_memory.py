@@ -32,6 +32,9 @@ buffer would hold the push's size at each end.
 
 Run from the repository root (about 6 minutes on 2 cores; the first run also builds the model):
     .venv/bin/python -m benchmarks.learner_memory --json learner_memory.json
+With --lora-rank R the train part also runs both strategies with model.lora adapters of rank R
+(the base frozen, AdamW over the adapters alone):
+    .venv/bin/python -m benchmarks.learner_memory --parts train --lora-rank 16
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ def _parser():
     p.add_argument("--chunk", type=int, default=1024, help="learner.logprob_chunk_tokens")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--bucket-mb", type=int, default=64)
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train: also ddp and fsdp with model.lora adapters of this rank on "
+                        "every linear layer of the decoder blocks (alpha 2 x rank)")
     p.add_argument("--work-dir", default="~/.cache/asyncrl/bench")
     common.add_json_argument(p)
     return p
@@ -137,6 +143,12 @@ def train_rank(rank: int, world: int, store: str, model_dir: str, strategy: str,
     cfg.learner.pack_row_tokens = 0  # every sequence is as long: nothing to pack
     torch.manual_seed(0)
     model, tok = load_policy(model_dir)
+    if args.get("lora_rank"):
+        from asyncrl import lora
+
+        cfg.model.lora.rank = args["lora_rank"]
+        lora.apply(model, args["lora_rank"], 2.0 * args["lora_rank"], 0.0,
+                   cfg.model.lora.target_modules)
     model.train()
     models = _build_models(cfg, model, torch.device("cpu"), world)
     sched = warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)
@@ -172,13 +184,17 @@ def run_train(model_dir: Path, args, tmp: Path) -> dict:
     import torch.multiprocessing as mp
 
     res = {}
-    for strategy in ("ddp", "fsdp"):
-        out = tmp / f"{strategy}.json"
+    sides = [("ddp", 0), ("fsdp", 0)]
+    if args.lora_rank:
+        sides += [("ddp", args.lora_rank), ("fsdp", args.lora_rank)]
+    for strategy, rank in sides:
+        name = f"{strategy}+lora{rank}" if rank else strategy
+        out = tmp / f"{name}.json"
         mp.start_processes(train_rank, nprocs=2, start_method="spawn", join=True,
-                           args=(2, str(tmp / f"{strategy}.store"), str(model_dir), strategy,
+                           args=(2, str(tmp / f"{name}.store"), str(model_dir), strategy,
                                  {"steps": args.steps, "completions": args.completions,
-                                  "tokens": args.tokens}, str(out)))
-        res[strategy] = json.loads(out.read_text())
+                                  "tokens": args.tokens, "lora_rank": rank}, str(out)))
+        res[name] = json.loads(out.read_text())
     return res
 
 
@@ -347,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
             rows = [[s, r, x["params_bytes"] / mb, x["grads_bytes"] / mb,
                      x["optimizer_bytes"] / mb, x["model_state_bytes"] / mb,
                      x["peak_step_bytes"] / mb, x["step_s"]]
-                    for s in ("ddp", "fsdp") for r, x in enumerate(res[s])]
+                    for s in res for r, x in enumerate(res[s])]
             print(f"\ntrain: 2 ranks, {res['ddp'][0]['tokens_per_rank']} tokens per rank per "
                   "step, MiB per rank")
             print(common.table(["strategy", "rank", "params", "grads", "adam", "model state",
@@ -357,6 +373,11 @@ def main(argv: list[str] | None = None) -> None:
                 / max(x["model_state_bytes"] for x in res["ddp"]))
             ratios["fsdp_vs_ddp_step_s"] = (common.median([x["step_s"] for x in res["fsdp"]])
                                             / common.median([x["step_s"] for x in res["ddp"]]))
+            for s in ("ddp", "fsdp"):
+                if f"{s}+lora{args.lora_rank}" in res:
+                    ratios[f"lora_vs_full_model_state_bytes_{s}"] = (
+                        max(x["model_state_bytes"] for x in res[f"{s}+lora{args.lora_rank}"])
+                        / max(x["model_state_bytes"] for x in res[s]))
         if "logprobs" in parts:
             res = figures["logprobs"] = run_logprobs(model_dir, args)
             print(f"\nlogprobs + entropy of {res['tokens']} positions, forward + backward "

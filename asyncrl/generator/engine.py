@@ -232,22 +232,34 @@ class VLLMEngine:
 
 
 def adapter_root(name: str) -> Path:
-    """Where a generator's pushed adapters are written: memory-backed files (/dev/shm, else
-    the temp directory), one directory per generator name, emptied when it starts (a killed
-    generator's adapters are removed by its successor)."""
-    import getpass
+    """Where a generator process writes its pushed adapters: memory-backed files (/dev/shm,
+    else the temp directory), under a directory of this user's only, one per process
+    (`<name>-<pid>`); those of earlier processes of the same name that are gone (a killed
+    generator's) are removed by its successor."""
     import shutil
     import tempfile
 
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    root = base / f"asyncrl-{getpass.getuser()}" / f"{name}-{os.getpid()}"
+    mine = base / f"asyncrl-{os.getuid()}"  # this user's, not readable by others
+    mine.mkdir(mode=0o700, exist_ok=True)
+    root = mine / f"{name}-{os.getpid()}"
     for old in root.parent.glob(f"{name}-*"):  # those of processes no longer running
         pid = old.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
 
 
 class Adapters:

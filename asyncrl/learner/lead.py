@@ -133,11 +133,11 @@ class Lead:
                step_seconds: float, pushed: tuple[float, int] | None,
                groups: list[wire.TrajectoryGroup] = ()) -> dict:
         """The step's metrics.jsonl row (docs/metrics.md), and the push's Prometheus figures."""
-        sync_s = None
+        sync_s = sync_bytes = None
         if pushed is not None:
-            sync_s, nbytes = pushed
+            sync_s, sync_bytes = pushed
             self.m.sync_seconds.observe(sync_s)
-            self.m.sync_bytes.inc(nbytes)
+            self.m.sync_bytes.inc(sync_bytes)
         hist = token_staleness(batch, step - 1)
         n_tok = max(1, sum(hist.values()))
         self.tokens_total += batch.num_completion_tokens
@@ -154,7 +154,7 @@ class Lead:
                "completions": batch.input_ids.shape[0],
                "tokens_per_s": self.tokens_total / max(elapsed, 1e-9),
                "step_s": step_seconds, "data_wait_s": waited, "sync_s": sync_s,
-               "elapsed_s": elapsed}
+               "sync_bytes": sync_bytes, "elapsed_s": elapsed}
         if self.resumed_from is not None:
             row["resumed_from_step"], self.resumed_from = self.resumed_from, None
         return row

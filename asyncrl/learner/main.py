@@ -219,13 +219,10 @@ def _restore(cfg: RunConfig, ckpt, device: torch.device, world: int, rank: int):
     sharded_ckpt = ckpt is not None and checkpoint.is_sharded(ckpt)
     adapters = cfg.model.lora.rank > 0  # a checkpoint then holds the adapter, not weights
     whole_ckpt = ckpt is not None and not sharded_ckpt and not adapters
-    model, tok = load_policy(ckpt.path if whole_ckpt else cfg.model.path, "float32",
-                             device.type)
-    if adapters:
-        lo = cfg.model.lora
-        lora.apply(model, lo.rank, lo.alpha, lo.dropout, lo.target_modules)
-        if ckpt is not None and not sharded_ckpt:
-            lora.load_adapter(model, ckpt.path)
+    model, tok = build_policy(cfg, ckpt.path if whole_ckpt else cfg.model.path, "float32",
+                              device.type)
+    if adapters and ckpt is not None and not sharded_ckpt:
+        lora.load_adapter(model, ckpt.path)
     model.to(device).train()
     models = _build_models(cfg, model, device, world)
     sched = warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)
@@ -234,6 +231,16 @@ def _restore(cfg: RunConfig, ckpt, device: torch.device, world: int, rank: int):
     elif ckpt is not None:
         checkpoint.restore(ckpt, models, sched)
     return model, tok, models, sched
+
+
+def build_policy(cfg: RunConfig, path, dtype: str = "float32", device_type: str = "cpu"):
+    """(policy, tokenizer) from `path`, with model.lora's adapters on it when configured
+    (fresh: B = 0, so it starts as the base)."""
+    model, tok = load_policy(path, dtype, device_type)
+    lo = cfg.model.lora
+    if lo.rank:
+        lora.apply(model, lo.rank, lo.alpha, lo.dropout, lo.target_modules)
+    return model, tok
 
 
 def _connect(cfg: RunConfig, rank: int, model, m) -> _Source:

@@ -20,8 +20,7 @@ import torch
 from asyncrl.config import load_config
 from asyncrl.jsonl import read_jsonl
 from asyncrl.learner.batch import collate
-from asyncrl.learner.main import _build_models
-from asyncrl.learner.model import load_policy
+from asyncrl.learner.main import _build_models, build_policy
 from asyncrl.learner.runlog import read_batch_log, weights_sha256
 from asyncrl.learner.step import train_step, warmup_schedule
 
@@ -39,7 +38,7 @@ def replay(run_dir: Path, out=print) -> bool:
                                 f"{summary.name} are written by the learner)")
     torch.set_num_threads(cfg.learner.threads)
     torch.manual_seed(cfg.learner.seed)
-    model, tok = load_policy(cfg.model.path, cfg.model.dtype)
+    model, tok = build_policy(cfg, cfg.model.path, cfg.model.dtype)
     model.train()
     models = _build_models(cfg, model, torch.device("cpu"), world=1)
     sched = warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)

@@ -17,6 +17,7 @@ from asyncrl.learner.model import load_policy, token_logprobs
 from asyncrl.learner.runlog import named_sha256
 from asyncrl.learner.step import train_step
 from asyncrl.sync import weights
+from tests.conftest import ROOT
 from tests.helpers.learner import learner_cfg, make_groups
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -154,7 +155,7 @@ def test_an_adapted_model_refuses_an_adapter_of_another_shape(model_dir, tmp_pat
 ])
 def test_bad_lora_configs_are_named_when_the_config_loads(override, message):
     with pytest.raises(ConfigError) as e:
-        load_config("configs/default.yaml", ["model.lora.rank=8", override])
+        load_config(ROOT / "configs" / "default.yaml", ["model.lora.rank=8", override])
     assert message in str(e.value)
 
 
@@ -219,3 +220,69 @@ def test_merged_state_folds_each_adapter_into_its_weight():
                             0.5)
     assert set(out) == {"m.q_proj.weight", "m.norm.weight"}
     assert torch.allclose(out["m.q_proj.weight"], w + 0.5 * b @ a)
+
+
+class _Engine:
+    """The three LoRA calls of vLLM's LLMEngine, recorded."""
+
+    def __init__(self):
+        self.loaded, self.calls = {}, []
+
+    def add_lora(self, req):
+        self.calls.append(("add", req.lora_int_id))
+        self.loaded[req.lora_int_id] = req
+
+    def remove_lora(self, lora_id):
+        self.calls.append(("remove", lora_id))
+        del self.loaded[lora_id]
+
+
+def test_the_engine_keeps_an_adapter_while_a_request_runs_on_it(tmp_path):
+    from asyncrl.generator.engine import Adapters
+
+    eng = _Engine()
+    ad = Adapters(eng, tmp_path)
+    assert ad.request(None, "r0") is None  # before any push: the base
+    for v in (1, 2):
+        ad.path(v).mkdir()
+    ad.add(1, ad.path(1))
+    req = ad.request(None, "r1")  # the newest: version 1
+    assert req.lora_name == "asyncrl-v1" and req.lora_int_id == 1
+    ad.add(2, ad.path(2))
+    assert set(eng.loaded) == {1, 2}  # r1 still runs on version 1
+    assert ad.request(1, "r2").lora_int_id == 1  # a request tagged 1 gets 1, not the newest
+    ad.finished(["r1"])
+    assert set(eng.loaded) == {1, 2}  # r2 still on it
+    ad.finished(["r2", "r0"])
+    assert set(eng.loaded) == {2} and not ad.path(1).exists() and ad.path(2).is_dir()
+    with pytest.raises(RuntimeError, match="no adapter of policy version 1"):
+        ad.request(1, "r3")
+    ad.path(2).mkdir(exist_ok=True)
+    ad.add(2, ad.path(2))  # the same version again (a re-formed session): replaced, not doubled
+    assert eng.calls[-2:] == [("remove", 2), ("add", 2)] and set(eng.loaded) == {2}
+
+
+def test_adapter_directories_of_dead_generators_are_removed():
+    import os
+    import subprocess
+    import sys
+
+    from asyncrl.generator import engine
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    root = engine.adapter_root("gen7")
+    mine = root.parent
+    stale, live = mine / f"gen7-{dead}", mine / f"gen7-{os.getppid()}"
+    stale.mkdir(exist_ok=True)
+    live.mkdir(exist_ok=True)
+    again = engine.adapter_root("gen7")
+    try:
+        assert again == root and root.is_dir()
+        assert not stale.exists() and live.is_dir()  # only the gone process's
+        assert oct(mine.stat().st_mode & 0o777) == oct(0o700)
+    finally:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(live, ignore_errors=True)
