@@ -230,3 +230,20 @@ def merged_state(named: Iterable[tuple[str, torch.Tensor]], scaling: float
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def merge_into(adapter_dir: str | Path, base_dir: str | Path, out: str | Path) -> Path:
+    """Hub-format weights of `base_dir` with the peft-format adapter at `adapter_dir` folded
+    in, written to `out` with the base's tokenizer (for what reads whole models: the win
+    rate against the SFT policy, users' own tools)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    apply(model, config["r"], config["lora_alpha"], 0.0, config["target_modules"])
+    load_adapter(model, adapter_dir)
+    merged = merged_state(model.state_dict().items(), config["lora_alpha"] / config["r"])
+    model.save_pretrained(out, state_dict=merged, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+    return Path(out)
+

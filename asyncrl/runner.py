@@ -165,13 +165,23 @@ def judge_against_sft(cfg: RunConfig, run_dir: Path, out=print) -> dict | None:
     configs/rlhf.yaml) on the addition task: its final policy against the SFT policy it
     started from, as the gold preference judges them (RUN_DIR/win_rate.json)."""
     steps = cfg.learner.total_steps
-    # The final policy in hub format: the last checkpoint (ddp), or the export (fsdp).
-    final = next((d for d in (run_dir / "checkpoints" / f"step_{steps}",
-                              run_dir / "export" / "final") if (d / "config.json").is_file()),
-                 None)
-    if "gold" not in cfg.task.rewards or cfg.task.name != "addition" or final is None:
+    if "gold" not in cfg.task.rewards or cfg.task.name != "addition":
         return None
+    from asyncrl import lora
     from asyncrl.rm.gold import win_rate
+
+    adapter = run_dir / "export" / "final"
+    if (adapter / lora.ADAPTER_CONFIG).is_file():  # model.lora: the base with the adapter in
+        merged = run_dir / "export" / "final-merged"
+        if not (merged / "config.json").is_file():
+            lora.merge_into(adapter, cfg.model.path, merged)
+    # The final policy in hub format: the last checkpoint (ddp), or the export (fsdp, LoRA).
+    final = next((d for d in (run_dir / "checkpoints" / f"step_{steps}",
+                              run_dir / "export" / "final",
+                              run_dir / "export" / "final-merged")
+                  if (d / "config.json").is_file()), None)
+    if final is None:
+        return None
 
     w = win_rate(str(final), cfg.model.path, cfg)
     (run_dir / "win_rate.json").write_text(json.dumps(w, indent=1) + "\n")

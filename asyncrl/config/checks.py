@@ -152,9 +152,6 @@ def _lora_errors(cfg: RunConfig) -> list[str]:
         (lo.rank in LORA_RANKS,
          f"model.lora.rank={lo.rank}: vLLM's LoRA takes {', '.join(map(str, LORA_RANKS))}"),
         (bool(lo.target_modules), "model.lora.target_modules is empty: nothing to adapt"),
-        (cfg.weight_sync.backend != "ipc",
-         "model.lora with weight_sync.backend=ipc: adapters are pushed by broadcast (gloo or "
-         "nccl); they are a few MB, so the colocated IPC path has nothing to save"),
         ("lm_head" not in lo.target_modules,
          "model.lora.target_modules has lm_head: the adapters stay on the decoder layers "
          "(vLLM and peft apply an lm_head adapter differently)"),

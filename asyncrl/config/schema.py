@@ -637,6 +637,13 @@ class RunConfig:
         return mode == "on" or (mode == "auto" and bool(self.env.name))
 
     @property
+    def sync_backend(self) -> str:
+        """The weight-sync group's backend: weight_sync.backend, except that LoRA adapters
+        (model.lora) always travel over gloo in host memory: a few MB, and it works colocated
+        on one GPU, where NCCL cannot form a group and CUDA IPC would gain nothing."""
+        return "gloo" if self.model.lora.rank else self.weight_sync.backend
+
+    @property
     def learner_world(self) -> int:
         return self.learner.nproc * self.learner.nnodes
 

@@ -146,7 +146,7 @@ def _connect(cfg: RunConfig, model_dir: str, name: str, index: int, incarnation:
                         cfg.net.heartbeat_interval_s, keys).start()
     tp = cfg.generator.tensor_parallel_size
     member = SyncMember(control, engine, name, 1 + index * tp, incarnation,
-                        cfg.net.learner_host, cfg.net.sync_store_port, cfg.weight_sync.backend,
+                        cfg.net.learner_host, cfg.net.sync_store_port, cfg.sync_backend,
                         cfg.weight_sync.timeout_s, cfg.net.heartbeat_interval_s,
                         cfg.net.ready_timeout_s, max_weight_bytes=push_bytes_bound(model_dir),
                         rejected=m.messages_rejected, lora_rank=cfg.model.lora.rank)

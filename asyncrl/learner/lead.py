@@ -78,7 +78,7 @@ class Lead:
             lambda port, reason: m.auth_failures.labels(str(port), reason).inc(),
             allow=(transport.GENERATORS,))
         self.sender = WeightSender(self.control, cfg.net.bind_host, cfg.net.sync_store_port,
-                                   cfg.generator.num_generators, cfg.weight_sync.backend,
+                                   cfg.generator.num_generators, cfg.sync_backend,
                                    cfg.weight_sync.timeout_s, cfg.net.ready_timeout_s,
                                    rejected=m.messages_rejected,
                                    ranks_per_generator=cfg.generator.tensor_parallel_size,

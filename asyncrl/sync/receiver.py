@@ -73,10 +73,11 @@ class WeightReceiver:
         Returns (seconds, bytes)."""
         from asyncrl import lora
 
+        import torch
+
         t0 = time.perf_counter()
-        pool = getattr(self, "_asyncrl_pool", None)
-        if pool is None or pool.device != self.device:
-            pool = self._asyncrl_pool = weights.BucketPool(self.device)
+        # Adapters travel over gloo in host memory (transfer.Adapter), whatever the device.
+        pool = weights.BucketPool(torch.device("cpu"))
         tensors = transfer.Adapter.incoming(specs, bucket_bytes, self._asyncrl_pg,
                                             self._asyncrl_timeout, pool)
         if _tp_rank() == 0:

@@ -162,8 +162,10 @@ class CudaIpc:
 
 
 class Adapter(Broadcast):
-    """The adapter's tensors (peft's names) broadcast like the weights; the announcement
-    says which adapter they make (`adapter`: r, lora_alpha, target_modules)."""
+    """The adapter's tensors (peft's names) broadcast like the weights, but always over gloo
+    from host memory (RunConfig.sync_backend): a few MB, copied off the GPU first, and it
+    works colocated on one GPU too. The announcement says which adapter they make
+    (`adapter`: r, lora_alpha, target_modules)."""
 
     name = "adapter"
 
@@ -174,6 +176,9 @@ class Adapter(Broadcast):
 
     def announce(self, specs: list[list], tensors: Iterator[Named]) -> dict:
         return {**super().announce(specs, tensors), "adapter": self.adapter}
+
+    def send(self, specs: list[list], tensors: Iterator[Named]) -> None:
+        super().send(specs, ((n, t.cpu()) for n, t in tensors))
 
     @staticmethod
     def incoming(specs: list[list], bucket_bytes: int, pg, timeout_s: float,
@@ -189,7 +194,7 @@ def for_backend(backend: str, host: str, timeout_s: float, bucket_bytes: int,
     """weight_sync.backend's transfer: `ipc` colocated, else a broadcast over gloo or nccl;
     with `adapter` (model.lora's r, lora_alpha, target_modules) the adapter's broadcast."""
     if adapter:
-        return Adapter(backend, host, timeout_s, bucket_bytes, adapter)
+        return Adapter("gloo", host, timeout_s, bucket_bytes, adapter)
     if backend == "ipc":
         return CudaIpc(dtype)
     return Broadcast(backend, host, timeout_s, bucket_bytes)

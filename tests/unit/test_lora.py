@@ -151,12 +151,21 @@ def test_an_adapted_model_refuses_an_adapter_of_another_shape(model_dir, tmp_pat
     ("model.lora.target_modules=[q_proj,qkv]", "['qkv'] is not a layer"),
     ("model.lora.target_modules=[]", "target_modules is empty"),
     ("model.lora.target_modules=[lm_head]", "lm_head"),
-    ("weight_sync.backend=ipc", "weight_sync.backend=ipc"),
 ])
 def test_bad_lora_configs_are_named_when_the_config_loads(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "configs" / "default.yaml", ["model.lora.rank=8", override])
     assert message in str(e.value)
+
+
+def test_adapters_travel_over_gloo_whatever_the_weights_backend():
+    # Colocated on one GPU (ipc) NCCL cannot form a group; a few MB go over gloo instead.
+    for backend in ("ipc", "nccl", "auto", "gloo"):
+        cfg = load_config(ROOT / "configs" / "default.yaml",
+                          ["model.lora.rank=8", f"weight_sync.backend={backend}"])
+        assert cfg.sync_backend == "gloo"
+    assert load_config(ROOT / "configs" / "default.yaml",
+                       ["weight_sync.backend=ipc"]).sync_backend == "ipc"
 
 
 def test_target_modules_are_checked_against_a_real_models_layers(model_dir):
@@ -286,3 +295,40 @@ def test_adapter_directories_of_dead_generators_are_removed():
 
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(live, ignore_errors=True)
+
+
+def test_an_adapter_directory_merges_into_its_base(model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(model_dir)
+    model, tok, models, sched = _learner(cfg)
+    for step in (1, 2):
+        _train(cfg, models, sched, tok, step)
+    checkpoint.export(tmp_path / "adapter", model, tok, 0)
+    out = lora.merge_into(tmp_path / "adapter", model_dir, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert torch.allclose(_logprobs(merged), _logprobs(model), atol=1e-4)
+    assert (out / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.parametrize("lora_rank, adapter, names, reason", [
+    (0, {}, ["model.w"], None),
+    (8, {"r": 8, "lora_alpha": 16.0, "target_modules": ["q_proj"]},
+     ["base_model.model.m.q_proj.lora_A.weight"], None),
+    (0, {"r": 8, "lora_alpha": 16.0, "target_modules": ["q_proj"]},
+     ["base_model.model.m.q_proj.lora_A.weight"], "adapter_unexpected"),
+    (8, {}, ["model.w"], "adapter_expected"),
+    (8, {"r": 16, "lora_alpha": 16.0, "target_modules": ["q_proj"]},
+     ["base_model.model.m.q_proj.lora_A.weight"], "adapter_rank"),
+    (8, {"r": 8, "lora_alpha": 16.0, "target_modules": ["q_proj"]},
+     ["model.layers.0.mlp.down_proj.weight"], "bad_adapter"),
+])
+def test_a_generator_refuses_a_push_its_engine_does_not_load(lora_rank, adapter, names, reason):
+    from asyncrl.sync.member import SyncMember
+
+    member = SyncMember(None, None, "gen0", 1, "i", "127.0.0.1", 1, "gloo", 1.0, 1.0, 1.0,
+                        lora_rank=lora_rank)
+    msg = wire.WeightsUpdate(policy_version=3, session="s", ipc=[], bucket_bytes=64,
+                             adapter=adapter, tensors=[[n, "float32", [2, 2]] for n in names])
+    got = member._refuse_adapter(msg)
+    assert (got[0] if got else None) == reason
