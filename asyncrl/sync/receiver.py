@@ -71,9 +71,9 @@ class WeightReceiver:
         `out_dir` (memory-backed files, asyncrl/generator/engine.py loads it as its own
         adapter). Every tensor-parallel rank receives the broadcast; the first writes.
         Returns (seconds, bytes)."""
-        from asyncrl import lora
-
         import torch
+
+        from asyncrl import lora
 
         t0 = time.perf_counter()
         # Adapters travel over gloo in host memory (transfer.Adapter), whatever the device.
