@@ -129,7 +129,7 @@ def restore_sharded(ckpt: Checkpoint, models: Models, sched, rank: int) -> None:
     state = _sharded_state(models)
     dcp.load(state, checkpoint_id=ckpt.path / "sharded")
     set_state_dict(models.policy, models.policy_opt, model_state_dict=state["policy"],
-                   optim_state_dict=state["policy_optimizer"])
+                   optim_state_dict=state["policy_optimizer"], options=_policy_options(models))
     if models.critic is not None:
         if "critic" not in state:
             raise ValueError(f"{ckpt.path} has no critic but learner.advantage=gae needs one")
@@ -140,10 +140,20 @@ def restore_sharded(ckpt: Checkpoint, models: Models, sched, rank: int) -> None:
     torch.set_rng_state(st["torch_rng"])
 
 
+def _policy_options(models: Models):
+    """With LoRA (model.lora) a sharded checkpoint holds the adapters alone: the frozen base
+    is model.path, which the restarted rank loads before the checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    adapted = lora.is_adapted(models.policy)
+    return StateDictOptions(ignore_frozen_params=adapted, strict=not adapted)
+
+
 def _sharded_state(models: Models) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    policy, policy_opt = get_state_dict(models.policy, models.policy_opt)
+    policy, policy_opt = get_state_dict(models.policy, models.policy_opt,
+                                        options=_policy_options(models))
     state = {"policy": policy, "policy_optimizer": policy_opt}
     if models.critic is not None:
         state["critic"], state["critic_optimizer"] = get_state_dict(models.critic,

@@ -119,10 +119,13 @@ def push(rank: int, world: int, store: str, model_dir: str, base: int, bucket_by
 
 
 def resume(rank: int, world: int, store: str, model_dir: str, run_dir: str, resumed: bool,
-           out: str) -> None:
+           out: str, lora_rank: int = 0) -> None:
     """4 steps sharded with a sharded checkpoint at step 2 (resumed=False), or from that
     checkpoint on (resumed=True, a fresh set of processes as after a torchrun restart); rank 0
-    writes the final checksum, and the hub-format export's, to `out`."""
+    writes the final checksum, and the hub-format export's (with lora_rank, the exported
+    adapter file's), to `out`."""
+    import hashlib
+
     from asyncrl.learner import checkpoint
     from asyncrl.learner.batch import collate
     from asyncrl.learner.model import load_policy
@@ -131,7 +134,9 @@ def resume(rank: int, world: int, store: str, model_dir: str, run_dir: str, resu
     from asyncrl.learner.step import train_step
     from tests.helpers.learner import make_groups as _groups
 
-    cfg, tok, models, sched = _setup(rank, world, store, model_dir, "fsdp")
+    # LoRA without a critic (a full model of its own): the checkpoint is then the adapters
+    overrides = {"lora_rank": lora_rank, "lr": 1e-2, "advantage": "grpo"} if lora_rank else {}
+    cfg, tok, models, sched = _setup(rank, world, store, model_dir, "fsdp", **overrides)
     start = 0
     if resumed:
         ckpt = checkpoint.latest(Path(run_dir))
@@ -147,6 +152,12 @@ def resume(rank: int, world: int, store: str, model_dir: str, run_dir: str, resu
     exported = checkpoint.export(Path(run_dir) / "export" / f"resumed{int(resumed)}",
                                  models.policy, tok, rank)
     if rank == 0:
-        Path(out).write_text(json.dumps({"sha256": sha, "export": weights_sha256(
-            load_policy(exported)[0])}))
+        export = (hashlib.sha256((exported / "adapter_model.safetensors").read_bytes())
+                  .hexdigest() if lora_rank else weights_sha256(load_policy(exported)[0]))
+        files = sorted(p.name for p in (Path(run_dir) / "checkpoints" / "step_2" /
+                                        "sharded").iterdir())
+        Path(out).write_text(json.dumps({"sha256": sha, "export": export,
+                                         "checkpoint_bytes": sum(
+            p.stat().st_size for p in (Path(run_dir) / "checkpoints" / "step_2" /
+                                       "sharded").iterdir()), "files": files}))
     dist.destroy_process_group()

@@ -109,3 +109,21 @@ def test_lora_under_fsdp_trains_like_ddp_and_leaves_the_base_alone(model_dir, tm
             assert abs(a - b) <= 1e-5 * max(abs(a), 1e-8), (rank, ddp["losses"], fsdp["losses"])
     assert ddp["adapter_moved"] and fsdp["adapter_moved"]
     assert ddp["base_kept"] and fsdp["base_kept"]
+
+
+def test_a_sharded_lora_checkpoint_holds_the_adapters_and_resumes_exactly(model_dir, tmp_path):
+    def run(resumed):
+        out = tmp_path / f"lora{int(resumed)}.json"
+        mp.start_processes(dist_worker.resume, nprocs=2, start_method="spawn", join=True,
+                           args=(2, str(tmp_path / f"lstore{int(resumed)}"), str(model_dir),
+                                 str(tmp_path / "lora-run"), resumed, str(out), 8))
+        return json.loads(out.read_text())
+
+    uninterrupted = run(False)
+    resumed = run(True)
+    assert resumed["sha256"] == uninterrupted["sha256"]
+    assert resumed["export"] == uninterrupted["export"]
+    model_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    # the adapters and their AdamW moments, not the frozen base
+    assert uninterrupted["checkpoint_bytes"] < model_bytes / 4
+
