@@ -3,7 +3,8 @@ adapters only and each push carries the adapter alone; in keep mode the pushes l
 sequences run and every trained completion keeps the version of the adapter it started on, its
 behaviour logprobs equal to the learner's under that version's adapter within 1e-4 (the base
 for version 0); the memory-backed adapter files are gone after the run. The same for the real
-SmolLM2-135M-Instruct (slow)."""
+SmolLM2-135M-Instruct. Slow-marked (CI runs them in its second pytest call): the default suite
+keeps tests/e2e/test_lora_engine.py, the same engine checks without the loop."""
 
 import json
 
@@ -15,7 +16,7 @@ from asyncrl.learner.model import load_policy, token_logprobs
 from asyncrl.learner.runlog import read_batch_log
 from tests.conftest import asyncrl, free_base_port
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TOL = 1e-4
 STEPS = 12
@@ -113,7 +114,6 @@ def test_pushes_carry_the_adapter_alone_and_its_files_are_removed(tiny_run):
         for p in Path("/dev/shm").glob("asyncrl-*/gen0-*/v*"))
 
 
-@pytest.mark.slow
 def test_smollm2_with_lora_runs_through_the_loop(smollm2_cache, tmp_path):
     from asyncrl.task import smollm2
 

@@ -25,6 +25,8 @@ ACCEPTED = {
     ("task.seed", 0): "any 31-bit seed",
     ("generator.seed", 0): "any 31-bit seed",
     ("learner.seed", 0): "any 31-bit seed",
+    ("model.lora.rank", 0): "LoRA off: the whole model trains (the default)",
+    ("model.lora.dropout", 0): "no dropout on the adapters' input (the default)",
     ("task.reward_model_weight", 0): "the reward model's score is ignored (no model by default)",
     ("task.reward_model_weight", -1): "a reward model's score may be a penalty",
     ("task.terms_tail", 0): "reasoning: a uniform number of terms (documented)",
@@ -109,7 +111,7 @@ def test_every_numeric_field_has_exactly_one_bound():
 def test_the_walk_reaches_every_section():
     sections = {p.split(".")[0] for p, _ in SCALARS}
     assert sections == {"seed", "task", "warm_start", "net", "generator", "buffer", "learner",
-                        "env", "weight_sync", "run", "rm", "reward"}
+                        "env", "weight_sync", "run", "rm", "reward", "model"}
 
 
 @pytest.mark.parametrize("path,value", CASES, ids=[f"{p}={v}" for p, v in CASES])

@@ -175,7 +175,7 @@ def test_an_undeclared_field_is_refused_both_ways():
     ("batch_request", dict(rank=0, num_groups=0), "num_groups"),
     ("batch_request", dict(rank=0, num_groups=True), "num_groups"),
     ("sync_join", dict(session="", world_size=2, token="t"), "session"),
-    ("weights_update", dict(session="s", tensors=[["w", "int64", [2]]], ipc=[], bucket_bytes=64), "tensors[0].dtype"),
+    ("weights_update", dict(session="s", tensors=[["w", "int64", [2]]], ipc=[], bucket_bytes=64, adapter={}), "tensors[0].dtype"),
     ("weights_loaded", dict(sender="g", session="s", seconds=math.nan), "seconds"),
     ("ack", dict(seq=1, status="maybe", reason=""), "status"),
 ])
