@@ -123,7 +123,7 @@ def test_smollm2_with_lora_runs_through_the_loop(smollm2_cache, tmp_path):
                 "learner.minibatches=1", "generator.group_size=4",
                 "generator.prompts_per_call=2", "generator.max_tokens=48", "task.eval_size=4",
                 "learner.eval_interval=100", "learner.lr=1e-4", "learner.warmup_steps=0",
-                "learner.checkpoint_interval=1", timeout=1500)
+                "learner.checkpoint_interval=1", "buffer.max_staleness=0", timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     from asyncrl.config import load_config
 
