@@ -230,6 +230,13 @@ def test_k8s_manifests_parse_and_use_the_netconfig_ports(tmp_path):
                                        net.heartbeat_port, net.buffer_metrics_port]
     assert net.buffer_host == "asyncrl-buffer"
 
+    reward = _service_ports(objs[("Service", "asyncrl-reward")])
+    assert reward == {"score": net.reward_port, "metrics": net.reward_metrics_port}
+    assert net.reward_host == "asyncrl-reward"
+    (c,) = objs[("Deployment", "asyncrl-reward")]["spec"]["template"]["spec"]["containers"]
+    assert {p["containerPort"] for p in c["ports"]} == set(reward.values())
+    assert c["command"][:2] == ["asyncrl", "reward"]
+
     sts = objs[("StatefulSet", "asyncrl-generator")]
     n_gen = cfg.generator.num_generators
     assert sts["spec"]["replicas"] == n_gen
@@ -260,7 +267,8 @@ def test_k8s_manifests_parse_and_use_the_netconfig_ports(tmp_path):
             (c,) = objs[(kind, name)]["spec"]["template"]["spec"]["containers"]
             gpus = c["resources"]["requests"].get("nvidia.com/gpu")
             assert gpus == (None if name == "asyncrl-buffer" else
-                            1 if kind == "StatefulSet" else per_pod), name
+                            1 if kind == "StatefulSet" or name == "asyncrl-reward"
+                            else per_pod), name
 
 
 def test_every_k8s_role_mounts_the_curve_keys_secret_owner_only(tmp_path):
@@ -299,7 +307,7 @@ def test_service_monitor_keeps_each_port_on_the_pod_that_binds_it(tmp_path):
         ports = _service_ports(svc)
         for ep in sm["spec"]["endpoints"]:
             seen[ep["port"]] = ports[ep["port"]]
-            if component == "buffer":
+            if component in ("buffer", "reward"):  # one pod each: nothing to pick
                 continue
             keep = [r for r in ep["relabelings"] if r.get("action") == "keep"][0]
             index = int(next(r for r in ep["relabelings"] if "targetLabel" in r)["replacement"])
