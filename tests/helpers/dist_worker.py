@@ -160,4 +160,5 @@ def resume(rank: int, world: int, store: str, model_dir: str, run_dir: str, resu
                                          "checkpoint_bytes": sum(
             p.stat().st_size for p in (Path(run_dir) / "checkpoints" / "step_2" /
                                        "sharded").iterdir()), "files": files}))
+    dist.barrier()  # both ranks done before either tears its group down
     dist.destroy_process_group()
