@@ -279,6 +279,10 @@ def _keys(args) -> int:
           f"and one pair per client role ({', '.join(roles)}); owner-only. Each role needs "
           "server.key and its own <role>.key_secret; the buffer and the learner (which serve) "
           "server.key_secret and every <role>.key. Set net.keys_dir to the directory")
+    from asyncrl.transport import endpoint_key
+
+    print(f"OpenAI-compatible endpoints (generator.endpoint): Authorization: Bearer "
+          f"{endpoint_key(Path(args.dir).expanduser())}")
     return 0
 
 

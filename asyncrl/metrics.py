@@ -117,6 +117,22 @@ class GeneratorMetrics:
                                    "Tool calls answered with an error, and observations cut "
                                    "to env.max_observation_tokens, by reason", ["reason"],
                                    registry=r)
+        # generator.endpoint (asyncrl/generator/endpoint.py)
+        self.endpoint_requests = Counter("asyncrl_generator_endpoint_requests_total",
+                                         "Requests the OpenAI-compatible endpoint answered, by "
+                                         "HTTP status", ["status"], registry=r)
+        self.endpoint_rejected = Counter("asyncrl_generator_endpoint_rejected_total",
+                                         "Endpoint requests refused, by reason (the error "
+                                         "body's code)", ["reason"], registry=r)
+        self.endpoint_calls = Counter("asyncrl_generator_endpoint_calls_total",
+                                      "Endpoint calls run in the engine", registry=r)
+        self.endpoint_episodes = Counter("asyncrl_generator_endpoint_episodes_total",
+                                         "Endpoint episodes ended, by outcome (ok, "
+                                         "not_mergeable, abandoned, agent_error, no_call)",
+                                         ["outcome"], registry=r)
+        self.endpoint_groups = Counter("asyncrl_generator_endpoint_groups_total",
+                                       "Endpoint episode groups ended, trained or dropped",
+                                       ["outcome"], registry=r)
 
 
 class BufferMetrics:

@@ -69,8 +69,9 @@ def execute_run(cfg: RunConfig, out=print) -> int:
     from asyncrl.transport import client_roles, load_keys, make_keys
 
     roles = client_roles(cfg.generator.num_generators)
-    if cfg.net.curve and not cfg.net.keys_dir:
-        make_keys(run_dir / "keys", roles)  # every role of this run finds its own there
+    if (cfg.net.curve or cfg.generator.endpoint) and not cfg.net.keys_dir:
+        # every role of this run finds its own there (and the endpoints their bearer key)
+        make_keys(run_dir / "keys", roles)
     elif cfg.net.curve:
         for role in ["buffer", *roles]:  # missing keys: fail now, naming them
             load_keys(Path(cfg.net.keys_dir).expanduser(), role)

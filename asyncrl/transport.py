@@ -81,7 +81,28 @@ def make_keys(directory: str | os.PathLike, roles: list[str] | None = None) -> P
             zmq.auth.create_certificates(d, name)
         for f in (f"{name}.key", f"{name}.key_secret"):
             os.chmod(d / f, 0o600)
+    key = d / ENDPOINT_KEY
+    if not key.is_file():  # the OpenAI-compatible endpoints' bearer key (generator.endpoint)
+        import secrets
+
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("sk-asyncrl-" + secrets.token_hex(24) + "\n")
+    os.chmod(key, 0o600)
     return d
+
+
+ENDPOINT_KEY = "endpoint.token"  # not *.key: those are the CURVE public keys
+
+
+def endpoint_key(directory: str | os.PathLike) -> str:
+    """The bearer key of the run's OpenAI-compatible endpoints (`asyncrl keys` prints it);
+    FileNotFoundError naming the file when the directory has none."""
+    path = Path(directory) / ENDPOINT_KEY
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no endpoint key (made by `asyncrl keys` and by "
+                                "`asyncrl run`, with the run's CURVE keys)")
+    return path.read_text().strip()
 
 
 def load_keys(directory: str | os.PathLike, role: str = "gen0") -> Keys:

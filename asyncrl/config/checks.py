@@ -138,7 +138,32 @@ def cross_field_errors(cfg: RunConfig) -> list[str]:
     """Checks that combine fields; every field is already in its range."""
     return (_task_errors(cfg) + _warm_start_errors(cfg) + _length_errors(cfg)
             + _net_errors(cfg) + _device_errors(cfg) + _learner_errors(cfg)
-            + _buffer_errors(cfg) + _env_errors(cfg) + _lora_errors(cfg))
+            + _buffer_errors(cfg) + _env_errors(cfg) + _lora_errors(cfg)
+            + _endpoint_errors(cfg))
+
+
+def _endpoint_errors(cfg: RunConfig) -> list[str]:
+    """generator.endpoint / task.agent: the agents' episodes are the rollout."""
+    if not cfg.endpoint_on:
+        return []
+    errs = _failed([
+        (cfg.generator.streaming, "generator.endpoint and task.agent need "
+                                  "generator.streaming=true (a call is a request of the "
+                                  "streaming generator's engine loop)"),
+        (not cfg.generator.on_policy, "generator.endpoint with generator.on_policy: the "
+                                      "agents decide when episodes start; use "
+                                      "buffer.max_staleness=0 for on-policy data"),
+        (not cfg.reward.service, "generator.endpoint with reward.service: an agent's episode "
+                                 "is scored by the reward it posts"),
+    ])
+    if cfg.task.agent:
+        from asyncrl.generator.endpoint import load_agent
+
+        try:
+            load_agent(cfg.task.agent)
+        except ValueError as e:
+            errs.append(str(e))
+    return errs
 
 
 def _lora_errors(cfg: RunConfig) -> list[str]:
@@ -257,9 +282,9 @@ def _task_errors(cfg: RunConfig) -> list[str]:
         (task.tool_skip == 0 or task.name == "calculator",
          f"task.tool_skip={task.tool_skip} shapes the calculator task's SFT transcripts: it "
          f"needs task.name=calculator, not {task.name!r}"),
-        (task.name != "calculator" or cfg.env.name,
+        (task.name != "calculator" or cfg.env.name or task.agent,
          "task.name=calculator is solved with a tool over several turns: it needs "
-         "env.name=calculator"),
+         "env.name=calculator (or an agent that runs the tool, task.agent)"),
     ])
 
 

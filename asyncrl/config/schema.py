@@ -94,6 +94,11 @@ class TaskConfig:
     task.path."""
     path: str = ""
     """A local .jsonl or .parquet file of records (task.name=dataset)."""
+    agent: str = ""
+    """`package.module:function`: an agent written against the OpenAI API, run as the
+    rollout: an async function (problem, base_url, api_key) -> reward, which the generator
+    runs group_size times per problem against its own endpoint (generator.endpoint), each
+    run one episode (asyncrl/generator/endpoint.py). Empty: the generator samples itself."""
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     chat_template: bool = False
@@ -244,6 +249,10 @@ class NetConfig:
     def learner_metrics_port(self, rank: int) -> int:
         return self.base_port + 60 + rank
 
+    def endpoint_port(self, index: int) -> int:
+        """Generator `index`'s OpenAI-compatible endpoint (generator.endpoint)."""
+        return self.base_port + 100 + index
+
 
 @dataclass
 class GeneratorConfig:
@@ -267,6 +276,16 @@ class GeneratorConfig:
     max_episode_tokens: int = 96
     """With an environment: tokens after the prompt per episode (sampled and injected); one
     that reaches it ends with finish reason `length`."""
+    endpoint: bool = False
+    """Serve an OpenAI-compatible endpoint (/v1/chat/completions, /v1/completions) on
+    net.endpoint_port(i) = base_port + 100 + i, backed by this generator's engine: calls
+    under /episodes/<id>/v1 are recorded (ids, logprobs, versions) and, once the episode's
+    reward is posted, trained on (asyncrl/generator/endpoint.py; docs/environments.md, "Bring
+    your own agent"). On with task.agent. The generator then samples nothing of its own for
+    training; with env.name the environment still runs the held-out evaluation."""
+    episode_timeout_s: float = 300.0
+    """An endpoint episode with no call and no reward for this long is abandoned: ended,
+    counted, its calls dropped."""
     kv_cache_gib: int = 1
     """VLLM_CPU_KVCACHE_SPACE on CPU (required there); ignored on GPU."""
     gpu_memory_utilization: float = 0.85
@@ -625,10 +644,17 @@ class RunConfig:
                    self.buffer.admit_steps * self.learner.groups_per_step)
 
     @property
+    def endpoint_on(self) -> bool:
+        """The generators serve the OpenAI-compatible endpoint, whose episodes are the
+        rollout (generator.endpoint, or task.agent, which runs against it)."""
+        return self.generator.endpoint or bool(self.task.agent)
+
+    @property
     def max_completion_tokens(self) -> int:
-        """The most tokens after a prompt: generator.max_tokens, or with an environment the
-        episode's budget, generator.max_episode_tokens."""
-        return self.generator.max_episode_tokens if self.env.name else self.generator.max_tokens
+        """The most tokens after a prompt: generator.max_tokens, or with an environment or
+        the endpoint's episodes the episode's budget, generator.max_episode_tokens."""
+        episodes = self.env.name or self.endpoint_on
+        return self.generator.max_episode_tokens if episodes else self.generator.max_tokens
 
     @property
     def prefix_caching(self) -> bool:

@@ -335,7 +335,7 @@ def engine_length(cfg, model_dir: str, prompts: list[list[int]]) -> int:
     """The engine's max_model_len: the longest prompt and completion with 8 spare; with an
     environment, whose prompts only its reset says, the model's positions (each episode
     keeps within them)."""
-    if cfg.env.name:
+    if cfg.env.name or cfg.endpoint_on:
         config = json.loads((Path(model_dir) / "config.json").read_text())
         return int(config.get("max_position_embeddings", 4096))
     return max(map(len, prompts)) + cfg.max_completion_tokens + 8

@@ -91,13 +91,24 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
     log.info("%s: engine up (%s); generating, and joining weight sync when the learner asks",
              name, f"streaming, up to {gc.max_inflight} sequences, in-flight updates: "
              f"{gc.inflight_update}" if gc.streaming else "batch generate calls")
+    endpoint = driver = None
+    if cfg.endpoint_on:  # generator.endpoint / task.agent: agents' episodes are the rollout
+        from asyncrl.generator.endpoint import Driver, Endpoint, load_agent
+        from asyncrl.transport import endpoint_key
+
+        endpoint = Endpoint(cfg, tok, name, index, max_len,
+                            endpoint_key(Path(cfg.net.keys_dir or run_dir / "keys")), m)
+        endpoint.start()
+        if cfg.task.agent:
+            driver = Driver(load_agent(cfg.task.agent), endpoint)
     gen = _Generation(
         cfg, engine, Control(name, member, evaluator, probe, m, stats),
         Delivery(cfg, name, incarnation, Scorer(cfg, tok), {p.id: p for p in train}, buffer, m,
                  stats, (run_dir / "acks").joinpath(f"{name}.jsonl"),
                  _reward_service(cfg, name, incarnation, m)),
         prompt_ids, random.Random(gc.seed * 1000 + index), m, stats,
-        _unit_kind(cfg, tok, prompt_ids, {p.id: p for p in train}, max_len))
+        _unit_kind(cfg, tok, prompt_ids, {p.id: p for p in train}, max_len),
+        endpoint, driver, {p.id: p for p in train})
     try:
         if gc.streaming:
             gen.stream()
@@ -186,9 +197,13 @@ class _Generation:
     """One generator's loops over its rollout, control and delivery."""
 
     def __init__(self, cfg: RunConfig, engine, control: Control, delivery: Delivery,
-                 prompt_ids: dict, rng: random.Random, m, stats: _Stats, new_unit):
+                 prompt_ids: dict, rng: random.Random, m, stats: _Stats, new_unit,
+                 endpoint=None, driver=None, problems: dict | None = None):
         self.cfg, self.engine, self.control, self.delivery = cfg, engine, control, delivery
         self.new_unit = new_unit  # _unit_kind's
+        # generator.endpoint: agents' calls and episodes (asyncrl/generator/endpoint.py);
+        # task.agent: the driver that runs the agent on the training problems
+        self.endpoint, self.driver, self.problems = endpoint, driver, problems or {}
         self.prompt_ids, self.rng, self.m, self.stats = prompt_ids, rng, m, stats
         self.train_ids = list(prompt_ids)
         # generator.on_policy: this generator's share of one learner batch (per version).
@@ -207,26 +222,44 @@ class _Generation:
         control, delivery = self.control, self.delivery
         made: Counter[int] = Counter()  # groups started under each policy version
         ready: list = []  # complete groups (SampleGroup, EpisodeGroup) not yet in a message
+        endpoint = self.endpoint
         while True:
             control.serve(0.0, rollout)  # loads between two engine steps
             control.start_eval(rollout)
-            self._admit(rollout, made)
+            if endpoint is not None:
+                endpoint.poll(rollout, control.version)
+                self._launch_agents()
+                ready += endpoint.take_groups()
+            else:
+                self._admit(rollout, made)
             if rollout.busy:
                 self._step(rollout)
             for unit in rollout.take_finished():
                 if unit.evaluation:
                     control.finish_eval(unit)
+                elif getattr(unit, "call", None) is not None:  # an endpoint call
+                    endpoint.finished(unit)
                 else:
                     ready.append(unit)
             if ready and not delivery.full():  # a full window holds finished groups back
                 delivery.send(ready, control.version)
                 ready = []
             # Idle (buffer full, or on-policy waiting for new weights): wait on both sockets.
-            wait = 0.0 if rollout.busy else 0.02
+            wait = 0.0 if rollout.busy else 0.002 if endpoint is not None else 0.02
             delivery.pump(wait)
             if not rollout.busy:
                 control.serve(wait, rollout)
             self._gauges(rollout)
+
+    def _launch_agents(self) -> None:
+        """task.agent: start groups of the agent's episodes on training problems while fewer
+        than generator.max_inflight / group_size run (and the send window has room)."""
+        gc = self.cfg.generator
+        if self.driver is None:
+            return
+        while (self.driver.groups < max(1, gc.max_inflight // gc.group_size)
+               and not self.delivery.full()):
+            self.driver.launch(self.problems[self.rng.choice(self.train_ids)], gc.group_size)
 
     def _admit(self, rollout: Rollout, made: Counter) -> None:
         """Start new prompts while there is room (and, on-policy, while this version's share

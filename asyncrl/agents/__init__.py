@@ -1,0 +1,1 @@
+"""Agents written against the OpenAI API, for task.agent (asyncrl/generator/endpoint.py)."""

@@ -1,0 +1,751 @@
+"""Any agent as a rollout: an OpenAI-compatible endpoint on a generator (generator.endpoint).
+
+Each generator serves `POST /v1/chat/completions` and `POST /v1/completions` (non-streaming)
+on net.endpoint_port(i), backed by the same engine and continuous batching as its own rollouts:
+a call is one engine request (`ApiCall`, a unit of asyncrl/generator/stream.py), so in-flight
+updates, staleness and per-token versions apply to it as to any other. The prompt is the
+model's own rendering (`apply_chat_template`, tools included; a completion prompt is encoded
+as the task's prompts are), and each call's prompt ids, sampled ids, behaviour logprobs and
+policy versions are recorded (and returned to the caller under `asyncrl` in the response).
+
+Episodes. Calls under `/episodes/<id>/v1/...` belong to episode `<id>`; the episode ends with
+`POST /episodes/<id>/reward {"reward": r}` (or, with task.agent, the agent function's return
+value). Its calls become one trajectory when each call's prompt extends everything before it
+(the first prompt, the sampled tokens, what the agent added): the tokens the agent added
+between two calls are injected (masked: no loss, as an environment's observation), and the
+next call continues from the ids the engine sampled, never from a re-rendering of their text.
+A model's turn that ended with its stop token may come back without it (the agent kept the
+text, not the ids): the sampled stop token stays, and what follows is injected. A call whose
+prompt does not extend the episode is served, and the episode is not trained on (counted:
+`endpoint_episodes{outcome="not_mergeable"}`). Episodes are grouped by the id before their last
+`.` (`<group>.<k>`): `generator.group_size` ended episodes of a group are one training group
+(GRPO's), sent to the buffer like any other; a group whose episodes started from different
+prompts, or with an episode dropped, is dropped and counted.
+
+The driver (task.agent=`package.module:function`): an async function (problem, base_url,
+api_key) -> reward, run `group_size` times per training problem in an event loop of its own
+(a thread), each run one episode against this generator's endpoint (base_url
+`http://<host>:<port>/episodes/<group>.<k>/v1`, so an unmodified OpenAI client works).
+
+Access and bad input: every request needs `Authorization: Bearer <key>` (RUN_DIR/keys/
+endpoint.token; `asyncrl keys` prints it); the server binds net.bind_host. Refused requests get
+OpenAI-style error bodies (`{"error": {"message", "type", "param", "code"}}`) with a 4xx status
+and are counted by reason; nothing a client sends stops the generator. An episode with no call
+and no reward for generator.episode_timeout_s is abandoned: ended, counted, its calls dropped.
+
+Threads: HTTP handler threads parse, check and render, then hand the call to the generator's
+loop (a queue) and wait; everything that touches the engine, the episodes and the groups runs
+in the loop (`Endpoint.poll`, `Endpoint.finished`), between two engine steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+
+from asyncrl import wire
+from asyncrl.generator.episode import INJECTED, SAMPLED, EpisodeGroup
+from asyncrl.generator.stream import Sequence, Unit
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "asyncrl"
+MAX_BODY_BYTES = 8 << 20
+CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature",
+               "top_p", "n", "stream", "logprobs", "seed", "user", "tools", "tool_choice"}
+COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream",
+                     "logprobs", "seed", "user"}
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ApiError(Exception):
+    """A refused request: its HTTP status and OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str = "invalid_request", kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = (status, message, param,
+                                                                       code, kind)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+# ------------------------------------------------------------------ requests
+
+
+@dataclass
+class Request:
+    """One checked call: the rendered prompt ids and what to answer."""
+
+    prompt: list[int]
+    max_tokens: int
+    chat: bool
+    logprobs: bool = False
+
+
+class Renderer:
+    """Checks a call's JSON against what the endpoint serves and renders its prompt ids."""
+
+    def __init__(self, tok, temperature: float, max_tokens: int, encode_completion):
+        self.tok, self.temperature, self.max_tokens = tok, temperature, max_tokens
+        self.encode_completion = encode_completion  # text -> ids, as the task's prompts
+
+    def chat(self, body) -> Request:
+        self._common(body, CHAT_FIELDS)
+        if not getattr(self.tok, "chat_template", None):
+            raise ApiError(400, "this model has no chat template: use /v1/completions",
+                           "messages", "no_chat_template")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or len(messages) > 4096:
+            raise ApiError(400, "messages must be a non-empty list of messages", "messages")
+        clean = [self._message(m, i) for i, m in enumerate(messages)]
+        tools = body.get("tools")
+        if tools is not None and (not isinstance(tools, list) or not all(
+                isinstance(t, dict) for t in tools)):
+            raise ApiError(400, "tools must be a list of tool descriptions", "tools")
+        choice = body.get("tool_choice")
+        if choice not in (None, "auto", "none"):
+            raise ApiError(400, "tool_choice: only auto and none are served", "tool_choice")
+        try:
+            text = self.tok.apply_chat_template(clean, tools=tools or None, tokenize=False,
+                                                add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - the template's own complaint, as a 400
+            raise ApiError(400, f"the chat template cannot render these messages: {e}",
+                           "messages") from None
+        ids = list(self.tok.encode(text, add_special_tokens=False))
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        return Request(ids, self._max_tokens(limit, "max_tokens"), True,
+                       bool(body.get("logprobs")))
+
+    def completion(self, body) -> Request:
+        self._common(body, COMPLETION_FIELDS)
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            ids = list(self.encode_completion(prompt))
+        elif isinstance(prompt, list) and prompt and all(
+                type(t) is int and 0 <= t < len(self.tok) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise ApiError(400, "prompt must be a string or a list of token ids of this model",
+                           "prompt")
+        logprobs = body.get("logprobs")
+        if logprobs is not None and (type(logprobs) is not int or not 0 <= logprobs <= 1):
+            raise ApiError(400, "logprobs: 0 or 1 (the sampled token's) is served", "logprobs")
+        return Request(ids, self._max_tokens(body.get("max_tokens"), "max_tokens"), False,
+                       bool(logprobs))
+
+    def _common(self, body, allowed: set[str]) -> None:
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        unknown = sorted(k for k in body if k not in allowed)
+        if unknown:
+            raise ApiError(400, f"unknown or unsupported field(s): {', '.join(unknown)[:200]}",
+                           unknown[0][:64], "unknown_field")
+        if body.get("model") != MODEL_NAME:
+            raise ApiError(404, f"model {str(body.get('model'))[:64]!r} is not served here; "
+                           f"the policy is {MODEL_NAME!r}", "model", "model_not_found")
+        if body.get("stream"):
+            raise ApiError(400, "streaming responses are not served (stream=false)", "stream")
+        if body.get("n", 1) != 1:
+            raise ApiError(400, "n must be 1: one completion per call (an episode is one "
+                           "trajectory)", "n")
+        t = body.get("temperature", self.temperature)
+        if type(t) not in (int, float) or abs(t - self.temperature) > 1e-9:
+            raise ApiError(400, f"temperature must be the run's generator.temperature "
+                           f"({self.temperature:g}): the learner recomputes the behaviour "
+                           "logprobs at it", "temperature")
+        if body.get("top_p", 1) != 1:
+            raise ApiError(400, "top_p must be 1 (the learner's logprobs are of the whole "
+                           "distribution)", "top_p")
+
+    def _message(self, m, i: int) -> dict:
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}] must be a message with a role in "
+                           f"{', '.join(ROLES)}", f"messages[{i}]")
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text"), str) for p in content):
+                raise ApiError(400, f"messages[{i}].content: only text parts are served",
+                               f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        if content is not None and not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be text",
+                           f"messages[{i}].content")
+        out = {"role": m["role"], "content": content or ""}
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if key in m:
+                out[key] = m[key]
+        return out
+
+    def _max_tokens(self, value, param: str) -> int:
+        if value is None:
+            return self.max_tokens
+        if type(value) is not int or not 1 <= value <= self.max_tokens:
+            raise ApiError(400, f"{param} must be in [1, {self.max_tokens}] "
+                           "(generator.max_tokens)", param, "max_tokens_too_large")
+        return value
+
+
+# ------------------------------------------------------------------ episodes
+
+
+class AgentEpisode:
+    """One episode of an agent's calls, as asyncrl/generator/episode.py's Episode keeps one:
+    the first prompt, then every token after it with its logprob, version and source."""
+
+    def __init__(self, eid: str, started: float):
+        self.id, self.started, self.last_active = eid, started, started
+        self.prompt: list[int] = []
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.versions: list[int] = []
+        self.sources: list[int] = []
+        self.turns = 0
+        self.reward = 0.0
+        self.finish_reason = ""
+        self.outcome = ""  # "" while open; "ok", "not_mergeable", "abandoned", "agent_error"
+        self.running = False  # a call of it is in the engine
+        self.env_seconds: list[float] = []  # the agent's time between calls
+        self.truncated_observations = 0
+        self.env = None
+        self.merges = True
+        self.final: Reward | None = None  # a reward that came while a call ran
+
+    def request(self, ids: list[int], stop_ids: set[int]) -> list[int]:
+        """The engine request for a call whose rendered prompt is `ids`: the episode's
+        transcript (the ids it sampled) plus what the agent added, injected. A prompt that does
+        not extend the transcript is served as it is, and the episode will not be trained."""
+        if not self.prompt and not self.ids:
+            self.prompt = list(ids)
+            return list(ids)
+        at = _extends(ids, self.prompt, self.ids, self.sources, stop_ids)
+        if at is None:
+            self.merges = False
+            return list(ids)
+        self._inject(ids[at:])
+        return self.prompt + self.ids
+
+    def _inject(self, extra: list[int]) -> None:
+        last = self.versions[-1] if self.versions else 0
+        self.ids += extra
+        self.logprobs += [0.0] * len(extra)
+        self.versions += [last] * len(extra)
+        self.sources += [INJECTED] * len(extra)
+
+    def turn_done(self, seq: Sequence, merged: bool) -> None:
+        self.turns += 1
+        if merged and self.merges:
+            self.ids += seq.tokens
+            self.logprobs += seq.logprobs
+            self.versions += seq.versions
+            self.sources += [SAMPLED] * len(seq.tokens)
+        self.finish_reason = seq.finish_reason or "stop"
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.outcome)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.outcome)
+
+    @property
+    def waiting(self) -> bool:
+        return False
+
+    def parts(self) -> dict[str, float]:
+        return {"agent": self.reward, "episode_turns": float(self.turns)}
+
+    def completion(self) -> wire.Completion:
+        return wire.Completion(np.asarray(self.ids, np.int32),
+                               np.asarray(self.logprobs, np.float32), self.reward,
+                               self.finish_reason or "stop",
+                               np.asarray(self.versions, np.int64), reward_parts=self.parts(),
+                               sources=np.asarray(self.sources, np.uint8))
+
+
+def _extends(ids: list[int], prompt: list[int], after: list[int], sources: list[int],
+             stop_ids: set[int]) -> int | None:
+    """Where `ids` (a call's rendered prompt) goes past the episode so far (`prompt`, then
+    `after` with its `sources`), or None when it does not extend it. A stop token the model
+    sampled may be missing from `ids` (the agent sent back the text, which drops it): it is
+    skipped, and stays in the episode as sampled."""
+    if ids[:len(prompt)] != prompt:
+        return None
+    j = len(prompt)
+    for t, src in zip(after, sources):
+        if j < len(ids) and ids[j] == t:
+            j += 1
+        elif not (src == SAMPLED and t in stop_ids):
+            return None
+    return j
+
+
+class AgentGroup(EpisodeGroup):
+    """group_size ended episodes of one group, as one training group (Delivery sends it as
+    it sends an environment's EpisodeGroup)."""
+
+    def __init__(self, key: int, episodes: list[AgentEpisode], version: int):
+        Unit.__init__(self, [])
+        self.key, self.version = key, version
+        self.started_at = min(e.started for e in episodes)
+        self.first_token_at = self.started_at
+        self.episodes = episodes
+        self._of = {}
+
+
+class ApiCall(Unit):
+    """One call of the endpoint: one engine request."""
+
+    def __init__(self, call: Call, ids: list[int], temperature: float, merged: bool):
+        super().__init__([Sequence(list(ids), call.request.max_tokens, temperature)])
+        self.call, self.merged = call, merged
+        self.started_at = time.monotonic()
+        self.first_token_at = None
+
+
+@dataclass
+class Call:
+    """A call handed from an HTTP thread to the loop, and its answer."""
+
+    request: Request
+    episode: str | None
+    done: threading.Event = field(default_factory=threading.Event)
+    status: int = 200
+    body: dict | None = None
+
+
+@dataclass
+class Reward:
+    episode: str
+    reward: float
+    error: str = ""  # the agent raised (task.agent)
+    done: threading.Event = field(default_factory=threading.Event)
+    status: int = 200
+    body: dict | None = None
+
+
+def group_of(eid: str) -> str:
+    return eid.rsplit(".", 1)[0] if "." in eid else eid
+
+
+def group_key(group: str) -> int:
+    """A training group's prompt id for an agent group (the buffer's identity of it)."""
+    return zlib.crc32(group.encode()) | (1 << 40)
+
+
+class Endpoint:
+    """The loop's side: takes calls and rewards from the HTTP threads and the driver, runs
+    calls in the rollout, keeps the episodes, and hands out complete groups."""
+
+    def __init__(self, cfg, tok, name: str, index: int, max_model_len: int, key: str,
+                 metrics, clock=time.monotonic):
+        from asyncrl.task import encode_prompt
+
+        gc = cfg.generator
+        self.name, self.key, self.m, self.clock = name, key, metrics, clock
+        self.temperature, self.group_size = gc.temperature, gc.group_size
+        self.timeout_s = gc.episode_timeout_s
+        self.max_model_len = max_model_len
+        self.episode_tokens = cfg.max_completion_tokens  # the learner's bound after a prompt
+        self.renderer = Renderer(tok, gc.temperature, gc.max_tokens,
+                                 lambda text: encode_prompt(tok, text, False))
+        self.tok = tok
+        self.stop_ids = {t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None}
+        self.host, self.port = cfg.net.bind_host, cfg.net.endpoint_port(index)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending: list[ApiCall] = []
+        self.episodes: dict[str, AgentEpisode] = {}
+        self.ended: dict[str, list[AgentEpisode]] = {}  # group -> its ended episodes
+        self.closed: OrderedDict[str, None] = OrderedDict()  # ended episode ids (the newest)
+        self.ready: list[AgentGroup] = []
+        self.server: ThreadingHTTPServer | None = None
+
+    # -------------------------------------------------------------- HTTP side
+
+    def start(self) -> None:
+        handler = _handler(self)
+        self.server = _Server((self.host, self.port), handler)
+        threading.Thread(target=self.server.serve_forever, name="endpoint",
+                         daemon=True).start()
+        log.info("%s: OpenAI-compatible endpoint on http://%s:%d/v1 (episodes under "
+                 "/episodes/<id>/v1)", self.name, self.host, self.port)
+
+    def url(self, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}"
+
+    def refused(self, reason: str) -> None:
+        self.m.endpoint_rejected.labels(reason).inc()
+
+    # -------------------------------------------------------------- loop side
+
+    def poll(self, rollout, version: int) -> None:
+        """Between engine steps: take what the HTTP threads and the driver handed over,
+        start the calls there is room for, end abandoned episodes."""
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Call):
+                self._call(item)
+            else:
+                self._reward(item, version)
+        while self.pending and rollout.room(1):
+            rollout.start(self.pending.pop(0), version)
+        self._expire(version)
+
+    def _answer(self, item, status: int, body: dict) -> None:
+        item.status, item.body = status, body
+        item.done.set()
+
+    def _call(self, call: Call) -> None:
+        ids, merged = call.request.prompt, True
+        if call.episode is not None:
+            ep = self.episodes.get(call.episode)
+            if ep is None:
+                if call.episode in self.closed:
+                    self.refused("episode_finished")
+                    return self._answer(call, 409, ApiError(
+                        409, f"episode {call.episode!r} is finished", None,
+                        "episode_finished").body())
+                ep = self.episodes[call.episode] = AgentEpisode(call.episode, self.clock())
+            if ep.running or ep.final is not None:
+                self.refused("episode_busy")
+                return self._answer(call, 409, ApiError(
+                    409, f"episode {call.episode!r} has a call running: an episode's calls "
+                    "are sequential", None, "episode_busy").body())
+            now = self.clock()
+            if ep.turns:
+                ep.env_seconds.append(now - ep.last_active)
+            ep.last_active = now
+            ids = ep.request(ids, self.stop_ids)
+            merged = ep.merges
+            after = len(ep.ids) + call.request.max_tokens
+            if merged and after > self.episode_tokens:
+                self.refused("episode_too_long")
+                return self._answer(call, 400, ApiError(
+                    400, f"episode {call.episode!r} would exceed {self.episode_tokens} tokens "
+                    "after its first prompt (generator.max_episode_tokens)", "max_tokens",
+                    "max_tokens_too_large").body())
+            ep.running = True
+        if len(ids) + call.request.max_tokens > self.max_model_len:
+            if call.episode is not None:
+                self.episodes[call.episode].running = False
+            self.refused("too_long")
+            return self._answer(call, 400, ApiError(
+                400, f"prompt ({len(ids)} tokens) + max_tokens exceeds the model's "
+                f"{self.max_model_len} positions", "max_tokens", "context_length_exceeded"
+            ).body())
+        self.m.endpoint_calls.inc()
+        self.pending.append(ApiCall(call, ids, self.temperature, merged))
+
+    def finished(self, unit: ApiCall) -> None:
+        """A call's request is done: answer it, and add its tokens to its episode."""
+        seq = unit.seqs[0]
+        call = unit.call
+        if call.episode is not None:
+            ep = self.episodes.get(call.episode)
+            if ep is not None:
+                ep.running = False
+                ep.last_active = self.clock()
+                ep.turn_done(seq, unit.merged)
+        self._answer(call, 200, self._response(call.request, seq))
+        if call.episode is not None and ep is not None and ep.final is not None:
+            self._reward(ep.final, unit.seqs[0].versions[-1] if seq.versions else 0)
+
+    def _response(self, req: Request, seq: Sequence) -> dict:
+        text = self.tok.decode(seq.tokens, skip_special_tokens=True)
+        reason = "length" if seq.finish_reason == "length" else "stop"
+        usage = {"prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.tokens),
+                 "total_tokens": len(seq.prompt) + len(seq.tokens)}
+        record = {"prompt_token_ids": list(seq.prompt), "token_ids": list(seq.tokens),
+                  "logprobs": list(seq.logprobs), "versions": list(seq.versions)}
+        created = int(time.time())
+        if req.chat:
+            lp = ({"content": [{"token": self.tok.decode([t]), "logprob": x, "bytes": None,
+                                "top_logprobs": []} for t, x in zip(seq.tokens, seq.logprobs)]}
+                  if req.logprobs else None)
+            return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+                    "created": created, "model": MODEL_NAME,
+                    "choices": [{"index": 0, "finish_reason": reason, "logprobs": lp,
+                                 "message": {"role": "assistant", "content": text}}],
+                    "usage": usage, "asyncrl": record}
+        lp = ({"tokens": [self.tok.decode([t]) for t in seq.tokens],
+               "token_logprobs": list(seq.logprobs), "top_logprobs": None,
+               "text_offset": None} if req.logprobs else None)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                "created": created, "model": MODEL_NAME,
+                "choices": [{"index": 0, "text": text, "finish_reason": reason,
+                             "logprobs": lp}], "usage": usage, "asyncrl": record}
+
+    def _reward(self, r: Reward, version: int) -> None:
+        ep = self.episodes.get(r.episode)
+        if ep is None and not r.error:
+            self.refused("unknown_episode")
+            return self._answer(r, 404, ApiError(404, f"no episode {r.episode!r} (no call was "
+                                                 "made under it)", None,
+                                                 "unknown_episode").body())
+        if ep is None:  # the agent raised before its first call
+            ep = AgentEpisode(r.episode, self.clock())
+        elif ep.running:  # ended once its call is done (the agent gave up waiting on it)
+            ep.final = r
+            return None
+        self.episodes.pop(r.episode, None)
+        self._close(r.episode)
+        ep.reward = r.reward
+        ep.outcome = ("agent_error" if r.error else "not_mergeable" if not ep.merges
+                      else "ok" if ep.turns else "no_call")
+        self._end(ep, version)
+        self._answer(r, 200, {"episode": r.episode, "reward": r.reward,
+                              "trained": ep.outcome == "ok"})
+
+    def _close(self, eid: str) -> None:
+        self.closed[eid] = None
+        while len(self.closed) > 100_000:  # ids are kept to refuse late calls, not forever
+            self.closed.popitem(last=False)
+
+    def _expire(self, version: int) -> None:
+        now = self.clock()
+        for eid, ep in list(self.episodes.items()):
+            if not ep.running and now - ep.last_active > self.timeout_s:
+                del self.episodes[eid]
+                self._close(eid)
+                ep.outcome = "abandoned"
+                self._end(ep, version)
+
+    def _end(self, ep: AgentEpisode, version: int) -> None:
+        self.m.endpoint_episodes.labels(ep.outcome).inc()
+        group = group_of(ep.id)
+        ended = self.ended.setdefault(group, [])
+        ended.append(ep)
+        if len(ended) < self.group_size:
+            return
+        del self.ended[group]
+        prompts = {tuple(e.prompt) for e in ended}
+        if any(e.outcome != "ok" for e in ended) or len(prompts) != 1:
+            self.m.endpoint_groups.labels("dropped").inc()
+            log.warning("%s: agent group %r dropped: %s", self.name, group,
+                        "its episodes started from different prompts" if len(prompts) != 1
+                        else ", ".join(sorted({e.outcome for e in ended})))
+            return
+        self.m.endpoint_groups.labels("trained").inc()
+        self.ready.append(AgentGroup(group_key(group), ended, version))
+
+    def take_groups(self) -> list[AgentGroup]:
+        out, self.ready = self.ready, []
+        return out
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
+class _Server(ThreadingHTTPServer):
+    # Agents open many connections at once (group_size x groups in flight); the default
+    # listen backlog of 5 refused some of them (the openai client's "Connection error").
+    request_queue_size = 1024
+    daemon_threads = True
+
+
+def _handler(endpoint: Endpoint):
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "asyncrl"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):  # noqa: D401 - the metrics count requests
+            log.debug("endpoint: " + fmt, *args)
+
+        def _send(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            endpoint.m.endpoint_requests.labels(str(status)).inc()
+
+        def _error(self, e: ApiError) -> None:
+            endpoint.refused(e.code)
+            self._send(e.status, e.body())
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if not self._authorized():
+                return
+            path = self.path.split("?")[0].rstrip("/")
+            if path.endswith("/v1/models"):
+                return self._send(200, {"object": "list", "data": [
+                    {"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "asyncrl"}]})
+            self._error(ApiError(404, f"no route {path[:100]!r}", None, "not_found"))
+
+        def do_POST(self):  # noqa: N802
+            if not self._authorized():
+                return
+            try:
+                episode, route = _route(self.path)
+                body = self._body()
+                if route == "reward":
+                    item = _reward_of(episode, body)
+                else:
+                    req = (endpoint.renderer.chat(body) if route == "chat"
+                           else endpoint.renderer.completion(body))
+                    item = Call(req, episode)
+            except ApiError as e:
+                return self._error(e)
+            endpoint.inbox.put(item)
+            if not item.done.wait(endpoint.timeout_s):
+                return self._error(ApiError(504, "the generator did not answer in "
+                                            "generator.episode_timeout_s", None, "timeout",
+                                            "server_error"))
+            self._send(item.status, item.body)
+
+        def _authorized(self) -> bool:
+            got = self.headers.get("Authorization", "")
+            import hmac
+
+            if hmac.compare_digest(got.encode(), f"Bearer {endpoint.key}".encode()):
+                return True
+            self._drain()
+            self._error(ApiError(401, "a valid bearer key is needed (Authorization: Bearer "
+                                 "<RUN_DIR/keys/endpoint.token>; `asyncrl keys` prints it)",
+                                 None, "invalid_api_key", "authentication_error"))
+            return False
+
+        def _drain(self) -> None:
+            n = self.headers.get("Content-Length")
+            if n and n.isdigit() and int(n) <= MAX_BODY_BYTES:
+                self.rfile.read(int(n))
+            else:
+                self.close_connection = True
+
+        def _body(self):
+            n = self.headers.get("Content-Length")
+            if n is None or not n.isdigit():
+                self.close_connection = True
+                raise ApiError(411, "a Content-Length header is needed", None,
+                               "length_required")
+            if int(n) > MAX_BODY_BYTES:
+                self.close_connection = True
+                raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", None,
+                               "too_large")
+            raw = self.rfile.read(int(n))
+            try:
+                return json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                raise ApiError(400, "the request body is not JSON", None,
+                               "invalid_json") from None
+
+    return Handler
+
+
+def _route(path: str) -> tuple[str | None, str]:
+    """(episode id or None, "chat" | "completion" | "reward") of a POST path."""
+    path = path.split("?")[0].rstrip("/")
+    episode = None
+    if path.startswith("/episodes/"):
+        rest = path[len("/episodes/"):]
+        eid, _, tail = rest.partition("/")
+        if not eid or len(eid) > 128 or not all(c.isalnum() or c in "-_." for c in eid):
+            raise ApiError(400, "an episode id is 1-128 letters, digits, '-', '_' or '.'",
+                           None, "bad_episode")
+        episode, path = eid, "/" + tail
+        if path == "/reward":
+            return episode, "reward"
+    if path == "/v1/chat/completions":
+        return episode, "chat"
+    if path == "/v1/completions":
+        return episode, "completion"
+    raise ApiError(404, f"no route {path[:100]!r}", None, "not_found")
+
+
+def _reward_of(episode: str | None, body) -> Reward:
+    if episode is None:
+        raise ApiError(404, "a reward is posted to /episodes/<id>/reward", None, "not_found")
+    if not isinstance(body, dict) or set(body) - {"reward"} or "reward" not in body:
+        raise ApiError(400, 'the body must be {"reward": <number>}', "reward")
+    r = body["reward"]
+    if type(r) not in (int, float) or not np.isfinite(r):
+        raise ApiError(400, "reward must be a finite number", "reward")
+    return Reward(episode, float(r))
+
+
+# ------------------------------------------------------------------ the driver (task.agent)
+
+
+def load_agent(spec: str):
+    """The async function `package.module:function` names; ValueError naming what is wrong."""
+    import inspect
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"task.agent={spec!r}: give package.module:function")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"task.agent={spec!r}: {e}") from None
+    if not inspect.iscoroutinefunction(fn):
+        raise ValueError(f"task.agent={spec!r} is not an async function (async def f(problem, "
+                         "base_url, api_key) -> reward)")
+    return fn
+
+
+class Driver:
+    """Runs the agent function in an event loop of its own (a thread): group_size episodes
+    per problem it is given, each reported back to the endpoint with its reward."""
+
+    def __init__(self, fn, endpoint: Endpoint, host: str = "127.0.0.1"):
+        self.fn, self.endpoint = fn, endpoint
+        self.base = endpoint.url(host)
+        self.loop = asyncio.new_event_loop()
+        self.groups = 0  # started, not ended
+        self._count = 0
+        self._left: dict[str, int] = {}  # group -> episodes not ended
+        self._lock = threading.Lock()
+        threading.Thread(target=self.loop.run_forever, name="agent-driver", daemon=True).start()
+
+    def launch(self, problem, size: int) -> None:
+        """group_size episodes of one problem."""
+        with self._lock:
+            self._count += 1
+            self.groups += 1
+            gid = f"g{self._count}-{uuid.uuid4().hex[:6]}"
+            self._left[gid] = size
+        for k in range(size):
+            asyncio.run_coroutine_threadsafe(self._episode(problem, f"{gid}.{k}"), self.loop)
+
+    async def _episode(self, problem, eid: str) -> None:
+        url = f"{self.base}/episodes/{eid}/v1"
+        try:
+            reward = float(await self.fn(problem, url, self.endpoint.key))
+            if not np.isfinite(reward):
+                raise ValueError(f"the agent returned the reward {reward!r}")
+            item = Reward(eid, reward)
+        except Exception as e:  # noqa: BLE001 - the agent's failure ends its episode
+            log.warning("agent episode %s failed: %s", eid, e)
+            item = Reward(eid, 0.0, error=str(e)[:200] or type(e).__name__)
+        self.endpoint.inbox.put(item)
+        with self._lock:
+            gid = group_of(eid)
+            self._left[gid] -= 1
+            if not self._left[gid]:
+                del self._left[gid]
+                self.groups -= 1

@@ -1,0 +1,296 @@
+"""The OpenAI-compatible endpoint over real HTTP, with the rollout and a fake engine in a loop
+thread: the bearer key, OpenAI-style errors for bad requests, chat rendering by the model's
+own template, episodes merged into one trajectory with what the agent added injected (and
+the sampled stop token kept), grouped by id, abandoned ones dropped, and the driver."""
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+
+from asyncrl.config import RunConfig
+from asyncrl.generator.endpoint import (
+    INJECTED,
+    SAMPLED,
+    Driver,
+    Endpoint,
+    load_agent,
+)
+from asyncrl.generator.engine import Delta
+from asyncrl.generator.stream import Rollout
+from asyncrl.metrics import GeneratorMetrics
+from tests.conftest import free_base_port
+
+KEY = "sk-asyncrl-test"
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if tools %}[tools:{{ tools|length }}]{% endif %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+class Engine:
+    """Samples 'x' then EOS for every request (logprob -0.5 each), one token per step."""
+
+    def __init__(self, tok):
+        self.tok, self.requests, self.added = tok, {}, []
+
+    def add(self, rid, prompt, temperature, max_tokens, seed=None, cache_salt=None):
+        self.requests[rid] = [0, max_tokens]
+        self.added.append(list(prompt))
+
+    def step(self):
+        out = []
+        for rid, r in list(self.requests.items()):
+            tok = self.tok.encode("x", add_special_tokens=False)[0] if r[0] == 0 else \
+                self.tok.eos_token_id
+            r[0] += 1
+            finished = r[0] >= 2 or r[0] >= r[1]
+            out.append(Delta(rid, [tok], [-0.5], finished,
+                             ("stop" if r[0] >= 2 else "length") if finished else ""))
+            if finished:
+                del self.requests[rid]
+        return out
+
+    def abort(self, ids):
+        for rid in ids:
+            self.requests.pop(rid, None)
+
+
+@pytest.fixture()
+def served(model_dir):
+    from prometheus_client import CollectorRegistry
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = TEMPLATE
+    cfg = RunConfig()
+    cfg.net.base_port, cfg.net.bind_host = free_base_port(100, 101), "127.0.0.1"
+    cfg.generator.endpoint, cfg.generator.group_size = True, 2
+    cfg.generator.max_tokens, cfg.generator.max_episode_tokens = 6, 40
+    cfg.generator.episode_timeout_s = 3.0
+    m = GeneratorMetrics(CollectorRegistry())
+    ep = Endpoint(cfg, tok, "gen0", 0, 128, KEY, m)
+    ep.start()
+    engine = Engine(tok)
+    rollout = Rollout(engine, 8, "keep", time.monotonic)
+    stop, finished = threading.Event(), []
+
+    def loop():
+        while not stop.is_set():
+            ep.poll(rollout, 3)
+            if rollout.busy:
+                rollout.step(3)
+            for unit in rollout.take_finished():
+                ep.finished(unit)
+            finished.extend(ep.take_groups())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    yield SimpleNamespace(ep=ep, tok=tok, engine=engine, groups=finished, m=m,
+                          url=f"http://127.0.0.1:{ep.port}")
+    stop.set()
+    ep.close()
+
+
+def post(url, body, key=KEY, raw=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST",
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_a_request_without_the_key_is_refused_and_counted(served):
+    for key in (None, "sk-wrong"):
+        status, body = post(served.url + "/v1/completions",
+                            {"model": "asyncrl", "prompt": "1+2="}, key=key)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert served.m.endpoint_rejected.labels("invalid_api_key")._value.get() == 2
+    assert not served.engine.added  # nothing reached the engine
+
+
+@pytest.mark.parametrize("path, body, status, code", [
+    ("/v1/completions", {"model": "gpt-4", "prompt": "1+2="}, 404, "model_not_found"),
+    ("/v1/completions", {"model": "asyncrl", "prompt": "1+2=", "max_tokens": 999}, 400,
+     "max_tokens_too_large"),
+    ("/v1/completions", {"model": "asyncrl", "prompt": "1+2=", "frobnicate": 1}, 400,
+     "unknown_field"),
+    ("/v1/completions", {"model": "asyncrl", "prompt": "1+2=", "n": 3}, 400, "invalid_request"),
+    ("/v1/completions", {"model": "asyncrl", "prompt": "1+2=", "stream": True}, 400,
+     "invalid_request"),
+    ("/v1/completions", {"model": "asyncrl", "prompt": "1+2=", "temperature": 0.3}, 400,
+     "invalid_request"),
+    ("/v1/completions", {"model": "asyncrl", "prompt": [10**9]}, 400, "invalid_request"),
+    ("/v1/chat/completions", {"model": "asyncrl", "messages": "hi"}, 400, "invalid_request"),
+    ("/v1/chat/completions", {"model": "asyncrl", "messages": [{"role": "robot"}]}, 400,
+     "invalid_request"),
+    ("/v1/nothing", {"model": "asyncrl"}, 404, "not_found"),
+    ("/episodes/a%20b/v1/completions", {"model": "asyncrl", "prompt": "1"}, 400, "bad_episode"),
+    ("/episodes/e1/reward", {"reward": "yes"}, 400, "invalid_request"),
+    ("/episodes/never/reward", {"reward": 1.0}, 404, "unknown_episode"),
+])
+def test_bad_requests_get_openai_style_errors(served, path, body, status, code):
+    got, reply = post(served.url + path, body)
+    assert got == status, reply
+    assert set(reply["error"]) == {"message", "type", "param", "code"}
+    assert reply["error"]["code"] == code and reply["error"]["message"]
+
+
+def test_garbage_bodies_never_stop_the_endpoint(served):
+    for raw in (b"{", b"\xff\xfe", b"[]", b"null", json.dumps({"a": [1] * 1000}).encode()):
+        status, reply = post(served.url + "/v1/completions", None, raw=raw)
+        assert 400 <= status < 500 and "error" in reply
+    status, reply = post(served.url + "/v1/completions", {"model": "asyncrl", "prompt": "1+2="})
+    assert status == 200 and reply["choices"][0]["text"] == "x"
+
+
+def test_a_chat_call_is_rendered_by_the_models_template_and_recorded(served):
+    messages = [{"role": "system", "content": "add"}, {"role": "user", "content": "1+2="}]
+    tools = [{"type": "function", "function": {"name": "calc", "parameters": {}}}]
+    status, reply = post(served.url + "/v1/chat/completions",
+                         {"model": "asyncrl", "messages": messages, "tools": tools,
+                          "logprobs": True})
+    assert status == 200, reply
+    want = served.tok.encode(served.tok.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False)
+    rec = reply["asyncrl"]
+    assert rec["prompt_token_ids"] == want == served.engine.added[-1]
+    assert rec["token_ids"][-1] == served.tok.eos_token_id and rec["versions"] == [3, 3]
+    assert reply["choices"][0]["message"] == {"role": "assistant", "content": "x"}
+    assert [c["logprob"] for c in reply["choices"][0]["logprobs"]["content"]] == [-0.5, -0.5]
+    assert reply["usage"]["completion_tokens"] == 2
+
+
+def test_an_episode_becomes_one_trajectory_with_the_agents_text_injected(served):
+    tok = served.tok
+    group = []
+    for k in range(2):  # group_size 2: two episodes of group g
+        url = served.url + f"/episodes/g.{k}"
+        s1, r1 = post(url + "/v1/completions", {"model": "asyncrl", "prompt": "1+2="})
+        # the agent continues from the text (the EOS it did not see), adding its own words
+        s2, r2 = post(url + "/v1/completions",
+                      {"model": "asyncrl", "prompt": "1+2=" + r1["choices"][0]["text"] + " ok"})
+        assert s1 == s2 == 200
+        assert r2["asyncrl"]["prompt_token_ids"][:len(r1["asyncrl"]["prompt_token_ids"]) + 2] \
+            == r1["asyncrl"]["prompt_token_ids"] + r1["asyncrl"]["token_ids"]
+        s3, r3 = post(url + "/reward", {"reward": float(k)})
+        assert s3 == 200 and r3["trained"] is True
+        group.append((r1, r2))
+    deadline = time.monotonic() + 5
+    while not served.groups and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (g,) = served.groups
+    traj = g.trajectory("gen0")
+    first = group[0][0]["asyncrl"]
+    assert traj.prompt_tokens.tolist() == first["prompt_token_ids"]
+    c = traj.completions[0]
+    x, eos = tok.encode("x", add_special_tokens=False)[0], tok.eos_token_id
+    added = tok.encode(" ok", add_special_tokens=False)
+    assert c.tokens.tolist() == [x, eos, *added, x, eos]
+    assert c.sources.tolist() == [SAMPLED, SAMPLED, *[INJECTED] * len(added), SAMPLED, SAMPLED]
+    assert c.logprobs.tolist() == [-0.5, -0.5, *[0.0] * len(added), -0.5, -0.5]
+    assert [c.reward for c in traj.completions] == [0.0, 1.0]
+    # a finished episode takes no more calls
+    status, reply = post(served.url + "/episodes/g.0/v1/completions",
+                         {"model": "asyncrl", "prompt": "1+2="})
+    assert status == 409 and reply["error"]["code"] == "episode_finished"
+
+
+def test_an_episode_whose_prompt_does_not_extend_it_is_served_but_not_trained(served):
+    url = served.url + "/episodes/h.0"
+    post(url + "/v1/completions", {"model": "asyncrl", "prompt": "1+2="})
+    status, reply = post(url + "/v1/completions", {"model": "asyncrl", "prompt": "9+9="})
+    assert status == 200 and reply["choices"][0]["text"] == "x"
+    status, reply = post(url + "/reward", {"reward": 1.0})
+    assert status == 200 and reply["trained"] is False
+    post(served.url + "/episodes/h.1/v1/completions", {"model": "asyncrl", "prompt": "1+2="})
+    post(served.url + "/episodes/h.1/reward", {"reward": 0.0})
+    time.sleep(0.2)
+    assert not served.groups  # the group lost an episode: dropped, counted
+    assert served.m.endpoint_episodes.labels("not_mergeable")._value.get() == 1
+    assert served.m.endpoint_groups.labels("dropped")._value.get() == 1
+
+
+def test_an_episode_longer_than_its_budget_is_refused(served):
+    url = served.url + "/episodes/long.0"
+    prompt = "1+2="
+    for _ in range(30):
+        status, reply = post(url + "/v1/completions", {"model": "asyncrl", "prompt": prompt})
+        if status != 200:
+            break
+        prompt += reply["choices"][0]["text"] + "more"
+    assert status == 400 and reply["error"]["param"] == "max_tokens"
+    assert "max_episode_tokens" in reply["error"]["message"]
+
+
+def test_an_abandoned_episode_is_ended_and_its_calls_dropped(served):
+    post(served.url + "/episodes/a.0/v1/completions", {"model": "asyncrl", "prompt": "1+2="})
+    deadline = time.monotonic() + 10
+    while (served.m.endpoint_episodes.labels("abandoned")._value.get() < 1
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    assert served.m.endpoint_episodes.labels("abandoned")._value.get() == 1
+    status, reply = post(served.url + "/episodes/a.0/v1/completions",
+                         {"model": "asyncrl", "prompt": "1+2="})
+    assert status == 409
+
+
+async def _agent(problem, base_url, api_key):
+    """Two calls through the real openai client; the reward is whether the text is x."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key)
+    first = await client.completions.create(model="asyncrl", prompt=problem.prompt,
+                                            max_tokens=4)
+    again = await client.completions.create(model="asyncrl", prompt=problem.prompt
+                                            + first.choices[0].text + " again", max_tokens=4)
+    return float(again.choices[0].text == "x")
+
+
+def test_the_driver_runs_an_openai_client_agent_per_episode(served):
+    pytest.importorskip("openai")
+    driver = Driver(_agent, served.ep)
+    driver.launch(SimpleNamespace(prompt="1+2=", answer="3"), 2)
+    deadline = time.monotonic() + 20
+    while not served.groups and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (g,) = served.groups
+    traj = g.trajectory("gen0")
+    assert [c.reward for c in traj.completions] == [1.0, 1.0]
+    assert all(INJECTED in c.sources.tolist() for c in traj.completions)
+    deadline = time.monotonic() + 5
+    while driver.groups and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert driver.groups == 0
+
+
+def test_an_agent_that_raises_ends_its_episode_and_drops_the_group(served):
+    async def broken(problem, base_url, api_key):
+        raise RuntimeError("the agent fell over")
+
+    driver = Driver(broken, served.ep)
+    driver.launch(SimpleNamespace(prompt="1+2=", answer="3"), 2)
+    deadline = time.monotonic() + 10
+    while (served.m.endpoint_groups.labels("dropped")._value.get() < 1
+           and time.monotonic() < deadline):
+        time.sleep(0.02)
+    assert served.m.endpoint_episodes.labels("agent_error")._value.get() == 2
+    assert served.m.endpoint_groups.labels("dropped")._value.get() == 1 and not served.groups
+
+
+def test_task_agent_names_an_async_function():
+    assert load_agent("tests.unit.test_endpoint:_agent").__name__ == "_agent"
+    for bad, why in [("nomodule", "package.module:function"),
+                     ("tests.unit.test_endpoint:nothing", "has no attribute"),
+                     ("tests.unit.test_endpoint:post", "not an async function")]:
+        with pytest.raises(ValueError, match=why):
+            load_agent(bad)
