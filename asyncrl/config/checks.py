@@ -157,7 +157,7 @@ def _endpoint_errors(cfg: RunConfig) -> list[str]:
                                  "is scored by the reward it posts"),
     ])
     if cfg.task.agent:
-        from asyncrl.generator.endpoint import load_agent
+        from asyncrl.agents import load_agent
 
         try:
             load_agent(cfg.task.agent)

@@ -41,7 +41,7 @@ in the loop (`Endpoint.poll`, `Endpoint.finished`), between two engine steps.
 from __future__ import annotations
 
 import asyncio
-import importlib
+import hmac
 import json
 import logging
 import queue
@@ -56,6 +56,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 
 from asyncrl import wire
+from asyncrl.agents import load_agent as load_agent  # task.agent's function, for the generator
 from asyncrl.generator.episode import INJECTED, SAMPLED, EpisodeGroup
 from asyncrl.generator.stream import Sequence, Unit
 
@@ -405,7 +406,7 @@ class Endpoint:
             if isinstance(item, Call):
                 self._call(item)
             else:
-                self._reward(item, version)
+                self._ended(item, version)
         while self.pending and rollout.room(1):
             rollout.start(self.pending.pop(0), version)
         self._expire(version)
@@ -467,7 +468,7 @@ class Endpoint:
                 ep.turn_done(seq, unit.merged)
         self._answer(call, 200, self._response(call.request, seq))
         if call.episode is not None and ep is not None and ep.final is not None:
-            self._reward(ep.final, unit.seqs[0].versions[-1] if seq.versions else 0)
+            self._ended(ep.final, unit.seqs[0].versions[-1] if seq.versions else 0)
 
     def _response(self, req: Request, seq: Sequence) -> dict:
         text = self.tok.decode(seq.tokens, skip_special_tokens=True)
@@ -494,7 +495,7 @@ class Endpoint:
                 "choices": [{"index": 0, "text": text, "finish_reason": reason,
                              "logprobs": lp}], "usage": usage, "asyncrl": record}
 
-    def _reward(self, r: Reward, version: int) -> None:
+    def _ended(self, r: Reward, version: int) -> None:
         ep = self.episodes.get(r.episode)
         if ep is None and not r.error:
             self.refused("unknown_episode")
@@ -567,94 +568,96 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
 
-def _handler(endpoint: Endpoint):
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "asyncrl"
-        protocol_version = "HTTP/1.1"
+class _Handler(BaseHTTPRequestHandler):
+    """The endpoint's HTTP side; `endpoint` is set on a subclass per server (_handler)."""
 
-        def log_message(self, fmt, *args):  # noqa: D401 - the metrics count requests
-            log.debug("endpoint: " + fmt, *args)
+    endpoint: Endpoint
+    server_version = "asyncrl"
+    protocol_version = "HTTP/1.1"
 
-        def _send(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-            endpoint.m.endpoint_requests.labels(str(status)).inc()
+    def log_message(self, fmt, *args):  # noqa: D401 - the metrics count requests
+        log.debug("endpoint: " + fmt, *args)
 
-        def _error(self, e: ApiError) -> None:
-            endpoint.refused(e.code)
-            self._send(e.status, e.body())
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.endpoint.m.endpoint_requests.labels(str(status)).inc()
 
-        def do_GET(self):  # noqa: N802 - http.server's name
-            if not self._authorized():
-                return
-            path = self.path.split("?")[0].rstrip("/")
-            if path.endswith("/v1/models"):
-                return self._send(200, {"object": "list", "data": [
-                    {"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "asyncrl"}]})
-            self._error(ApiError(404, f"no route {path[:100]!r}", None, "not_found"))
+    def _error(self, e: ApiError) -> None:
+        self.endpoint.refused(e.code)
+        self._send(e.status, e.body())
 
-        def do_POST(self):  # noqa: N802
-            if not self._authorized():
-                return
-            try:
-                episode, route = _route(self.path)
-                body = self._body()
-                if route == "reward":
-                    item = _reward_of(episode, body)
-                else:
-                    req = (endpoint.renderer.chat(body) if route == "chat"
-                           else endpoint.renderer.completion(body))
-                    item = Call(req, episode)
-            except ApiError as e:
-                return self._error(e)
-            endpoint.inbox.put(item)
-            if not item.done.wait(endpoint.timeout_s):
-                return self._error(ApiError(504, "the generator did not answer in "
-                                            "generator.episode_timeout_s", None, "timeout",
-                                            "server_error"))
-            self._send(item.status, item.body)
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if not self._authorized():
+            return
+        path = self.path.split("?")[0].rstrip("/")
+        if path.endswith("/v1/models"):
+            return self._send(200, {"object": "list", "data": [
+                {"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "asyncrl"}]})
+        self._error(ApiError(404, f"no route {path[:100]!r}", None, "not_found"))
 
-        def _authorized(self) -> bool:
-            got = self.headers.get("Authorization", "")
-            import hmac
-
-            if hmac.compare_digest(got.encode(), f"Bearer {endpoint.key}".encode()):
-                return True
-            self._drain()
-            self._error(ApiError(401, "a valid bearer key is needed (Authorization: Bearer "
-                                 "<RUN_DIR/keys/endpoint.token>; `asyncrl keys` prints it)",
-                                 None, "invalid_api_key", "authentication_error"))
-            return False
-
-        def _drain(self) -> None:
-            n = self.headers.get("Content-Length")
-            if n and n.isdigit() and int(n) <= MAX_BODY_BYTES:
-                self.rfile.read(int(n))
+    def do_POST(self):  # noqa: N802
+        if not self._authorized():
+            return
+        try:
+            episode, route = _route(self.path)
+            body = self._body()
+            if route == "reward":
+                item = _reward_posted(episode, body)
             else:
-                self.close_connection = True
+                req = (self.endpoint.renderer.chat(body) if route == "chat"
+                       else self.endpoint.renderer.completion(body))
+                item = Call(req, episode)
+        except ApiError as e:
+            return self._error(e)
+        self.endpoint.inbox.put(item)
+        if not item.done.wait(self.endpoint.timeout_s):
+            return self._error(ApiError(504, "the generator did not answer in "
+                                        "generator.episode_timeout_s", None, "timeout",
+                                        "server_error"))
+        self._send(item.status, item.body)
 
-        def _body(self):
-            n = self.headers.get("Content-Length")
-            if n is None or not n.isdigit():
-                self.close_connection = True
-                raise ApiError(411, "a Content-Length header is needed", None,
-                               "length_required")
-            if int(n) > MAX_BODY_BYTES:
-                self.close_connection = True
-                raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", None,
-                               "too_large")
-            raw = self.rfile.read(int(n))
-            try:
-                return json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                raise ApiError(400, "the request body is not JSON", None,
-                               "invalid_json") from None
+    def _authorized(self) -> bool:
+        got = self.headers.get("Authorization", "")
+        if hmac.compare_digest(got.encode(), f"Bearer {self.endpoint.key}".encode()):
+            return True
+        self._drain()
+        self._error(ApiError(401, "a valid bearer key is needed (Authorization: Bearer "
+                             "<RUN_DIR/keys/endpoint.token>; `asyncrl keys` prints it)",
+                             None, "invalid_api_key", "authentication_error"))
+        return False
 
-    return Handler
+    def _drain(self) -> None:
+        n = self.headers.get("Content-Length")
+        if n and n.isdigit() and int(n) <= MAX_BODY_BYTES:
+            self.rfile.read(int(n))
+        else:
+            self.close_connection = True
+
+    def _body(self):
+        n = self.headers.get("Content-Length")
+        if n is None or not n.isdigit():
+            self.close_connection = True
+            raise ApiError(411, "a Content-Length header is needed", None,
+                           "length_required")
+        if int(n) > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", None,
+                           "too_large")
+        raw = self.rfile.read(int(n))
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not JSON", None,
+                           "invalid_json") from None
+
+
+def _handler(endpoint: Endpoint) -> type:
+    return type("Handler", (_Handler,), {"endpoint": endpoint})
 
 
 def _route(path: str) -> tuple[str | None, str]:
@@ -677,7 +680,7 @@ def _route(path: str) -> tuple[str | None, str]:
     raise ApiError(404, f"no route {path[:100]!r}", None, "not_found")
 
 
-def _reward_of(episode: str | None, body) -> Reward:
+def _reward_posted(episode: str | None, body) -> Reward:
     if episode is None:
         raise ApiError(404, "a reward is posted to /episodes/<id>/reward", None, "not_found")
     if not isinstance(body, dict) or set(body) - {"reward"} or "reward" not in body:
@@ -689,23 +692,6 @@ def _reward_of(episode: str | None, body) -> Reward:
 
 
 # ------------------------------------------------------------------ the driver (task.agent)
-
-
-def load_agent(spec: str):
-    """The async function `package.module:function` names; ValueError naming what is wrong."""
-    import inspect
-
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"task.agent={spec!r}: give package.module:function")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"task.agent={spec!r}: {e}") from None
-    if not inspect.iscoroutinefunction(fn):
-        raise ValueError(f"task.agent={spec!r} is not an async function (async def f(problem, "
-                         "base_url, api_key) -> reward)")
-    return fn
 
 
 class Driver:

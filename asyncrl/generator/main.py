@@ -91,16 +91,7 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
     log.info("%s: engine up (%s); generating, and joining weight sync when the learner asks",
              name, f"streaming, up to {gc.max_inflight} sequences, in-flight updates: "
              f"{gc.inflight_update}" if gc.streaming else "batch generate calls")
-    endpoint = driver = None
-    if cfg.endpoint_on:  # generator.endpoint / task.agent: agents' episodes are the rollout
-        from asyncrl.generator.endpoint import Driver, Endpoint, load_agent
-        from asyncrl.transport import endpoint_key
-
-        endpoint = Endpoint(cfg, tok, name, index, max_len,
-                            endpoint_key(Path(cfg.net.keys_dir or run_dir / "keys")), m)
-        endpoint.start()
-        if cfg.task.agent:
-            driver = Driver(load_agent(cfg.task.agent), endpoint)
+    endpoint, driver = _endpoint(cfg, tok, name, index, max_len, run_dir, m)
     gen = _Generation(
         cfg, engine, Control(name, member, evaluator, probe, m, stats),
         Delivery(cfg, name, incarnation, Scorer(cfg, tok), {p.id: p for p in train}, buffer, m,
@@ -118,6 +109,21 @@ def run(cfg: RunConfig, index: int, model_dir: str, run_dir: Path) -> None:
         log.info("%s: the learner finished (%s); exiting", name, e)
     finally:
         stats.write()
+
+
+def _endpoint(cfg: RunConfig, tok, name: str, index: int, max_len: int, run_dir: Path, m):
+    """generator.endpoint / task.agent: the OpenAI-compatible endpoint, serving, and the
+    driver that runs task.agent against it; (None, None) when neither is on."""
+    if not cfg.endpoint_on:
+        return None, None
+    from asyncrl.generator.endpoint import Driver, Endpoint, load_agent
+    from asyncrl.transport import endpoint_key
+
+    endpoint = Endpoint(cfg, tok, name, index, max_len,
+                        endpoint_key(Path(cfg.net.keys_dir or run_dir / "keys")), m)
+    endpoint.start()
+    driver = Driver(load_agent(cfg.task.agent), endpoint) if cfg.task.agent else None
+    return endpoint, driver
 
 
 def _engine(cfg: RunConfig, model_dir: str, index: int, max_len: int, gpu: bool):

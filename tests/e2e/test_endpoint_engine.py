@@ -1,0 +1,133 @@
+"""The OpenAI-compatible endpoint on the real vLLM engine, driven by the real `openai` client:
+a two-call agent (a chat call rendered by the model's chat template, then a completion that
+continues its text) runs as task.agent runs it, with the engine's requests aborted and
+resubmitted mid-call (abort mode, as in-flight updates do). The trajectory the learner gets is
+the ids the engine sampled and the agent's text, injected; the learner's logprobs of the sampled
+tokens equal the recorded behaviour logprobs within 1e-4; the chat prompt is exactly
+apply_chat_template's; a request without the key is refused."""
+
+import json
+import time
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from asyncrl.config import load_config
+from asyncrl.generator.endpoint import INJECTED, SAMPLED, Driver, Endpoint
+from asyncrl.generator.stream import Rollout
+from asyncrl.learner.batch import collate
+from tests.conftest import ROOT, free_base_port
+
+pytestmark = pytest.mark.e2e
+
+KEY = "sk-asyncrl-e2e"
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant: {% endif %}")
+RECORDED: dict[str, list] = {}  # episode url -> the calls' asyncrl records
+
+
+async def two_calls(problem, base_url, api_key):
+    """Two chat calls: the second sends back the first's text and asks again."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+    messages = [{"role": "system", "content": "add"}, {"role": "user", "content": problem.prompt}]
+    first = await client.chat.completions.create(model="asyncrl", messages=messages,
+                                                 max_tokens=5)
+    more = [*messages, {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "so?"}]
+    second = await client.chat.completions.create(model="asyncrl", messages=more, max_tokens=5)
+    RECORDED[base_url] = [messages, first.model_extra["asyncrl"], second.model_extra["asyncrl"]]
+    await client.close()
+    return float(second.choices[0].message.content.strip() == problem.answer)
+
+
+@pytest.fixture(scope="module")
+def setup(model_cache):
+    from prometheus_client import CollectorRegistry
+    from transformers import AutoTokenizer
+
+    from asyncrl.generator.engine import VLLMEngine, configure_cpu_env
+    from asyncrl.metrics import GeneratorMetrics
+    from asyncrl.runner import resolve_model
+
+    cfg = resolve_model(load_config(ROOT / "configs" / "default.yaml", [
+        f"warm_start.cache_dir={model_cache}", "generator.endpoint=true",
+        "generator.max_tokens=5", "generator.max_episode_tokens=48", "generator.group_size=4",
+        f"net.base_port={free_base_port(100)}", "net.bind_host=127.0.0.1"]), lambda _: None)
+    configure_cpu_env(1, 1)
+    engine = VLLMEngine(cfg.model.path, "float32", 0, 128, 0.85)
+    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    tok.chat_template = TEMPLATE
+    ep = Endpoint(cfg, tok, "gen0", 0, 128, KEY, GeneratorMetrics(CollectorRegistry()))
+    ep.start()
+    yield cfg, engine, tok, ep
+    ep.close()
+
+
+def _run(ep, engine, groups: int, abort_every: int = 3):
+    """The generator's loop, an abort-and-resubmit "update" every few engine steps."""
+    rollout = Rollout(engine, 32, "abort", time.monotonic)
+    driver = Driver(two_calls, ep)
+    for i in range(groups):
+        driver.launch(SimpleNamespace(prompt=f"{10 + i}+{20 + i}=", answer=str(30 + 2 * i)),
+                      ep.group_size)
+    done, steps, aborts = [], 0, 0
+    deadline = time.monotonic() + 300
+    while len(done) < groups and time.monotonic() < deadline:
+        ep.poll(rollout, 0)
+        if rollout.busy:
+            rollout.step(0)
+            steps += 1
+            if steps % abort_every == 0 and rollout.running:
+                rollout.before_update(0)
+                rollout.after_update(0)
+                aborts += 1
+        for unit in rollout.take_finished():
+            ep.finished(unit)
+        done += ep.take_groups()
+        time.sleep(0.001)
+    return done, aborts
+
+
+def test_an_openai_client_agents_calls_train_on_the_engines_ids_and_logprobs(setup):
+    from asyncrl.learner.model import load_policy, token_logprobs
+
+    cfg, engine, tok, ep = setup
+    groups, aborts = _run(ep, engine, 2)
+    assert len(groups) == 2 and aborts > 0  # requests were aborted and resubmitted
+    assert len(RECORDED) == 8
+    ends = set()
+    for messages, first, second in RECORDED.values():
+        # the chat call's prompt is exactly the model's chat template rendering
+        assert first["prompt_token_ids"] == tok.encode(tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+        ends.add(tuple(second["prompt_token_ids"] + second["token_ids"]))
+    for t in (g.trajectory("gen0") for g in groups):
+        for c in t.completions:
+            src = c.sources.tolist()
+            assert INJECTED in src and SAMPLED in src  # the agent's second user turn
+            # what the learner trains on is the engine's last request and what it sampled:
+            # the first call's sampled ids, never a re-encoding of their text
+            assert tuple(t.prompt_tokens.tolist() + c.tokens.tolist()) in ends
+    batch = collate([g.trajectory("gen0") for g in groups], tok.pad_token_id)
+    model, _ = load_policy(cfg.model.path, "float32")
+    with torch.no_grad():
+        lp = token_logprobs(model, batch.input_ids, batch.attention_mask, 1.0)
+    mask = batch.completion_mask.bool()
+    diff = (lp - batch.behav_logprobs)[mask].abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_a_request_without_the_key_is_refused(setup):
+    _, _, _, ep = setup
+    req = urllib.request.Request(f"http://127.0.0.1:{ep.port}/v1/completions",
+                                 data=json.dumps({"model": "asyncrl", "prompt": "1+2="}).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 401
+    assert json.loads(e.value.read())["error"]["code"] == "invalid_api_key"
