@@ -294,3 +294,19 @@ def test_task_agent_names_an_async_function():
                      ("tests.unit.test_endpoint:post", "not an async function")]:
         with pytest.raises(ValueError, match=why):
             load_agent(bad)
+
+
+def test_asyncrl_keys_makes_and_prints_the_endpoint_key(tmp_path):
+    import os
+
+    from asyncrl.transport import endpoint_key, load_keys
+    from tests.conftest import asyncrl
+
+    r = asyncrl("keys", str(tmp_path / "k"))
+    assert r.returncode == 0, r.stderr
+    key = endpoint_key(tmp_path / "k")
+    assert key.startswith("sk-asyncrl-") and len(key) > 40 and f"Bearer {key}" in r.stdout
+    assert os.stat(tmp_path / "k" / "endpoint.token").st_mode & 0o777 == 0o600
+    load_keys(tmp_path / "k", "gen0")  # the CURVE keys still load beside it
+    again = asyncrl("keys", str(tmp_path / "k"))
+    assert endpoint_key(tmp_path / "k") == key and again.returncode == 0  # kept, not remade
