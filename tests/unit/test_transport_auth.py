@@ -68,8 +68,9 @@ def test_key_files_are_owner_only_one_pair_per_role(tmp_path):
     d = transport.make_keys(tmp_path / "k", roles)
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
     names = sorted(f.name for f in d.iterdir())
-    assert names == sorted(f"{r}{ext}" for r in ["server", *roles]
-                           for ext in (".key", ".key_secret"))
+    assert names == sorted([*(f"{r}{ext}" for r in ["server", *roles]
+                              for ext in (".key", ".key_secret")),
+                            "endpoint.token"])  # the OpenAI-compatible endpoints' bearer key
     for f in d.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o600
     before = (d / "server.key_secret").read_bytes()
