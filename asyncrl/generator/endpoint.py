@@ -57,7 +57,12 @@ import numpy as np
 
 from asyncrl import wire
 from asyncrl.agents import load_agent as load_agent  # task.agent's function, for the generator
-from asyncrl.generator.episode import INJECTED, SAMPLED, EpisodeGroup
+from asyncrl.generator.episode import (
+    SAMPLED,
+    EpisodeGroup,
+    completion_of,
+    inject,
+)
 from asyncrl.generator.stream import Sequence, Unit
 
 log = logging.getLogger(__name__)
@@ -242,11 +247,7 @@ class AgentEpisode:
         return self.prompt + self.ids
 
     def _inject(self, extra: list[int]) -> None:
-        last = self.versions[-1] if self.versions else 0
-        self.ids += extra
-        self.logprobs += [0.0] * len(extra)
-        self.versions += [last] * len(extra)
-        self.sources += [INJECTED] * len(extra)
+        inject(self, extra, 0)
 
     def turn_done(self, seq: Sequence, merged: bool) -> None:
         self.turns += 1
@@ -273,11 +274,7 @@ class AgentEpisode:
         return {"agent": self.reward, "episode_turns": float(self.turns)}
 
     def completion(self) -> wire.Completion:
-        return wire.Completion(np.asarray(self.ids, np.int32),
-                               np.asarray(self.logprobs, np.float32), self.reward,
-                               self.finish_reason or "stop",
-                               np.asarray(self.versions, np.int64), reward_parts=self.parts(),
-                               sources=np.asarray(self.sources, np.uint8))
+        return completion_of(self)  # trained only when ok: it has a turn, a finish reason
 
 
 def _extends(ids: list[int], prompt: list[int], after: list[int], sources: list[int],

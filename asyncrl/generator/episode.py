@@ -170,12 +170,7 @@ class Episode:
         return list(obs)
 
     def _inject(self, ids: list[int], version: int) -> None:
-        """Observation tokens: no logprob, the version of the turn before them."""
-        last = self.versions[-1] if self.versions else version
-        self.ids += ids
-        self.logprobs += [0.0] * len(ids)
-        self.versions += [last] * len(ids)
-        self.sources += [INJECTED] * len(ids)
+        inject(self, ids, version)
 
     def _next_turn(self) -> Sequence | None:
         used = len(self.ids)
@@ -208,11 +203,25 @@ class Episode:
         return out
 
     def completion(self) -> wire.Completion:
-        return wire.Completion(np.asarray(self.ids, np.int32),
-                               np.asarray(self.logprobs, np.float32), self.reward,
-                               self.finish_reason, np.asarray(self.versions, np.int64),
-                               reward_parts=self.parts(),
-                               sources=np.asarray(self.sources, np.uint8))
+        return completion_of(self)
+
+
+def inject(e, ids: list[int], version: int) -> None:
+    """Tokens the model did not sample (an observation, an agent's text) appended to an
+    episode: no logprob, the version of the turn before them."""
+    last = e.versions[-1] if e.versions else version
+    e.ids += ids
+    e.logprobs += [0.0] * len(ids)
+    e.versions += [last] * len(ids)
+    e.sources += [INJECTED] * len(ids)
+
+
+def completion_of(e) -> wire.Completion:
+    """An episode (an environment's or an agent's, asyncrl/generator/endpoint.py) as it
+    travels: everything after its prompt, with logprobs, versions and sources."""
+    return wire.Completion(np.asarray(e.ids, np.int32), np.asarray(e.logprobs, np.float32),
+                           e.reward, e.finish_reason, np.asarray(e.versions, np.int64),
+                           reward_parts=e.parts(), sources=np.asarray(e.sources, np.uint8))
 
 
 class EpisodeGroup(Unit):

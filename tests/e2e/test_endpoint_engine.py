@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from asyncrl.config import load_config
-from asyncrl.generator.endpoint import INJECTED, SAMPLED, Driver, Endpoint
+from asyncrl.generator.endpoint import Driver, Endpoint
+from asyncrl.generator.episode import INJECTED, SAMPLED
 from asyncrl.generator.stream import Rollout
 from asyncrl.learner.batch import collate
 from tests.conftest import ROOT, free_base_port

@@ -13,14 +13,9 @@ from types import SimpleNamespace
 import pytest
 
 from asyncrl.config import RunConfig
-from asyncrl.generator.endpoint import (
-    INJECTED,
-    SAMPLED,
-    Driver,
-    Endpoint,
-    load_agent,
-)
+from asyncrl.generator.endpoint import Driver, Endpoint, load_agent
 from asyncrl.generator.engine import Delta
+from asyncrl.generator.episode import INJECTED, SAMPLED
 from asyncrl.generator.stream import Rollout
 from asyncrl.metrics import GeneratorMetrics
 from tests.conftest import free_base_port
