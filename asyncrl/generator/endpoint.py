@@ -654,7 +654,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _handler(endpoint: Endpoint) -> type:
-    return type("Handler", (_Handler,), {"endpoint": endpoint})
+    # A client that sends less than its Content-Length, or nothing, holds its thread only
+    # until generator.episode_timeout_s (the socket's timeout), never forever.
+    return type("Handler", (_Handler,), {"endpoint": endpoint, "timeout": endpoint.timeout_s})
 
 
 def _route(path: str) -> tuple[str | None, str]:

@@ -305,3 +305,18 @@ def test_asyncrl_keys_makes_and_prints_the_endpoint_key(tmp_path):
     load_keys(tmp_path / "k", "gen0")  # the CURVE keys still load beside it
     again = asyncrl("keys", str(tmp_path / "k"))
     assert endpoint_key(tmp_path / "k") == key and again.returncode == 0  # kept, not remade
+
+
+def test_a_client_that_sends_less_than_it_announced_is_cut_off(served):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", served.ep.port), timeout=10) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     f"{KEY}\r\nContent-Length: 500\r\n\r\n{{".encode())
+        t0 = time.monotonic()
+        got = sock.recv(4096)  # the server closes once generator.episode_timeout_s passes
+        assert time.monotonic() - t0 < 8
+    assert b"200" not in got.split(b"\r\n")[0]
+    status, reply = post(served.url + "/v1/completions", {"model": "asyncrl", "prompt": "1+2="})
+    assert status == 200  # and it still serves everyone else
+
