@@ -100,6 +100,7 @@ BOUNDS: dict[str, Bound] = {
     "generator.kv_block_size": _ints(0, 1024, "0: vLLM's"),
     "generator.max_episode_tokens": _ints(1, MAX_TOKENS),
     "generator.episode_timeout_s": _positive(DAY_S),
+    "generator.agent_episodes": _ints(0, 1 << 20, "0: twice generator.max_inflight"),
     "env.step_timeout_s": _positive(DAY_S),
     "env.max_observation_tokens": _ints(1, MAX_TOKENS),
     "reward.max_batch": _ints(1, 1 << 16),

@@ -286,6 +286,12 @@ class GeneratorConfig:
     episode_timeout_s: float = 300.0
     """An endpoint episode with no call and no reward for this long is abandoned: ended,
     counted, its calls dropped."""
+    agent_episodes: int = 0
+    """task.agent: episodes the driver keeps open at once (whole groups of group_size);
+    0: twice generator.max_inflight. An outside agent's episode spends part of its time
+    between calls (HTTP, JSON, its own code), so more episodes than engine slots keep the
+    engine's batch full; the engine still runs at most max_inflight sequences, the rest wait
+    (benchmarks/agent_endpoint.py: 0.76x the in-process loop at 1x, about 1x at 2x)."""
     kv_cache_gib: int = 1
     """VLLM_CPU_KVCACHE_SPACE on CPU (required there); ignored on GPU."""
     gpu_memory_utilization: float = 0.85

@@ -23,9 +23,10 @@ prompt does not extend the episode is served, and the episode is not trained on 
 prompts, or with an episode dropped, is dropped and counted.
 
 The driver (task.agent=`package.module:function`): an async function (problem, base_url,
-api_key) -> reward, run `group_size` times per training problem in an event loop of its own
-(a thread), each run one episode against this generator's endpoint (base_url
-`http://<host>:<port>/episodes/<group>.<k>/v1`, so an unmodified OpenAI client works).
+api_key) -> reward, run `group_size` times per training problem in an agent process of its
+own (asyncrl/generator/driver.py), each run one episode against this generator's endpoint
+(base_url `http://<host>:<port>/episodes/<group>.<k>/v1`, so an unmodified OpenAI client
+works).
 
 Access and bad input: every request needs `Authorization: Bearer <key>` (RUN_DIR/keys/
 endpoint.token; `asyncrl keys` prints it); the server binds net.bind_host. Refused requests get
@@ -40,8 +41,8 @@ in the loop (`Endpoint.poll`, `Endpoint.finished`), between two engine steps.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
+import itertools
 import json
 import logging
 import queue
@@ -56,7 +57,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 
 from asyncrl import wire
-from asyncrl.agents import load_agent as load_agent  # task.agent's function, for the generator
 from asyncrl.generator.episode import (
     SAMPLED,
     EpisodeGroup,
@@ -338,6 +338,15 @@ class Reward:
     body: dict | None = None
 
 
+_PROCESS_ID = uuid.uuid4().hex[:12]
+_IDS = itertools.count(1)
+
+
+def _response_id() -> str:
+    """A response's unique id (a uuid4 per response cost 60 us of the loop's time)."""
+    return f"{_PROCESS_ID}{next(_IDS):x}"
+
+
 def group_of(eid: str) -> str:
     return eid.rsplit(".", 1)[0] if "." in eid else eid
 
@@ -479,7 +488,7 @@ class Endpoint:
             lp = ({"content": [{"token": self.tok.decode([t]), "logprob": x, "bytes": None,
                                 "top_logprobs": []} for t, x in zip(seq.tokens, seq.logprobs)]}
                   if req.logprobs else None)
-            return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+            return {"id": f"chatcmpl-{_response_id()}", "object": "chat.completion",
                     "created": created, "model": MODEL_NAME,
                     "choices": [{"index": 0, "finish_reason": reason, "logprobs": lp,
                                  "message": {"role": "assistant", "content": text}}],
@@ -487,7 +496,7 @@ class Endpoint:
         lp = ({"tokens": [self.tok.decode([t]) for t in seq.tokens],
                "token_logprobs": list(seq.logprobs), "top_logprobs": None,
                "text_offset": None} if req.logprobs else None)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+        return {"id": f"cmpl-{_response_id()}", "object": "text_completion",
                 "created": created, "model": MODEL_NAME,
                 "choices": [{"index": 0, "text": text, "finish_reason": reason,
                              "logprobs": lp}], "usage": usage, "asyncrl": record}
@@ -571,6 +580,9 @@ class _Handler(BaseHTTPRequestHandler):
     endpoint: Endpoint
     server_version = "asyncrl"
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY: a response's headers and body are two writes; with Nagle's algorithm the
+    # body waits for the client's delayed ACK of the headers (tens of ms per call).
+    disable_nagle_algorithm = True
 
     def log_message(self, fmt, *args):  # noqa: D401 - the metrics count requests
         log.debug("endpoint: " + fmt, *args)
@@ -688,49 +700,3 @@ def _reward_posted(episode: str | None, body) -> Reward:
     if type(r) not in (int, float) or not np.isfinite(r):
         raise ApiError(400, "reward must be a finite number", "reward")
     return Reward(episode, float(r))
-
-
-# ------------------------------------------------------------------ the driver (task.agent)
-
-
-class Driver:
-    """Runs the agent function in an event loop of its own (a thread): group_size episodes
-    per problem it is given, each reported back to the endpoint with its reward."""
-
-    def __init__(self, fn, endpoint: Endpoint, host: str = "127.0.0.1"):
-        self.fn, self.endpoint = fn, endpoint
-        self.base = endpoint.url(host)
-        self.loop = asyncio.new_event_loop()
-        self.groups = 0  # started, not ended
-        self._count = 0
-        self._left: dict[str, int] = {}  # group -> episodes not ended
-        self._lock = threading.Lock()
-        threading.Thread(target=self.loop.run_forever, name="agent-driver", daemon=True).start()
-
-    def launch(self, problem, size: int) -> None:
-        """group_size episodes of one problem."""
-        with self._lock:
-            self._count += 1
-            self.groups += 1
-            gid = f"g{self._count}-{uuid.uuid4().hex[:6]}"
-            self._left[gid] = size
-        for k in range(size):
-            asyncio.run_coroutine_threadsafe(self._episode(problem, f"{gid}.{k}"), self.loop)
-
-    async def _episode(self, problem, eid: str) -> None:
-        url = f"{self.base}/episodes/{eid}/v1"
-        try:
-            reward = float(await self.fn(problem, url, self.endpoint.key))
-            if not np.isfinite(reward):
-                raise ValueError(f"the agent returned the reward {reward!r}")
-            item = Reward(eid, reward)
-        except Exception as e:  # noqa: BLE001 - the agent's failure ends its episode
-            log.warning("agent episode %s failed: %s", eid, e)
-            item = Reward(eid, 0.0, error=str(e)[:200] or type(e).__name__)
-        self.endpoint.inbox.put(item)
-        with self._lock:
-            gid = group_of(eid)
-            self._left[gid] -= 1
-            if not self._left[gid]:
-                del self._left[gid]
-                self.groups -= 1

@@ -116,7 +116,9 @@ def _endpoint(cfg: RunConfig, tok, name: str, index: int, max_len: int, run_dir:
     driver that runs task.agent against it; (None, None) when neither is on."""
     if not cfg.endpoint_on:
         return None, None
-    from asyncrl.generator.endpoint import Driver, Endpoint, load_agent
+    from asyncrl.agents import load_agent
+    from asyncrl.generator.driver import Driver
+    from asyncrl.generator.endpoint import Endpoint
     from asyncrl.transport import endpoint_key
 
     endpoint = Endpoint(cfg, tok, name, index, max_len,
@@ -259,11 +261,12 @@ class _Generation:
 
     def _launch_agents(self) -> None:
         """task.agent: start groups of the agent's episodes on training problems while fewer
-        than generator.max_inflight / group_size run (and the send window has room)."""
+        than generator.agent_episodes / group_size are open (and the send window has room)."""
         gc = self.cfg.generator
         if self.driver is None:
             return
-        while (self.driver.groups < max(1, gc.max_inflight // gc.group_size)
+        episodes = gc.agent_episodes or 2 * gc.max_inflight
+        while (self.driver.groups < max(1, episodes // gc.group_size)
                and not self.delivery.full()):
             self.driver.launch(self.problems[self.rng.choice(self.train_ids)], gc.group_size)
 

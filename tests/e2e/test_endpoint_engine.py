@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from asyncrl.config import load_config
-from asyncrl.generator.endpoint import Driver, Endpoint
+from asyncrl.generator.driver import Driver
+from asyncrl.generator.endpoint import Endpoint
 from asyncrl.generator.episode import INJECTED, SAMPLED
 from asyncrl.generator.stream import Rollout
 from asyncrl.learner.batch import collate
@@ -72,7 +73,7 @@ def setup(model_cache):
 def _run(ep, engine, groups: int, abort_every: int = 3):
     """The generator's loop, an abort-and-resubmit "update" every few engine steps."""
     rollout = Rollout(engine, 32, "abort", time.monotonic)
-    driver = Driver(two_calls, ep)
+    driver = Driver(two_calls, ep, process=False)  # RECORDED is read in this process
     for i in range(groups):
         driver.launch(SimpleNamespace(prompt=f"{10 + i}+{20 + i}=", answer=str(30 + 2 * i)),
                       ep.group_size)
@@ -91,6 +92,7 @@ def _run(ep, engine, groups: int, abort_every: int = 3):
             ep.finished(unit)
         done += ep.take_groups()
         time.sleep(0.001)
+    driver.close()
     return done, aborts
 
 

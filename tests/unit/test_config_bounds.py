@@ -33,6 +33,7 @@ ACCEPTED = {
     ("task.carry_slip", 0): "an exact SFT teacher",
     ("task.tool_skip", 0): "a teacher that always calls the tool (the default)",
     ("generator.kv_block_size", 0): "vLLM's own block size (the default)",
+    ("generator.agent_episodes", 0): "twice generator.max_inflight (the default)",
     ("warm_start.seed", 0): "any 31-bit seed",
     ("warm_start.seed", -1): "the run's seed (the default)",
     ("warm_start.until_loss", 0): "always warm_start.steps (the default)",

@@ -4,6 +4,8 @@ own template, episodes merged into one trajectory with what the agent added inje
 the sampled stop token kept), grouped by id, abandoned ones dropped, and the driver."""
 
 import json
+import os
+import signal
 import threading
 import time
 import urllib.error
@@ -13,7 +15,9 @@ from types import SimpleNamespace
 import pytest
 
 from asyncrl.config import RunConfig
-from asyncrl.generator.endpoint import Driver, Endpoint, load_agent
+from asyncrl.agents import load_agent
+from asyncrl.generator.driver import Driver
+from asyncrl.generator.endpoint import Endpoint
 from asyncrl.generator.engine import Delta
 from asyncrl.generator.episode import INJECTED, SAMPLED
 from asyncrl.generator.stream import Rollout
@@ -251,35 +255,89 @@ async def _agent(problem, base_url, api_key):
     return float(again.choices[0].text == "x")
 
 
-def test_the_driver_runs_an_openai_client_agent_per_episode(served):
+async def _broken(problem, base_url, api_key):
+    raise RuntimeError("the agent fell over")
+
+
+async def _hang(problem, base_url, api_key):
+    import asyncio
+
+    await asyncio.sleep(600)
+    return 1.0
+
+
+def _until(cond, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return cond()
+
+
+@pytest.mark.parametrize("process", [True, False], ids=["agent-process", "thread"])
+def test_the_driver_runs_an_openai_client_agent_per_episode(served, process):
     pytest.importorskip("openai")
-    driver = Driver(_agent, served.ep)
-    driver.launch(SimpleNamespace(prompt="1+2=", answer="3"), 2)
-    deadline = time.monotonic() + 20
-    while not served.groups and time.monotonic() < deadline:
-        time.sleep(0.02)
-    (g,) = served.groups
-    traj = g.trajectory("gen0")
-    assert [c.reward for c in traj.completions] == [1.0, 1.0]
-    assert all(INJECTED in c.sources.tolist() for c in traj.completions)
-    deadline = time.monotonic() + 5
-    while driver.groups and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert driver.groups == 0
+    driver = Driver(_agent, served.ep, process=process)
+    try:
+        driver.launch(SimpleNamespace(prompt="1+2=", answer="3"), 2)
+        assert _until(lambda: served.groups, 60)
+        (g,) = served.groups
+        traj = g.trajectory("gen0")
+        assert [c.reward for c in traj.completions] == [1.0, 1.0]
+        assert all(INJECTED in c.sources.tolist() for c in traj.completions)
+        assert _until(lambda: driver.groups == 0, 5)
+        if process:  # the agent ran in a process of its own, not in this interpreter
+            assert driver.proc.is_alive() and driver.proc.pid != os.getpid()
+    finally:
+        driver.close()
+    if process:
+        assert not driver.proc.is_alive()
 
 
 def test_an_agent_that_raises_ends_its_episode_and_drops_the_group(served):
-    async def broken(problem, base_url, api_key):
+    async def broken(problem, base_url, api_key):  # a closure: the thread driver runs it
         raise RuntimeError("the agent fell over")
 
-    driver = Driver(broken, served.ep)
-    driver.launch(SimpleNamespace(prompt="1+2=", answer="3"), 2)
-    deadline = time.monotonic() + 10
-    while (served.m.endpoint_groups.labels("dropped")._value.get() < 1
-           and time.monotonic() < deadline):
-        time.sleep(0.02)
-    assert served.m.endpoint_episodes.labels("agent_error")._value.get() == 2
-    assert served.m.endpoint_groups.labels("dropped")._value.get() == 1 and not served.groups
+    for fn, process in ((broken, False), (_broken, True)):
+        driver = Driver(fn, served.ep, process=process)
+        before = served.m.endpoint_groups.labels("dropped")._value.get()
+        driver.launch(SimpleNamespace(prompt="1+2=", answer="3"), 2)
+        assert _until(lambda: served.m.endpoint_groups.labels("dropped")._value.get() > before,
+                      60)
+        driver.close()
+    assert served.m.endpoint_episodes.labels("agent_error")._value.get() == 4
+    assert not served.groups
+
+
+def test_a_killed_agent_process_ends_its_episodes_and_is_started_again(served):
+    driver = Driver(_hang, served.ep, process=True)
+    try:
+        driver.launch(SimpleNamespace(prompt="1+2=", answer="3"), 2)
+        first = driver.proc
+        assert _until(lambda: first.is_alive(), 30)
+        time.sleep(1.0)  # the episodes are in the process
+        os.kill(first.pid, signal.SIGKILL)
+        assert _until(lambda: driver.groups == 0, 30)
+        assert _until(lambda: served.m.endpoint_groups.labels("dropped")._value.get() == 1, 10)
+        assert served.m.endpoint_episodes.labels("agent_error")._value.get() == 2
+        assert _until(lambda: driver.proc is not first and driver.proc.is_alive(), 30)
+    finally:
+        driver.close()
+
+
+def test_the_agent_process_exits_once_its_parent_is_gone():
+    """The watchdog: a worker whose parent pid is not its parent's exits by itself (as it
+    does when the generator is SIGKILLed and it is re-parented)."""
+    import multiprocessing as mp
+
+    from asyncrl.agents import worker
+
+    ctx = mp.get_context("spawn")
+    commands, results = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=worker.serve, args=(_hang, "http://127.0.0.1:9", KEY, commands,
+                                                   results, -1))
+    proc.start()
+    proc.join(30)
+    assert proc.exitcode == 0
 
 
 def test_task_agent_names_an_async_function():
