@@ -291,7 +291,7 @@ class GeneratorConfig:
     0: twice generator.max_inflight. An outside agent's episode spends part of its time
     between calls (HTTP, JSON, its own code), so more episodes than engine slots keep the
     engine's batch full; the engine still runs at most max_inflight sequences, the rest wait
-    (benchmarks/agent_endpoint.py: 0.76x the in-process loop at 1x, about 1x at 2x)."""
+    (benchmarks/agent_endpoint.py: 0.74-0.77x the in-process loop at 1x, 0.83-0.85x at 2x)."""
     kv_cache_gib: int = 1
     """VLLM_CPU_KVCACHE_SPACE on CPU (required there); ignored on GPU."""
     gpu_memory_utilization: float = 0.85

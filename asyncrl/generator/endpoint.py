@@ -16,8 +16,12 @@ between two calls are injected (masked: no loss, as an environment's observation
 next call continues from the ids the engine sampled, never from a re-rendering of their text.
 A model's turn that ended with its stop token may come back without it (the agent kept the
 text, not the ids): the sampled stop token stays, and what follows is injected. A call whose
-prompt does not extend the episode is served, and the episode is not trained on (counted:
-`endpoint_episodes{outcome="not_mergeable"}`). Episodes are grouped by the id before their last
+prompt does not extend the episode but starts with its first prompt (the agent rewrote or
+re-tokenized its history) starts a separate sample of the episode (prime-rl's rule):
+everything after the first prompt injected, the sample's calls merged as before; every sample
+carries the episode's reward and takes its advantage (wire.Completion.sample_of; counted:
+`endpoint_episodes{outcome="split"}`). A call whose prompt does not even start with the first
+prompt is served, and the episode is not trained on (`outcome="not_mergeable"`). Episodes are grouped by the id before their last
 `.` (`<group>.<k>`): `generator.group_size` ended episodes of a group are one training group
 (GRPO's), sent to the buffer like any other; a group whose episodes started from different
 prompts, or with an episode dropped, is dropped and counted.
@@ -74,6 +78,10 @@ CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temp
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream",
                      "logprobs", "seed", "user"}
 ROLES = ("system", "user", "assistant", "tool")
+# How an episode ended (endpoint_episodes{outcome}): "ok" (one sample), "split" (trained as
+# separate samples: a call rewrote its history), "not_mergeable" (a call's prompt did not
+# start with the episode's first prompt: not trained), "abandoned", "agent_error", "no_call".
+TRAINED = ("ok", "split")
 
 
 class ApiError(Exception):
@@ -224,30 +232,54 @@ class AgentEpisode:
         self.turns = 0
         self.reward = 0.0
         self.finish_reason = ""
-        self.outcome = ""  # "" while open; "ok", "not_mergeable", "abandoned", "agent_error"
+        self.outcome = ""  # "" while open; one of OUTCOMES
         self.running = False  # a call of it is in the engine
         self.env_seconds: list[float] = []  # the agent's time between calls
         self.truncated_observations = 0
         self.env = None
         self.merges = True
         self.final: Reward | None = None  # a reward that came while a call ran
+        # Earlier samples of this episode (prime-rl's rule): (ids, logprobs, versions,
+        # sources, finish_reason) after the first prompt, one per run of calls that extend
+        # one another; the run going on is in ids .. sources.
+        self.samples: list[tuple] = []
 
     def request(self, ids: list[int], stop_ids: set[int]) -> list[int]:
         """The engine request for a call whose rendered prompt is `ids`: the episode's
         transcript (the ids it sampled) plus what the agent added, injected. A prompt that does
-        not extend the transcript is served as it is, and the episode will not be trained."""
+        not extend the transcript but starts with the episode's first prompt (a rewritten
+        history) starts a separate sample of the episode, everything after the first prompt
+        injected; one that does not even start with it is served, and the episode is not
+        trained."""
         if not self.prompt and not self.ids:
             self.prompt = list(ids)
             return list(ids)
         at = _extends(ids, self.prompt, self.ids, self.sources, stop_ids)
         if at is None:
-            self.merges = False
-            return list(ids)
+            if ids[:len(self.prompt)] != self.prompt:
+                self.merges = False
+                return list(ids)
+            version = self.versions[-1] if self.versions else 0
+            if SAMPLED in self.sources:
+                self.samples.append((self.ids, self.logprobs, self.versions, self.sources,
+                                     self.finish_reason))
+            self.ids, self.logprobs, self.versions, self.sources = [], [], [], []
+            inject(self, ids[len(self.prompt):], version)
+            return self.prompt + self.ids
         self._inject(ids[at:])
         return self.prompt + self.ids
 
     def _inject(self, extra: list[int]) -> None:
         inject(self, extra, 0)
+
+    def separate_samples(self, of: int) -> list[wire.Completion]:
+        """The earlier samples of a split episode, as separate samples of its group's
+        episode `of`, each with the episode's reward."""
+        return [wire.Completion(np.asarray(ids, np.int32), np.asarray(lps, np.float32),
+                                self.reward, reason, np.asarray(vs, np.int64),
+                                reward_parts=self.parts(), sources=np.asarray(srcs, np.uint8),
+                                sample_of=of)
+                for ids, lps, vs, srcs, reason in self.samples]
 
     def turn_done(self, seq: Sequence, merged: bool) -> None:
         self.turns += 1
@@ -296,7 +328,8 @@ def _extends(ids: list[int], prompt: list[int], after: list[int], sources: list[
 
 class AgentGroup(EpisodeGroup):
     """group_size ended episodes of one group, as one training group (Delivery sends it as
-    it sends an environment's EpisodeGroup)."""
+    it sends an environment's EpisodeGroup), with the separate samples of split episodes after
+    the group's own completions."""
 
     def __init__(self, key: int, episodes: list[AgentEpisode], version: int):
         Unit.__init__(self, [])
@@ -305,6 +338,18 @@ class AgentGroup(EpisodeGroup):
         self.first_token_at = self.started_at
         self.episodes = episodes
         self._of = {}
+
+    @property
+    def oldest_version(self) -> int:
+        earlier = (v for e in self.episodes for _, _, vs, srcs, _ in e.samples
+                   for v, src in zip(vs, srcs) if src == SAMPLED)
+        return min([EpisodeGroup.oldest_version.fget(self), *earlier])
+
+    def trajectory(self, name: str) -> wire.TrajectoryGroup:
+        group = super().trajectory(name)
+        for k, e in enumerate(self.episodes):
+            group.completions += e.separate_samples(k)
+        return group
 
 
 class ApiCall(Unit):
@@ -517,10 +562,10 @@ class Endpoint:
         self._close(r.episode)
         ep.reward = r.reward
         ep.outcome = ("agent_error" if r.error else "not_mergeable" if not ep.merges
-                      else "ok" if ep.turns else "no_call")
+                      else "no_call" if not ep.turns else "split" if ep.samples else "ok")
         self._end(ep, version)
         self._answer(r, 200, {"episode": r.episode, "reward": r.reward,
-                              "trained": ep.outcome == "ok"})
+                              "trained": ep.outcome in TRAINED})
 
     def _close(self, eid: str) -> None:
         self.closed[eid] = None
@@ -545,7 +590,7 @@ class Endpoint:
             return
         del self.ended[group]
         prompts = {tuple(e.prompt) for e in ended}
-        if any(e.outcome != "ok" for e in ended) or len(prompts) != 1:
+        if any(e.outcome not in TRAINED for e in ended) or len(prompts) != 1:
             self.m.endpoint_groups.labels("dropped").inc()
             log.warning("%s: agent group %r dropped: %s", self.name, group,
                         "its episodes started from different prompts" if len(prompts) != 1

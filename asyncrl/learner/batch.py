@@ -23,11 +23,16 @@ class TrainBatch:
     # (aligned with completion_mask; a completion spans several versions when the weights
     # changed while it was generated)
     truncated: torch.Tensor  # (B,) bool, stopped by the length limit
+    # (B,) the episode each row is of, as an index into rewards.reshape(-1): row i's own for a
+    # group's own completions (the first G*N rows, in rewards' order); its episode's for a
+    # separate sample of an agent's episode (wire.Completion.sample_of), which takes that
+    # episode's reward and advantage
+    row_episode: torch.Tensor
 
     def to(self, device: torch.device) -> TrainBatch:
         return TrainBatch(*(t.to(device) for t in (
             self.input_ids, self.attention_mask, self.completion_mask, self.behav_logprobs,
-            self.rewards, self.versions, self.truncated)))
+            self.rewards, self.versions, self.truncated, self.row_episode)))
 
     @property
     def num_completion_tokens(self) -> int:
@@ -51,8 +56,8 @@ def refusal(groups: list[TrajectoryGroup], asked: int, rules: BatchRules
     if len(groups) > asked:
         return "too_many_groups", f"{len(groups)} groups for a request of {asked}"
     for g in groups:
-        if len(g.completions) != rules.group_size:
-            return "bad_group_size", (f"prompt {g.prompt_id}: {len(g.completions)} completions, "
+        if len(g.episodes) != rules.group_size:
+            return "bad_group_size", (f"prompt {g.prompt_id}: {len(g.episodes)} completions, "
                                       f"generator.group_size is {rules.group_size}")
         if len(g.prompt_tokens) == 0:
             return "empty_prompt", f"prompt {g.prompt_id} has no tokens"
@@ -66,11 +71,19 @@ def refusal(groups: list[TrajectoryGroup], asked: int, rules: BatchRules
 
 
 def collate(groups: list[TrajectoryGroup], pad_id: int) -> TrainBatch:
-    """All groups must have the same size (GRPO advantages are computed per (G, N) row)."""
-    sizes = {len(g.completions) for g in groups}
+    """All groups must have the same size (GRPO advantages are computed per (G, N) row). The
+    rows: every group's own completions, in order (rewards' (G, N) layout), then the separate
+    samples of agents' episodes, each pointing at its episode (row_episode)."""
+    sizes = {len(g.episodes) for g in groups}
     if len(sizes) != 1:
         raise ValueError(f"groups of different sizes {sorted(sizes)} in one batch")
-    seqs = [(g, c) for g in groups for c in g.completions]
+    (n,) = sizes
+    seqs = [(g, c) for g in groups for c in g.episodes]
+    row_episode = list(range(len(seqs)))
+    for gi, g in enumerate(groups):
+        for c in g.completions[n:]:
+            seqs.append((g, c))
+            row_episode.append(gi * n + c.sample_of)
     width = max(len(g.prompt_tokens) + len(c.tokens) for g, c in seqs)
     B = len(seqs)
     input_ids = torch.full((B, width), pad_id, dtype=torch.long)
@@ -90,10 +103,10 @@ def collate(groups: list[TrajectoryGroup], pad_id: int) -> TrainBatch:
         behav[i, P - 1 : P - 1 + T] = torch.from_numpy(c.logprobs.astype("float32"))
         versions[i, P - 1 : P - 1 + T] = (g.policy_version if c.versions is None else
                                           torch.from_numpy(c.versions.astype("int64")))
-    rewards = torch.tensor([[c.reward for c in g.completions] for g in groups])
+    rewards = torch.tensor([[c.reward for c in g.episodes] for g in groups])
     truncated = truncated_from_finish_reasons([c.finish_reason for _, c in seqs])
     return TrainBatch(input_ids, attention_mask, completion_mask, behav, rewards, versions,
-                      truncated)
+                      truncated, torch.tensor(row_episode, dtype=torch.long))
 
 
 def token_staleness(batch: TrainBatch, version: int) -> dict[int, int]:

@@ -375,7 +375,7 @@ def _fetch(source: _Source, cfg: RunConfig, rank: int, version: int,
             if got is not None:
                 groups, dropped_total = got
                 if cfg.learner.dynamic_sampling:
-                    rewards = torch.tensor([[c.reward for c in g.completions] for g in groups])
+                    rewards = torch.tensor([[c.reward for c in g.episodes] for g in groups])
                     keep = dynamic_sampling_mask(rewards).tolist()
                     dropped += keep.count(False)
                     groups = [g for g, k in zip(groups, keep) if k]

@@ -64,7 +64,7 @@ def shaped_rewards(batch: TrainBatch, lc: LearnerConfig, max_tokens: int) -> tor
     """Task rewards plus DAPO's soft overlong punishment when enabled. (G, N)."""
     rewards = batch.rewards
     if lc.overlong_cache > 0:
-        lengths = batch.completion_mask.sum(dim=1)  # (B,)
+        lengths = batch.completion_mask.sum(dim=1)[:rewards.numel()]  # each episode's own row
         pen = soft_overlong_punishment(lengths, max_tokens, lc.overlong_cache)
         rewards = rewards + pen.reshape(rewards.shape).to(rewards.dtype)
     return rewards
@@ -162,7 +162,8 @@ def advantages(models: Models, batch: TrainBatch, rewards: torch.Tensor, mask: t
     stats: dict[str, float] = {}
     kl_reward = ref is not None and lc.kl_mode == "reward"
     if lc.advantage != "gae":
-        adv = ADVANTAGE_ESTIMATORS[lc.advantage](rewards).reshape(-1, 1)  # (B, 1)
+        # (B, 1): a separate sample of an episode takes that episode's advantage
+        adv = ADVANTAGE_ESTIMATORS[lc.advantage](rewards).reshape(-1, 1)[batch.row_episode]
         if kl_reward:
             # A per-token KL penalty turns the sequence advantage into a per-token one.
             pen, kl_stats = kl_reward_penalty(torch.zeros_like(prox), prox, ref, mask,
@@ -172,7 +173,8 @@ def advantages(models: Models, batch: TrainBatch, rewards: torch.Tensor, mask: t
         return Advantages(adv, None, None, stats)
     values = critic_values(models.critic, batch.input_ids, batch.attention_mask,
                            packing)  # (B, L-1)
-    token_rewards = terminal_token_rewards(rewards.reshape(-1), mask).to(values.dtype)
+    token_rewards = terminal_token_rewards(rewards.reshape(-1)[batch.row_episode],
+                                           mask).to(values.dtype)
     if kl_reward:
         token_rewards, kl_stats = kl_reward_penalty(token_rewards, prox, ref, mask, lc.kl_coef,
                                                     lc.kl_estimator, kl_clamp=lc.kl_clamp)

@@ -21,9 +21,10 @@ from asyncrl.wire.messages import MESSAGES, SCHEMA, VERSION, Message
 # policy_version, which is the group's oldest token's) and its source (`sources`: sampled by
 # the policy, or injected by an environment), each completion with the parts of its reward
 # (`reward_part_names`, `reward_parts`); weights_update says its bucket_bytes and whether it
-# is a LoRA adapter (`adapter`). A frame of any other version is refused (`schema_version`),
-# never misread.
-SCHEMA_VERSION = 7
+# is a LoRA adapter (`adapter`); a completion may be a separate sample of one of its group's
+# episodes (`sample_of`). A frame of any other version is refused (`schema_version`), never
+# misread.
+SCHEMA_VERSION = 8
 MAGIC = b"ARL1"
 _ARRAY_EXT = 1
 _DTYPES = {"int32", "int64", "float32", "float64", "uint8", "float16"}

@@ -34,6 +34,12 @@ class Completion:
     # logprob and a version, and is trained on), 1 injected (an environment's observation,
     # a chat template's delimiters: no logprob, no loss). None: every token sampled.
     sources: np.ndarray | None = None
+    # A separate sample of the group's episode `sample_of` (0-based among the group's own
+    # completions), with that episode's reward: an agent's episode whose calls do not extend
+    # one another travels as several samples (prime-rl's rule; generator/endpoint.py). It
+    # comes after the group's own completions and takes its episode's advantage. None: the
+    # group's own completion (one per episode, group_size of them).
+    sample_of: int | None = None
 
 
 @dataclass
@@ -53,6 +59,12 @@ class TrajectoryGroup:
     index: int = -1
 
     @property
+    def episodes(self) -> list[Completion]:
+        """The group's own completions, one per episode (group_size): what advantages are
+        relative within; the separate samples (`sample_of`) come after them."""
+        return [c for c in self.completions if c.sample_of is None]
+
+    @property
     def num_tokens(self) -> int:
         return sum(len(c.tokens) for c in self.completions)
 
@@ -70,7 +82,7 @@ _ARRAY_COLUMNS = {
     "prompt_id": "iu", "policy_version": "iu", "created_at": "f", "prompt_len": "iu",
     "group_size": "iu", "length": "iu", "reward": "f", "prompt_tokens": "iu", "tokens": "iu",
     "logprobs": "f", "seq": "i", "index": "i", "version_lag": "iu", "reward_parts": "f",
-    "sources": "u",
+    "sources": "u", "sample_of": "i",
 }
 # column -> longest string allowed (per group: generator, incarnation; per completion:
 # finish_reason)
@@ -83,7 +95,8 @@ _MAX_LENGTH = 2**31 - 1  # one prompt, one completion, one group: fits int32
 def group_columns(groups: list[TrajectoryGroup]) -> dict:
     """The `groups` field: per group prompt_id, policy_version, created_at, generator,
     incarnation, seq, index, prompt_len, group_size; prompt_tokens concatenated; per
-    completion length, reward, finish_reason; tokens and logprobs concatenated."""
+    completion length, reward, sample_of (-1: the group's own), finish_reason; tokens and
+    logprobs concatenated."""
     comps = [c for g in groups for c in g.completions]
 
     def cat(arrays: list[np.ndarray], dtype: str) -> np.ndarray:
@@ -109,6 +122,8 @@ def group_columns(groups: list[TrajectoryGroup]) -> dict:
         "sources": cat([np.zeros(len(c.tokens), np.uint8) if c.sources is None
                         else np.asarray(c.sources, np.uint8) for c in comps], "uint8"),
         "reward": np.array([c.reward for c in comps], np.float64),
+        "sample_of": np.array([-1 if c.sample_of is None else c.sample_of for c in comps],
+                              np.int32),
         "finish_reason": [c.finish_reason for c in comps],
         **_reward_part_columns(comps),
     }
@@ -166,7 +181,26 @@ def _checked_columns(cols: Any, vocab_size: int | None) -> dict:
     _check_values(c)
     c["versions"] = _token_versions(c)
     _check_token_ids(c, vocab_size)
+    _check_samples(c)
     return c
+
+
+def _check_samples(c: dict) -> None:
+    """Separate samples (sample_of >= 0) come after their group's own completions (-1), at
+    least one of those, and name one of them."""
+    of = c["sample_of"]
+    if not (of >= 0).any():
+        if not _within(of, -1, -1):
+            raise MessageError("bad_value", "groups.sample_of holds a value below -1")
+        return
+    at = 0
+    for size in c["group_size"].tolist():
+        rows = of[at:at + size]
+        at += size
+        own = int((rows == -1).sum())
+        if own == 0 or not (rows[:own] == -1).all() or not _within(rows[own:], 0, own - 1):
+            raise MessageError("bad_value", "groups.sample_of: a group's separate samples must "
+                                            "follow its own completions and name one of them")
 
 
 def _check_group_columns(c: dict) -> None:
@@ -201,6 +235,9 @@ def _check_sums(c: dict) -> None:
     if int(c["group_size"].sum()) != n_comps or len(c["reward"]) != n_comps:
         raise MessageError("inconsistent", f"group sizes add up to {int(c['group_size'].sum())}, "
                                            f"length has {n_comps}, reward {len(c['reward'])}")
+    if len(c["sample_of"]) != n_comps:
+        raise MessageError("inconsistent", f"groups.sample_of has {len(c['sample_of'])} "
+                                           f"entries, expected {n_comps}")
     if len(c["finish_reason"]) != n_comps:
         raise MessageError("inconsistent", f"groups.finish_reason has "
                                            f"{len(c['finish_reason'])} entries, expected {n_comps}")
@@ -279,12 +316,12 @@ def parse_groups(cols: Any, vocab_size: int | None = None) -> list[TrajectoryGro
     parts = (c["reward_parts"].reshape(len(length), len(names)).tolist() if names
              else [None] * len(length))
     comps = [Completion(t, lp, r, f, v, dict(zip(names, p)) if p is not None else None,
-                        src if src.any() else None)
-             for t, lp, r, f, v, p, src in zip(
+                        src if src.any() else None, None if of < 0 else of)
+             for t, lp, r, f, v, p, src, of in zip(
                  _split(c["tokens"].astype(np.int32, copy=False), length),
                  _split(c["logprobs"], length), c["reward"].tolist(), c["finish_reason"],
                  _split(c["versions"], length), parts, _split(c["sources"], length),
-                 strict=True)]
+                 c["sample_of"].tolist(), strict=True)]
     ends = np.cumsum(group_size).tolist()
     return [TrajectoryGroup(pid, prompt, version, comps[end - size : end], gen, created, inc,
                             seq, index)

@@ -47,6 +47,23 @@ async def two_calls(problem, base_url, api_key):
     return float(second.choices[0].message.content.strip() == problem.answer)
 
 
+async def rewrites(problem, base_url, api_key):
+    """Two chat calls; the second sends back an edited history (the model's answer rewritten),
+    so its prompt does not extend the first call's ids: a separate sample."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+    messages = [{"role": "system", "content": "add"}, {"role": "user", "content": problem.prompt}]
+    first = await client.chat.completions.create(model="asyncrl", messages=messages,
+                                                 max_tokens=5)
+    more = [*messages, {"role": "assistant", "content": "edited " + first.choices[0].message.content},
+            {"role": "user", "content": "so?"}]
+    second = await client.chat.completions.create(model="asyncrl", messages=more, max_tokens=5)
+    RECORDED[base_url] = [messages, first.model_extra["asyncrl"], second.model_extra["asyncrl"]]
+    await client.close()
+    return float(second.choices[0].message.content.strip() == problem.answer)
+
+
 @pytest.fixture(scope="module")
 def setup(model_cache):
     from prometheus_client import CollectorRegistry
@@ -70,10 +87,10 @@ def setup(model_cache):
     ep.close()
 
 
-def _run(ep, engine, groups: int, abort_every: int = 3):
+def _run(ep, engine, groups: int, abort_every: int = 3, agent=two_calls):
     """The generator's loop, an abort-and-resubmit "update" every few engine steps."""
     rollout = Rollout(engine, 32, "abort", time.monotonic)
-    driver = Driver(two_calls, ep, process=False)  # RECORDED is read in this process
+    driver = Driver(agent, ep, process=False)  # RECORDED is read in this process
     for i in range(groups):
         driver.launch(SimpleNamespace(prompt=f"{10 + i}+{20 + i}=", answer=str(30 + 2 * i)),
                       ep.group_size)
@@ -117,6 +134,41 @@ def test_an_openai_client_agents_calls_train_on_the_engines_ids_and_logprobs(set
             # the first call's sampled ids, never a re-encoding of their text
             assert tuple(t.prompt_tokens.tolist() + c.tokens.tolist()) in ends
     batch = collate([g.trajectory("gen0") for g in groups], tok.pad_token_id)
+    model, _ = load_policy(cfg.model.path, "float32")
+    with torch.no_grad():
+        lp = token_logprobs(model, batch.input_ids, batch.attention_mask, 1.0)
+    mask = batch.completion_mask.bool()
+    diff = (lp - batch.behav_logprobs)[mask].abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_an_agent_that_rewrites_its_history_trains_as_separate_samples(setup):
+    """prime-rl's rule with the real engine: each episode's first call travels as a separate
+    sample (its sampled ids, after the first prompt) and its second as the episode's own
+    completion (the edited history injected); the learner's logprobs of both equal the
+    engine's within 1e-4."""
+    from asyncrl.learner.model import load_policy, token_logprobs
+
+    cfg, engine, tok, ep = setup
+    RECORDED.clear()
+    groups, _ = _run(ep, engine, 2, agent=rewrites)
+    assert len(groups) == 2 and len(RECORDED) == 8
+    firsts = {tuple(first["token_ids"]) for _, first, _ in RECORDED.values()}
+    n = ep.group_size
+    trajectories = [g.trajectory("gen0") for g in groups]
+    want_rows = list(range(2 * n))
+    for i, t in enumerate(trajectories):
+        # an episode whose first call sampled only its stop token still extends (the stop
+        # token the text lost is skipped): one sample; every other one is split in two
+        of = [c.sample_of for c in t.completions]
+        assert of[:n] == [None] * n and len(set(of[n:])) == len(of[n:])
+        for c in t.completions[n:]:
+            assert tuple(c.tokens.tolist()) in firsts  # the first call's sampled ids
+            assert c.reward == t.completions[c.sample_of].reward
+            want_rows.append(i * n + c.sample_of)
+    assert len(want_rows) > 2 * n  # some episodes were split
+    batch = collate(trajectories, tok.pad_token_id)
+    assert batch.row_episode.tolist() == want_rows
     model, _ = load_policy(cfg.model.path, "float32")
     with torch.no_grad():
         lp = token_logprobs(model, batch.input_ids, batch.attention_mask, 1.0)

@@ -219,6 +219,48 @@ def test_an_episode_whose_prompt_does_not_extend_it_is_served_but_not_trained(se
     assert served.m.endpoint_groups.labels("dropped")._value.get() == 1
 
 
+def test_an_episode_that_rewrites_its_history_is_trained_as_separate_samples(served):
+    """prime-rl's rule: a call whose prompt starts with the episode's first prompt but does
+    not extend its ids starts a separate sample; every sample has the episode's reward, the
+    learner gives it the episode's advantage."""
+    from asyncrl import wire
+    from asyncrl.algo.advantages import grpo_advantages
+    from asyncrl.learner.batch import collate
+
+    tok = served.tok
+    url = served.url + "/episodes/s.0"
+    s1, r1 = post(url + "/v1/completions", {"model": "asyncrl", "prompt": "1+2="})
+    # the agent rewrote what the model said ("y", not "x"): the ids do not extend
+    s2, r2 = post(url + "/v1/completions", {"model": "asyncrl", "prompt": "1+2=y again"})
+    s3, r3 = post(url + "/v1/completions",
+                  {"model": "asyncrl", "prompt": "1+2=y again" + r2["choices"][0]["text"] + "!"})
+    assert s1 == s2 == s3 == 200
+    assert r2["asyncrl"]["prompt_token_ids"] == (r1["asyncrl"]["prompt_token_ids"]
+                                                 + tok.encode("y again", add_special_tokens=False))
+    status, reply = post(url + "/reward", {"reward": 1.0})
+    assert status == 200 and reply["trained"] is True
+    post(served.url + "/episodes/s.1/v1/completions", {"model": "asyncrl", "prompt": "1+2="})
+    post(served.url + "/episodes/s.1/reward", {"reward": 0.0})
+    assert _until(lambda: served.groups, 5)
+    (g,) = served.groups
+    traj = wire.decode(wire.encode("trajectories", 3, sender="gen0", incarnation="a", seq=1,
+                                   groups=[g.trajectory("gen0")])).groups[0]
+    x, eos = tok.encode("x", add_special_tokens=False)[0], tok.eos_token_id
+    again, bang = (tok.encode(t, add_special_tokens=False) for t in ("y again", "!"))
+    assert [c.sample_of for c in traj.completions] == [None, None, 0]
+    own, other, sample = traj.completions
+    assert sample.tokens.tolist() == [x, eos] and sample.sources is None  # all sampled
+    assert own.tokens.tolist() == [*again, x, eos, *bang, x, eos]
+    assert own.sources.tolist() == ([INJECTED] * len(again) + [SAMPLED] * 2
+                                    + [INJECTED] * len(bang) + [SAMPLED] * 2)
+    assert [c.reward for c in traj.completions] == [1.0, 0.0, 1.0]
+    assert served.m.endpoint_episodes.labels("split")._value.get() == 1
+    batch = collate([traj], tok.pad_token_id)
+    assert batch.rewards.tolist() == [[1.0, 0.0]] and batch.row_episode.tolist() == [0, 1, 0]
+    adv = grpo_advantages(batch.rewards).reshape(-1, 1)[batch.row_episode]
+    assert adv[2] == adv[0] > 0 > adv[1]
+
+
 def test_an_episode_longer_than_its_budget_is_refused(served):
     url = served.url + "/episodes/long.0"
     prompt = "1+2="

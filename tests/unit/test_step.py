@@ -169,3 +169,39 @@ def test_learner_adam_eps_reaches_the_policy_and_critic_optimizers(model_dir):
     _, _, models, _ = make_learner(cfg, model_dir)
     assert [g["eps"] for g in models.policy_opt.param_groups] == [1e-5]
     assert [g["eps"] for g in models.critic_opt.param_groups] == [1e-5]
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "gae"])
+def test_a_separate_sample_takes_its_episodes_reward_and_advantage(model_dir, advantage):
+    """An agent's episode split into separate samples (wire.Completion.sample_of): the extra
+    row trains with its episode's reward (GAE's terminal reward) and advantage (GRPO's), and
+    the group's advantages are those of its own completions alone."""
+    import copy
+
+    from asyncrl.learner.step import advantages
+
+    cfg = learner_cfg(model_dir)
+    cfg.learner.advantage, cfg.learner.kl_coef = advantage, 0.0
+    _, tok, models, _ = make_learner(cfg, model_dir)
+    groups = make_groups(3)
+    plain = collate(copy.deepcopy(groups), tok.pad_token_id)
+    extra = copy.deepcopy(groups[1].completions[2])
+    extra.sample_of = 2
+    groups[1].completions.append(extra)
+    batch = collate(groups, tok.pad_token_id)
+    B = plain.input_ids.shape[0]
+    assert batch.input_ids.shape[0] == B + 1 and batch.rewards.tolist() == plain.rewards.tolist()
+    assert batch.row_episode.tolist() == [*range(B), 4 + 2]
+    with torch.no_grad():
+        a = advantages(models, batch, batch.rewards, batch.completion_mask, None, None,
+                       cfg.learner, None)
+        p = advantages(models, plain, plain.rewards, plain.completion_mask, None, None,
+                       cfg.learner, None)
+    m = batch.completion_mask.bool()
+    if advantage == "grpo":
+        assert torch.equal(a.adv[:B], p.adv) and a.adv[B] == a.adv[6]
+    else:  # the copy's last token's return is its episode's reward, as the original's is
+        last = [int(torch.nonzero(m[i]).max()) for i in (6, B)]
+        assert a.returns[B, last[1]] == a.returns[6, last[0]] == batch.rewards[1, 2]
+    stats = train_step(models, batch, cfg.learner, 1.0, 6)
+    assert math.isfinite(stats["loss"])

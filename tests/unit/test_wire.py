@@ -39,7 +39,7 @@ def test_groups_travel_as_a_few_raw_byte_columns_not_lists():
     # One array per field for the whole message, however many groups and completions.
     assert arrays == {"prompt_id", "policy_version", "created_at", "prompt_len", "prompt_tokens",
                       "group_size", "length", "tokens", "logprobs", "reward", "seq", "index", "version_lag",
-                      "reward_parts", "sources"}
+                      "reward_parts", "sources", "sample_of"}
     assert len(columns["tokens"].data) >= 4 * 1000 * 8 * 4
     assert columns["finish_reason"] == ["stop", "stop"] * 16
     decoded = wire.decode(frame).groups
@@ -280,3 +280,43 @@ def test_bad_reward_parts_are_refused_naming_why(change, reason):
     with pytest.raises(wire.MessageError) as e:
         wire.decode(wire.seal(packed))
     assert e.value.reason == reason
+
+
+def _with_samples(of: list[int | None]) -> wire.TrajectoryGroup:
+    g = _group(n=len(of))
+    for c, k in zip(g.completions, of):
+        c.sample_of = k
+    return g
+
+
+def test_separate_samples_travel_after_their_groups_own_completions():
+    out = wire.decode(wire.encode("trajectories", 3, sender="gen0", incarnation="a", seq=1,
+                                  groups=[_with_samples([None, None, 1, 0]), _group()]))
+    assert [c.sample_of for c in out.groups[0].completions] == [None, None, 1, 0]
+    assert len(out.groups[0].episodes) == 2 and len(out.groups[1].episodes) == 2
+    assert all(c.sample_of is None for c in out.groups[1].completions)
+
+
+@pytest.mark.parametrize("of", [
+    [None, 2, None],  # a sample before the group's own completions end
+    [None, None, 2],  # naming an episode the group does not have
+    [0, 0],  # samples of nothing
+])
+def test_bad_separate_samples_are_refused(of):
+    frame = wire.encode("trajectories", 3, sender="gen0", incarnation="a", seq=1,
+                        groups=[_with_samples(of)])
+    with pytest.raises(wire.MessageError) as e:
+        wire.decode(frame)
+    assert e.value.reason == "bad_value" and "sample_of" in str(e.value)
+
+
+def test_a_sample_of_below_minus_one_is_refused():
+    from asyncrl.wire import codec
+
+    frame = wire.encode("trajectories", 3, sender="gen0", incarnation="a", seq=1,
+                        groups=[_group()])
+    msg = msgpack.unpackb(frame[8:], raw=False, ext_hook=codec._unpack_array)
+    msg["groups"]["sample_of"] = np.array([-1, -5], np.int32)
+    with pytest.raises(wire.MessageError) as e:
+        wire.decode(wire.seal(msgpack.packb(msg, default=codec._default, use_bin_type=True)))
+    assert e.value.reason == "bad_value"
