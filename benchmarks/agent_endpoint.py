@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     from prometheus_client import CollectorRegistry
     from transformers import AutoTokenizer
 
-    from asyncrl.config import load_config
     from asyncrl.agents.calculator import episode
+    from asyncrl.config import load_config
     from asyncrl.generator.driver import Driver
     from asyncrl.generator.endpoint import Endpoint
     from asyncrl.generator.engine import VLLMEngine, configure_cpu_env, engine_length

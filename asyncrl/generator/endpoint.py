@@ -21,10 +21,10 @@ re-tokenized its history) starts a separate sample of the episode (prime-rl's ru
 everything after the first prompt injected, the sample's calls merged as before; every sample
 carries the episode's reward and takes its advantage (wire.Completion.sample_of; counted:
 `endpoint_episodes{outcome="split"}`). A call whose prompt does not even start with the first
-prompt is served, and the episode is not trained on (`outcome="not_mergeable"`). Episodes are grouped by the id before their last
-`.` (`<group>.<k>`): `generator.group_size` ended episodes of a group are one training group
-(GRPO's), sent to the buffer like any other; a group whose episodes started from different
-prompts, or with an episode dropped, is dropped and counted.
+prompt is served, and the episode is not trained on (`outcome="not_mergeable"`). Episodes are
+grouped by the id before their last `.` (`<group>.<k>`): `generator.group_size` ended episodes
+of a group are one training group (GRPO's), sent to the buffer like any other; a group whose
+episodes started from different prompts, or with an episode dropped, is dropped and counted.
 
 The driver (task.agent=`package.module:function`): an async function (problem, base_url,
 api_key) -> reward, run `group_size` times per training problem in an agent process of its

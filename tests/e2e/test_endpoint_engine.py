@@ -13,7 +13,6 @@ import urllib.request
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from asyncrl.config import load_config
 from asyncrl.generator.driver import Driver
@@ -22,6 +21,7 @@ from asyncrl.generator.episode import INJECTED, SAMPLED
 from asyncrl.generator.stream import Rollout
 from asyncrl.learner.batch import collate
 from tests.conftest import ROOT, free_base_port
+from tests.helpers.learner import learner_vs_engine
 
 pytestmark = pytest.mark.e2e
 
@@ -114,8 +114,6 @@ def _run(ep, engine, groups: int, abort_every: int = 3, agent=two_calls):
 
 
 def test_an_openai_client_agents_calls_train_on_the_engines_ids_and_logprobs(setup):
-    from asyncrl.learner.model import load_policy, token_logprobs
-
     cfg, engine, tok, ep = setup
     groups, aborts = _run(ep, engine, 2)
     assert len(groups) == 2 and aborts > 0  # requests were aborted and resubmitted
@@ -134,11 +132,7 @@ def test_an_openai_client_agents_calls_train_on_the_engines_ids_and_logprobs(set
             # the first call's sampled ids, never a re-encoding of their text
             assert tuple(t.prompt_tokens.tolist() + c.tokens.tolist()) in ends
     batch = collate([g.trajectory("gen0") for g in groups], tok.pad_token_id)
-    model, _ = load_policy(cfg.model.path, "float32")
-    with torch.no_grad():
-        lp = token_logprobs(model, batch.input_ids, batch.attention_mask, 1.0)
-    mask = batch.completion_mask.bool()
-    diff = (lp - batch.behav_logprobs)[mask].abs().max().item()
+    diff = learner_vs_engine(cfg.model.path, batch)
     assert diff < 1e-4, diff
 
 
@@ -147,8 +141,6 @@ def test_an_agent_that_rewrites_its_history_trains_as_separate_samples(setup):
     sample (its sampled ids, after the first prompt) and its second as the episode's own
     completion (the edited history injected); the learner's logprobs of both equal the
     engine's within 1e-4."""
-    from asyncrl.learner.model import load_policy, token_logprobs
-
     cfg, engine, tok, ep = setup
     RECORDED.clear()
     groups, _ = _run(ep, engine, 2, agent=rewrites)
@@ -169,11 +161,7 @@ def test_an_agent_that_rewrites_its_history_trains_as_separate_samples(setup):
     assert len(want_rows) > 2 * n  # some episodes were split
     batch = collate(trajectories, tok.pad_token_id)
     assert batch.row_episode.tolist() == want_rows
-    model, _ = load_policy(cfg.model.path, "float32")
-    with torch.no_grad():
-        lp = token_logprobs(model, batch.input_ids, batch.attention_mask, 1.0)
-    mask = batch.completion_mask.bool()
-    diff = (lp - batch.behav_logprobs)[mask].abs().max().item()
+    diff = learner_vs_engine(cfg.model.path, batch)
     assert diff < 1e-4, diff
 
 

@@ -17,6 +17,7 @@ from asyncrl.generator.episode import INJECTED, SAMPLED, Budgets, EpisodeGroup
 from asyncrl.generator.stream import Rollout
 from asyncrl.learner.batch import collate
 from tests.conftest import ROOT
+from tests.helpers.learner import learner_vs_engine
 
 pytestmark = pytest.mark.e2e
 
@@ -64,8 +65,6 @@ def _episodes(setup, n_groups=2, abort_every=3):
 
 
 def test_three_turn_episodes_train_on_the_engines_ids_and_logprobs(setup):
-    from asyncrl.learner.model import load_policy, token_logprobs
-
     cfg, _, tok, codec, _ = setup
     groups, aborts, cached = _episodes(setup)
     assert aborts > 0  # turns were aborted and resubmitted with their tokens so far
@@ -77,11 +76,7 @@ def test_three_turn_episodes_train_on_the_engines_ids_and_logprobs(setup):
     # Exactly 3 model turns in the longest: the untrained model never answers.
     assert any(c.finish_reason == "max_turns" for g in groups for c in g.completions)
     batch = collate(groups, tok.pad_token_id)
-    model, _ = load_policy(cfg.model.path, "float32")
-    with torch.no_grad():
-        lp = token_logprobs(model, batch.input_ids, batch.attention_mask, 1.0)
-    mask = batch.completion_mask.bool()
-    diff = (lp - batch.behav_logprobs)[mask].abs().max().item()
+    diff = learner_vs_engine(cfg.model.path, batch)
     assert diff < 1e-4, diff
     # The rows are the episodes' ids as sampled and injected, never re-encoded.
     row = 0

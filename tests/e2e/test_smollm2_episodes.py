@@ -13,7 +13,6 @@ import json
 import time
 
 import pytest
-import torch
 
 from asyncrl.config import load_config
 from asyncrl.env import EnvSpec
@@ -23,6 +22,7 @@ from asyncrl.learner.batch import collate
 from asyncrl.task import smollm2
 from tests.conftest import ROOT, asyncrl, free_base_port
 from tests.helpers.envs import Chatter
+from tests.helpers.learner import learner_vs_engine
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -50,8 +50,6 @@ def engine_setup(smollm2_cache):
 
 
 def test_episodes_render_the_templates_tool_turns_and_train_on_the_engines_ids(engine_setup):
-    from asyncrl.learner.model import load_policy, token_logprobs
-
     cfg, engine, tok, train, model_dir = engine_setup
     codec = episode_codec(cfg, tok)
     r = Rollout(engine, 16, "abort", clock=time.monotonic)
@@ -87,11 +85,7 @@ def test_episodes_render_the_templates_tool_turns_and_train_on_the_engines_ids(e
 
     # The learner's logprobs of the sampled tokens are the engine's.
     batch = collate(groups, tok.pad_token_id)
-    model, _ = load_policy(model_dir, "float32")
-    with torch.no_grad():
-        lp = token_logprobs(model, batch.input_ids, batch.attention_mask, 1.0)
-    mask = batch.completion_mask.bool()
-    diff = (lp - batch.behav_logprobs)[mask].abs().max().item()
+    diff = learner_vs_engine(model_dir, batch)
     assert diff < TOL, diff
     assert batch.num_completion_tokens < sum(len(e.ids) for e in episodes)  # injected: no loss
 

@@ -37,3 +37,14 @@ def make_learner(cfg, path):
     model.train()
     models = _build_models(cfg, model, torch.device("cpu"), world=1)
     return model, tok, models, warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)
+
+
+def learner_vs_engine(model_path, batch) -> float:
+    """The largest |learner logprob - behaviour logprob| over a batch's sampled tokens: the
+    policy at model_path in float32, temperature 1, against what the engine recorded."""
+    from asyncrl.learner.model import token_logprobs
+
+    model, _ = load_policy(model_path, "float32")
+    with torch.no_grad():
+        lp = token_logprobs(model, batch.input_ids, batch.attention_mask, 1.0)
+    return (lp - batch.behav_logprobs)[batch.completion_mask.bool()].abs().max().item()

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from asyncrl.config import RunConfig
 from asyncrl.agents import load_agent
+from asyncrl.config import RunConfig
 from asyncrl.generator.driver import Driver
 from asyncrl.generator.endpoint import Endpoint
 from asyncrl.generator.engine import Delta
@@ -339,12 +339,12 @@ def test_an_agent_that_raises_ends_its_episode_and_drops_the_group(served):
     async def broken(problem, base_url, api_key):  # a closure: the thread driver runs it
         raise RuntimeError("the agent fell over")
 
+    dropped = served.m.endpoint_groups.labels("dropped")
     for fn, process in ((broken, False), (_broken, True)):
         driver = Driver(fn, served.ep, process=process)
-        before = served.m.endpoint_groups.labels("dropped")._value.get()
+        before = dropped._value.get()
         driver.launch(SimpleNamespace(prompt="1+2=", answer="3"), 2)
-        assert _until(lambda: served.m.endpoint_groups.labels("dropped")._value.get() > before,
-                      60)
+        assert _until(lambda b=before: dropped._value.get() > b, 60)
         driver.close()
     assert served.m.endpoint_episodes.labels("agent_error")._value.get() == 4
     assert not served.groups
