@@ -272,6 +272,15 @@ class AgentEpisode:
     def _inject(self, extra: list[int]) -> None:
         inject(self, extra, 0)
 
+    def snapshot(self) -> tuple:
+        """What `request` may change, to restore when the call is refused after it."""
+        return (list(self.prompt), list(self.ids), list(self.logprobs), list(self.versions),
+                list(self.sources), list(self.samples), self.merges)
+
+    def restore(self, state: tuple) -> None:
+        (self.prompt, self.ids, self.logprobs, self.versions, self.sources, self.samples,
+         self.merges) = state
+
     def separate_samples(self, of: int) -> list[wire.Completion]:
         """The earlier samples of a split episode, as separate samples of its group's
         episode `of`, each with the episode's reward."""
@@ -467,45 +476,55 @@ class Endpoint:
         item.done.set()
 
     def _call(self, call: Call) -> None:
-        ids, merged = call.request.prompt, True
+        ids, merged, ep = call.request.prompt, True, None
         if call.episode is not None:
-            ep = self.episodes.get(call.episode)
+            ep = self._episode_of(call)
             if ep is None:
-                if call.episode in self.closed:
-                    self.refused("episode_finished")
-                    return self._answer(call, 409, ApiError(
-                        409, f"episode {call.episode!r} is finished", None,
-                        "episode_finished").body())
-                ep = self.episodes[call.episode] = AgentEpisode(call.episode, self.clock())
-            if ep.running or ep.final is not None:
-                self.refused("episode_busy")
-                return self._answer(call, 409, ApiError(
-                    409, f"episode {call.episode!r} has a call running: an episode's calls "
-                    "are sequential", None, "episode_busy").body())
-            now = self.clock()
-            if ep.turns:
-                ep.env_seconds.append(now - ep.last_active)
-            ep.last_active = now
+                return None
+            before = ep.snapshot()
             ids = ep.request(ids, self.stop_ids)
             merged = ep.merges
-            after = len(ep.ids) + call.request.max_tokens
-            if merged and after > self.episode_tokens:
+            if merged and len(ep.ids) + call.request.max_tokens > self.episode_tokens:
+                ep.restore(before)  # the refused call leaves its episode as it was
                 self.refused("episode_too_long")
                 return self._answer(call, 400, ApiError(
                     400, f"episode {call.episode!r} would exceed {self.episode_tokens} tokens "
                     "after its first prompt (generator.max_episode_tokens)", "max_tokens",
                     "max_tokens_too_large").body())
-            ep.running = True
         if len(ids) + call.request.max_tokens > self.max_model_len:
-            if call.episode is not None:
-                self.episodes[call.episode].running = False
+            if ep is not None:
+                ep.restore(before)
             self.refused("too_long")
             return self._answer(call, 400, ApiError(
                 400, f"prompt ({len(ids)} tokens) + max_tokens exceeds the model's "
                 f"{self.max_model_len} positions", "max_tokens", "context_length_exceeded"
             ).body())
+        if ep is not None:
+            ep.running = True
         self.m.endpoint_calls.inc()
         self.pending.append(ApiCall(call, ids, self.temperature, merged))
+
+    def _episode_of(self, call: Call) -> AgentEpisode | None:
+        """The open episode a call belongs to (made on its first call), or None when the call
+        was refused (the episode is finished, or has a call running)."""
+        ep = self.episodes.get(call.episode)
+        if ep is None:
+            if call.episode in self.closed:
+                self.refused("episode_finished")
+                return self._answer(call, 409, ApiError(
+                    409, f"episode {call.episode!r} is finished", None,
+                    "episode_finished").body())
+            ep = self.episodes[call.episode] = AgentEpisode(call.episode, self.clock())
+        if ep.running or ep.final is not None:
+            self.refused("episode_busy")
+            return self._answer(call, 409, ApiError(
+                409, f"episode {call.episode!r} has a call running: an episode's calls "
+                "are sequential", None, "episode_busy").body())
+        now = self.clock()
+        if ep.turns:
+            ep.env_seconds.append(now - ep.last_active)
+        ep.last_active = now
+        return ep
 
     def finished(self, unit: ApiCall) -> None:
         """A call's request is done: answer it, and add its tokens to its episode."""

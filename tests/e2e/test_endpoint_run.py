@@ -47,7 +47,7 @@ def _alive(pid: int) -> bool:
 
 def test_a_killed_endpoint_generator_takes_its_agents_along_and_loses_no_group(model_cache,
                                                                             tmp_path):
-    steps = 12
+    steps = 16
     args = [f"warm_start.cache_dir={model_cache}", f"run_dir={tmp_path}",
             f"net.base_port={free_base_port()}", f"learner.total_steps={steps}",
             "learner.eval_interval=100", "learner.checkpoint_interval=100",
@@ -59,7 +59,7 @@ def test_a_killed_endpoint_generator_takes_its_agents_along_and_loses_no_group(m
     out = Output(proc)
     try:
         roles = pids(out.until(r"\[run\] started .*", timeout_s=1200).group(0))
-        out.until(r"\[step 3/")
+        out.until(r"\[step 5/")
         (agents,) = [_agent_processes(roles["gen0"])]
         assert len(agents) == 1, agents
         os.kill(roles["gen0"], signal.SIGKILL)  # the generator alone: its agents must follow

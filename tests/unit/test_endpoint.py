@@ -271,6 +271,16 @@ def test_an_episode_longer_than_its_budget_is_refused(served):
         prompt += reply["choices"][0]["text"] + "more"
     assert status == 400 and reply["error"]["param"] == "max_tokens"
     assert "max_episode_tokens" in reply["error"]["message"]
+    # the refused call left its episode as it was: the agent's text it carried is not in it,
+    # so what travels fits the learner's bound (a longer row would cost the learner the batch)
+    post(url + "/reward", {"reward": 1.0})
+    post(served.url + "/episodes/long.1/v1/completions", {"model": "asyncrl", "prompt": "1+2="})
+    post(served.url + "/episodes/long.1/reward", {"reward": 0.0})
+    assert _until(lambda: served.groups, 5)
+    (g,) = served.groups
+    long = g.trajectory("gen0").completions[0]
+    assert len(long.tokens) <= served.ep.episode_tokens
+    assert long.sources[-1] == SAMPLED and long.tokens[-1] == served.tok.eos_token_id
 
 
 def test_an_abandoned_episode_is_ended_and_its_calls_dropped(served):
