@@ -116,6 +116,9 @@ def _held_at_end(log: Path, max_staleness: int) -> set[Ident]:
         store = ReplayBuffer(capacity_groups=0, max_staleness=max_staleness)
         handler = BufferHandler(store, BufferMetrics(CollectorRegistry()), None,
                                 DurableLog(copy))
-        handler.recover()
+        try:
+            handler.recover()
+        except RuntimeError as e:  # name the run's log, not the copy
+            raise RuntimeError(str(e).replace(str(copy), str(log))) from None
         handler.durable.close()
     return {identity(g) for g in store.held()}

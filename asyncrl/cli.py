@@ -261,7 +261,11 @@ def _check_settings(args, settings) -> None:
 def _audit(args) -> int:
     from asyncrl.audit import delivery_audit
 
-    audit = delivery_audit(Path(args.run_dir))
+    try:
+        audit = delivery_audit(Path(args.run_dir))
+    except RuntimeError as e:  # a log another asyncrl version wrote: named, no traceback
+        print(f"asyncrl audit: {e}", file=sys.stderr)
+        return 1
     print(f"[audit] {audit.summary()}")
     return 0 if audit.ok else 1
 

@@ -116,3 +116,18 @@ def test_a_log_written_by_another_message_schema_is_named_not_cut(tmp_path):
     with pytest.raises(RuntimeError, match="asyncrl version that wrote it"):
         BatchLog(tmp_path, rank=0)
     assert path.stat().st_size == size
+
+
+def test_the_audit_of_a_run_whose_log_another_version_wrote_says_so_in_one_line(tmp_path,
+                                                                                 capsys):
+    import zlib
+
+    from asyncrl.cli import main
+
+    old = _old_schema(traj_frame(1, pid=1))
+    (tmp_path / "buffer").mkdir()
+    log = tmp_path / "buffer" / "log.bin"
+    log.write_bytes(struct.pack("<IIB", len(old), zlib.crc32(old), ADD) + old)
+    assert main(["audit", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(log) in err and "another asyncrl version" in err
