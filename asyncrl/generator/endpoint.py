@@ -1,12 +1,14 @@
 """Any agent as a rollout: an OpenAI-compatible endpoint on a generator (generator.endpoint).
 
-Each generator serves `POST /v1/chat/completions` and `POST /v1/completions` (non-streaming)
-on net.endpoint_port(i), backed by the same engine and continuous batching as its own rollouts:
+Each generator serves `POST /v1/chat/completions` and `POST /v1/completions` on
+net.endpoint_port(i), backed by the same engine and continuous batching as its own rollouts:
 a call is one engine request (`ApiCall`, a unit of asyncrl/generator/stream.py), so in-flight
 updates, staleness and per-token versions apply to it as to any other. The prompt is the
 model's own rendering (`apply_chat_template`, tools included; a completion prompt is encoded
 as the task's prompts are), and each call's prompt ids, sampled ids, behaviour logprobs and
 policy versions are recorded (and returned to the caller under `asyncrl` in the response).
+With `stream: true` the answer is server-sent events, a chunk per engine step with what it
+sampled (asyncrl/generator/openai_api.py: the request checks and the answers' bodies).
 
 Episodes. Calls under `/episodes/<id>/v1/...` belong to episode `<id>`; the episode ends with
 `POST /episodes/<id>/reward {"reward": r}` (or, with task.agent, the agent function's return
@@ -46,13 +48,11 @@ in the loop (`Endpoint.poll`, `Endpoint.finished`), between two engine steps.
 from __future__ import annotations
 
 import hmac
-import itertools
 import json
 import logging
 import queue
 import threading
 import time
-import uuid
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -67,152 +67,23 @@ from asyncrl.generator.episode import (
     completion_of,
     inject,
 )
+from asyncrl.generator.openai_api import (
+    MAX_BODY_BYTES,
+    MODEL_NAME,
+    ApiError,
+    Renderer,
+    Request,
+    Stream,
+    response,
+)
 from asyncrl.generator.stream import Sequence, Unit
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "asyncrl"
-MAX_BODY_BYTES = 8 << 20
-CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature",
-               "top_p", "n", "stream", "logprobs", "seed", "user", "tools", "tool_choice"}
-COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream",
-                     "logprobs", "seed", "user"}
-ROLES = ("system", "user", "assistant", "tool")
 # How an episode ended (endpoint_episodes{outcome}): "ok" (one sample), "split" (trained as
 # separate samples: a call rewrote its history), "not_mergeable" (a call's prompt did not
 # start with the episode's first prompt: not trained), "abandoned", "agent_error", "no_call".
 TRAINED = ("ok", "split")
-
-
-class ApiError(Exception):
-    """A refused request: its HTTP status and OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str = "invalid_request", kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = (status, message, param,
-                                                                       code, kind)
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code}}
-
-
-# ------------------------------------------------------------------ requests
-
-
-@dataclass
-class Request:
-    """One checked call: the rendered prompt ids and what to answer."""
-
-    prompt: list[int]
-    max_tokens: int
-    chat: bool
-    logprobs: bool = False
-
-
-class Renderer:
-    """Checks a call's JSON against what the endpoint serves and renders its prompt ids."""
-
-    def __init__(self, tok, temperature: float, max_tokens: int, encode_completion):
-        self.tok, self.temperature, self.max_tokens = tok, temperature, max_tokens
-        self.encode_completion = encode_completion  # text -> ids, as the task's prompts
-
-    def chat(self, body) -> Request:
-        self._common(body, CHAT_FIELDS)
-        if not getattr(self.tok, "chat_template", None):
-            raise ApiError(400, "this model has no chat template: use /v1/completions",
-                           "messages", "no_chat_template")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or len(messages) > 4096:
-            raise ApiError(400, "messages must be a non-empty list of messages", "messages")
-        clean = [self._message(m, i) for i, m in enumerate(messages)]
-        tools = body.get("tools")
-        if tools is not None and (not isinstance(tools, list) or not all(
-                isinstance(t, dict) for t in tools)):
-            raise ApiError(400, "tools must be a list of tool descriptions", "tools")
-        choice = body.get("tool_choice")
-        if choice not in (None, "auto", "none"):
-            raise ApiError(400, "tool_choice: only auto and none are served", "tool_choice")
-        try:
-            text = self.tok.apply_chat_template(clean, tools=tools or None, tokenize=False,
-                                                add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 - the template's own complaint, as a 400
-            raise ApiError(400, f"the chat template cannot render these messages: {e}",
-                           "messages") from None
-        ids = list(self.tok.encode(text, add_special_tokens=False))
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        return Request(ids, self._max_tokens(limit, "max_tokens"), True,
-                       bool(body.get("logprobs")))
-
-    def completion(self, body) -> Request:
-        self._common(body, COMPLETION_FIELDS)
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            ids = list(self.encode_completion(prompt))
-        elif isinstance(prompt, list) and prompt and all(
-                type(t) is int and 0 <= t < len(self.tok) for t in prompt):
-            ids = list(prompt)
-        else:
-            raise ApiError(400, "prompt must be a string or a list of token ids of this model",
-                           "prompt")
-        logprobs = body.get("logprobs")
-        if logprobs is not None and (type(logprobs) is not int or not 0 <= logprobs <= 1):
-            raise ApiError(400, "logprobs: 0 or 1 (the sampled token's) is served", "logprobs")
-        return Request(ids, self._max_tokens(body.get("max_tokens"), "max_tokens"), False,
-                       bool(logprobs))
-
-    def _common(self, body, allowed: set[str]) -> None:
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        unknown = sorted(k for k in body if k not in allowed)
-        if unknown:
-            raise ApiError(400, f"unknown or unsupported field(s): {', '.join(unknown)[:200]}",
-                           unknown[0][:64], "unknown_field")
-        if body.get("model") != MODEL_NAME:
-            raise ApiError(404, f"model {str(body.get('model'))[:64]!r} is not served here; "
-                           f"the policy is {MODEL_NAME!r}", "model", "model_not_found")
-        if body.get("stream"):
-            raise ApiError(400, "streaming responses are not served (stream=false)", "stream")
-        if body.get("n", 1) != 1:
-            raise ApiError(400, "n must be 1: one completion per call (an episode is one "
-                           "trajectory)", "n")
-        t = body.get("temperature", self.temperature)
-        if type(t) not in (int, float) or abs(t - self.temperature) > 1e-9:
-            raise ApiError(400, f"temperature must be the run's generator.temperature "
-                           f"({self.temperature:g}): the learner recomputes the behaviour "
-                           "logprobs at it", "temperature")
-        if body.get("top_p", 1) != 1:
-            raise ApiError(400, "top_p must be 1 (the learner's logprobs are of the whole "
-                           "distribution)", "top_p")
-
-    def _message(self, m, i: int) -> dict:
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ApiError(400, f"messages[{i}] must be a message with a role in "
-                           f"{', '.join(ROLES)}", f"messages[{i}]")
-        content = m.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text"
-                       and isinstance(p.get("text"), str) for p in content):
-                raise ApiError(400, f"messages[{i}].content: only text parts are served",
-                               f"messages[{i}].content")
-            content = "".join(p["text"] for p in content)
-        if content is not None and not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be text",
-                           f"messages[{i}].content")
-        out = {"role": m["role"], "content": content or ""}
-        for key in ("tool_calls", "tool_call_id", "name"):
-            if key in m:
-                out[key] = m[key]
-        return out
-
-    def _max_tokens(self, value, param: str) -> int:
-        if value is None:
-            return self.max_tokens
-        if type(value) is not int or not 1 <= value <= self.max_tokens:
-            raise ApiError(400, f"{param} must be in [1, {self.max_tokens}] "
-                           "(generator.max_tokens)", param, "max_tokens_too_large")
-        return value
 
 
 # ------------------------------------------------------------------ episodes
@@ -362,11 +233,13 @@ class AgentGroup(EpisodeGroup):
 
 
 class ApiCall(Unit):
-    """One call of the endpoint: one engine request."""
+    """One call of the endpoint: one engine request (with its stream's state when the call
+    asked for one)."""
 
-    def __init__(self, call: Call, ids: list[int], temperature: float, merged: bool):
+    def __init__(self, call: Call, ids: list[int], temperature: float, merged: bool,
+                 stream: Stream | None = None):
         super().__init__([Sequence(list(ids), call.request.max_tokens, temperature)])
-        self.call, self.merged = call, merged
+        self.call, self.merged, self.stream = call, merged, stream
         self.started_at = time.monotonic()
         self.first_token_at = None
 
@@ -380,6 +253,9 @@ class Call:
     done: threading.Event = field(default_factory=threading.Event)
     status: int = 200
     body: dict | None = None
+    # stream=true: ("chunk", body) per engine step, then ("done", None); or ("error", status,
+    # body) when the call is refused
+    events: queue.SimpleQueue | None = None
 
 
 @dataclass
@@ -390,15 +266,6 @@ class Reward:
     done: threading.Event = field(default_factory=threading.Event)
     status: int = 200
     body: dict | None = None
-
-
-_PROCESS_ID = uuid.uuid4().hex[:12]
-_IDS = itertools.count(1)
-
-
-def _response_id() -> str:
-    """A response's unique id (a uuid4 per response cost 60 us of the loop's time)."""
-    return f"{_PROCESS_ID}{next(_IDS):x}"
 
 
 def group_of(eid: str) -> str:
@@ -431,6 +298,7 @@ class Endpoint:
         self.host, self.port = cfg.net.bind_host, cfg.net.endpoint_port(index)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.pending: list[ApiCall] = []
+        self.streams: list[ApiCall] = []  # running calls that asked for a stream
         self.episodes: dict[str, AgentEpisode] = {}
         self.ended: dict[str, list[AgentEpisode]] = {}  # group -> its ended episodes
         self.closed: OrderedDict[str, None] = OrderedDict()  # ended episode ids (the newest)
@@ -468,11 +336,20 @@ class Endpoint:
             else:
                 self._ended(item, version)
         while self.pending and rollout.room(1):
-            rollout.start(self.pending.pop(0), version)
+            unit = self.pending.pop(0)
+            rollout.start(unit, version)
+            if unit.stream is not None:
+                self.streams.append(unit)
+        for unit in self.streams:  # what the engine sampled since the last poll
+            if (chunk := unit.stream.delta(unit.seqs[0])) is not None:
+                unit.call.events.put(("chunk", chunk))
         self._expire(version)
 
     def _answer(self, item, status: int, body: dict) -> None:
         item.status, item.body = status, body
+        events = getattr(item, "events", None)
+        if events is not None:
+            events.put(("error", status, body) if status != 200 else ("done", None))
         item.done.set()
 
     def _call(self, call: Call) -> None:
@@ -502,7 +379,8 @@ class Endpoint:
         if ep is not None:
             ep.running = True
         self.m.endpoint_calls.inc()
-        self.pending.append(ApiCall(call, ids, self.temperature, merged))
+        stream = Stream(self.tok, call.request) if call.request.stream else None
+        self.pending.append(ApiCall(call, ids, self.temperature, merged, stream))
 
     def _episode_of(self, call: Call) -> AgentEpisode | None:
         """The open episode a call belongs to (made on its first call), or None when the call
@@ -536,34 +414,13 @@ class Endpoint:
                 ep.running = False
                 ep.last_active = self.clock()
                 ep.turn_done(seq, unit.merged)
-        self._answer(call, 200, self._response(call.request, seq))
+        if unit.stream is not None:
+            self.streams.remove(unit)
+            for chunk in unit.stream.last(seq):
+                call.events.put(("chunk", chunk))
+        self._answer(call, 200, response(self.tok, call.request, seq))
         if call.episode is not None and ep is not None and ep.final is not None:
             self._ended(ep.final, unit.seqs[0].versions[-1] if seq.versions else 0)
-
-    def _response(self, req: Request, seq: Sequence) -> dict:
-        text = self.tok.decode(seq.tokens, skip_special_tokens=True)
-        reason = "length" if seq.finish_reason == "length" else "stop"
-        usage = {"prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.tokens),
-                 "total_tokens": len(seq.prompt) + len(seq.tokens)}
-        record = {"prompt_token_ids": list(seq.prompt), "token_ids": list(seq.tokens),
-                  "logprobs": list(seq.logprobs), "versions": list(seq.versions)}
-        created = int(time.time())
-        if req.chat:
-            lp = ({"content": [{"token": self.tok.decode([t]), "logprob": x, "bytes": None,
-                                "top_logprobs": []} for t, x in zip(seq.tokens, seq.logprobs)]}
-                  if req.logprobs else None)
-            return {"id": f"chatcmpl-{_response_id()}", "object": "chat.completion",
-                    "created": created, "model": MODEL_NAME,
-                    "choices": [{"index": 0, "finish_reason": reason, "logprobs": lp,
-                                 "message": {"role": "assistant", "content": text}}],
-                    "usage": usage, "asyncrl": record}
-        lp = ({"tokens": [self.tok.decode([t]) for t in seq.tokens],
-               "token_logprobs": list(seq.logprobs), "top_logprobs": None,
-               "text_offset": None} if req.logprobs else None)
-        return {"id": f"cmpl-{_response_id()}", "object": "text_completion",
-                "created": created, "model": MODEL_NAME,
-                "choices": [{"index": 0, "text": text, "finish_reason": reason,
-                             "logprobs": lp}], "usage": usage, "asyncrl": record}
 
     def _ended(self, r: Reward, version: int) -> None:
         ep = self.episodes.get(r.episode)
@@ -684,15 +541,49 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 req = (self.endpoint.renderer.chat(body) if route == "chat"
                        else self.endpoint.renderer.completion(body))
-                item = Call(req, episode)
+                item = Call(req, episode, events=queue.SimpleQueue() if req.stream else None)
         except ApiError as e:
             return self._error(e)
         self.endpoint.inbox.put(item)
+        if getattr(item, "events", None) is not None:
+            return self._stream(item)
         if not item.done.wait(self.endpoint.timeout_s):
             return self._error(ApiError(504, "the generator did not answer in "
                                         "generator.episode_timeout_s", None, "timeout",
                                         "server_error"))
         self._send(item.status, item.body)
+
+    def _stream(self, call: Call) -> None:
+        """Server-sent events, one per chunk, in HTTP/1.1 chunked encoding (the connection
+        stays open for the client's next call), then `data: [DONE]`. A refused call gets its
+        error as a plain JSON answer; a client gone mid-stream costs nothing but the write."""
+        timeout = self.endpoint.timeout_s
+        try:
+            event = call.events.get(timeout=timeout)
+        except queue.Empty:
+            return self._error(ApiError(504, "the generator did not answer in "
+                                        "generator.episode_timeout_s", None, "timeout",
+                                        "server_error"))
+        if event[0] == "error":
+            return self._send(event[1], event[2])
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.endpoint.m.endpoint_requests.labels("200").inc()
+        try:
+            while event[0] == "chunk":
+                self._event(json.dumps(event[1]).encode())
+                event = call.events.get(timeout=timeout)
+            self._event(b"[DONE]")
+            self.wfile.write(b"0\r\n\r\n")
+        except (queue.Empty, OSError):  # the generator stopped, or the client left
+            self.close_connection = True
+
+    def _event(self, data: bytes) -> None:
+        frame = b"data: " + data + b"\n\n"
+        self.wfile.write(b"%X\r\n%s\r\n" % (len(frame), frame))
 
     def _authorized(self) -> bool:
         got = self.headers.get("Authorization", "")

@@ -64,6 +64,26 @@ async def rewrites(problem, base_url, api_key):
     return float(second.choices[0].message.content.strip() == problem.answer)
 
 
+async def streams(problem, base_url, api_key):
+    """two_calls with stream=true: the text is what the chunks carried."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+    messages = [{"role": "system", "content": "add"}, {"role": "user", "content": problem.prompt}]
+    texts, records = [], []
+    for _ in range(2):
+        chunks = [c async for c in await client.chat.completions.create(
+            model="asyncrl", messages=messages, max_tokens=5, stream=True)]
+        texts.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+        records.append(next(c.model_extra["asyncrl"] for c in chunks
+                            if "asyncrl" in c.model_extra))
+        messages = [*messages, {"role": "assistant", "content": texts[-1]},
+                    {"role": "user", "content": "so?"}]
+    RECORDED[base_url] = [texts, *records]
+    await client.close()
+    return float(texts[-1].strip() == problem.answer)
+
+
 @pytest.fixture(scope="module")
 def setup(model_cache):
     from prometheus_client import CollectorRegistry
@@ -161,6 +181,22 @@ def test_an_agent_that_rewrites_its_history_trains_as_separate_samples(setup):
     assert len(want_rows) > 2 * n  # some episodes were split
     batch = collate(trajectories, tok.pad_token_id)
     assert batch.row_episode.tolist() == want_rows
+    diff = learner_vs_engine(cfg.model.path, batch)
+    assert diff < 1e-4, diff
+
+
+def test_streamed_calls_carry_the_engines_text_and_train_as_unstreamed_ones(setup):
+    """stream=true through in-flight aborts and resubmissions: the chunks' text is the
+    decoding of the ids the engine sampled, and the learner's logprobs of what is trained are
+    the engine's within 1e-4."""
+    cfg, engine, tok, ep = setup
+    RECORDED.clear()
+    groups, aborts = _run(ep, engine, 2, agent=streams)
+    assert len(groups) == 2 and aborts > 0 and len(RECORDED) == 8
+    for texts, *records in RECORDED.values():
+        for text, rec in zip(texts, records, strict=True):
+            assert text == tok.decode(rec["token_ids"], skip_special_tokens=True)
+    batch = collate([g.trajectory("gen0") for g in groups], tok.pad_token_id)
     diff = learner_vs_engine(cfg.model.path, batch)
     assert diff < 1e-4, diff
 

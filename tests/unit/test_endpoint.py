@@ -123,7 +123,12 @@ def test_a_request_without_the_key_is_refused_and_counted(served):
     ("/v1/completions", {"model": "asyncrl", "prompt": "1+2=", "frobnicate": 1}, 400,
      "unknown_field"),
     ("/v1/completions", {"model": "asyncrl", "prompt": "1+2=", "n": 3}, 400, "invalid_request"),
-    ("/v1/completions", {"model": "asyncrl", "prompt": "1+2=", "stream": True}, 400,
+    ("/v1/completions", {"model": "asyncrl", "prompt": "1+2=", "stream": "yes"}, 400,
+     "invalid_request"),
+    ("/v1/completions", {"model": "asyncrl", "prompt": "1+2=",
+                         "stream_options": {"include_usage": True}}, 400, "invalid_request"),
+    ("/v1/chat/completions", {"model": "asyncrl", "messages": [{"role": "user", "content": "hi"}],
+                              "stream": True, "stream_options": {"x": 1}}, 400,
      "invalid_request"),
     ("/v1/completions", {"model": "asyncrl", "prompt": "1+2=", "temperature": 0.3}, 400,
      "invalid_request"),
@@ -167,6 +172,54 @@ def test_a_chat_call_is_rendered_by_the_models_template_and_recorded(served):
     assert reply["choices"][0]["message"] == {"role": "assistant", "content": "x"}
     assert [c["logprob"] for c in reply["choices"][0]["logprobs"]["content"]] == [-0.5, -0.5]
     assert reply["usage"]["completion_tokens"] == 2
+
+
+def test_streamed_calls_send_a_chunk_per_step_and_the_same_text_and_record(served):
+    """stream=true with the real openai client, chat and completions: chunks as the engine
+    samples, their text the non-streamed text, the record on the chunk with the finish
+    reason, the usage when asked; the call is recorded into its episode as any other."""
+    import asyncio
+
+    pytest.importorskip("openai")
+    from openai import AsyncOpenAI
+
+    async def calls():
+        client = AsyncOpenAI(base_url=served.url + "/episodes/st.0/v1", api_key=KEY,
+                             max_retries=0)
+        chunks = [c async for c in await client.chat.completions.create(
+            model="asyncrl", messages=[{"role": "user", "content": "1+2="}], stream=True,
+            logprobs=True, stream_options={"include_usage": True})]
+        plain = await client.completions.create(model="asyncrl", prompt="1+2=")
+        streamed = [c async for c in await client.completions.create(
+            model="asyncrl", prompt="1+2=", stream=True)]
+        await client.close()
+        return chunks, plain, streamed
+
+    chunks, plain, streamed = asyncio.run(calls())
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant"
+    assert "".join(d.content or "" for d in deltas) == "x"
+    assert sum(len(c.choices[0].logprobs.content) for c in chunks
+               if c.choices and c.choices[0].logprobs) == 2  # x and EOS, one step each
+    (end,) = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert end.choices[0].finish_reason == "stop"
+    assert end.model_extra["asyncrl"]["versions"] == [3, 3]
+    assert chunks[-1].usage.completion_tokens == 2 and not chunks[-1].choices
+    assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+    text = "".join(c.choices[0].text for c in streamed)
+    assert text == plain.choices[0].text == "x"
+    assert streamed[-1].model_extra["asyncrl"]["token_ids"] == (
+        plain.model_extra["asyncrl"]["token_ids"])
+    assert served.m.endpoint_calls._value.get() == 3
+
+
+def test_a_refused_streamed_call_gets_a_plain_error(served):
+    url = served.url + "/episodes/sr.0/v1/completions"
+    post(url, {"model": "asyncrl", "prompt": "1+2="})
+    post(served.url + "/episodes/sr.0/reward", {"reward": 1.0})
+    # the episode is finished: refused before any chunk, as a JSON error
+    status, reply = post(url, {"model": "asyncrl", "prompt": "1+2=", "stream": True})
+    assert status == 409 and reply["error"]["code"] == "episode_finished"
 
 
 def test_an_episode_becomes_one_trajectory_with_the_agents_text_injected(served):
