@@ -13,6 +13,7 @@ import urllib.request
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import strategies as st
 
 from asyncrl.agents import load_agent
 from asyncrl.config import RunConfig
@@ -483,3 +484,78 @@ def test_a_client_that_sends_less_than_it_announced_is_cut_off(served):
     status, reply = post(served.url + "/v1/completions", {"model": "asyncrl", "prompt": "1+2="})
     assert status == 200  # and it still serves everyone else
 
+
+
+# ---------------------------------------------------------------- the port, fuzzed
+
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats(allow_nan=True)
+    | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                 max_size=4),
+    max_leaves=12)
+_FIELDS = sorted({"model", "messages", "prompt", "max_tokens", "max_completion_tokens",
+                  "temperature", "top_p", "n", "stream", "stream_options", "logprobs", "seed",
+                  "user", "tools", "tool_choice", "reward", "role", "content"})
+
+
+@st.composite
+def _hostile_call(draw):
+    """A request as an attacker or a broken agent would send it: known fields with any
+    values (often the right model and a plausible prompt, so the deeper checks are reached),
+    unknown fields, any episode path."""
+    body = {k: draw(_VALUES) for k in draw(st.lists(st.sampled_from(_FIELDS), max_size=6))}
+    if draw(st.booleans()):
+        body["model"] = "asyncrl"
+    if draw(st.booleans()):
+        body["prompt"] = draw(st.sampled_from(["1+2=", [1, 2, 3], "", [10**12], [-1]]))
+    if draw(st.booleans()):
+        body["messages"] = draw(st.sampled_from([
+            [{"role": "user", "content": "1+2="}], [{"role": "user", "content": [
+                {"type": "text", "text": "hi"}]}], [{"role": "tool"}], [{}], []]))
+    episode = draw(st.sampled_from(["", "/episodes/f.0", "/episodes/f.1", "/episodes/..",
+                                    "/episodes/" + "e" * 200, "/episodes/%00"]))
+    route = draw(st.sampled_from(["/v1/completions", "/v1/chat/completions", "/reward",
+                                  "/v1/models", "/v2/x"]))
+    return episode + route, body
+
+
+def _send_raw(url: str, raw: bytes) -> tuple[int, bytes, str]:
+    req = urllib.request.Request(url, data=raw, method="POST",
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {KEY}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read(), r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), e.headers.get("Content-Type", "")
+
+
+def test_hostile_calls_get_an_answer_and_never_a_server_error(served):
+    """Structure-aware fuzzing of the endpoint's port: every request is answered with 200 or
+    an OpenAI-style 4xx error (never a 5xx, a dropped connection or a hang), and the endpoint
+    serves a valid call afterwards."""
+    from hypothesis import HealthCheck, given, settings
+
+    seen = set()
+
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(_hostile_call())
+    def one(call):
+        path, body = call
+        try:
+            raw = json.dumps(body).encode()
+        except ValueError:  # NaN and friends: sent as Python writes them
+            raw = repr(body).encode()
+        status, data, kind = _send_raw(served.url + path, raw)
+        seen.add(status)
+        if status == 200:  # a whole answer, or a stream that ends as streams do
+            assert (json.loads(data) if "json" in kind else data.endswith(b"data: [DONE]\n\n"))
+        else:
+            assert 400 <= status < 500 and "error" in json.loads(data), (status, data)
+
+    one()
+    assert seen - {200} and 200 in seen, seen  # refusals, and calls that got through
+    status, reply = post(served.url + "/v1/completions", {"model": "asyncrl", "prompt": "1+2="})
+    assert status == 200 and reply["choices"][0]["text"] == "x"
