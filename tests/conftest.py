@@ -15,6 +15,27 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _zmq_contexts_live_for_the_session():
+    """Every ZeroMQ context a test makes in this process (asyncrl.transport.context) is kept
+    until the process exits, when pyzmq skips terminating it. A context dropped by one test and
+    collected later, by a garbage collection inside another test, blocked that test forever in
+    Context.term (seen once in the slow suite: the hostile-peer test's, collected during an
+    import of the reward-service test's fixture, with every socket at LINGER 0)."""
+    from asyncrl import transport
+
+    made, make = [], transport.context
+
+    def context():
+        ctx = make()
+        made.append(ctx)
+        return ctx
+
+    transport.context = context
+    yield
+    transport.context = make
+
+
 def free_base_port(*extra_offsets: int) -> int:
     """A net.base_port for a test run (up to 4 generators and 4 learner ranks): every port a role
     binds, and base + each of `extra_offsets` (for a helper server next to the run, at an offset

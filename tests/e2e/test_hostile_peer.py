@@ -26,11 +26,6 @@ from tests.helpers.wire import traj_frame
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 FLOOD_S = 60.0
-# The hostile peer's ZeroMQ contexts, kept for the life of the test process: one collected by
-# the garbage collector later (in another test) blocked it forever in Context.term, the
-# collector running inside an import (seen once in the slow suite; its sockets had LINGER 0).
-# At exit pyzmq skips the term.
-_CONTEXTS: list = []
 
 
 def _pool(kind: str, n: int) -> list[bytes]:
@@ -76,8 +71,7 @@ def test_a_hostile_key_holder_costs_counters_not_disk_and_cannot_stall_the_run(m
                    "the run's first steps")
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         keys = transport.load_keys(run_dir / "keys", "gen0")  # the compromised host's
-        ctx = transport.context()
-        _CONTEXTS.append(ctx)
+        ctx = transport.context()  # kept for the session (tests/conftest.py)
         ingest = transport.Client(ctx, "127.0.0.1", base + 0, "gen0", keys)
         control = transport.Client(ctx, "127.0.0.1", base + 2, "gen0", keys)
         beats = transport.Client(ctx, "127.0.0.1", base + 4, "gen0", keys)
