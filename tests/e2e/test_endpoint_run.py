@@ -4,7 +4,6 @@ process exits by itself (it is not in the launcher's kill), the launcher restart
 generator, which starts a new agent process, and the run finishes with every acknowledged
 group trained exactly once (the audit)."""
 
-import json
 import os
 import signal
 import subprocess
@@ -14,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, asyncrl, free_base_port
-from tests.helpers.runs import Output, pids
+from tests.conftest import ROOT, free_base_port
+from tests.helpers.runs import Output, assert_every_step_and_group_once, kill_session, pids
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -60,7 +59,7 @@ def test_a_killed_endpoint_generator_takes_its_agents_along_and_loses_no_group(m
     try:
         roles = pids(out.until(r"\[run\] started .*", timeout_s=1200).group(0))
         out.until(r"\[step 5/")
-        (agents,) = [_agent_processes(roles["gen0"])]
+        agents = _agent_processes(roles["gen0"])
         assert len(agents) == 1, agents
         os.kill(roles["gen0"], signal.SIGKILL)  # the generator alone: its agents must follow
         deadline = time.monotonic() + 30
@@ -71,13 +70,6 @@ def test_a_killed_endpoint_generator_takes_its_agents_along_and_loses_no_group(m
         out.until(r"gen0 restarted")
         text = out.rest(timeout_s=900)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        kill_session(proc)
     assert proc.returncode == 0, text[-4000:]
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(steps + 1))
-    r = asyncrl("audit", str(tmp_path), timeout=120)
-    assert r.returncode == 0 and "exactly once" in r.stdout, r.stdout + r.stderr
+    assert_every_step_and_group_once(tmp_path, steps)

@@ -19,8 +19,8 @@ from asyncrl.cli import main
 from asyncrl.config import load_config, save_config
 from asyncrl.rewards import RewardModelScorer
 from asyncrl.testing import build_tiny_model
-from tests.conftest import ROOT, asyncrl, free_base_port, wait_until
-from tests.helpers.runs import Output, pids
+from tests.conftest import ROOT, free_base_port, wait_until
+from tests.helpers.runs import Output, assert_every_step_and_group_once, kill_session, pids
 
 pytestmark = pytest.mark.e2e
 TOL = 1e-4
@@ -112,16 +112,9 @@ def test_a_killed_reward_service_is_restarted_and_no_group_is_lost(model_cache, 
         out.until(r"reward restarted")
         text = out.rest(timeout_s=600)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        kill_session(proc)
     assert proc.returncode == 0, text[-4000:]
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(steps + 1))
+    rows = assert_every_step_and_group_once(tmp_path, steps)
     assert all("reward_reward_model" in r for r in rows[1:]), rows[1]
-    r = asyncrl("audit", str(tmp_path), timeout=120)
-    assert r.returncode == 0 and "exactly once" in r.stdout, r.stdout + r.stderr
     gen_log = (tmp_path / "logs" / "gen0.log").read_text()
     assert "Traceback" not in gen_log, gen_log[-3000:]

@@ -1,12 +1,14 @@
 """Whole runs started from tests: the overrides of a short run, the launcher, metrics rows."""
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
 
 from asyncrl.jsonl import read_jsonl
-from tests.conftest import ROOT
+from tests.conftest import ROOT, asyncrl
 
 STEPS = 4  # learner.total_steps of the short runs (tests/e2e/test_loop.py)
 
@@ -58,3 +60,22 @@ class Output:
 def pids(started_line: str) -> dict[str, int]:
     """Role name -> pid, from the launcher's "[run] started ..." line."""
     return {name: int(pid) for name, pid in re.findall(r"(\w+) \(pid (\d+)\)", started_line)}
+
+
+def kill_session(proc) -> None:
+    """The launcher and every role it started, killed whatever state the test left them in."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def assert_every_step_and_group_once(run_dir, steps: int) -> list[dict]:
+    """Every step in metrics.jsonl once, in order, and the audit finding every acknowledged
+    group trained exactly once (or dropped as stale, or held); the metrics rows."""
+    rows = metrics_rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(steps + 1))
+    r = asyncrl("audit", str(run_dir), timeout=120)
+    assert r.returncode == 0 and "exactly once" in r.stdout, r.stdout + r.stderr
+    return rows
