@@ -16,12 +16,14 @@ import math
 import os
 
 
-def serve(fn, base: str, key: str, commands, results, parent: int) -> None:
-    """The process's target: run `fn` for every (problem, episode id) on `commands`."""
-    asyncio.run(_serve(fn, base, key, commands, results, parent))
+def serve(fn, base: str, key: str, commands, results, parent: int,
+          timeout_s: float = 300.0) -> None:
+    """The process's target: run `fn` for every (problem, episode id) on `commands`, each
+    for at most timeout_s (generator.episode_timeout_s)."""
+    asyncio.run(_serve(fn, base, key, commands, results, parent, timeout_s))
 
 
-async def _serve(fn, base, key, commands, results, parent) -> None:
+async def _serve(fn, base, key, commands, results, parent, timeout_s) -> None:
     loop = asyncio.get_running_loop()
     running: set[asyncio.Task] = set()
     watch = loop.create_task(_orphaned(parent))
@@ -30,7 +32,7 @@ async def _serve(fn, base, key, commands, results, parent) -> None:
         if command is None:
             break
         problem, eid = command
-        task = loop.create_task(_episode(fn, problem, eid, base, key, results))
+        task = loop.create_task(_episode(fn, problem, eid, base, key, results, timeout_s))
         running.add(task)
         task.add_done_callback(running.discard)
     watch.cancel()
@@ -38,9 +40,17 @@ async def _serve(fn, base, key, commands, results, parent) -> None:
         task.cancel()
 
 
-async def _episode(fn, problem, eid: str, base: str, key: str, results) -> None:
+async def _episode(fn, problem, eid: str, base: str, key: str, results,
+                   timeout_s: float) -> None:
+    """One episode; an agent that raises, returns no finite number or hangs past timeout_s
+    ends it as an error (a hung one would otherwise hold its group's place forever)."""
     try:
-        reward = float(await fn(problem, f"{base}/episodes/{eid}/v1", key))
+        try:
+            reward = float(await asyncio.wait_for(
+                fn(problem, f"{base}/episodes/{eid}/v1", key), timeout_s))
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"the agent did not finish within {timeout_s:g}s "
+                               "(generator.episode_timeout_s)") from None
         if not math.isfinite(reward):
             raise ValueError(f"the agent returned the reward {reward!r}")
         results.put((eid, reward, ""))

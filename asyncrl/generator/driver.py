@@ -59,7 +59,7 @@ class Driver:
         self.proc = self._ctx.Process(
             target=worker.serve, name="asyncrl-agents", daemon=True,
             args=(self.fn, self.base, self.endpoint.key, self._commands, self._results,
-                  os.getpid()))
+                  os.getpid(), self.endpoint.timeout_s))
         self.proc.start()
 
     def launch(self, problem, size: int) -> None:
@@ -79,7 +79,8 @@ class Driver:
 
     async def _episode(self, problem, eid: str) -> None:  # process=False
         results: queue.SimpleQueue = queue.SimpleQueue()
-        await worker._episode(self.fn, problem, eid, self.base, self.endpoint.key, results)
+        await worker._episode(self.fn, problem, eid, self.base, self.endpoint.key, results,
+                              self.endpoint.timeout_s)
         self._ended(*results.get())
 
     def _collect(self) -> None:

@@ -414,6 +414,24 @@ def test_an_agent_that_raises_ends_its_episode_and_drops_the_group(served):
     assert not served.groups
 
 
+async def _garbage(problem, base_url, api_key):
+    return "twelve"
+
+
+def test_an_agent_that_hangs_or_answers_garbage_ends_its_episodes_as_errors(served):
+    """A hung agent ends after generator.episode_timeout_s (3 s here), so its group frees its
+    place in the driver; a reward that is not a number ends the episode too."""
+    for fn in (_hang, _garbage):
+        driver = Driver(fn, served.ep, process=True)
+        try:
+            driver.launch(SimpleNamespace(prompt="1+2=", answer="3"), 2)
+            assert _until(lambda d=driver: d.groups == 0, 60)
+        finally:
+            driver.close()
+    assert served.m.endpoint_episodes.labels("agent_error")._value.get() == 4
+    assert served.m.endpoint_groups.labels("dropped")._value.get() == 2 and not served.groups
+
+
 def test_a_killed_agent_process_ends_its_episodes_and_is_started_again(served):
     driver = Driver(_hang, served.ep, process=True)
     try:
