@@ -70,15 +70,22 @@ def run_port_offsets(num_generators: int = 4, nproc: int = 4) -> list[int]:
     fixed = [getattr(net, n) for n, v in vars(NetConfig).items()
              if isinstance(v, property) and n.endswith("_port")]
     return sorted({*fixed, *(net.generator_metrics_port(i) for i in range(num_generators)),
-                   *(net.learner_metrics_port(r) for r in range(nproc))})
+                   *(net.learner_metrics_port(r) for r in range(nproc)),
+                   *(net.endpoint_port(i) for i in range(num_generators))})
 
 
-def free_block(offsets: list[int], block: int = 100) -> int:
+def free_block(offsets: list[int], block: int = 200) -> int:
     """A multiple of `block` whose every `base + offset` is free on this machine right now and
     whose whole block lies outside the ephemeral range (and above 10000, where well-known
-    services live)."""
+    services live). The block holds a run's whole span (PORT_SPAN), so blocks never overlap
+    and every base is one net.base_port accepts."""
+    from asyncrl.config import PORT_SPAN
+
+    if block < PORT_SPAN or max(offsets) >= block:
+        raise ValueError(f"a block of {block} ports cannot hold a run's {PORT_SPAN} "
+                         f"or offset {max(offsets)}")
     eph = ephemeral_ports()
-    bases = [b for b in range(10000, 65536 - block, block)
+    bases = [b for b in range(10000, 65536 - block + 1, block)
              if b + block <= eph.start or b > eph.stop - 1]
     if not bases:
         raise RuntimeError(f"the ephemeral range {eph.start}-{eph.stop - 1} leaves no block of "

@@ -26,6 +26,7 @@ from asyncrl.config.schema import (
     KL_ESTIMATORS,
     LOSS_AGG,
     OFFPOLICY,
+    PORT_SPAN,
     PRETRAINED_BUILTINS,
     SMOLLM2_MODEL,
     STRATEGIES,

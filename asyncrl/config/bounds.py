@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from asyncrl.config.schema import PORT_SPAN
+
 
 @dataclass(frozen=True)
 class Bound:
@@ -87,7 +89,8 @@ BOUNDS: dict[str, Bound] = {
     "warm_start.batch_size": _ints(1, 65536),
     "warm_start.lr": _positive(1.0),
     "warm_start.min_lr_ratio": _floats(0, 1),
-    "net.base_port": _ints(1024, 65535 - 140, "the run uses base_port..base_port+139"),
+    "net.base_port": _ints(1024, 65536 - PORT_SPAN,
+                           f"the run uses base_port..base_port+{PORT_SPAN - 1}"),
     "net.heartbeat_interval_s": _floats(0.01, 3600),
     "net.heartbeat_timeout_s": _positive(DAY_S),
     "net.ready_timeout_s": _positive(DAY_S),

@@ -187,7 +187,8 @@ class NetConfig:
     reward_host: str = "127.0.0.1"
     """Address generators use to reach the reward service (reward.service)."""
     base_port: int = 47100
-    """Every port is base_port + a fixed offset; see docs/architecture.md for the table."""
+    """Every port is base_port + a fixed offset below PORT_SPAN; see docs/architecture.md for
+    the table."""
     heartbeat_interval_s: float = 1.0
     """Generators and learner ranks tell the buffer they are alive this often."""
     heartbeat_timeout_s: float = 5.0
@@ -252,6 +253,10 @@ class NetConfig:
     def endpoint_port(self, index: int) -> int:
         """Generator `index`'s OpenAI-compatible endpoint (generator.endpoint)."""
         return self.base_port + 100 + index
+
+
+PORT_SPAN = 140
+"""A run binds ports base_port .. base_port + PORT_SPAN - 1 (endpoints of up to 40 generators)."""
 
 
 @dataclass

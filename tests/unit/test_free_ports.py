@@ -2,8 +2,8 @@
 
 import socket
 
-from asyncrl.config import NetConfig
-from benchmarks.common import ephemeral_ports, run_port_offsets
+from asyncrl.config import BOUNDS, PORT_SPAN, NetConfig
+from benchmarks.common import ephemeral_ports, free_block, run_port_offsets
 from tests.conftest import free_base_port
 
 
@@ -13,8 +13,10 @@ def test_the_offsets_cover_every_port_a_role_binds():
              net.sync_store_port, net.heartbeat_port, net.launcher_metrics_port,
              net.buffer_metrics_port,
              *(net.generator_metrics_port(i) for i in range(4)),
-             *(net.learner_metrics_port(r) for r in range(4))}
+             *(net.learner_metrics_port(r) for r in range(4)),
+             *(net.endpoint_port(i) for i in range(4))}
     assert bound <= set(run_port_offsets(4, 4))
+    assert max(run_port_offsets(40, 4)) < PORT_SPAN
     assert net.heartbeat_port == 4 and 4 in run_port_offsets()
 
 
@@ -26,3 +28,13 @@ def test_the_block_is_outside_the_ephemeral_range_and_free():
         assert base + 99 < lo or base > hi, (base, lo, hi)
     with socket.socket() as s:  # what it checked is bindable
         s.bind(("127.0.0.1", base + 4))
+
+
+def test_every_base_it_can_pick_is_one_the_config_accepts():
+    """CI once drew base 65400, above net.base_port's bound (the endpoints' ports had
+    widened a run's span past the picker's block of 100), and a run refused its config."""
+    bound = BOUNDS["net.base_port"]
+    offsets = run_port_offsets()
+    seen = {free_block(offsets) for _ in range(300)}
+    assert all(bound.low <= b <= bound.high for b in seen), sorted(seen)[-3:]
+    assert all(b + PORT_SPAN <= 65536 for b in seen)
