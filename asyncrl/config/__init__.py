@@ -49,7 +49,7 @@ from asyncrl.config.schema import (
 __all__ = [
     "BOUNDS", "Bound", "advisories", "validate", "ADVANTAGES", "BUILTIN_MAX_POSITIONS",
     "BUILTIN_MODEL",
-    "KL_ESTIMATORS", "LOSS_AGG", "OFFPOLICY", "PRETRAINED_BUILTINS", "SMOLLM2_MODEL",
+    "KL_ESTIMATORS", "LOSS_AGG", "OFFPOLICY", "PORT_SPAN", "PRETRAINED_BUILTINS", "SMOLLM2_MODEL",
     "STRATEGIES", "SYNC_BACKENDS", "TASKS", "BufferConfig", "ConfigError", "EnvConfig",
     "GeneratorConfig",
     "LaunchConfig", "LearnerConfig", "ModelConfig", "NetConfig", "RunConfig", "WeightSyncConfig",
