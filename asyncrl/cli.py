@@ -128,10 +128,13 @@ def _prepare(args) -> int:
 def _train_rm(args) -> int:
     import time
 
-    from asyncrl.rm.train import train_reward_model
+    from asyncrl.config import RM_EXACT_BASE
+    from asyncrl.rm.train import exact_base, train_reward_model
     from asyncrl.runner import resolve_model
 
     cfg = _config(args)
+    if cfg.rm.base == RM_EXACT_BASE:
+        cfg.rm.base = exact_base(cfg, cfg.model.path)
     rm_given = cfg.task.reward_model
     cfg.task.reward_model = ""  # the model being trained is not needed to train it
     cfg = resolve_model(cfg)

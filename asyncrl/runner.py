@@ -30,6 +30,7 @@ RESUME_FREE = ("name", "run_dir", "net.", "run.", "warm_start.", "buffer.fsync",
 def resolve_model(cfg: RunConfig, progress=print) -> RunConfig:
     """Replace a builtin model path (and a builtin reward model) by the built directory
     (building it once, cached)."""
+    policy = cfg.model.path
     if cfg.model.path.startswith("builtin:"):
         from asyncrl.task.tiny_model import prepare_builtin
 
@@ -37,7 +38,7 @@ def resolve_model(cfg: RunConfig, progress=print) -> RunConfig:
     if cfg.task.reward_model.startswith("builtin:"):
         from asyncrl.rm.train import prepare_builtin_rm
 
-        cfg.task.reward_model = str(prepare_builtin_rm(cfg, progress))
+        cfg.task.reward_model = str(prepare_builtin_rm(cfg, policy, progress))
     return cfg
 
 

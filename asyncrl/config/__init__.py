@@ -28,6 +28,7 @@ from asyncrl.config.schema import (
     OFFPOLICY,
     PORT_SPAN,
     PRETRAINED_BUILTINS,
+    RM_EXACT_BASE,
     SMOLLM2_MODEL,
     STRATEGIES,
     SYNC_BACKENDS,
@@ -49,7 +50,8 @@ from asyncrl.config.schema import (
 __all__ = [
     "BOUNDS", "Bound", "advisories", "validate", "ADVANTAGES", "BUILTIN_MAX_POSITIONS",
     "BUILTIN_MODEL",
-    "KL_ESTIMATORS", "LOSS_AGG", "OFFPOLICY", "PORT_SPAN", "PRETRAINED_BUILTINS", "SMOLLM2_MODEL",
+    "KL_ESTIMATORS", "LOSS_AGG", "OFFPOLICY", "PORT_SPAN", "PRETRAINED_BUILTINS", "RM_EXACT_BASE",
+    "SMOLLM2_MODEL",
     "STRATEGIES", "SYNC_BACKENDS", "TASKS", "BufferConfig", "ConfigError", "EnvConfig",
     "GeneratorConfig",
     "LaunchConfig", "LearnerConfig", "ModelConfig", "NetConfig", "RunConfig", "WeightSyncConfig",

@@ -23,6 +23,7 @@ from asyncrl.config.schema import (
     OFFPOLICY,
     PRETRAINED_BUILTINS,
     REWARD_BACKENDS,
+    RM_EXACT_BASE,
     RM_LOSSES,
     SCORE_NORMS,
     STRATEGIES,
@@ -102,6 +103,13 @@ def path_errors(cfg: RunConfig) -> list[str]:
     data = cfg.rm.data
     if data.startswith("builtin:") and data not in BUILTIN_PREFERENCES:
         errs.append(f"rm.data={data!r}: the builtins are {', '.join(BUILTIN_PREFERENCES)}")
+    base = cfg.rm.base
+    if base == RM_EXACT_BASE and cfg.model.path not in BUILTIN_MAX_POSITIONS:
+        errs.append(f"rm.base={base!r} is a tiny builtin model.path built on exact answers; "
+                    f"model.path={cfg.model.path!r} is not one of "
+                    f"{', '.join(BUILTIN_MAX_POSITIONS)}")
+    elif base.startswith("builtin:") and base != RM_EXACT_BASE:
+        errs.append(f"rm.base={base!r}: the builtin is {RM_EXACT_BASE}; else a directory")
     if not cfg.model.path.startswith("builtin:"):
         if not Path(cfg.model.path).expanduser().is_dir():
             errs.append(f"model.path={cfg.model.path!r} is not a directory")

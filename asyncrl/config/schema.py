@@ -31,6 +31,10 @@ PRETRAINED_BUILTINS = (SMOLLM2_MODEL,)
 # and rm.data.
 BUILTIN_REWARD_MODELS = ("builtin:addition-rm",)
 BUILTIN_PREFERENCES = ("builtin:addition-preferences",)
+# rm.base: the run's tiny builtin policy model built on exact answers alone (task.carry_slip
+# and warm_start.slip_steps off): the same network and warm start, before an imperfect teacher
+# taught the SFT policy its slips; a base that can add (asyncrl/rm/train.py, docs/rlhf.md).
+RM_EXACT_BASE = "builtin:policy-exact"
 # generator.prefix_caching: YAML reads on/off (and yes/no) as booleans, which arrive as text.
 CACHE_MODES = {"auto": "auto", "on": "on", "true": "on", "off": "off", "false": "off"}
 TASKS = ("addition", "reasoning", "calculator", "dataset", "word_problems")
@@ -609,7 +613,9 @@ class RewardModelTrainConfig:
     """Pairwise margin for rows without their own `margin` field."""
     base: str = ""
     """The causal LM the reward model starts from (its last token's hidden state gets a
-    scalar head); empty: model.path, the policy's base."""
+    scalar head); empty: model.path, the policy's base; `builtin:policy-exact` (with a tiny
+    builtin model.path): that model built on exact answers alone (task.carry_slip and
+    warm_start.slip_steps off), which can add where the SFT policy slips."""
     out: str = ""
     """Where the reward model is written; empty: RUN_DIR (runs/<name>-rm-<time>)."""
     steps: int = 400

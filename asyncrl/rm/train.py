@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from asyncrl.config import RM_EXACT_BASE
 from asyncrl.rm import encode, render
 from asyncrl.rm.data import Pair, RmData, RmDataError, Scored, read_rm_data
 
@@ -206,10 +207,26 @@ def _write(model, tok, out, cfg, source, data, held_out, accuracy, history) -> d
     return summary
 
 
-def prepare_builtin_rm(cfg, progress: Callable[[str], None] = print) -> Path:
+def exact_base(cfg, policy: str, progress: Callable[[str], None] = print) -> str:
+    """rm.base=builtin:policy-exact: the tiny builtin `policy` (model.path before it was
+    resolved to a directory) built on exact answers alone, built once and cached like the
+    policy: the same network, task and warm start with task.carry_slip and
+    warm_start.slip_steps off. The SFT policy is that model after the slipping teacher."""
+    import copy
+
+    from asyncrl.task.tiny_model import prepare_builtin
+
+    exact = copy.deepcopy(cfg)
+    exact.model.path = policy
+    exact.task.carry_slip, exact.warm_start.slip_steps = 0.0, 0
+    return str(prepare_builtin(exact, progress))
+
+
+def prepare_builtin_rm(cfg, policy: str, progress: Callable[[str], None] = print) -> Path:
     """task.reward_model=builtin:addition-rm: the reward model trained by `train-rm` on the
-    built-in preferences over this run's policy (model.path, resolved) with the config's rm.*
-    settings, built once into warm_start.cache_dir (keyed by the policy's directory and rm.*)."""
+    built-in preferences over this run's policy (model.path, resolved; `policy` is its name
+    before, for rm.base=builtin:policy-exact) with the config's rm.* settings, built once into
+    warm_start.cache_dir (keyed by the policy's directory and rm.*)."""
     import hashlib
     from dataclasses import asdict
 
@@ -226,4 +243,6 @@ def prepare_builtin_rm(cfg, progress: Callable[[str], None] = print) -> Path:
     progress(f"[prepare] training the reward model {cfg.task.reward_model} into {out} "
              "(once; cached)")
     cfg.rm.data = rm["data"]
+    if cfg.rm.base == RM_EXACT_BASE:
+        cfg.rm.base = exact_base(cfg, policy, progress)
     return build_once(out, lambda tmp: train_reward_model(cfg, tmp, progress))

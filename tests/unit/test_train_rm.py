@@ -112,3 +112,32 @@ def test_a_causal_lm_or_a_many_label_classifier_is_refused_as_the_reward_model(t
     (tmp_path / "config.json").write_text("[not an object")
     with pytest.raises(Exception, match="does not read as a JSON object"):
         load_config(None, [f"task.reward_model={tmp_path}"])
+
+
+def test_the_exact_base_is_the_policy_built_without_its_slipping_teacher(monkeypatch, tmp_path):
+    """rm.base=builtin:policy-exact builds (once, cached) the run's tiny builtin with
+    task.carry_slip and warm_start.slip_steps off: the model `asyncrl prepare` builds for
+    `task.carry_slip=0 warm_start.slip_steps=0`, and nothing else of the run changes."""
+    from asyncrl.rm import train
+    from asyncrl.task import tiny_model
+
+    cfg = load_config("configs/rlhf.yaml", ["rm.base=builtin:policy-exact",
+                                            f"warm_start.cache_dir={tmp_path}"])
+    built = []
+    monkeypatch.setattr(tiny_model, "prepare_builtin",
+                        lambda c, progress: built.append(c) or tmp_path / "exact")
+    assert train.exact_base(cfg, "builtin:tiny-addition") == str(tmp_path / "exact")
+    asked = load_config("configs/rlhf.yaml", ["task.carry_slip=0", "warm_start.slip_steps=0",
+                                              f"warm_start.cache_dir={tmp_path}"])
+    assert tiny_model.cache_key(built[0]) == tiny_model.cache_key(asked)
+    assert tiny_model.cache_key(built[0]) != tiny_model.cache_key(cfg)
+    assert cfg.task.carry_slip == 0.6 and cfg.rm.base == "builtin:policy-exact"
+
+
+def test_rm_base_names_its_builtin_and_needs_a_tiny_builtin_policy(tmp_path):
+    with pytest.raises(Exception, match="rm.base='builtin:nope': the builtin is builtin:policy"):
+        load_config("configs/rlhf.yaml", ["rm.base=builtin:nope"])
+    build_tiny_model(tmp_path)
+    with pytest.raises(Exception, match="rm.base='builtin:policy-exact' is a tiny builtin"):
+        load_config("configs/rlhf.yaml", ["rm.base=builtin:policy-exact",
+                                          f"model.path={tmp_path}"])
