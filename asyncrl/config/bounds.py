@@ -123,6 +123,7 @@ BOUNDS: dict[str, Bound] = {
     "rm.eval_interval": _ints(1, STEPS),
     "rm.pairs": _ints(2, 10**6),
     "rm.rater_temperature": _floats(0, 100, "0: raters always pick the better"),
+    "rm.sample_temperature": Bound(float, 0, 10, low_open=True),
     "generator.kv_cache_gib": _ints(1, 1024),  # vLLM allocates it all at start-up
     "generator.gpu_memory_utilization": _positive(1.0),
     "generator.threads": _ints(1, 1024),

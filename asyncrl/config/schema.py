@@ -633,6 +633,11 @@ class RewardModelTrainConfig:
     rater_temperature: float = 0.1
     """With the builtin data: the raters' Bradley-Terry noise: the better response (by the
     gold reward) is chosen with probability sigmoid(gold gap / this); 0: always."""
+    sample_temperature: float = 1.0
+    """With the builtin data: the temperature at which the SFT policy samples the responses
+    the raters compare (the held-out pairs stay at 1, the policy's own distribution). Above 1
+    the pairs also hold mistakes the policy rarely makes at 1, which RL finds when the
+    reward model has never seen them (docs/rlhf.md)."""
 
 
 @dataclass

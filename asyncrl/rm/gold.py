@@ -26,8 +26,9 @@ from asyncrl.rm.data import Pair
 
 
 def sample_responses(policy_dir: str, prompts: list[str], k: int, max_tokens: int, seed: int,
-                     progress: Callable[[str], None] = print) -> list[list[str]]:
-    """k responses per prompt from the policy at temperature 1 (transformers, CPU)."""
+                     progress: Callable[[str], None] = print,
+                     temperature: float = 1.0) -> list[list[str]]:
+    """k responses per prompt from the policy at `temperature` (transformers, CPU)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -49,7 +50,7 @@ def sample_responses(policy_dir: str, prompts: list[str], k: int, max_tokens: in
             chunk = members[start:start + 256]
             with torch.inference_mode():
                 seqs = model.generate(torch.tensor([ids[i] for i in chunk]), do_sample=True,
-                                      temperature=1.0, top_k=0, top_p=1.0,
+                                      temperature=temperature, top_k=0, top_p=1.0,
                                       max_new_tokens=max_tokens, num_return_sequences=k,
                                       pad_token_id=tok.pad_token_id,
                                       eos_token_id=tok.eos_token_id)
@@ -115,7 +116,8 @@ def make_preferences(cfg, policy_dir: str, progress: Callable[[str], None] = pri
         prompts = [train[(start + i) % len(train)] for i in range(need)]
         start += need
         rs = sample_responses(policy_dir, [p.prompt for p in prompts], 4,
-                              cfg.generator.max_tokens, cfg.seed + 1000 * rounds, progress)
+                              cfg.generator.max_tokens, cfg.seed + 1000 * rounds, progress,
+                              cfg.rm.sample_temperature)
         pairs += label_pairs(prompts, rs, cfg.rm.pairs - len(pairs), cfg.rm.rater_temperature,
                              rng, False)
     eval_rs = sample_responses(policy_dir, [p.prompt for p in held_out], 8,

@@ -141,3 +141,22 @@ def test_rm_base_names_its_builtin_and_needs_a_tiny_builtin_policy(tmp_path):
     with pytest.raises(Exception, match="rm.base='builtin:policy-exact' is a tiny builtin"):
         load_config("configs/rlhf.yaml", ["rm.base=builtin:policy-exact",
                                           f"model.path={tmp_path}"])
+
+
+def test_rm_sample_temperature_samples_the_training_pairs_and_not_the_held_out_ones(monkeypatch):
+    from asyncrl.rm import gold
+
+    asked = []
+
+    def fake(policy_dir, prompts, k, max_tokens, seed, progress=print, temperature=1.0):
+        asked.append((len(prompts), temperature))  # one right answer, k - 1 wrong ones
+        return [[str(sum(map(int, p.rstrip("=").split("+"))))] + ["x"] * (k - 1) for p in prompts]
+
+    monkeypatch.setattr(gold, "sample_responses", fake)
+    cfg = load_config("configs/rlhf.yaml", ["rm.pairs=40", "rm.sample_temperature=1.5",
+                                            "task.eval_size=16"])
+    train, held = gold.make_preferences(cfg, "unused")
+    assert len(train) == 40 and held
+    assert [t for _, t in asked] == [1.5, 1.0]  # the training prompts, then the held-out ones
+    with pytest.raises(Exception, match="rm.sample_temperature"):
+        load_config("configs/rlhf.yaml", ["rm.sample_temperature=0"])
