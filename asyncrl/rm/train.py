@@ -128,8 +128,15 @@ def load_base(base: str):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, pad_token_id=tok.pad_token_id, dtype=torch.float32)
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report calls the new head "MISSING": expected
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, pad_token_id=tok.pad_token_id, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(level)
     return model, tok
 
 

@@ -160,3 +160,15 @@ def test_rm_sample_temperature_samples_the_training_pairs_and_not_the_held_out_o
     assert [t for _, t in asked] == [1.5, 1.0]  # the training prompts, then the held-out ones
     with pytest.raises(Exception, match="rm.sample_temperature"):
         load_config("configs/rlhf.yaml", ["rm.sample_temperature=0"])
+
+
+def test_loading_a_base_prints_no_load_report_about_the_new_head(tmp_path, capfd):
+    """transformers' load report calls the fresh scalar head MISSING and the dropped lm_head
+    UNEXPECTED: expected for a reward model, and alarming in a newcomer's first RLHF run."""
+    from asyncrl.rm.train import load_base
+
+    build_tiny_model(tmp_path)
+    model, _ = load_base(str(tmp_path))
+    out = capfd.readouterr()
+    assert model.config.num_labels == 1
+    assert "MISSING" not in out.out + out.err and "UNEXPECTED" not in out.out + out.err
