@@ -137,6 +137,10 @@ print(f"attempt {attempt} rank {rank} sum {total.item():.0f}", flush=True)
 if attempt == 0 and rank == 1:
     os._exit(1)
 dist.barrier()
+# As the learner ends (asyncrl/learner/main.py): without it, a rank's gloo threads were still
+# running at interpreter exit once under load, and it aborted ("terminate called without an
+# active exception") after the attempt had succeeded.
+dist.destroy_process_group()
 """
 
 
