@@ -100,7 +100,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-            layers.append(OmegaConf.from_dotlist(overrides))
+            # `key=` means the empty text, as on a shell line (OmegaConf reads it as None,
+            # which no text field takes)
+            layers.append(OmegaConf.from_dotlist(
+                [f'{o}""' if o.endswith("=") else o for o in overrides]))
             sources.append("the overrides")
         for layer, where in zip(layers[1:], sources):
             _check_renamed(layer, where)

@@ -15,6 +15,14 @@ def test_overrides_are_typed():
     assert cfg.learner.lr == 0.5 and cfg.generator.group_size == 4
 
 
+def test_an_override_with_nothing_after_the_equals_sign_is_the_empty_text():
+    """`rm.base=` clears configs/rlhf.yaml's rm.base (OmegaConf alone reads None and refused
+    it as "Incompatible value 'None'"); a number field given nothing is refused naming it."""
+    assert load_config("configs/rlhf.yaml", ["rm.base="]).rm.base == ""
+    with pytest.raises(Exception, match="learner.lr"):
+        load_config(None, ["learner.lr="])
+
+
 @pytest.mark.parametrize("override,needle", [
     ("learner.lrr=1", "learner.lrr"),
     ("learner.lr=fast", "learner.lr"),
