@@ -11,7 +11,14 @@ import json
 import time
 from pathlib import Path
 
-from asyncrl.config import ConfigError, RunConfig, advisories, load_config, save_config
+from asyncrl.config import (
+    RM_EXACT_BASE,
+    ConfigError,
+    RunConfig,
+    advisories,
+    load_config,
+    save_config,
+)
 from asyncrl.jsonl import read_jsonl
 
 # Settings a resumed run may change: where and how the roles run, not what is trained
@@ -39,6 +46,12 @@ def resolve_model(cfg: RunConfig, progress=print) -> RunConfig:
         from asyncrl.rm.train import prepare_builtin_rm
 
         cfg.task.reward_model = str(prepare_builtin_rm(cfg, policy, progress))
+    if cfg.rm.base == RM_EXACT_BASE and policy != cfg.model.path:
+        from asyncrl.rm.train import exact_base_dir
+
+        # A directory from here on, as model.path is (the run's saved config names no builtin
+        # whose meaning depends on model.path); built only when a reward model trains on it.
+        cfg.rm.base = exact_base_dir(cfg, policy)
     return cfg
 
 

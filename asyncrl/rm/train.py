@@ -219,14 +219,25 @@ def exact_base(cfg, policy: str, progress: Callable[[str], None] = print) -> str
     resolved to a directory) built on exact answers alone, built once and cached like the
     policy: the same network, task and warm start with task.carry_slip and
     warm_start.slip_steps off. The SFT policy is that model after the slipping teacher."""
-    import copy
-
     from asyncrl.task.tiny_model import prepare_builtin
+
+    return str(prepare_builtin(_exact(cfg, policy), progress))
+
+
+def exact_base_dir(cfg, policy: str) -> str:
+    """Where exact_base caches that model, built or not."""
+    from asyncrl.task.tiny_model import builtin_dir
+
+    return str(builtin_dir(_exact(cfg, policy)))
+
+
+def _exact(cfg, policy: str):
+    import copy
 
     exact = copy.deepcopy(cfg)
     exact.model.path = policy
     exact.task.carry_slip, exact.warm_start.slip_steps = 0.0, 0
-    return str(prepare_builtin(exact, progress))
+    return exact
 
 
 def prepare_builtin_rm(cfg, policy: str, progress: Callable[[str], None] = print) -> Path:

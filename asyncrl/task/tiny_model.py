@@ -118,6 +118,12 @@ def cache_key(cfg: RunConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def builtin_dir(cfg: RunConfig) -> Path:
+    """Where the tiny builtin cfg.model.path for this config is cached (built or not)."""
+    root = Path(cfg.warm_start.cache_dir).expanduser()
+    return root / f"{cfg.model.path.removeprefix('builtin:')}-{cache_key(cfg)}"
+
+
 def prepare_builtin(cfg: RunConfig, progress: Callable[[str], None] = print) -> Path:
     """Return the directory of the built-in model for this config, building it if needed:
     the tiny SFT models here, the pretrained ones in asyncrl/task/smollm2.py."""
@@ -125,8 +131,7 @@ def prepare_builtin(cfg: RunConfig, progress: Callable[[str], None] = print) -> 
         from asyncrl.task import smollm2
 
         return smollm2.prepare(cfg.warm_start.cache_dir, progress)
-    root = Path(cfg.warm_start.cache_dir).expanduser()
-    out = root / f"{cfg.model.path.removeprefix('builtin:')}-{cache_key(cfg)}"
+    out = builtin_dir(cfg)
     if (out / "asyncrl_build.json").is_file():
         progress(f"[prepare] reusing built model {out}")
         return out

@@ -172,3 +172,26 @@ def test_loading_a_base_prints_no_load_report_about_the_new_head(tmp_path, capfd
     out = capfd.readouterr()
     assert model.config.num_labels == 1
     assert "MISSING" not in out.out + out.err and "UNEXPECTED" not in out.out + out.err
+
+
+def test_a_resolved_rlhf_config_saves_and_loads_again(monkeypatch, tmp_path):
+    """asyncrl run saves the resolved config (model.path a directory) and every role loads it
+    again: rm.base=builtin:policy-exact must have become a directory too, or the roles refuse
+    it (it did, after a whole reward model had been built)."""
+    from asyncrl.config import save_config
+    from asyncrl.rm import train
+    from asyncrl.runner import resolve_model
+    from asyncrl.task import tiny_model
+
+    policy_dir = build_tiny_model(tmp_path / "policy")
+    monkeypatch.setattr(tiny_model, "prepare_builtin", lambda c, progress: policy_dir)
+    monkeypatch.setattr(train, "prepare_builtin_rm", lambda c, policy, progress: tmp_path / "rm")
+    cfg = load_config("configs/rlhf.yaml", [f"warm_start.cache_dir={tmp_path}"])
+    resolved = resolve_model(cfg, lambda _: None)
+    assert resolved.rm.base == train.exact_base_dir(
+        load_config("configs/rlhf.yaml", [f"warm_start.cache_dir={tmp_path}"]),
+        "builtin:tiny-addition")
+    assert resolved.rm.base.startswith(str(tmp_path / "tiny-addition-"))
+    monkeypatch.setattr("asyncrl.config.checks._reward_model_errors", lambda rm: [])
+    save_config(resolved, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml").rm.base == resolved.rm.base
