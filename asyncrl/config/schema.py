@@ -393,6 +393,10 @@ class LearnerConfig:
     warmup_steps: int = 10
     """Linear learning-rate warm-up: Adam's first updates are ~lr per weight whatever the
     gradient's size, which on a tiny model is enough to wreck the SFT policy at once."""
+    lr_anneal: bool = False
+    """After the warm-up, decay the learning rate linearly to 0 at learner.total_steps
+    (cleanrl's anneal_lr): the last steps move the policy little, so the policy a run ends
+    with is not one more full-size step from its best (configs/rlhf.yaml, docs/rlhf.md)."""
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
     """AdamW's epsilon (policy and critic). Adam moves every weight by about lr per step

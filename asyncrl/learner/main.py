@@ -225,7 +225,8 @@ def _restore(cfg: RunConfig, ckpt, device: torch.device, world: int, rank: int):
         lora.load_adapter(model, ckpt.path)
     model.to(device).train()
     models = _build_models(cfg, model, device, world)
-    sched = warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)
+    sched = warmup_schedule(models.policy_opt, cfg.learner.warmup_steps,
+                            cfg.learner.total_steps if cfg.learner.lr_anneal else 0)
     if sharded_ckpt:
         checkpoint.restore_sharded(ckpt, models, sched, rank)
     elif ckpt is not None:

@@ -41,7 +41,8 @@ def replay(run_dir: Path, out=print) -> bool:
     model, tok = build_policy(cfg, cfg.model.path, cfg.model.dtype)
     model.train()
     models = _build_models(cfg, model, torch.device("cpu"), world=1)
-    sched = warmup_schedule(models.policy_opt, cfg.learner.warmup_steps)
+    sched = warmup_schedule(models.policy_opt, cfg.learner.warmup_steps,
+                            cfg.learner.total_steps if cfg.learner.lr_anneal else 0)
     logged_loss = {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")
                    if r["step"] > 0}
     t0 = time.time()

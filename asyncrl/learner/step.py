@@ -54,10 +54,16 @@ class Models:
         return None if self.ref is None else (self.ref, contextlib.nullcontext())
 
 
-def warmup_schedule(opt: torch.optim.Optimizer, warmup_steps: int):
-    """Linear learning-rate warm-up over warmup_steps, then constant."""
+def warmup_schedule(opt: torch.optim.Optimizer, warmup_steps: int, anneal_steps: int = 0):
+    """Linear learning-rate warm-up over warmup_steps, then constant; with anneal_steps, also
+    a linear decay to 0 at step anneal_steps (learner.lr_anneal: cleanrl's anneal_lr)."""
     warmup = max(1, warmup_steps)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+
+    def factor(s: int) -> float:  # s: optimizer steps taken before this one
+        return min(1.0, (s + 1) / warmup) * (max(0.0, 1 - s / anneal_steps) if anneal_steps
+                                             else 1.0)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def shaped_rewards(batch: TrainBatch, lc: LearnerConfig, max_tokens: int) -> torch.Tensor:

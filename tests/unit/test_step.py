@@ -205,3 +205,25 @@ def test_a_separate_sample_takes_its_episodes_reward_and_advantage(model_dir, ad
         assert a.returns[B, last[1]] == a.returns[6, last[0]] == batch.rewards[1, 2]
     stats = train_step(models, batch, cfg.learner, 1.0, 6)
     assert math.isfinite(stats["loss"])
+
+
+def test_lr_anneal_decays_the_learning_rate_linearly_to_zero_after_the_warm_up():
+    from asyncrl.config import load_config
+    from asyncrl.learner.step import warmup_schedule
+
+    def lrs(anneal_steps):
+        opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+        sched, out = warmup_schedule(opt, 10, anneal_steps), []
+        for _ in range(60):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    constant, annealed = lrs(0), lrs(60)
+    assert constant[9:] == [1.0] * 51  # warm-up, then constant (learner.lr_anneal=false)
+    assert annealed[0] == constant[0] == 0.1
+    assert all(a > b for a, b in zip(annealed[9:], annealed[10:]))  # decays after the warm-up
+    assert annealed[-1] == pytest.approx(1 / 60) and annealed[30] == pytest.approx(0.5)
+    assert not load_config(None, []).learner.lr_anneal
+    assert load_config("configs/rlhf.yaml", []).learner.lr_anneal
