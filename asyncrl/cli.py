@@ -140,10 +140,38 @@ def _train_rm(args) -> int:
     cfg = resolve_model(cfg)
     cfg.task.reward_model = rm_given
     out = Path(cfg.rm.out or Path("runs") / f"{cfg.name}-rm-{time.strftime('%Y%m%d-%H%M%S')}")
+    if cfg.rm.rounds:
+        return _train_rm_rounds(cfg, out)
     summary = train_reward_model(cfg, out)
     print(f"[train-rm] held-out accuracy {summary['held_out_accuracy']:.1%} on "
           f"{summary['held_out_rows']} pairs; reward model written to {out.resolve()} "
           f"(task.reward_model={out.resolve()})")
+    return 0
+
+
+def _train_rm_rounds(cfg, out: Path) -> int:
+    """rm.rounds: the first reward model and every round in OUT.rounds/ (a stopped command
+    goes on from there), the last round's reward model in OUT."""
+    from asyncrl.rm.rounds import iterate, percent
+    from asyncrl.rm.train import train_reward_model
+    from asyncrl.task.build import build_once
+
+    if not cfg.rm.data.startswith("builtin:"):
+        raise ConfigError(f"rm.rounds={cfg.rm.rounds}: iterated preferences need raters for "
+                          "the new policies' samples, which only the builtin data has "
+                          f"(rm.data=builtin:addition-preferences), not rm.data={cfg.rm.data!r}; "
+                          "set rm.rounds=0")
+    work = out.with_name(out.name + ".rounds")
+    first = work / "round-0"
+    if not (first / "config.json").is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        build_once(first, lambda tmp: train_reward_model(cfg, tmp))
+    iterate(cfg, first, out, work)
+    rounds = json.loads((out / "rounds.json").read_text())
+    print(f"[train-rm] {len(rounds)} round(s) of iterated preferences; agreement with the gold "
+          "preference: " + ", ".join(f"{k} {percent(v)}"
+                                     for k, v in rounds[-1]["agreement"].items())
+          + f"; reward model written to {out.resolve()} (task.reward_model={out.resolve()})")
     return 0
 
 

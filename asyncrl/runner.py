@@ -19,19 +19,8 @@ from asyncrl.config import (
     load_config,
     save_config,
 )
+from asyncrl.config.fields import RESUME_FREE, flat_settings
 from asyncrl.jsonl import read_jsonl
-
-# Settings a resumed run may change: where and how the roles run, not what is trained
-# (model.path is compared as built, so warm_start.* enters through it). The learner's and the
-# generator's threads are here too: another machine may have other cores, at the price of a
-# replay that is exact only with the threads that trained it (docs/reliability.md).
-RESUME_FREE = ("name", "run_dir", "net.", "run.", "warm_start.", "buffer.fsync",
-               "generator.kv_cache_gib", "generator.gpu_memory_utilization",
-               "generator.cuda_graphs", "generator.device_ids", "generator.threads",
-               "learner.max_restarts", "learner.device_ids", "learner.threads",
-               "learner.collective_timeout_s", "learner.rdzv_endpoint",
-               "learner.checkpoint_interval", "learner.export_interval", "weight_sync.timeout_s",
-               "weight_sync.probe_prompt")
 
 
 def resolve_model(cfg: RunConfig, progress=print) -> RunConfig:
@@ -43,7 +32,7 @@ def resolve_model(cfg: RunConfig, progress=print) -> RunConfig:
 
         cfg.model.path = str(prepare_builtin(cfg, progress))
     if cfg.task.reward_model.startswith("builtin:"):
-        from asyncrl.rm.train import prepare_builtin_rm
+        from asyncrl.rm.builtin import prepare_builtin_rm
 
         cfg.task.reward_model = str(prepare_builtin_rm(cfg, policy, progress))
     if cfg.rm.base == RM_EXACT_BASE and policy != cfg.model.path:
@@ -138,22 +127,7 @@ def resume_point(run_dir: Path) -> str:
 
 def _check_same_training(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
     """Refuse to resume with settings that change what is trained, naming every such key."""
-    from omegaconf import OmegaConf
-
-    def flat(c: RunConfig) -> dict:
-        d = OmegaConf.to_container(OmegaConf.structured(c))
-        out: dict = {}
-
-        def walk(node, prefix):
-            for k, v in node.items():
-                if isinstance(v, dict):
-                    walk(v, f"{prefix}{k}.")
-                else:
-                    out[prefix + k] = v
-        walk(d, "")
-        return out
-
-    old, new = flat(saved), flat(cfg)
+    old, new = flat_settings(saved), flat_settings(cfg)
     differ = [k for k in sorted(old.keys() | new.keys())
               if old.get(k) != new.get(k) and not k.startswith(RESUME_FREE)]
     if differ:

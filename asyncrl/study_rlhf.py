@@ -5,7 +5,8 @@ Laws for Reward Model Overoptimization") plot it, in one resumable command.
         [--max-staleness 0,2] [--seeds 1] [--out studies/rlhf] [key=value ...]
 
 Each setting is one RLHF run (rm.pairs: the reward model's training pairs, each size trained
-once and cached; learner.kl_coef: the KL penalty to the reference; with --max-staleness the
+once and cached, without rounds of iterated preferences (rm.rounds=0), so that its size is the
+one thing that differs; learner.kl_coef: the KL penalty to the reference; with --max-staleness the
 staleness bound as one more axis), run one at a time with `asyncrl run`'s launcher in
 OUT/<setting>-seed<k>/, skipped when finished, so a half-done study resumes. The config must
 log the gold reward beside the proxy (task.rewards has `gold` with weight 0, as
@@ -46,7 +47,8 @@ def grid(kl_coefs: list[float], pairs: list[int], staleness: list[int] | None) -
                 extra = () if s is None else (f"buffer.max_staleness={s}",
                                               f"buffer.admit_steps={max(1, s)}")
                 name = f"rm{n}-kl{k:g}" + ("" if s is None else f"-ms{s}")
-                out.append(Setting(name, (f"rm.pairs={n}", f"learner.kl_coef={k:g}", *extra)))
+                out.append(Setting(name, (f"rm.pairs={n}", "rm.rounds=0",
+                                          f"learner.kl_coef={k:g}", *extra)))
     return out
 
 

@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     from asyncrl.task import encode_prompt, load_task
 
     print(f"# reward model in the reward service vs inside the generator ({common.machine()})")
-    cfg = resolve_model(load_config(args.config, ["reward.service=false"]))
+    # the first reward model (no rounds of iterated preferences: RL runs to build): the same
+    # network, which is what the throughput depends on
+    cfg = resolve_model(load_config(args.config, ["reward.service=false", "rm.rounds=0"]))
     configure_cpu_env(cfg.generator.kv_cache_gib, 1)
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
     train, _ = load_task(cfg.task)

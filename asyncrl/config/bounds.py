@@ -124,6 +124,10 @@ BOUNDS: dict[str, Bound] = {
     "rm.pairs": _ints(2, 10**6),
     "rm.rater_temperature": _floats(0, 100, "0: raters always pick the better"),
     "rm.sample_temperature": Bound(float, 0, 10, low_open=True),
+    "rm.rounds": _ints(0, 20, "0: the first reward model only"),
+    "rm.round_pairs": _ints(2, 10**6),
+    "rm.round_steps": _ints(1, STEPS),
+    "rm.round_lr": _positive(1.0),
     "generator.kv_cache_gib": _ints(1, 1024),  # vLLM allocates it all at start-up
     "generator.gpu_memory_utilization": _positive(1.0),
     "generator.threads": _ints(1, 1024),

@@ -642,6 +642,18 @@ class RewardModelTrainConfig:
     the raters compare (the held-out pairs stay at 1, the policy's own distribution). Above 1
     the pairs also hold mistakes the policy rarely makes at 1, which RL finds when the
     reward model has never seen them (docs/rlhf.md)."""
+    rounds: int = 0
+    """With the builtin data: rounds of iterated preferences after the first reward model.
+    Each runs RL (this config) against the current reward model, has the raters compare its
+    policies' samples (rm.round_pairs pairs) and fine-tunes the reward model on every round's
+    pairs and as many fresh ones of the SFT policy's (asyncrl/rm/rounds.py): RL finds
+    mistakes the SFT policy never made, which no rater had seen (docs/rlhf.md)."""
+    round_pairs: int = 8000
+    """Pairs of each round's policies' samples (and of the SFT policy's, made once)."""
+    round_steps: int = 1000
+    """Fine-tuning steps of the reward model per round (rm.batch_size pairs each)."""
+    round_lr: float = 1e-4
+    """The fine-tuning's peak learning rate (cosine)."""
 
 
 @dataclass

@@ -27,7 +27,7 @@ from asyncrl.rm.data import Pair
 
 def sample_responses(policy_dir: str, prompts: list[str], k: int, max_tokens: int, seed: int,
                      progress: Callable[[str], None] = print,
-                     temperature: float = 1.0) -> list[list[str]]:
+                     temperature: float = 1.0, who: str = "the SFT policy") -> list[list[str]]:
     """k responses per prompt from the policy at `temperature` (transformers, CPU)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -60,7 +60,7 @@ def sample_responses(policy_dir: str, prompts: list[str], k: int, max_tokens: in
             before, done = done, done + len(chunk)
             if done == len(prompts) or done * 10 // len(prompts) > before * 10 // len(prompts):
                 took = time.monotonic() - t0
-                progress(f"[train-rm] sampled the SFT policy on {done}/{len(prompts)} prompts "
+                progress(f"[train-rm] sampled {who} on {done}/{len(prompts)} prompts "
                          f"({took:.0f}s, about {took * (len(prompts) - done) / done:.0f}s left)")
     return out
 
@@ -95,34 +95,39 @@ def _distinct_pairs(responses: list[str], answer: str):
                 break
 
 
-def make_preferences(cfg, policy_dir: str, progress: Callable[[str], None] = print
+def make_preferences(cfg, policy_dir: str, progress: Callable[[str], None] = print,
+                     pairs: int = 0, tag: int = 0, who: str = "the SFT policy"
                      ) -> tuple[list[Pair], list[Pair]]:
-    """(training pairs, held-out pairs) on the task's training and held-out problems."""
+    """(training pairs, held-out pairs) of the policy's samples on the task's training and
+    held-out problems: `pairs` training pairs (0: rm.pairs). `tag` 0 is the first reward
+    model's data; another tag (iterated preferences, asyncrl/rm/rounds.py) samples other
+    training problems with other seeds, and other held-out samples."""
     from asyncrl.task import load_task
 
     if cfg.task.name != "addition":
         raise ValueError(f"rm.data={cfg.rm.data!r} is made on task.name=addition, not "
                          f"{cfg.task.name!r}; give rm.data a JSONL file for other tasks")
     train, held_out = load_task(cfg.task)
-    rng = random.Random(f"{cfg.seed}:preferences")
-    pairs: list[Pair] = []
-    start, rounds = 0, 0
-    while len(pairs) < cfg.rm.pairs:  # many prompts get the same answer four times: no pair
+    want = pairs or cfg.rm.pairs
+    rng = random.Random(f"{cfg.seed}:preferences" + (f":{tag}" if tag else ""))
+    made: list[Pair] = []
+    start, rounds = tag * 7919 * 64, 0  # another tag, other training problems
+    while len(made) < want:  # many prompts get the same answer four times: no pair
         rounds += 1
         if rounds > 20:
-            raise ValueError(f"rm.pairs={cfg.rm.pairs}: the policy's samples gave only "
-                             f"{len(pairs)} pairs of different responses in 20 rounds")
-        need = max(64, 2 * (cfg.rm.pairs - len(pairs)))  # about half the prompts give one
+            raise ValueError(f"rm.pairs={want}: the policy's samples gave only "
+                             f"{len(made)} pairs of different responses in 20 rounds")
+        need = max(64, 2 * (want - len(made)))  # about half the prompts give one
         prompts = [train[(start + i) % len(train)] for i in range(need)]
         start += need
         rs = sample_responses(policy_dir, [p.prompt for p in prompts], 4,
-                              cfg.generator.max_tokens, cfg.seed + 1000 * rounds, progress,
-                              cfg.rm.sample_temperature)
-        pairs += label_pairs(prompts, rs, cfg.rm.pairs - len(pairs), cfg.rm.rater_temperature,
-                             rng, False)
+                              cfg.generator.max_tokens, cfg.seed + 1000 * rounds + 100003 * tag,
+                              progress, cfg.rm.sample_temperature, who)
+        made += label_pairs(prompts, rs, want - len(made), cfg.rm.rater_temperature, rng, False)
     eval_rs = sample_responses(policy_dir, [p.prompt for p in held_out], 8,
-                               cfg.generator.max_tokens, cfg.seed + 1, progress)
-    return pairs, label_pairs(held_out, eval_rs, len(held_out) * 4, 0.0, rng, True)
+                               cfg.generator.max_tokens, cfg.seed + 1 + 100003 * tag, progress,
+                               who=who)
+    return made, label_pairs(held_out, eval_rs, len(held_out) * 4, 0.0, rng, True)
 
 
 def win_rate(policy_dir: str, sft_dir: str, cfg, samples: int = 4,

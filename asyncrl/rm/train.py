@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from asyncrl.config import RM_EXACT_BASE
 from asyncrl.rm import encode, render
 from asyncrl.rm.data import Pair, RmData, RmDataError, Scored, read_rm_data
 
@@ -140,8 +139,10 @@ def load_base(base: str):
     return model, tok
 
 
-def train_reward_model(cfg, out: Path, progress: Callable[[str], None] = print) -> dict:
-    """Train, evaluate and write the reward model to `out`; the summary (train_rm.json)."""
+def train_reward_model(cfg, out: Path, progress: Callable[[str], None] = print,
+                       data: tuple[RmData, list, str] | None = None) -> dict:
+    """Train, evaluate and write the reward model to `out`; the summary (train_rm.json).
+    `data`: (training data, held-out rows, their name), else load_data's."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -150,7 +151,7 @@ def train_reward_model(cfg, out: Path, progress: Callable[[str], None] = print) 
     hf_logging.disable_progress_bar()  # the progress is ours: a line per evaluation, an ETA
     base = cfg.rm.base or cfg.model.path
     model, tok = load_base(base)
-    data, held_out, source = load_data(cfg, cfg.model.path, progress)
+    data, held_out, source = data or load_data(cfg, cfg.model.path, progress)
     max_length = cfg.rm.max_length or model.config.max_position_embeddings
     data = drop_long(data, tok, max_length)
     if not data.rows:
@@ -238,29 +239,3 @@ def _exact(cfg, policy: str):
     exact.model.path = policy
     exact.task.carry_slip, exact.warm_start.slip_steps = 0.0, 0
     return exact
-
-
-def prepare_builtin_rm(cfg, policy: str, progress: Callable[[str], None] = print) -> Path:
-    """task.reward_model=builtin:addition-rm: the reward model trained by `train-rm` on the
-    built-in preferences over this run's policy (model.path, resolved; `policy` is its name
-    before, for rm.base=builtin:policy-exact) with the config's rm.* settings, built once into
-    warm_start.cache_dir (keyed by the policy's directory and rm.*)."""
-    import hashlib
-    from dataclasses import asdict
-
-    from asyncrl.task.build import build_once
-
-    rm = {k: v for k, v in asdict(cfg.rm).items() if k != "out"}
-    rm["data"] = "builtin:addition-preferences"
-    blob = json.dumps({"policy": Path(cfg.model.path).name, "rm": rm, "seed": cfg.seed,
-                       "task": cfg.task.name, "v": 1}, sort_keys=True)
-    out = Path(cfg.warm_start.cache_dir).expanduser() / (
-        "addition-rm-" + hashlib.sha256(blob.encode()).hexdigest()[:12])
-    if (out / "config.json").is_file():
-        return out
-    progress(f"[prepare] training the reward model {cfg.task.reward_model} into {out} "
-             "(once; cached)")
-    cfg.rm.data = rm["data"]
-    if cfg.rm.base == RM_EXACT_BASE:
-        cfg.rm.base = exact_base(cfg, policy, progress)
-    return build_once(out, lambda tmp: train_reward_model(cfg, tmp, progress))

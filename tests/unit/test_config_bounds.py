@@ -58,6 +58,7 @@ ACCEPTED = {
     ("learner.logprob_chunk_tokens", 0): "all positions' logits at once (documented)",
     ("learner.export_interval", 0): "hub-format export only at the end (documented)",
     ("run.max_role_restarts", 0): "a role that dies ends the run",
+    ("rm.rounds", 0): "the first reward model only, no iterated preferences (the default)",
     ("run.restart_delay_s", 0): "restart a dead role at once",
     ("reward.max_model_len", 0): "the reward model's positions (the default)",
     ("rm.margin", 0): "the Bradley-Terry loss without a margin (the default)",

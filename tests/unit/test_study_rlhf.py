@@ -15,8 +15,8 @@ def test_the_grid_crosses_reward_model_sizes_and_kl_coefficients_and_staleness_w
     assert names == ["rm500-kl0.05", "rm500-kl0.3", "rm8000-kl0.05", "rm8000-kl0.3"]
     s = grid([0.1], [2000], [0, 4])
     assert [x.name for x in s] == ["rm2000-kl0.1-ms0", "rm2000-kl0.1-ms4"]
-    assert s[1].overrides == ("rm.pairs=2000", "learner.kl_coef=0.1", "buffer.max_staleness=4",
-                              "buffer.admit_steps=4")
+    assert s[1].overrides == ("rm.pairs=2000", "rm.rounds=0", "learner.kl_coef=0.1",
+                              "buffer.max_staleness=4", "buffer.admit_steps=4")
     for x in s:  # every setting is a config that loads
         load_config("configs/rlhf.yaml", list(x.overrides))
 

@@ -148,7 +148,8 @@ def test_rm_sample_temperature_samples_the_training_pairs_and_not_the_held_out_o
 
     asked = []
 
-    def fake(policy_dir, prompts, k, max_tokens, seed, progress=print, temperature=1.0):
+    def fake(policy_dir, prompts, k, max_tokens, seed, progress=print, temperature=1.0,
+             who=""):
         asked.append((len(prompts), temperature))  # one right answer, k - 1 wrong ones
         return [[str(sum(map(int, p.rstrip("=").split("+"))))] + ["x"] * (k - 1) for p in prompts]
 
@@ -179,13 +180,14 @@ def test_a_resolved_rlhf_config_saves_and_loads_again(monkeypatch, tmp_path):
     again: rm.base=builtin:policy-exact must have become a directory too, or the roles refuse
     it (it did, after a whole reward model had been built)."""
     from asyncrl.config import save_config
-    from asyncrl.rm import train
+    from asyncrl.rm import builtin, train
     from asyncrl.runner import resolve_model
     from asyncrl.task import tiny_model
 
     policy_dir = build_tiny_model(tmp_path / "policy")
     monkeypatch.setattr(tiny_model, "prepare_builtin", lambda c, progress: policy_dir)
-    monkeypatch.setattr(train, "prepare_builtin_rm", lambda c, policy, progress: tmp_path / "rm")
+    monkeypatch.setattr(builtin, "prepare_builtin_rm",
+                        lambda c, policy, progress: tmp_path / "rm")
     cfg = load_config("configs/rlhf.yaml", [f"warm_start.cache_dir={tmp_path}"])
     resolved = resolve_model(cfg, lambda _: None)
     assert resolved.rm.base == train.exact_base_dir(
