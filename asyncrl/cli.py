@@ -140,8 +140,12 @@ def _train_rm(args) -> int:
     cfg = resolve_model(cfg)
     cfg.task.reward_model = rm_given
     out = Path(cfg.rm.out or Path("runs") / f"{cfg.name}-rm-{time.strftime('%Y%m%d-%H%M%S')}")
-    if cfg.rm.rounds:
+    if cfg.rm.rounds and cfg.rm.data.startswith("builtin:"):
         return _train_rm_rounds(cfg, out)
+    if cfg.rm.rounds:  # configs/rlhf.yaml's rounds, with a user's file: no raters for rounds
+        print(f"[train-rm] note: rm.rounds={cfg.rm.rounds} is for the builtin preferences, "
+              "whose raters can label new policies' samples; training on "
+              f"rm.data={cfg.rm.data} alone")
     summary = train_reward_model(cfg, out)
     print(f"[train-rm] held-out accuracy {summary['held_out_accuracy']:.1%} on "
           f"{summary['held_out_rows']} pairs; reward model written to {out.resolve()} "
@@ -156,11 +160,6 @@ def _train_rm_rounds(cfg, out: Path) -> int:
     from asyncrl.rm.train import train_reward_model
     from asyncrl.task.build import build_once
 
-    if not cfg.rm.data.startswith("builtin:"):
-        raise ConfigError(f"rm.rounds={cfg.rm.rounds}: iterated preferences need raters for "
-                          "the new policies' samples, which only the builtin data has "
-                          f"(rm.data=builtin:addition-preferences), not rm.data={cfg.rm.data!r}; "
-                          "set rm.rounds=0")
     work = out.with_name(out.name + ".rounds")
     first = work / "round-0"
     if not (first / "config.json").is_file():

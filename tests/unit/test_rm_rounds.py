@@ -23,11 +23,11 @@ def _cfg(tmp_path, *more):
 def test_the_first_reward_model_keeps_its_cache_key_whatever_the_rounds(tmp_path):
     first, last = builtin.builtin_rm_dirs(_cfg(tmp_path))
     assert last is not None and last != first
-    for more in (["rm.rounds=0"], ["rm.rounds=3"], ["rm.round_pairs=100"], ["learner.lr=1e-4"]):
+    for more in (["rm.rounds=0"], ["rm.rounds=3"], ["rm.round_pairs=100"], ["learner.lr=3e-5"]):
         assert builtin.builtin_rm_dirs(_cfg(tmp_path, *more))[0] == first, more
     assert builtin.builtin_rm_dirs(_cfg(tmp_path, "rm.rounds=0"))[1] is None
     # the rounds' RL runs are this config's: what they train changes the last model's key
-    for more in (["rm.rounds=3"], ["rm.round_lr=0.001"], ["learner.lr=1e-4"],
+    for more in (["rm.rounds=3"], ["rm.round_lr=0.001"], ["learner.lr=3e-5"],
                  ["learner.kl_coef=0.1"], ["generator.group_size=4"]):
         assert builtin.builtin_rm_dirs(_cfg(tmp_path, *more))[1] != last, more
     # where the roles run does not
@@ -132,14 +132,20 @@ def test_a_stopped_build_goes_on_without_redoing_a_finished_part(tmp_path, fake_
     assert len(fake_runs) == runs_before + 2
 
 
-def test_rounds_need_the_builtin_raters(tmp_path, capsys):
+def test_rounds_are_for_the_builtin_raters_and_a_users_file_trains_alone(tmp_path, capsys):
+    """configs/rlhf.yaml has rm.rounds=2; `train-rm configs/rlhf.yaml rm.data=FILE` trains on
+    the file (nobody can label new samples for it), saying so."""
     data = tmp_path / "p.jsonl"
-    data.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "chosen": f"{i + 1}",
+                                        "rejected": f"{i + 2}"}) + "\n" for i in range(20)))
     policy = build_tiny_model(tmp_path / "policy")
     assert main(["train-rm", "configs/rlhf.yaml", f"model.path={policy}", "rm.base=",
-                 f"rm.data={data}", "rm.rounds=1", f"rm.out={tmp_path / 'o'}"]) == 2
-    err = capsys.readouterr().err
-    assert "rm.rounds=1" in err and "builtin:addition-preferences" in err
+                 f"rm.data={data}", "rm.steps=2", "rm.eval_interval=2",
+                 f"rm.out={tmp_path / 'o'}"]) == 0
+    out = capsys.readouterr().out
+    assert "rm.rounds=2 is for the builtin preferences" in out
+    assert (tmp_path / "o" / "config.json").is_file()
+    assert not (tmp_path / "o.rounds").exists() and not (tmp_path / "o" / "rounds.json").exists()
     for bad in ("rm.rounds=-1", "rm.rounds=21", "rm.round_pairs=1", "rm.round_steps=0",
                 "rm.round_lr=0"):
         with pytest.raises(Exception, match=bad.split("=")[0].replace(".", r"\.")):
