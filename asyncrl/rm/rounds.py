@@ -23,6 +23,7 @@ by the gold preference; rounds.json has the agreement on each after every round.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -40,11 +41,32 @@ def iterate(cfg, rm0: Path, out: Path, work: Path,
     """rm.rounds rounds from the reward model rm0 (cfg: model.path resolved, rm.data the
     builtin preferences); the last round's reward model is written to `out` (built once), the
     rounds' runs, pairs and models stay in `work` (kept: a stopped build goes on from there)."""
-    from asyncrl.task.build import build_once
-
     if (out / "config.json").is_file():
         return out
     work.mkdir(parents=True, exist_ok=True)
+    with _alone(work, progress):  # two builders would run two RL runs in one run directory
+        if (out / "config.json").is_file():  # the other one built it
+            return out
+        return _iterate(cfg, rm0, out, work, progress)
+
+
+@contextlib.contextmanager
+def _alone(work: Path, progress):
+    """Hold WORK/.lock: a second process building the same rounds waits for the first."""
+    import fcntl
+
+    with (work / ".lock").open("w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"[rm rounds] another process is building {work}; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _iterate(cfg, rm0: Path, out: Path, work: Path, progress) -> Path:
+    from asyncrl.task.build import build_once
+
     sft = _pairs(cfg, cfg.model.path, work / "sft", tag=1, who="the SFT policy", progress=progress)
     rm, report, rounds = rm0, [], []
     for r in range(1, cfg.rm.rounds + 1):

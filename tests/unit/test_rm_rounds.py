@@ -150,3 +150,27 @@ def test_rounds_are_for_the_builtin_raters_and_a_users_file_trains_alone(tmp_pat
                 "rm.round_lr=0"):
         with pytest.raises(Exception, match=bad.split("=")[0].replace(".", r"\.")):
             load_config("configs/rlhf.yaml", [bad])
+
+
+def test_a_second_builder_waits_for_the_first_and_takes_its_model(tmp_path, fake_runs):
+    """Two runs started at once on a fresh machine would run two RL runs in one run
+    directory: the second waits on WORK/.lock and then finds the model built."""
+    import fcntl
+    import threading
+
+    cfg, first = _small(tmp_path, rounds=1)
+    work = tmp_path / "work"
+    work.mkdir()
+    lines, done = [], []
+    with (work / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the first builder
+        t = threading.Thread(target=lambda: done.append(
+            rounds_mod.iterate(cfg, first, tmp_path / "rm", work, lines.append)))
+        t.start()
+        t.join(timeout=3)
+        assert t.is_alive() and not done and not fake_runs
+        assert any("another process is building" in line for line in lines), lines
+        (tmp_path / "rm").mkdir()
+        (tmp_path / "rm" / "config.json").write_text("{}")  # what the first one built
+    t.join(timeout=60)
+    assert done == [tmp_path / "rm"] and not fake_runs  # it built nothing itself
